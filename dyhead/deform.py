@@ -1,0 +1,193 @@
+"""Modulated deformable convolution (DCNv2): the backends DyHead's spatial attention can run on.
+
+Three implementations share one signature and one semantics, that of
+``torchvision.ops.deform_conv2d`` with a single offset group:
+
+- ``"torchvision"``: ``torchvision.ops.deform_conv2d``, the ground truth (im2col + GEMM).
+- ``"sampled"``: :func:`deform_conv2d_sampled`, plain PyTorch built from ``F.grid_sample``; much faster than
+  torchvision on the CPU (above all in backward), and it runs in bf16/fp16 and under ``torch.compile``.
+- ``"triton"``: ``kernels.modulated_deform_conv2d``, the fused Triton kernels.
+
+``"auto"`` picks triton for CUDA tensors and sampled elsewhere. ``"torch"`` is accepted as the older name of
+``"torchvision"``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import deform_conv2d as _torchvision_deform_conv2d
+
+BACKENDS = ("torchvision", "sampled", "triton", "auto")
+_ALIASES = {"torch": "torchvision"}
+
+
+def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def check_backend(backend: str) -> str:
+    """Return the canonical name of ``backend`` ("torch" -> "torchvision"); ValueError if unknown."""
+    name = _ALIASES.get(backend, backend)
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)} (or 'torch')")
+    return name
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map ``backend`` to the implementation used for tensors on ``device`` ("auto" -> triton on CUDA)."""
+    name = check_backend(backend)
+    if name == "auto":
+        return "triton" if device.type == "cuda" else "sampled"
+    return name
+
+
+def deform_conv2d_torchvision(
+    input: Tensor,
+    offset: Tensor,
+    mask: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 1,
+    dilation: int | tuple[int, int] = 1,
+) -> Tensor:
+    """``torchvision.ops.deform_conv2d`` with DyHead's argument order.
+
+    input: (N, Cin, H, W); offset: (N, 2*kh*kw, Hout, Wout), (dy, dx) per tap, taps row-major;
+    mask: (N, kh*kw, Hout, Wout); weight: (Cout, Cin, kh, kw); bias: (Cout,) or None.
+    float32/float64/float16 (torchvision has no bfloat16 kernel). Returns (N, Cout, Hout, Wout).
+    """
+    return _torchvision_deform_conv2d(
+        input, offset, weight, bias, stride=_pair(stride), padding=_pair(padding), dilation=_pair(dilation), mask=mask
+    )
+
+
+def deform_conv2d_sampled(
+    input: Tensor,
+    offset: Tensor,
+    mask: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 1,
+    dilation: int | tuple[int, int] = 1,
+) -> Tensor:
+    """Modulated deformable conv from ``F.grid_sample``, tap by tap, with torchvision's semantics.
+
+    For each tap (i, j) the input is sampled bilinearly at ``(ho*sh - ph + i*dh + dy, wo*sw - pw + j*dw + dx)``
+    (corners outside the image read zero, so a sample outside (-1, H) x (-1, W) is zero), multiplied by the mask
+    and contracted with ``weight[:, :, i, j]``; the 9x column buffer of im2col is never built. Gradients come
+    from autograd.
+
+    input: (N, Cin, H, W) float32/float64/bfloat16/float16; offset: (N, 2*kh*kw, Hout, Wout);
+    mask: (N, kh*kw, Hout, Wout); weight: (Cout, Cin, kh, kw); bias: (Cout,) or None. Offsets and mask may be
+    strided views. Sampling coordinates and the bilinear blend are computed in at least float32 (a bf16 grid
+    would be off by a fifth of a pixel at 100 px); the contraction runs in the input's dtype (or autocast's).
+    Returns (N, Cout, Hout, Wout) in the contraction's dtype.
+    """
+    n, cin, h, w = input.shape
+    cout, _, kh, kw = weight.shape
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    hout, wout = offset.shape[-2:]
+    sample_dtype = torch.promote_types(input.dtype, torch.float32)
+    source = input.to(sample_dtype)
+    # grid_sample with align_corners=False maps pixel coordinate p to (2p + 1) / size - 1; this form stays
+    # defined for size 1, unlike align_corners=True.
+    base_y = torch.arange(hout, device=input.device, dtype=sample_dtype).view(1, hout, 1) * sh - ph
+    base_x = torch.arange(wout, device=input.device, dtype=sample_dtype).view(1, 1, wout) * sw - pw
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            tap = i * kw + j
+            y = base_y + i * dh + offset[:, 2 * tap].to(sample_dtype)
+            x = base_x + j * dw + offset[:, 2 * tap + 1].to(sample_dtype)
+            grid = torch.stack(((2 * x + 1) / w - 1, (2 * y + 1) / h - 1), dim=-1)  # (N, Hout, Wout, 2)
+            sample = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            sample = (sample * mask[:, tap : tap + 1].to(sample_dtype)).to(input.dtype)  # (N, Cin, Hout, Wout)
+            term = torch.matmul(weight[:, :, i, j], sample.flatten(2))  # (N, Cout, Hout*Wout)
+            out = term if out is None else out + term
+    out = out.view(n, cout, hout, wout)
+    if bias is not None:
+        out = out + bias.view(1, cout, 1, 1).to(out.dtype)
+    return out
+
+
+def _triton_deform_conv2d() -> Callable[..., Tensor]:
+    try:
+        from kernels import modulated_deform_conv2d
+    except ImportError as exc:
+        raise NotImplementedError(
+            "the triton backend needs kernels.modulated_deform_conv2d, which is not available: "
+            f"{exc}; use backend='sampled' or 'torchvision'"
+        ) from exc
+    return modulated_deform_conv2d
+
+
+def deform_conv2d(
+    backend: str,
+    input: Tensor,
+    offset: Tensor,
+    mask: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 1,
+    dilation: int | tuple[int, int] = 1,
+) -> Tensor:
+    """Run the modulated deformable conv on ``backend`` (see the module docstring); shapes as
+    :func:`deform_conv2d_torchvision`."""
+    name = resolve_backend(backend, input.device)
+    if name == "torchvision":
+        fn = deform_conv2d_torchvision
+    elif name == "sampled":
+        fn = deform_conv2d_sampled
+    else:
+        fn = _triton_deform_conv2d()
+    return fn(input, offset, mask, weight, bias, stride, padding, dilation)
+
+
+class ModulatedDeformConv2d(nn.Module):
+    """A k x k modulated deformable conv layer (weights only; offsets and mask come from the caller).
+
+    Args:
+        in_channels: Cin.
+        out_channels: Cout.
+        kernel_size: k (DyHead: 3).
+        stride: 1, or 2 for DyHead's finer-level branch.
+        padding: zero padding of the sampling grid.
+        bias: whether to learn a bias (the official release does; mmdetection's DyHead does not).
+
+    Initialised as the official release: weight U(-1/sqrt(Cin*k*k), +1/sqrt(Cin*k*k)), bias zero.
+    forward(x: (N, Cin, H, W), offset: (N, 2*k*k, Hout, Wout), mask: (N, k*k, Hout, Wout), backend) ->
+    (N, Cout, Hout, Wout).
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, padding: int = 1,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.stride = stride
+        self.padding = padding
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Uniform weights in +-1/sqrt(fan_in), zero bias (the release's ModulatedDeformConv init)."""
+        bound = 1.0 / math.sqrt(self.weight[0].numel())
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: Tensor, offset: Tensor, mask: Tensor, backend: str = "auto") -> Tensor:
+        return deform_conv2d(backend, x, offset, mask, self.weight, self.bias, self.stride, self.padding)
+
+    def extra_repr(self) -> str:
+        cout, cin, k, _ = self.weight.shape
+        return f"{cin}, {cout}, kernel_size={k}, stride={self.stride}, padding={self.padding}, bias={self.bias is not None}"

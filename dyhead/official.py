@@ -1,0 +1,129 @@
+"""Weights of the official release (microsoft/DynamicHead) and of mmdetection's DyHead, in this module's names.
+
+Official (detectron2) names, per block i under ``...dyhead_tower.{i}.``:
+``DyConv.{0,1,2}.conv.{weight,bias}`` (0 reads the coarser level, 1 the same level, 2 the finer one with
+stride 2), ``DyConv.{j}.bn.{weight,bias}`` (GroupNorm), ``AttnConv.1.{weight,bias}`` (scale attention),
+``relu.fc.{0,2}.{weight,bias}`` (dynamic ReLU MLP), ``offset.{weight,bias}`` (offset/mask conv).
+
+mmdetection names, per block i under ``...dyhead_blocks.{i}.``: ``spatial_conv_{high,mid,low}.conv.weight``
+(high = coarser, mid = same, low = finer; no bias), ``spatial_conv_{...}.norm.*``, ``spatial_conv_offset.*``,
+``scale_attn_module.1.*``, ``task_attn_module.conv{1,2}.conv.*`` (1x1 convs in place of linear layers).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+_OFFICIAL_BLOCK = re.compile(r"(?:^|\.)dyhead_tower\.(\d+)\.(.+)$")
+_MMDET_BLOCK = re.compile(r"(?:^|\.)dyhead_blocks\.(\d+)\.(.+)$")
+
+_OFFICIAL_BRANCH = {"0": "coarser", "1": "same", "2": "finer"}
+_MMDET_BRANCH = {"high": "coarser", "mid": "same", "low": "finer"}
+_OFFICIAL_NORM = {"conv": "conv", "bn": "norm"}
+
+
+def _official_name(rest: str) -> str | None:
+    m = re.fullmatch(r"DyConv\.([012])\.(conv|bn)\.(weight|bias)", rest)
+    if m:
+        return f"spatial.{_OFFICIAL_BRANCH[m[1]]}.{_OFFICIAL_NORM[m[2]]}.{m[3]}"
+    m = re.fullmatch(r"AttnConv\.1\.(weight|bias)", rest)
+    if m:
+        return f"scale.conv.{m[1]}"
+    m = re.fullmatch(r"relu\.fc\.([02])\.(weight|bias)", rest)
+    if m:
+        return f"task.fc{1 if m[1] == '0' else 2}.{m[2]}"
+    m = re.fullmatch(r"offset\.(weight|bias)", rest)
+    if m:
+        return f"spatial.offset.{m[1]}"
+    return None
+
+
+def _mmdet_name(rest: str) -> str | None:
+    m = re.fullmatch(r"spatial_conv_(high|mid|low)\.(conv|norm)\.(weight|bias)", rest)
+    if m:
+        return f"spatial.{_MMDET_BRANCH[m[1]]}.{m[2]}.{m[3]}"
+    m = re.fullmatch(r"spatial_conv_offset\.(weight|bias)", rest)
+    if m:
+        return f"spatial.offset.{m[1]}"
+    m = re.fullmatch(r"scale_attn_module\.1\.(weight|bias)", rest)
+    if m:
+        return f"scale.conv.{m[1]}"
+    m = re.fullmatch(r"task_attn_module\.conv([12])\.conv\.(weight|bias)", rest)
+    if m:
+        return f"task.fc{m[1]}.{m[2]}"
+    return None
+
+
+def _unwrap(checkpoint: Mapping) -> Mapping:
+    for key in ("model", "state_dict"):
+        if key in checkpoint and isinstance(checkpoint[key], Mapping):
+            return checkpoint[key]
+    return checkpoint
+
+
+def convert_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Map an official or mmdetection DyHead state dict to :class:`dyhead.DyHead`'s names.
+
+    state_dict: the DyHead's own weights, a whole detector's (keys outside DyHead are left out and logged at
+    INFO level), or a checkpoint dict with a ``model`` (detectron2) or ``state_dict`` (mmdetection) entry.
+    mmdetection's deformable convs have no bias: a zero bias is added for each (logged as a warning) and its
+    1x1 task-attention convs become linear weights. Returns {"blocks.{i}.<name>": tensor}; empty when nothing
+    matched.
+    """
+    state_dict = _unwrap(state_dict)
+    out: dict[str, Tensor] = {}
+    left_out: list[str] = []
+    zero_bias: list[str] = []
+    for key, value in state_dict.items():
+        name = None
+        if m := _OFFICIAL_BLOCK.search(key):
+            name = _official_name(m[2])
+        elif m := _MMDET_BLOCK.search(key):
+            name = _mmdet_name(m[2])
+            if name is not None and name.startswith("task.fc") and name.endswith("weight"):
+                value = value.flatten(1)
+            if name is not None and re.fullmatch(r"spatial\.\w+\.conv\.weight", name):
+                bias_name = f"blocks.{m[1]}.{name[: -len('weight')]}bias"
+                zero_bias.append(bias_name)
+                out[bias_name] = torch.zeros(value.shape[0], dtype=value.dtype)
+        if name is None:
+            left_out.append(key)
+            continue
+        out[f"blocks.{m[1]}.{name}"] = value
+    if left_out:
+        logger.info("convert_state_dict: left out %d keys that are not DyHead's: %s", len(left_out), left_out)
+    if zero_bias:
+        logger.warning("convert_state_dict: mmdetection's deformable convs have no bias; zero bias for %s", zero_bias)
+    return out
+
+
+def load_official(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Read a checkpoint file (official, detectron2 or mmdetection) and return :func:`convert_state_dict` of it.
+
+    Loads with ``torch.load(weights_only=True)``. FileNotFoundError for a missing file; ValueError naming the file
+    when it is not a readable checkpoint or holds no DyHead keys.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"DyHead checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {exc}") from exc
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a state dict or checkpoint dict")
+    converted = convert_state_dict(checkpoint)
+    if not converted:
+        raise ValueError(
+            f"{path} has no DyHead weights: expected keys like 'backbone.dyhead_tower.0.DyConv.1.conv.weight' "
+            "(official) or 'neck.1.dyhead_blocks.0.spatial_conv_mid.conv.weight' (mmdetection)"
+        )
+    return converted

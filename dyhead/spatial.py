@@ -1,0 +1,95 @@
+"""Spatial-aware attention: modulated deformable convs that bring each level and its neighbours to one size."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .deform import ModulatedDeformConv2d, check_backend
+
+HIGH_OFFSETS = ("official", "crop")
+
+
+class DeformConvNorm(nn.Module):
+    """A 3x3 modulated deformable conv (padding 1, with bias) followed by GroupNorm(16, Cout).
+
+    forward(x: (N, Cin, H, W), offset: (N, 18, Hout, Wout), mask: (N, 9, Hout, Wout), backend) ->
+    (N, Cout, Hout, Wout), Hout = ceil(H / stride).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv = ModulatedDeformConv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1)
+        self.norm = nn.GroupNorm(16, out_channels)
+
+    def forward(self, x: Tensor, offset: Tensor, mask: Tensor, backend: str = "auto") -> Tensor:
+        return self.norm(self.conv(x, offset, mask, backend))
+
+
+def coarser_view(t: Tensor, height: int, width: int, mode: str) -> Tensor:
+    """Offsets or mask computed at a level's size (N, K, H, W), as read by the conv on the coarser level.
+
+    ``"official"``: the released CUDA op indexes each image's contiguous [K, H, W] block as if it were
+    [K, height, width], i.e. it reads that image's first K*height*width values. The released weights were trained
+    with it. Here it is an ``as_strided`` view without a copy when each image's block is contiguous (true of a
+    channel slice of the offset conv's output), else a view of a contiguous copy.
+    ``"crop"``: ``t[..., :height, :width]``, as mmdetection >= 3.3 does.
+    Returns (N, K, height, width).
+    """
+    if mode == "crop":
+        return t[..., :height, :width]
+    n, k, h, w = t.shape
+    if t.stride()[1:] != (h * w, w, 1):
+        t = t.contiguous()
+    return t.as_strided((n, k, height, width), (t.stride(0), height * width, width, 1), t.storage_offset())
+
+
+class SpatialAttention(nn.Module):
+    """The three branches that reach pyramid level l, each a deformable conv + GroupNorm at level l's size.
+
+    ``om = offset(x[l])`` (a 3x3 conv to 27 channels); offsets ``om[:, :18]`` ((dy, dx) per tap, taps row-major),
+    mask ``sigmoid(om[:, 18:])``. With these:
+
+    - ``same``: on x[l], stride 1;
+    - ``finer``: on x[l-1] (if l > 0), stride 2, whose output has x[l]'s size when H_l = ceil(H_{l-1} / 2);
+    - ``coarser``: on x[l+1] (if l < L-1), stride 1, then bilinear upsampling (align_corners=True) to x[l]'s size.
+      Its offsets were computed at x[l]'s size: ``high_offsets`` says how they are read (:func:`coarser_view`).
+
+    Args:
+        in_channels: Cin of the levels.
+        channels: Cout of every branch (divisible by 16 for GroupNorm).
+        backend: deformable conv implementation, see :mod:`dyhead.deform`.
+        high_offsets: "official" or "crop".
+
+    forward(levels: L tensors (N, Cin, H_l, W_l), level: l) -> 1 to 3 branches, each (N, Cout, H_l, W_l),
+    in the order same, finer, coarser.
+    """
+
+    def __init__(self, in_channels: int, channels: int, *, backend: str = "auto", high_offsets: str = "official"):
+        super().__init__()
+        if high_offsets not in HIGH_OFFSETS:
+            raise ValueError(f"unknown high_offsets {high_offsets!r}: expected one of {', '.join(HIGH_OFFSETS)}")
+        self.backend = check_backend(backend)
+        self.high_offsets = high_offsets
+        self.offset = nn.Conv2d(in_channels, 27, kernel_size=3, padding=1)
+        self.coarser = DeformConvNorm(in_channels, channels, stride=1)
+        self.same = DeformConvNorm(in_channels, channels, stride=1)
+        self.finer = DeformConvNorm(in_channels, channels, stride=2)
+
+    def forward(self, levels: Sequence[Tensor], level: int) -> list[Tensor]:
+        x = levels[level]
+        om = self.offset(x)  # (N, 27, H, W)
+        offset, mask = om[:, :18], om[:, 18:].sigmoid()
+        branches = [self.same(x, offset, mask, self.backend)]
+        if level > 0:
+            branches.append(self.finer(levels[level - 1], offset, mask, self.backend))
+        if level < len(levels) - 1:
+            coarse = levels[level + 1]
+            hc, wc = coarse.shape[-2:]
+            offset_c = coarser_view(offset, hc, wc, self.high_offsets)
+            mask_c = coarser_view(mask, hc, wc, self.high_offsets)
+            y = self.coarser(coarse, offset_c, mask_c, self.backend)
+            branches.append(F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=True))
+        return branches

@@ -1,0 +1,139 @@
+"""The grid_sample formulation of the modulated deformable conv against torchvision's op."""
+
+import pytest
+import torch
+from torchvision.ops import deform_conv2d as tv_deform_conv2d
+
+from dyhead import DyHead, coarser_view, deform_conv2d_sampled
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make_case(n=2, cin=5, cout=7, h=9, w=11, stride=1, dilation=1, offset_scale=2.5, seed=0):
+    """Inputs whose samples cross pixel borders and leave the image; fractional parts kept off integers."""
+    g = torch.Generator().manual_seed(seed)
+    hout = (h + 2 - dilation * 2 - 1) // stride + 1
+    wout = (w + 2 - dilation * 2 - 1) // stride + 1
+    x = torch.randn(n, cin, h, w, generator=g, dtype=torch.float64)
+    offset = torch.randn(n, 18, hout, wout, generator=g, dtype=torch.float64) * offset_scale
+    offset = offset.floor() + 0.1 + 0.8 * torch.rand(offset.shape, generator=g, dtype=torch.float64)
+    mask = torch.rand(n, 9, hout, wout, generator=g, dtype=torch.float64)
+    weight = torch.randn(cout, cin, 3, 3, generator=g, dtype=torch.float64)
+    bias = torch.randn(cout, generator=g, dtype=torch.float64)
+    return x, offset, mask, weight, bias
+
+
+def both(args, stride, dilation, bias=True):
+    x, offset, mask, weight, b = args
+    b = b if bias else None
+    ours = deform_conv2d_sampled(x, offset, mask, weight, b, stride, 1, dilation)
+    ref = tv_deform_conv2d(x, offset, weight, b, stride=stride, padding=1, dilation=dilation, mask=mask)
+    return ours, ref
+
+
+@pytest.mark.parametrize("stride,dilation", [(1, 1), (2, 1), (1, 2)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_and_all_gradients_float64(stride, dilation, bias):
+    args = [t.requires_grad_() for t in make_case(stride=stride, dilation=dilation)]
+    ours, ref = both(args, stride, dilation, bias)
+    assert ours.shape == ref.shape
+    assert rel_err(ours, ref) < 1e-12
+    g = torch.randn_like(ref)
+    names = ["input", "offset", "mask", "weight", "bias"]
+    used = args if bias else args[:4]
+    grads_ours = torch.autograd.grad(ours, used, g)
+    grads_ref = torch.autograd.grad(ref, used, g)
+    for name, a, b in zip(names, grads_ours, grads_ref):
+        assert rel_err(a, b) < 1e-10, name
+
+
+def test_samples_wholly_outside_are_zero():
+    x, offset, mask, weight, _ = make_case(h=5, w=6)
+    offset = torch.full_like(offset, 40.0)  # every sample far below/right of the image
+    out = deform_conv2d_sampled(x, offset, mask, weight)
+    assert torch.count_nonzero(out) == 0
+    ref = tv_deform_conv2d(x, offset, weight, mask=mask, padding=1)
+    assert torch.count_nonzero(ref) == 0
+
+
+def test_single_pixel_image():
+    x, offset, mask, weight, bias = make_case(h=1, w=1, offset_scale=0.3)
+    ours, ref = both((x, offset, mask, weight, bias), 1, 1)
+    assert rel_err(ours, ref) < 1e-12
+
+
+@pytest.mark.parametrize("mode", ["official", "crop"])
+def test_strided_views_of_the_offset_conv_output(mode):
+    """Offsets/mask as slices of a 27-channel tensor, read as the coarser-level quirk's view."""
+    g = torch.Generator().manual_seed(4)
+    n, c, h, w, hc, wc = 2, 4, 9, 11, 5, 6
+    om = torch.randn(n, 27, h, w, generator=g, dtype=torch.float64) * 2
+    om.requires_grad_()
+    coarse = torch.randn(n, c, hc, wc, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(c, c, 3, 3, generator=g, dtype=torch.float64)
+    offset = coarser_view(om[:, :18], hc, wc, mode)
+    mask = coarser_view(om[:, 18:].sigmoid(), hc, wc, mode)
+    if mode == "official":
+        assert offset.data_ptr() == om.data_ptr()  # a view, no copy
+    ours = deform_conv2d_sampled(coarse, offset, mask, weight)
+    ref = tv_deform_conv2d(coarse, offset.contiguous(), weight, padding=1, mask=mask.contiguous())
+    assert rel_err(ours, ref) < 1e-12
+    go, gc = torch.autograd.grad(ours.square().sum(), (om, coarse), retain_graph=True)
+    ro, rc = torch.autograd.grad(ref.square().sum(), (om, coarse))
+    assert rel_err(go, ro) < 1e-10 and rel_err(gc, rc) < 1e-10
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 3e-6), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+def test_low_precision_storage(dtype, bound):
+    """Error of the computation alone: the reference sees the same rounded inputs."""
+    stored = [t.to(dtype) for t in make_case(cin=16, cout=16, h=20, w=24, offset_scale=6.0)]
+    x, offset, mask, weight, bias = (t.double() for t in stored)
+    ref = tv_deform_conv2d(x, offset, weight, bias, padding=1, mask=mask)
+    out = deform_conv2d_sampled(*stored)
+    assert out.dtype == dtype
+    assert rel_err(out.double(), ref) < bound
+
+
+def test_large_coordinates_keep_float32_sampling_in_bf16():
+    """At x ~ 100 a bf16 grid would move samples by up to 0.25 px; bf16 storage must not."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 16, 8, 200, generator=g, dtype=torch.float64)
+    offset = torch.rand(1, 18, 8, 200, generator=g, dtype=torch.float64) * 0.8 + 0.1
+    mask = torch.ones(1, 9, 8, 200, dtype=torch.float64)
+    weight = torch.randn(16, 16, 3, 3, generator=g, dtype=torch.float64)
+    ref = tv_deform_conv2d(x.bfloat16().double(), offset, weight.bfloat16().double(), padding=1, mask=mask)
+    out = deform_conv2d_sampled(x.bfloat16(), offset.float(), mask.float(), weight.bfloat16())
+    assert rel_err(out.double(), ref) < 1e-2
+
+
+def test_autocast_cpu_bf16():
+    x, offset, mask, weight, bias = (t.float() for t in make_case(cin=16, cout=16))
+    ref = tv_deform_conv2d(x.double(), offset.double(), weight.double(), bias.double(), padding=1, mask=mask.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = deform_conv2d_sampled(x, offset, mask, weight, bias)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out.double(), ref) < 2e-2
+
+
+def test_torch_compile_fullgraph():
+    x, offset, mask, weight, bias = (t.float() for t in make_case())
+    compiled = torch.compile(deform_conv2d_sampled, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, offset, mask, weight, bias), deform_conv2d_sampled(x, offset, mask, weight, bias))
+
+
+def test_dyhead_sampled_matches_torchvision_with_gradients():
+    torch.manual_seed(0)
+    model = DyHead(32, 32, 2, backend="torchvision").double()
+    sizes = [(13, 15), (7, 8), (4, 4)]
+    levels = [torch.randn(2, 32, h, w, dtype=torch.float64, requires_grad=True) for h, w in sizes]
+    ref = model(levels)
+    ref_grads = torch.autograd.grad(sum(t.square().sum() for t in ref), [*levels, *model.parameters()])
+    model.backend = "sampled"
+    out = model(levels)
+    grads = torch.autograd.grad(sum(t.square().sum() for t in out), [*levels, *model.parameters()])
+    for a, b in zip(out, ref):
+        assert rel_err(a, b) < 1e-10
+    for a, b in zip(grads, ref_grads):
+        assert rel_err(a, b) < 1e-8
