@@ -1,0 +1,272 @@
+"""kernels.modulated_deform_conv2d against torchvision.ops.deform_conv2d in float64 (the truth).
+
+The kernel tests run the Triton kernels on the CPU under the interpreter (CI sets TRITON_INTERPRET=1 before
+pytest starts: triton reads it at import) or, without it, on a CUDA GPU. Input checks run everywhere.
+"""
+
+import os
+
+import pytest
+import torch
+import torchvision
+from torch.nn.modules.utils import _pair
+
+from kernels import deform_conv_op, modulated_deform_conv2d
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRET else "cuda"
+needs_kernels = pytest.mark.skipif(
+    not INTERPRET and not torch.cuda.is_available(),
+    reason="the Triton kernels need a CUDA GPU or TRITON_INTERPRET=1 set before pytest starts")
+
+
+def rel_err(actual, expected):
+    return ((actual.detach().cpu().double() - expected).norm() / expected.norm()).item()
+
+
+def out_size(h, w, k, stride, padding, dilation):
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = map(_pair, (k, stride, padding, dilation))
+    return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+
+def make_inputs(n, cin, cout, h, w, k=3, stride=1, padding=1, dilation=1, bias=True, seed=0):
+    """Random float64 DCN inputs; offsets of a few pixels cross pixel borders and leave the image."""
+    gen = torch.Generator().manual_seed(seed)
+    kh, kw = _pair(k)
+    ho, wo = out_size(h, w, k, stride, padding, dilation)
+    return {
+        "input": torch.randn(n, cin, h, w, generator=gen, dtype=torch.float64),
+        "offset": 2.5 * torch.randn(n, 2 * kh * kw, ho, wo, generator=gen, dtype=torch.float64),
+        "mask": torch.rand(n, kh * kw, ho, wo, generator=gen, dtype=torch.float64),
+        "weight": torch.randn(cout, cin, kh, kw, generator=gen, dtype=torch.float64) / (cin * kh * kw) ** 0.5,
+        "bias": torch.randn(cout, generator=gen, dtype=torch.float64) if bias else None,
+    }
+
+
+def leaves(inputs, dtype, device):
+    return {k: None if v is None else v.to(device, dtype).requires_grad_() for k, v in inputs.items()}
+
+
+def reference(t, conv):
+    return torchvision.ops.deform_conv2d(t["input"], t["offset"], t["weight"], t["bias"], mask=t["mask"], **conv)
+
+
+def triton_op(t, conv, deterministic=None):
+    return modulated_deform_conv2d(t["input"], t["offset"], t["mask"], t["weight"], t["bias"], **conv,
+                                   deterministic=deterministic)
+
+
+def grads(y, grad_out, tensors):
+    """Gradients of sum(y * grad_out) w.r.t. every tensor in the dict."""
+    names = [k for k, v in tensors.items() if v is not None]
+    return dict(zip(names, torch.autograd.grad((y * grad_out.to(y)).sum(), [tensors[k] for k in names])))
+
+
+def grad_out_like(y):
+    return torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+def check(inputs, conv, dtype=torch.float32, tol=1e-5, deterministic=None):
+    """Output and all gradients of the Triton op within tol (relative norm) of float64 torchvision."""
+    ref = leaves(inputs, torch.float64, "cpu")
+    y_ref = reference(ref, conv)
+    g_out = grad_out_like(y_ref)
+    g_ref = grads(y_ref, g_out, ref)
+    out = leaves(inputs, dtype, DEVICE)
+    y = triton_op(out, conv, deterministic)
+    g = grads(y, g_out.to(DEVICE), out)
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    assert rel_err(y, y_ref) < tol, rel_err(y, y_ref)
+    for name, expected in g_ref.items():
+        assert g[name].shape == expected.shape and g[name].dtype == dtype, name
+        assert rel_err(g[name], expected) < tol, (name, rel_err(g[name], expected))
+
+
+# (N, Cin, Cout, H, W) and conv arguments. Channel counts straddle the interpreter's 16-wide blocks and are not
+# multiples of any GPU block; sizes are odd.
+CASES = {
+    "stride1": ((2, 5, 7, 7, 9), dict(stride=1, padding=1, dilation=1), True),
+    "stride2_no_bias": ((2, 18, 17, 9, 7), dict(stride=2, padding=1, dilation=1), False),
+    "k2x3_dilated": ((3, 6, 5, 5, 7), dict(stride=(1, 2), padding=(1, 2), dilation=(2, 1)), True),
+}
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", CASES.keys())
+def test_fp32_matches_torchvision(case):
+    shape, conv, bias = CASES[case]
+    k = (2, 3) if case == "k2x3_dilated" else 3
+    check(make_inputs(*shape, k=k, bias=bias, **conv), conv)
+
+
+@needs_kernels
+def test_fp32_deterministic_matches_torchvision():
+    conv = dict(stride=2, padding=1, dilation=1)
+    check(make_inputs(2, 18, 6, 9, 7, **conv), conv, deterministic=True)
+
+
+@needs_kernels
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_fp64_is_exact(deterministic):
+    conv = dict(stride=1, padding=1, dilation=1)
+    check(make_inputs(2, 6, 5, 7, 6, **conv), conv, dtype=torch.float64, tol=1e-12, deterministic=deterministic)
+
+
+def sliced_and_quirk_inputs(quirk, dtype, device):
+    """Offset and mask as channel slices of one 27-channel tensor om, or as the official quirk's views.
+
+    The quirk: the offset conv ran at the finer level (H, W); the coarser level (Hc, Wc) reads the first
+    Hc*Wc elements of every channel plane, i.e. om.as_strided((N, 18, Hc, Wc), (27*H*W, Hc*Wc, Wc, 1)).
+    """
+    gen = torch.Generator().manual_seed(3)
+    n, cin, cout, (h, w), (hc, wc) = 2, 6, 5, (8, 9), (4, 5)
+    size = (hc, wc) if quirk else (h, w)
+    om = (2.5 * torch.randn(n, 27, h, w, generator=gen, dtype=torch.float64)).to(device, dtype).requires_grad_()
+    m = torch.rand(n, 9, h, w, generator=gen, dtype=torch.float64).to(device, dtype).requires_grad_()
+    x = torch.randn(n, cin, *size, generator=gen, dtype=torch.float64).to(device, dtype).requires_grad_()
+    weight = torch.randn(cout, cin, 3, 3, generator=gen, dtype=torch.float64).to(device, dtype).requires_grad_()
+    if quirk:
+        offset = om.as_strided((n, 18, hc, wc), (27 * h * w, hc * wc, wc, 1), om.storage_offset())
+        mask = m.as_strided((n, 9, hc, wc), (9 * h * w, hc * wc, wc, 1))
+        return {"x": x, "weight": weight, "om": om, "m": m}, offset, mask
+    return {"x": x, "weight": weight, "om": om}, om[:, :18], om[:, 18:]
+
+
+@needs_kernels
+@pytest.mark.parametrize("quirk", [False, True], ids=["slice", "quirk_view"])
+def test_strided_offset_and_mask(quirk):
+    ref, off_ref, mask_ref = sliced_and_quirk_inputs(quirk, torch.float64, "cpu")
+    out, off, mask = sliced_and_quirk_inputs(quirk, torch.float32, DEVICE)
+    assert not off.is_contiguous() and not mask.is_contiguous()
+    y_ref = torchvision.ops.deform_conv2d(ref["x"], off_ref, ref["weight"], padding=1, mask=mask_ref)
+    y = modulated_deform_conv2d(out["x"], off, mask, out["weight"])
+    g_out = grad_out_like(y_ref)
+    g_ref = grads(y_ref, g_out, ref)
+    g = grads(y, g_out.to(DEVICE), out)
+    assert rel_err(y, y_ref) < 1e-5
+    for name in ref:
+        assert rel_err(g[name], g_ref[name]) < 1e-5, name
+
+
+@needs_kernels
+def test_deterministic_gradients_are_bitwise_equal():
+    conv = dict(stride=1, padding=1, dilation=1)
+    t = leaves(make_inputs(2, 7, 5, 7, 7, **conv), torch.float32, DEVICE)
+    y = triton_op(t, conv, deterministic=True)
+    g_out = grad_out_like(y).to(DEVICE)
+    first = grads(triton_op(t, conv, deterministic=True), g_out, t)
+    second = grads(triton_op(t, conv, deterministic=True), g_out, t)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+@needs_kernels
+def test_deterministic_default_follows_torch(monkeypatch):
+    seen = []
+    backward = deform_conv_op.deform_conv.deform_conv_backward
+    monkeypatch.setattr(deform_conv_op.deform_conv, "deform_conv_backward",
+                        lambda *args: seen.append(args[-1]) or backward(*args))
+    conv = dict(stride=1, padding=1, dilation=1)
+    t = leaves(make_inputs(1, 3, 2, 4, 4, **conv), torch.float32, DEVICE)
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        for flag in (True, False):
+            torch.use_deterministic_algorithms(flag)
+            triton_op(t, conv).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert seen == [True, False]
+
+
+class _DyConvLike(torch.nn.Module):
+    """An offset conv whose 27 channels feed the DCN as slices (offsets) and a sigmoid (mask)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.offset_conv = torch.nn.Conv2d(c, 27, 3, padding=1)
+        self.weight = torch.nn.Parameter(torch.randn(c, c, 3, 3) / (9 * c) ** 0.5)
+        self.bias = torch.nn.Parameter(torch.randn(c))
+
+    def forward(self, x):
+        om = self.offset_conv(x)
+        return modulated_deform_conv2d(x, om[:, :18], om[:, 18:].sigmoid(), self.weight, self.bias)
+
+
+@needs_kernels
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_torch_compile_fullgraph(backend):
+    """fullgraph=True fails on any graph break; inductor on the CPU needs a C++ compiler (~1 min)."""
+    torch.manual_seed(0)
+    module = _DyConvLike(4).to(DEVICE)
+    x = torch.randn(2, 4, 6, 5, device=DEVICE, requires_grad=True)
+    compiled = torch.compile(module, fullgraph=True, backend=backend)
+    y_eager = module(x)
+    g_eager = torch.autograd.grad(y_eager.square().sum(), [x, *module.parameters()])
+    y = compiled(x)
+    g = torch.autograd.grad(y.square().sum(), [x, *module.parameters()])
+    torch.testing.assert_close(y, y_eager, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g, g_eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_fake_impl_shapes():
+    t = {k: v.float() for k, v in make_inputs(2, 3, 4, 7, 6, stride=2).items()}
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake = {k: mode.from_tensor(v) for k, v in t.items()}
+        y = triton_op(fake, dict(stride=2, padding=1, dilation=1))
+    assert tuple(y.shape) == (2, 4, 4, 3)
+
+
+@pytest.mark.skipif(INTERPRET, reason="checks the error raised when the interpreter is off")
+def test_cpu_without_interpreter_raises():
+    t = make_inputs(1, 2, 2, 4, 4)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        modulated_deform_conv2d(t["input"], t["offset"], t["mask"], t["weight"])
+
+
+def _bad(**change):
+    """Float32 CPU inputs for a 3x3, stride-1 conv of a (2, 4, 5, 5) input, with some replaced."""
+    t = {k: v.float() for k, v in make_inputs(2, 4, 3, 5, 5).items()}
+    t.update(change)
+    return t
+
+
+BAD_INPUTS = {
+    "input_rank": (_bad(input=torch.randn(4, 5, 5)), ValueError, "input must be"),
+    "weight_rank": (_bad(weight=torch.randn(3, 4, 9)), ValueError, "weight must be"),
+    "weight_channels": (_bad(weight=torch.randn(3, 3, 3, 3)), ValueError, r"weight must be \(Cout, 4"),
+    "groups": (_bad(weight=torch.randn(3, 2, 3, 3)), NotImplementedError, "grouped"),
+    "offset_size": (_bad(offset=torch.randn(2, 18, 4, 5)), ValueError, r"offset must be \(2, 18, 5, 5\)"),
+    "offset_batch": (_bad(offset=torch.randn(1, 18, 5, 5)), ValueError, r"offset must be \(2, 18, 5, 5\)"),
+    "offset_channels": (_bad(offset=torch.randn(2, 17, 5, 5)), ValueError, r"offset must be \(2, 18, 5, 5\)"),
+    "offset_rank": (_bad(offset=torch.randn(2, 18, 25)), ValueError, "offset must be"),
+    "offset_groups": (_bad(offset=torch.randn(2, 36, 5, 5)), NotImplementedError, "offset groups"),
+    "mask_size": (_bad(mask=torch.randn(2, 9, 5, 6)), ValueError, r"mask must be \(2, 9, 5, 5\)"),
+    "mask_groups": (_bad(mask=torch.randn(2, 18, 5, 5)), NotImplementedError, "offset groups"),
+    "bias_shape": (_bad(bias=torch.randn(4)), ValueError, r"bias must be \(3,\)"),
+    "int_input": (_bad(input=torch.ones(2, 4, 5, 5, dtype=torch.int64)), TypeError, "input must be float"),
+    "mixed_dtype": (_bad(weight=torch.randn(3, 4, 3, 3, dtype=torch.float64)), TypeError, "weight has dtype"),
+    "mask_none": (_bad(mask=None), TypeError, "mask must be a Tensor"),
+    "meta_device": (_bad(offset=torch.randn(2, 18, 5, 5, device="meta")), ValueError, "offset is on meta"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS.keys())
+def test_bad_inputs_raise(case):
+    t, error, message = BAD_INPUTS[case]
+    with pytest.raises(error, match=message):
+        modulated_deform_conv2d(t["input"], t["offset"], t["mask"], t["weight"], t["bias"])
+
+
+@pytest.mark.parametrize("conv, error", [(dict(stride=0), ValueError), (dict(padding=(1, 2, 3)), TypeError),
+                                         (dict(dilation=1.5), TypeError), (dict(padding=-1), ValueError)])
+def test_bad_conv_arguments_raise(conv, error):
+    t = _bad()
+    with pytest.raises(error):
+        modulated_deform_conv2d(t["input"], t["offset"], t["mask"], t["weight"], **conv)
+
+
+def test_too_small_input_raises():
+    t = _bad()
+    with pytest.raises(ValueError, match="smaller than"):
+        modulated_deform_conv2d(t["input"], t["offset"], t["mask"], t["weight"], padding=0, dilation=3)
