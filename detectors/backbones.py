@@ -1,0 +1,113 @@
+"""ResNet backbones returning C3-C5 (strides 8, 16, 32)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import resnet
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.ops import FrozenBatchNorm2d
+
+from .config import BackboneConfig
+
+__all__ = ["SlimResNet", "ResNetBackbone", "build_backbone"]
+
+
+def _norm_layer(norm: str) -> Callable[[int], nn.Module]:
+    if norm == "frozen_bn":
+        return FrozenBatchNorm2d
+    if norm == "bn":
+        return nn.BatchNorm2d
+    if norm == "gn":
+        return partial(nn.GroupNorm, 8)
+    raise ValueError(f"unknown backbone norm {norm!r}; expected frozen_bn, bn or gn")
+
+
+class SlimResNet(nn.Module):
+    """A narrow ResNet of torchvision ``BasicBlock`` s, for small from-scratch configs.
+
+    Same layout as torchvision's ResNet (stem conv 7x7/2 + max-pool, four stages, stride 2 from the second
+    on) and the same attribute names (``conv1``, ``bn1``, ``layer1``..``layer4``), with free stage widths. It has no ``forward``: detection reads its stages through
+    ``ResNetBackbone``.
+
+    Args:
+        widths: output channels of the four stages.
+        depths: number of blocks in each stage.
+        norm_layer: normalisation module constructor taking the channel count.
+    """
+
+    def __init__(self, widths: list[int], depths: list[int], norm_layer: Callable[[int], nn.Module]):
+        super().__init__()
+        if len(widths) != 4 or len(depths) != 4:
+            raise ValueError(f"SlimResNet needs 4 widths and 4 depths, got {widths} and {depths}")
+        self.conv1 = nn.Conv2d(3, widths[0], kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = norm_layer(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        in_ch = widths[0]
+        for i, (width, depth) in enumerate(zip(widths, depths)):
+            stride = 1 if i == 0 else 2
+            down = None
+            if stride != 1 or in_ch != width:
+                down = nn.Sequential(nn.Conv2d(in_ch, width, 1, stride=stride, bias=False), norm_layer(width))
+            blocks = [resnet.BasicBlock(in_ch, width, stride, down, norm_layer=norm_layer)]
+            blocks += [resnet.BasicBlock(width, width, norm_layer=norm_layer) for _ in range(depth - 1)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+            in_ch = width
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
+class ResNetBackbone(nn.Module):
+    """Wraps a ResNet so that it returns C3, C4, C5.
+
+    Args:
+        body: a torchvision-style ResNet (``conv1``, ``bn1``, ``layer1``..``layer4``).
+        out_channels: channels of C3, C4, C5.
+        freeze_at: 0 trains everything; 1 freezes the stem; k > 1 also freezes ``layer1``..``layer{k-1}``.
+
+    Forward: ``(N, 3, H, W)`` float -> ``OrderedDict`` ``{"c3", "c4", "c5"}`` of ``(N, C_l, H/s, W/s)``
+    for strides s = 8, 16, 32 (rounded up).
+    """
+
+    def __init__(self, body: nn.Module, out_channels: list[int], freeze_at: int = 2):
+        super().__init__()
+        frozen = ["conv1", "bn1"] + [f"layer{i}" for i in range(1, freeze_at)] if freeze_at > 0 else []
+        for name, param in body.named_parameters():
+            if name.split(".")[0] in frozen:
+                param.requires_grad_(False)
+        self.body = IntermediateLayerGetter(body, {"layer2": "c3", "layer3": "c4", "layer4": "c5"})
+        self.out_channels = list(out_channels)
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        """``(N, 3, H, W)`` -> ``{"c3", "c4", "c5"}``."""
+        return self.body(x)
+
+
+def build_backbone(cfg: BackboneConfig) -> ResNetBackbone:
+    """Builds the backbone described by ``cfg``, loading pretrained weights when it names them."""
+    norm_layer = _norm_layer(cfg.norm)
+    if cfg.name == "slim":
+        body = SlimResNet(cfg.widths, cfg.depths, norm_layer)
+        out_channels = list(cfg.widths[1:])
+    elif cfg.name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
+        torchvision_weights = None
+        if cfg.weights is not None and not Path(cfg.weights).suffix:
+            torchvision_weights = resnet.__dict__[f"ResNet{cfg.name[6:]}_Weights"][cfg.weights]
+        body = resnet.__dict__[cfg.name](weights=torchvision_weights, norm_layer=norm_layer)
+        expansion = 1 if cfg.name in ("resnet18", "resnet34") else 4
+        out_channels = [128 * expansion, 256 * expansion, 512 * expansion]
+    else:
+        raise ValueError(f"unknown backbone {cfg.name!r}; expected slim or resnet18/34/50/101/152")
+    if cfg.weights is not None and Path(cfg.weights).suffix:
+        state = torch.load(cfg.weights, map_location="cpu", weights_only=True)
+        missing, _ = body.load_state_dict(state, strict=False)
+        if missing:
+            raise ValueError(f"backbone weights {cfg.weights} lack {len(missing)} tensors, e.g. {missing[:3]}")
+    return ResNetBackbone(body, out_channels, cfg.freeze_at)

@@ -1,0 +1,132 @@
+"""The ``dyhead`` command: ``train``, ``eval`` and ``predict``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from .atss import build_atss_dyhead
+from .config import Config, ConfigError, load_config
+from .data.build import build_dataset
+from .data.coco import DatasetError, ImageLoadError
+from .data.transforms import DetectionTransform, pad_batch
+from .engine.checkpoint import load_model_weights
+from .engine.evaluate import autocast, evaluate
+from .engine.logger import setup_logging
+from .engine.train import setup_runtime, train
+
+__all__ = ["main", "build_parser"]
+
+logger = logging.getLogger("detectors.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``dyhead``."""
+    parser = argparse.ArgumentParser(prog="dyhead", description="Train, evaluate and run ATSS + DyHead detectors.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser, output_help: str) -> None:
+        p.add_argument("--config", required=True, help="YAML config file, e.g. configs/shapes_tiny.yaml")
+        p.add_argument("--output-dir", type=Path, default=Path("out"), help=output_help)
+        p.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+            help="override a config field (dotted key, YAML value); repeatable",
+        )
+
+    p = sub.add_parser("train", help="train, then evaluate on the test split")
+    common(p, "folder for checkpoints, logs and metrics")
+    p.add_argument("--resume", action="store_true", help="continue from the output folder's last checkpoint")
+    p = sub.add_parser("eval", help="evaluate weights on the test split (COCO bbox metrics)")
+    common(p, "folder for metrics.json and the detections")
+    p.add_argument("--weights", required=True, type=Path, help="checkpoint or state dict")
+    p = sub.add_parser("predict", help="detect objects in images; writes a PNG with boxes and a JSON per image")
+    common(p, "folder for the annotated images and JSON files")
+    p.add_argument("--weights", required=True, type=Path, help="checkpoint or state dict")
+    p.add_argument("--score-thresh", type=float, default=0.3, help="lowest score drawn and written")
+    p.add_argument("images", nargs="+", type=Path, help="image files")
+    return parser
+
+
+def _load_model(cfg: Config, weights: Path, num_classes: int | None, device: torch.device):
+    state, meta = load_model_weights(weights)
+    num_classes = cfg.model.num_classes or meta.get("num_classes") or num_classes
+    if num_classes is None:
+        raise ConfigError(f"{weights} does not record its class count; set model.num_classes")
+    model = build_atss_dyhead(cfg.model, num_classes)
+    model.load_state_dict(state)
+    return model.to(device).eval(), meta
+
+
+def _eval(cfg: Config, args: argparse.Namespace) -> None:
+    device = setup_runtime(cfg)
+    test_set = build_dataset(cfg, train=False)
+    model, _ = _load_model(cfg, args.weights, len(test_set.category_ids), device)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    evaluate(model, test_set, cfg, device, args.output_dir)
+
+
+@torch.no_grad()
+def _predict(cfg: Config, args: argparse.Namespace) -> None:
+    device = setup_runtime(cfg)
+    model, meta = _load_model(cfg, args.weights, None, device)
+    names = meta.get("class_names") or [str(i) for i in range(model.head.num_classes)]
+    category_ids = meta.get("category_ids") or list(range(model.head.num_classes))
+    transform = DetectionTransform.from_config(cfg.data.input, train=False)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    for path in args.images:
+        try:
+            with Image.open(path) as img:
+                image = img.convert("RGB")
+        except OSError as exc:
+            raise ImageLoadError(f"image {path}: cannot read ({exc})") from None
+        pixels, _ = transform(image, torch.zeros(0, 4), None)
+        with autocast(device, cfg.solver.amp):
+            (det,) = model(
+                pad_batch([pixels], cfg.data.input.size_divisibility).to(device),
+                [tuple(pixels.shape[1:])],
+                original_sizes=[(image.height, image.width)],
+            )
+        keep = det["scores"] >= args.score_thresh
+        records = [
+            {"box": [round(v, 2) for v in box], "score": round(score, 4), "label": names[label],
+             "category_id": category_ids[label]}
+            for box, score, label in zip(
+                det["boxes"][keep].float().tolist(), det["scores"][keep].float().tolist(), det["labels"][keep].tolist()
+            )
+        ]
+        draw = ImageDraw.Draw(image)
+        for r in records:
+            draw.rectangle(r["box"], outline=(255, 0, 0), width=2)
+            draw.text((r["box"][0] + 2, r["box"][1] + 1), f"{r['label']} {r['score']:.2f}", fill=(255, 255, 0))
+        image.save(args.output_dir / f"{path.stem}.png")
+        (args.output_dir / f"{path.stem}.json").write_text(json.dumps({"image": str(path), "detections": records}))
+        logger.info("%s: %d detections -> %s", path, len(records), args.output_dir / f"{path.stem}.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs ``dyhead``; returns the exit status (2 for configuration and data errors, reported in one line)."""
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "train":
+            train(cfg, args.output_dir, resume=args.resume)
+            return 0
+        setup_logging(args.output_dir if args.command == "eval" else None, main_process=True)
+        if args.command == "eval":
+            _eval(cfg, args)
+        else:
+            _predict(cfg, args)
+    except (ConfigError, DatasetError, ImageLoadError, FileNotFoundError) as exc:
+        sys.stderr.write(f"dyhead {args.command}: error: {exc}\n")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""Experiment configuration: nested dataclasses loaded from YAML, with dotted ``key=value`` overrides.
+
+A config file holds only the fields it changes; everything else keeps the defaults below, which are the
+paper's ATSS + DyHead R50 1x values. Unknown keys are errors that list the valid ones, so a typo never
+silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "BackboneConfig",
+    "ModelConfig",
+    "DatasetConfig",
+    "ShapesConfig",
+    "InputConfig",
+    "DataConfig",
+    "SolverConfig",
+    "Config",
+    "ConfigError",
+    "load_config",
+    "apply_overrides",
+    "config_to_dict",
+]
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or holds a value of the wrong type."""
+
+
+@dataclass
+class BackboneConfig:
+    """ResNet backbone returning C3-C5.
+
+    ``name`` is a torchvision ResNet (``resnet18``/``34``/``50``/``101``/``152``) or ``slim``, a
+    from-scratch BasicBlock ResNet whose stage ``widths`` and ``depths`` are set here. ``weights`` is a
+    torchvision weights name (e.g. ``IMAGENET1K_V1``), a path to a ``.pth`` state dict, or null for random
+    init. ``norm`` is ``frozen_bn`` (pretrained, detectron2's choice), ``bn`` or ``gn`` (from scratch).
+    ``freeze_at`` freezes the stem (1) and the first ``freeze_at - 1`` stages, as detectron2's FREEZE_AT.
+    """
+
+    name: str = "resnet50"
+    weights: str | None = "IMAGENET1K_V1"
+    norm: str = "frozen_bn"
+    freeze_at: int = 2
+    widths: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
+    depths: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
+
+
+@dataclass
+class ModelConfig:
+    """ATSS detector with an FPN (P3-P7) and a DyHead neck; defaults are the paper's R50 values."""
+
+    num_classes: int | None = None  # null: taken from the training set's categories
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    fpn_channels: int = 256
+    dyhead_channels: int = 256
+    dyhead_blocks: int = 6
+    dyhead_backend: str = "auto"
+    dyhead_high_offsets: str = "official"
+    anchor_scale: float = 8.0  # anchor side = anchor_scale x stride
+    atss_topk: int = 9
+    prior_prob: float = 0.01
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    reg_loss_weight: float = 2.0
+    score_thresh: float = 0.05
+    pre_nms_topk: int = 1000
+    nms_thresh: float = 0.6
+    detections_per_img: int = 100
+
+
+@dataclass
+class DatasetConfig:
+    """One dataset split.
+
+    ``name`` is ``coco_2017_train``/``coco_2017_val`` (resolved under ``$DYHEAD_DATASETS``, default
+    ``./datasets``), ``shapes_train``/``shapes_val`` (the synthetic set, generated on first use), or any
+    other label, in which case ``image_dir`` and ``ann_file`` give the images folder and COCO JSON file.
+    """
+
+    name: str = "coco_2017_train"
+    image_dir: str | None = None
+    ann_file: str | None = None
+
+
+@dataclass
+class ShapesConfig:
+    """Parameters of the synthetic shapes set; changing any of them writes a new cache folder."""
+
+    root: str | None = None  # null: $DYHEAD_DATASETS/shapes
+    num_train: int = 2000
+    num_val: int = 200
+    image_size: int = 128
+    min_objects: int = 2
+    max_objects: int = 6
+    min_object_size: int = 12
+    max_object_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class InputConfig:
+    """Resizing, flipping, normalisation and padding of input images.
+
+    ``format`` is ``RGB`` (pixels in [0, 1] as torchvision's weights expect) or ``BGR255`` (caffe-style
+    pixels in [0, 255], as MSRA/detectron2 weights expect); ``pixel_mean``/``pixel_std`` are in that space.
+    """
+
+    min_size_train: list[int] = field(default_factory=lambda: [800])
+    max_size_train: int = 1333
+    min_size_test: int = 800
+    max_size_test: int = 1333
+    flip_prob: float = 0.5
+    format: str = "RGB"
+    pixel_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    pixel_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    size_divisibility: int = 128  # P7 has stride 128: every level is then exactly half the previous one
+
+
+@dataclass
+class DataConfig:
+    """Datasets and data loading."""
+
+    train: DatasetConfig = field(default_factory=DatasetConfig)
+    test: DatasetConfig = field(default_factory=lambda: DatasetConfig(name="coco_2017_val"))
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    num_workers: int = 4  # per process
+    test_ims_per_batch: int = 1  # per process
+    aspect_ratio_grouping: bool = True
+    skip_bad_images: bool = False  # warn once per unreadable image and go on instead of failing
+
+
+@dataclass
+class SolverConfig:
+    """Optimiser and schedule; ``ims_per_batch`` is the total over all processes."""
+
+    optimizer: str = "sgd"
+    base_lr: float = 0.01
+    momentum: float = 0.9
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1e-4
+    weight_decay_norm: float = 0.0
+    weight_decay_bias: float = 0.0
+    ims_per_batch: int = 16
+    max_iter: int = 90000
+    steps: list[int] = field(default_factory=lambda: [60000, 80000])
+    gamma: float = 0.1
+    warmup_iters: int = 1000
+    warmup_factor: float = 0.001
+    clip_grad_norm: float = 0.0  # 0 disables clipping
+    amp: bool = True  # bf16 autocast, CUDA only
+    checkpoint_period: int = 5000
+    eval_period: int = 0  # 0: evaluate once, after training
+    log_period: int = 20
+
+
+@dataclass
+class Config:
+    """A whole experiment."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    seed: int = 0
+    device: str = "auto"  # auto: cuda when available, else cpu
+    num_threads: int = 0  # CPU intra-op threads per process; 0 keeps torch's default
+    deterministic: bool = False  # CUDA: deterministic algorithms, no cudnn benchmark
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Checks ``value`` against the annotation ``tp`` and converts ints to floats where a float is wanted."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _from_dict(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    types_ = _field_types(cls)
+    unknown = sorted(set(data) - set(types_))
+    if unknown:
+        where = f"'{prefix}'" if prefix else "the top level"
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + '.' * bool(prefix) + k for k in unknown)}; "
+            f"valid keys at {where}: {', '.join(types_)}"
+        )
+    kwargs = {k: _convert(v, types_[k], prefix + "." * bool(prefix) + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Applies ``key=value`` overrides (dotted keys, YAML values) to ``cfg`` in place and returns it.
+
+    Example: ``["solver.base_lr=0.02", "data.input.min_size_train=[640, 800]"]``.
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node, path = cfg, ""
+        for part in parts[:-1]:
+            types_ = _field_types(type(node))
+            if part not in types_ or not dataclasses.is_dataclass(types_[part]):
+                sections = [k for k, t in types_.items() if dataclasses.is_dataclass(t)]
+                raise ConfigError(
+                    f"unknown config section '{path + part}'; valid sections"
+                    f"{' under ' + repr(path[:-1]) if path else ''}: {', '.join(sections)}"
+                )
+            node, path = getattr(node, part), path + part + "."
+        types_ = _field_types(type(node))
+        name = parts[-1]
+        if name not in types_:
+            raise ConfigError(
+                f"unknown config key '{path + name}'; valid keys"
+                f"{' under ' + repr(path[:-1]) if path else ''}: {', '.join(types_)}"
+            )
+        setattr(node, name, _convert(yaml.safe_load(raw), types_[name], path + name))
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Reads a YAML file (or the defaults when ``path`` is None) and applies ``overrides``."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    try:
+        cfg = _from_dict(Config, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return apply_overrides(cfg, overrides or [])
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """The config as plain dicts and lists, ready for ``yaml.safe_dump``."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,54 @@
+"""Datasets and data loaders from a ``Config``."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from torch.utils.data import DataLoader
+
+from ..config import Config
+from .coco import CocoDetection, collate, resolve_dataset
+from .samplers import InferenceBatchSampler, TrainBatchSampler
+from .transforms import DetectionTransform
+
+__all__ = ["build_dataset", "build_train_loader", "build_test_loader"]
+
+
+def build_dataset(cfg: Config, train: bool) -> CocoDetection:
+    """The training split (images without boxes removed) or the test split, with their transforms."""
+    spec = cfg.data.train if train else cfg.data.test
+    image_dir, ann_file = resolve_dataset(spec, cfg.data.shapes)
+    return CocoDetection(
+        image_dir,
+        ann_file,
+        DetectionTransform.from_config(cfg.data.input, train),
+        remove_empty=train,
+        skip_bad_images=cfg.data.skip_bad_images,
+    )
+
+
+def _loader(cfg: Config, dataset: CocoDetection, batch_sampler) -> DataLoader:
+    workers = cfg.data.num_workers
+    return DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        num_workers=workers,
+        collate_fn=partial(collate, size_divisibility=cfg.data.input.size_divisibility),
+        prefetch_factor=2 if workers > 0 else None,
+    )
+
+
+def build_train_loader(cfg: Config, dataset: CocoDetection, rank: int, world_size: int, start_batch: int) -> DataLoader:
+    """Endless training batches of ``ims_per_batch / world_size`` images, skipping ``start_batch``."""
+    if cfg.solver.ims_per_batch % world_size:
+        raise ValueError(f"solver.ims_per_batch={cfg.solver.ims_per_batch} is not divisible by {world_size} processes")
+    groups = dataset.aspect_groups() if cfg.data.aspect_ratio_grouping else [0] * len(dataset)
+    sampler = TrainBatchSampler(
+        groups, cfg.solver.ims_per_batch // world_size, cfg.seed, rank, world_size, start_batch=start_batch
+    )
+    return _loader(cfg, dataset, sampler)
+
+
+def build_test_loader(cfg: Config, dataset: CocoDetection, rank: int, world_size: int) -> DataLoader:
+    """This process's share of the test set, in order."""
+    return _loader(cfg, dataset, InferenceBatchSampler(len(dataset), cfg.data.test_ims_per_batch, rank, world_size))

@@ -1,0 +1,240 @@
+"""COCO-format detection datasets read through pycocotools, with clear errors on bad data."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from torch.utils.data import Dataset
+
+from ..config import DatasetConfig, ShapesConfig
+from .shapes import ensure_shapes
+from .transforms import DetectionTransform, pad_batch
+
+__all__ = [
+    "DatasetError",
+    "ImageLoadError",
+    "SkippedImage",
+    "resolve_dataset",
+    "load_coco_json",
+    "CocoDetection",
+    "collate",
+]
+
+logger = logging.getLogger(__name__)
+
+COCO_LAYOUT = """expected layout under $DYHEAD_DATASETS (default ./datasets):
+  coco/annotations/instances_train2017.json
+  coco/annotations/instances_val2017.json
+  coco/train2017/*.jpg
+  coco/val2017/*.jpg"""
+
+
+class DatasetError(RuntimeError):
+    """A dataset folder or annotation file is missing or malformed."""
+
+
+class ImageLoadError(RuntimeError):
+    """An image file is missing or cannot be decoded."""
+
+
+@dataclass
+class SkippedImage:
+    """Stands in for a sample whose image could not be read, when skipping bad images is enabled."""
+
+    path: str
+    reason: str
+
+
+def _datasets_root() -> Path:
+    return Path(os.environ.get("DYHEAD_DATASETS", "datasets"))
+
+
+def resolve_dataset(spec: DatasetConfig, shapes: ShapesConfig) -> tuple[Path, Path]:
+    """The images folder and annotation file of a dataset spec, checked to exist.
+
+    ``coco_2017_{train,val}`` resolve under ``$DYHEAD_DATASETS``; ``shapes_{train,val}`` are generated on
+    first use; any other name needs ``image_dir`` and ``ann_file``. Explicit paths always win.
+    """
+    layout = ""
+    if spec.name in ("coco_2017_train", "coco_2017_val"):
+        split = spec.name.split("_")[-1]
+        root = _datasets_root() / "coco"
+        image_dir = Path(spec.image_dir or root / f"{split}2017")
+        ann_file = Path(spec.ann_file or root / "annotations" / f"instances_{split}2017.json")
+        layout = "\n" + COCO_LAYOUT
+    elif spec.name in ("shapes_train", "shapes_val") and not (spec.image_dir and spec.ann_file):
+        folder = ensure_shapes(shapes)
+        split = spec.name.split("_")[-1]
+        image_dir, ann_file = folder / split, folder / "annotations" / f"instances_{split}.json"
+    else:
+        if not spec.image_dir or not spec.ann_file:
+            raise DatasetError(
+                f"dataset {spec.name!r} is not a named dataset (coco_2017_train, coco_2017_val, shapes_train, "
+                "shapes_val); give its images folder and COCO annotation file as image_dir and ann_file"
+            )
+        image_dir, ann_file = Path(spec.image_dir), Path(spec.ann_file)
+    if not image_dir.is_dir():
+        raise DatasetError(f"dataset {spec.name!r}: images folder {image_dir} does not exist{layout}")
+    if not ann_file.is_file():
+        raise DatasetError(f"dataset {spec.name!r}: annotation file {ann_file} does not exist{layout}")
+    return image_dir, ann_file
+
+
+_REQUIRED = {
+    "images": ("id", "file_name"),
+    "annotations": ("image_id", "bbox", "category_id"),
+    "categories": ("id", "name"),
+}
+
+
+def load_coco_json(ann_file: Path) -> COCO:
+    """Reads and checks a COCO annotation file; errors name the file and what is wrong with it."""
+    try:
+        data = json.loads(Path(ann_file).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"annotation file {ann_file} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"annotation file {ann_file} is not COCO JSON: the top level is not an object")
+    for section, keys in _REQUIRED.items():
+        if not isinstance(data.get(section), list):
+            raise DatasetError(f"annotation file {ann_file} is not COCO JSON: it has no '{section}' list")
+        for i, entry in enumerate(data[section]):
+            missing = [k for k in keys if not isinstance(entry, dict) or k not in entry]
+            if missing:
+                raise DatasetError(
+                    f"annotation file {ann_file} is not COCO JSON: {section}[{i}] lacks {', '.join(missing)}"
+                )
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco.createIndex()
+    return coco
+
+
+class CocoDetection(Dataset):
+    """A COCO-format detection dataset.
+
+    Boxes are converted to x1,y1,x2,y2 and clipped to the image; boxes with no area after clipping are
+    dropped and counted (``num_degenerate``). Category ids map to contiguous labels ``0..K-1`` in id order.
+
+    Items are addressed by an index or, in training, by ``(index, seed)`` where ``seed`` is a tuple of ints
+    seeding the random augmentation, so that results depend on neither worker count nor resumption.
+
+    Args:
+        image_dir: folder of the images named by ``file_name``.
+        ann_file: COCO JSON annotation file.
+        transform: resize/flip/normalise.
+        remove_empty: drop images without any non-crowd box (training).
+        skip_bad_images: return a ``SkippedImage`` for unreadable images instead of raising.
+
+    An item is ``(image, target)``: image ``(3, h, w)`` float32; target ``boxes`` ``(G, 4)`` float32 in the
+    transformed image's pixels, ``labels`` ``(G,)`` int64, ``iscrowd`` ``(G,)`` bool, ``image_id`` int,
+    ``orig_size`` and ``size`` ``(h, w)``.
+    """
+
+    def __init__(
+        self,
+        image_dir: str | Path,
+        ann_file: str | Path,
+        transform: DetectionTransform,
+        remove_empty: bool = False,
+        skip_bad_images: bool = False,
+    ):
+        self.image_dir = Path(image_dir)
+        self.ann_file = Path(ann_file)
+        self.transform = transform
+        self.skip_bad_images = skip_bad_images
+        self.coco = load_coco_json(self.ann_file)
+        self.category_ids = sorted(self.coco.getCatIds())
+        self.class_names = [self.coco.cats[c]["name"] for c in self.category_ids]
+        label_of = {cat: i for i, cat in enumerate(self.category_ids)}
+        self.num_degenerate = 0
+        self.records: list[dict[str, Any]] = []
+        for image_id in sorted(self.coco.imgs):
+            info = self.coco.imgs[image_id]
+            boxes, labels, crowd = [], [], []
+            for ann in self.coco.imgToAnns.get(image_id, []):
+                x, y, w, h = ann["bbox"]
+                x1, y1 = max(0.0, x), max(0.0, y)
+                x2, y2 = min(x + w, info.get("width", x + w)), min(y + h, info.get("height", y + h))
+                if x2 <= x1 or y2 <= y1:
+                    self.num_degenerate += 1
+                    continue
+                boxes.append([x1, y1, x2, y2])
+                labels.append(label_of[ann["category_id"]])
+                crowd.append(bool(ann.get("iscrowd", 0)))
+            if remove_empty and not any(not c for c in crowd):
+                continue
+            self.records.append(
+                {
+                    "image_id": image_id,
+                    "file_name": info["file_name"],
+                    "width": info.get("width"),
+                    "height": info.get("height"),
+                    "boxes": np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+                    "labels": np.asarray(labels, dtype=np.int64),
+                    "iscrowd": np.asarray(crowd, dtype=bool),
+                }
+            )
+        if self.num_degenerate:
+            logger.warning("%s: dropped %d degenerate boxes (no area)", self.ann_file, self.num_degenerate)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def aspect_groups(self) -> list[int]:
+        """Per image, 0 for landscape (w >= h) and 1 for portrait, from the annotation file's sizes."""
+        return [int((r["height"] or 0) > (r["width"] or 0)) for r in self.records]
+
+    def __getitem__(self, key: int | tuple[int, tuple[int, ...]]) -> tuple[torch.Tensor, dict] | SkippedImage:
+        index, seed = (key, None) if isinstance(key, int) else key
+        record = self.records[index]
+        path = self.image_dir / record["file_name"]
+        try:
+            with Image.open(path) as img:
+                image = img.convert("RGB")
+        except (OSError, ValueError) as exc:
+            reason = "file not found" if isinstance(exc, FileNotFoundError) else f"cannot decode ({exc})"
+            if self.skip_bad_images:
+                return SkippedImage(str(path), reason)
+            raise ImageLoadError(f"image {path}: {reason}") from None
+        rng = None if seed is None else np.random.default_rng(list(seed))
+        orig_size = (image.height, image.width)
+        pixels, boxes = self.transform(image, torch.from_numpy(record["boxes"]), rng)
+        target = {
+            "boxes": boxes,
+            "labels": torch.from_numpy(record["labels"]),
+            "iscrowd": torch.from_numpy(record["iscrowd"]),
+            "image_id": record["image_id"],
+            "orig_size": orig_size,
+            "size": tuple(pixels.shape[1:]),
+        }
+        return pixels, target
+
+
+def collate(samples: list, size_divisibility: int = 128) -> dict[str, Any]:
+    """Batches ``CocoDetection`` items.
+
+    Returns:
+        ``images`` ``(N, 3, H, W)`` padded to ``size_divisibility`` (None if every item was skipped),
+        ``image_sizes`` and ``targets`` per kept item, and ``skipped``: the ``SkippedImage`` s of the batch.
+    """
+    kept = [s for s in samples if not isinstance(s, SkippedImage)]
+    skipped = [s for s in samples if isinstance(s, SkippedImage)]
+    return {
+        "images": pad_batch([s[0] for s in kept], size_divisibility) if kept else None,
+        "image_sizes": [t["size"] for _, t in kept],
+        "targets": [t for _, t in kept],
+        "skipped": skipped,
+    }

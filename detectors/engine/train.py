@@ -1,0 +1,228 @@
+"""The training loop: optimiser, schedule, checkpoints, logging, periodic and final evaluation."""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from ..atss import build_atss_dyhead
+from ..config import Config, SolverConfig, config_to_dict
+from ..data.build import build_dataset, build_train_loader
+from ..data.coco import DatasetError
+from .checkpoint import last_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .distributed import (
+    all_gather_objects,
+    barrier,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    is_distributed,
+    is_main_process,
+    sum_across_processes,
+)
+from .evaluate import BadImageLog, autocast, evaluate
+from .logger import MetricsWriter, setup_logging
+
+__all__ = ["setup_runtime", "build_optimizer", "lr_factor", "train"]
+
+logger = logging.getLogger("detectors.train")
+
+_NORMS = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.SyncBatchNorm)
+
+
+def setup_runtime(cfg: Config) -> torch.device:
+    """Joins the process group, then sets threads, seeds and the cuDNN/TF32 switches from ``cfg``.
+
+    TF32 stays off so that fp32 parts of the model (the losses, anything outside autocast) keep fp32
+    accuracy; cuDNN autotuning is on unless ``deterministic`` asks for reproducible kernels.
+    """
+    device = init_distributed(cfg.device)
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = not cfg.deterministic
+    torch.backends.cudnn.deterministic = cfg.deterministic
+    return device
+
+
+def build_optimizer(cfg: SolverConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD (momentum) or AdamW over the trainable parameters, with ``weight_decay_norm`` on normalisation
+    weights and biases and ``weight_decay_bias`` on other biases, as detectron2's parameter groups."""
+    groups = {"decay": [], "norm": [], "bias": []}
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            if isinstance(module, _NORMS):
+                groups["norm"].append(param)
+            elif name == "bias":
+                groups["bias"].append(param)
+            else:
+                groups["decay"].append(param)
+    decay = {"decay": cfg.weight_decay, "norm": cfg.weight_decay_norm, "bias": cfg.weight_decay_bias}
+    params = [{"params": p, "weight_decay": decay[k]} for k, p in groups.items() if p]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.base_lr, momentum=cfg.momentum)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.base_lr, betas=tuple(cfg.betas))
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected sgd or adamw")
+
+
+def lr_factor(cfg: SolverConfig, iteration: int) -> float:
+    """Learning-rate multiplier at ``iteration``: linear warm-up from ``warmup_factor`` times multi-step decay."""
+    factor = cfg.gamma ** bisect.bisect_right(cfg.steps, iteration)
+    if iteration < cfg.warmup_iters:
+        alpha = iteration / cfg.warmup_iters
+        factor *= cfg.warmup_factor * (1 - alpha) + alpha
+    return factor
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _to_device(targets: list[dict], device: torch.device) -> list[dict]:
+    return [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+
+
+def train(cfg: Config, output_dir: Path, resume: bool = False) -> dict:
+    """Trains the detector ``cfg`` describes and evaluates it on the test split.
+
+    Writes to ``output_dir``: ``config.yaml``, ``log.txt``, ``metrics.jsonl`` (losses and lr every
+    ``log_period`` iterations, evaluations), ``model_XXXXXXX.pth`` every ``checkpoint_period`` iterations and
+    ``model_final.pth``, ``metrics.json`` and ``coco_instances_results.json``. With ``resume`` it continues
+    from ``last_checkpoint`` with the same results as an uninterrupted run.
+
+    Returns:
+        The final metrics on the main process (``{"bbox": {...}}``), an empty dict on the others.
+    """
+    output_dir = Path(output_dir)
+    device = setup_runtime(cfg)
+    main = is_main_process()
+    setup_logging(output_dir, main)
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    solver = cfg.solver
+    train_set = build_dataset(cfg, train=True)
+    test_set = build_dataset(cfg, train=False)
+    num_classes = cfg.model.num_classes or len(train_set.category_ids)
+    model = build_atss_dyhead(cfg.model, num_classes).to(device)
+    optimizer = build_optimizer(solver, model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(solver, it))
+    meta = {"class_names": train_set.class_names, "category_ids": train_set.category_ids, "num_classes": num_classes}
+
+    start_iter = 0
+    checkpoint = last_checkpoint(output_dir) if resume else None
+    if resume and checkpoint is None:
+        logger.warning("--resume: no checkpoint in %s, starting from scratch", output_dir)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if state["data"] != {"seed": cfg.seed, "world_size": get_world_size()}:
+            raise ValueError(f"{checkpoint} was written with data order {state['data']}; resuming needs the same")
+        start_iter = state["iteration"]
+        set_rng_state(state["rng"][get_rank()] if get_rank() < len(state["rng"]) else state["rng"][0])
+        logger.info("resumed from %s at iteration %d", checkpoint, start_iter)
+    if is_distributed():
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def checkpoint_state(iteration: int) -> dict:
+        return {
+            "model": _unwrap(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "iteration": iteration,
+            "rng": all_gather_objects(rng_state()),
+            "data": {"seed": cfg.seed, "world_size": get_world_size()},
+            "meta": meta,
+        }
+
+    metrics_log = MetricsWriter(output_dir / "metrics.jsonl", resume_from=start_iter if resume else None) if main else None
+    loader = build_train_loader(cfg, train_set, get_rank(), get_world_size(), start_batch=start_iter)
+    logger.info(
+        "training %d images (%d classes) for %d iterations of %d images on %s x %d",
+        len(train_set), num_classes, solver.max_iter, solver.ims_per_batch, device, get_world_size(),
+    )
+    bad_images = BadImageLog(logger)
+    model.train()
+    progress = tqdm(
+        total=solver.max_iter, initial=start_iter, disable=not main, dynamic_ncols=True, desc="train"
+    )
+    running: dict[str, float] = {}
+    window_start, window_iters = time.perf_counter(), 0
+    batches = iter(loader)
+    for iteration in range(start_iter, solver.max_iter):
+        batch = next(batches)
+        bad_images.update(batch["skipped"])
+        if batch["images"] is None:
+            raise DatasetError(f"every image of the batch at iteration {iteration} failed to load")
+        with autocast(device, solver.amp):
+            losses = model(batch["images"].to(device), batch["image_sizes"], _to_device(batch["targets"], device))
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at iteration {iteration}: {losses}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if solver.clip_grad_norm > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), solver.clip_grad_norm)
+        optimizer.step()
+        scheduler.step()
+
+        for name, value in losses.items():
+            running[name] = running.get(name, 0.0) + value.item()
+        window_iters += 1
+        done = iteration + 1
+        progress.update(1)
+        if done % solver.log_period == 0 or done == solver.max_iter:
+            stats = torch.tensor([running[k] / window_iters for k in sorted(running)], device=device)
+            stats = (sum_across_processes(stats) / get_world_size()).tolist()
+            record = dict(zip(sorted(running), stats))
+            record["loss"] = sum(stats)
+            seconds = (time.perf_counter() - window_start) / window_iters
+            record.update(iter=done, lr=optimizer.param_groups[0]["lr"], time=seconds)
+            progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2g}")
+            if main:
+                metrics_log.write(record)
+                eta = seconds * (solver.max_iter - done)
+                logger.info(
+                    "iter %d/%d  loss %.4f (%s)  lr %.3g  %.3fs/it  eta %s",
+                    done, solver.max_iter, record["loss"],
+                    ", ".join(f"{k} {record[k]:.3f}" for k in sorted(running)),
+                    record["lr"], seconds, time.strftime("%H:%M:%S", time.gmtime(eta)),
+                )
+            running, window_start, window_iters = {}, time.perf_counter(), 0
+        if done % solver.checkpoint_period == 0 or done == solver.max_iter:
+            state = checkpoint_state(done)
+            if main:
+                name = "model_final.pth" if done == solver.max_iter else f"model_{done:07d}.pth"
+                save_checkpoint(output_dir, name, state)
+            barrier()
+        if solver.eval_period > 0 and done % solver.eval_period == 0 and done < solver.max_iter:
+            metrics = evaluate(_unwrap(model), test_set, cfg, device, None)
+            if main:
+                metrics_log.write({"iter": done, **metrics})
+    progress.close()
+    metrics = evaluate(_unwrap(model), test_set, cfg, device, output_dir)
+    if main:
+        metrics_log.write({"iter": solver.max_iter, **metrics})
+    return metrics
