@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dyhead import DyHead, DyHeadBlock, convert_state_dict
+from dyhead.deform import resolve_backend
 from official_reference import official_forward, official_state_dict
 
 SIZES = [(19, 25), (10, 13), (5, 7), (3, 4), (2, 2)]
@@ -189,3 +190,8 @@ def test_backend_switch_keeps_weights():
         assert rel_err(y, x) < 1e-10
     with pytest.raises(ValueError, match="unknown backend"):
         model.backend = "fast"
+
+
+def test_auto_picks_triton_on_cuda_only():
+    assert resolve_backend("auto", torch.device("cpu")) == "sampled"
+    assert resolve_backend("auto", torch.device("cuda", 0)) == "triton"
