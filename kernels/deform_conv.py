@@ -27,6 +27,16 @@ def _configs(space, interpret_config):
     return [triton.Config(meta, num_warps=warps, num_stages=stages) for meta, warps, stages in space]
 
 
+def _fp64_prune(configs, named_args, **kwargs):
+    """fp64 multiplies with a [BLOCK_P, BLOCK_K, BLOCK_N] broadcast: only 16-wide tiles fit in registers."""
+    if kwargs.get("FP64"):
+        return [triton.Config({"BLOCK_P": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+    return configs
+
+
+_PRUNE = {"early_config_prune": _fp64_prune}
+
+
 @triton.jit
 def _mma(acc, a, b, FP64: tl.constexpr, TF32: tl.constexpr):
     """acc += a @ b. fp64 uses an exact broadcast-multiply-sum because fp64 `tl.dot` is not portable."""
@@ -112,7 +122,7 @@ _FWD_SPACE = [
 # P_BUCKET (next power of two of the pixel count) keys the tuning on the problem size without retuning for
 # every image size.
 @triton.autotune(configs=_configs(_FWD_SPACE, {"BLOCK_P": 32, "BLOCK_N": 16, "BLOCK_K": 16}),
-                 key=["C", "Cout", "KK", "P_BUCKET"])
+                 key=["C", "Cout", "KK", "P_BUCKET"], prune_configs_by=_PRUNE)
 @triton.jit
 def _fwd_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, b_ptr, y_ptr,
                 C, H, W, Cout, Ho, Wo, P, KK, KW, P_BUCKET,
@@ -173,7 +183,8 @@ _BWD_SPACE = [
 
 # The grad input buffer is an atomic accumulator: zero it before every autotuning trial.
 @triton.autotune(configs=_configs(_BWD_SPACE, {"BLOCK_P": 32, "BLOCK_N": 16, "BLOCK_K": 16}),
-                 key=["C", "Cout", "KK", "P_BUCKET", "DETERMINISTIC"], reset_to_zero=["gx_ptr"])
+                 key=["C", "Cout", "KK", "P_BUCKET", "DETERMINISTIC"], reset_to_zero=["gx_ptr"],
+                 prune_configs_by=_PRUNE)
 @triton.jit
 def _bwd_sample_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, gy_ptr,
                        goff_ptr, gmsk_ptr, gx_ptr, gcol_ptr, tgt_ptr, coef_ptr,
@@ -320,7 +331,7 @@ GW_PIXELS_PER_SPLIT = 2048
 
 
 @triton.autotune(configs=_configs(_GW_SPACE, {"BLOCK_P": 32, "BLOCK_N": 16, "BLOCK_K": 16}),
-                 key=["C", "Cout", "KK", "P_BUCKET"])
+                 key=["C", "Cout", "KK", "P_BUCKET"], prune_configs_by=_PRUNE)
 @triton.jit
 def _grad_weight_kernel(x_ptr, off_ptr, msk_ptr, gy_ptr, part_ptr,
                         C, H, W, Cout, Ho, Wo, P, KK, KW, P_BUCKET, pixels_per_split,

@@ -37,6 +37,11 @@ def _check_runnable(t: Tensor):
         "(before importing triton) to run the kernels in Triton's CPU interpreter.")
 
 
+def _autocast(device_type, *tensors):
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype == torch.float32 else t for t in tensors)
+
+
 def _device_guard(t: Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
@@ -152,7 +157,9 @@ def modulated_deform_conv2d(input: Tensor, offset: Tensor, mask: Tensor, weight:
     mask)``; the PyTorch reference twin is ``dyhead.deform_conv2d_torchvision``. Differentiable in all five
     tensors. All tensors share one dtype (float32/float16/bfloat16/float64) and one device: CUDA, or the CPU
     under ``TRITON_INTERPRET=1``. float16/bfloat16 accumulate in float32; float32 multiplies in true fp32
-    unless ``torch.backends.cuda.matmul.allow_tf32`` is set; float64 is exact.
+    unless ``torch.backends.cuda.matmul.allow_tf32`` is set; float64 is exact. Under autocast, float32 tensors
+    are cast to the autocast dtype (the kernels take half precision directly, where torchvision's op autocasts
+    to float32).
 
     Args:
         input: (N, Cin, H, W).
@@ -175,6 +182,8 @@ def modulated_deform_conv2d(input: Tensor, offset: Tensor, mask: Tensor, weight:
         NotImplementedError: offset groups or convolution groups > 1.
         RuntimeError: CPU tensors without ``TRITON_INTERPRET=1``.
     """
+    if isinstance(input, Tensor) and torch.is_autocast_enabled(input.device.type):
+        input, offset, mask, weight, bias = _autocast(input.device.type, input, offset, mask, weight, bias)
     stride = _pair(stride, "stride")
     padding = _pair(padding, "padding")
     dilation = _pair(dilation, "dilation")

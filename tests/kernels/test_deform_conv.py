@@ -133,6 +133,25 @@ def test_deterministic_default_follows_torch(monkeypatch):
 
 
 @needs_kernels
+def test_autocast_runs_in_half_precision():
+    """float32 tensors under autocast go to the kernels in float16 (the CPU interpreter's bfloat16 is broken)."""
+    conv = dict(stride=1, padding=1, dilation=1)
+    # Rounded to float16 first: a rounded offset may move a sample across a pixel border, where the offset
+    # gradient jumps.
+    inputs = {k: v.half().double() for k, v in make_inputs(2, 5, 4, 6, 6, **conv).items()}
+    t = leaves(inputs, torch.float32, DEVICE)
+    y32 = triton_op(t, conv)
+    g32 = grads(y32, torch.ones_like(y32), t)
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        y = triton_op(t, conv)
+    g = grads(y, torch.ones_like(y), t)
+    assert y.dtype == torch.float16
+    assert rel_err(y, y32.double().cpu()) < 5e-3
+    for name in g32:
+        assert g[name].dtype == torch.float32 and rel_err(g[name], g32[name].double().cpu()) < 5e-3, name
+
+
+@needs_kernels
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_torch_compile_fullgraph(backend):
     """fullgraph=True fails on any graph break; inductor on the CPU needs a C++ compiler (~1 min)."""

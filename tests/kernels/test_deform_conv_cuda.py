@@ -83,6 +83,19 @@ def test_torch_compile_inductor_bf16():
         assert rel_err(a, b.double().cpu()) < 2e-2
 
 
+def test_autocast_bf16_matches_bf16_inputs():
+    conv = dict(stride=1, padding=1, dilation=1)
+    inputs = rounded(make_inputs(2, 40, 24, 15, 13, **conv), torch.bfloat16)
+    t32, t16 = leaves(inputs, torch.float32, "cuda"), leaves(inputs, torch.bfloat16, "cuda")
+    y16 = modulated_deform_conv2d(t16["input"], t16["offset"], t16["mask"], t16["weight"], t16["bias"])
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = modulated_deform_conv2d(t32["input"], t32["offset"], t32["mask"], t32["weight"], t32["bias"])
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y16)
+    g32, g16 = grads(y, torch.ones_like(y), t32), grads(y16, torch.ones_like(y16), t16)
+    for name in g32:
+        assert g32[name].dtype == torch.float32 and rel_err(g32[name], g16[name].double().cpu()) < 1e-2, name
+
+
 def _large_inputs():
     """bf16 input of 2 x 32 x 5800 x 5800 = 2.15e9 > 2**31 elements; offsets below one pixel."""
     n, c, cout, h, w = 2, 32, 8, 5800, 5800
