@@ -1,0 +1,97 @@
+"""The results as a markdown table with speedups against torchvision, and as a PNG chart."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .records import sort_key
+
+BASELINE = "torchvision"
+COLUMNS = ("op", "dtype", "impl", "median ms", "p20-p80 ms", "TFLOP/s", "% peak", "peak MiB",
+           f"vs {BASELINE}", "max rel err", "note")
+NOTE_CHARS = 80
+
+
+def speedups(records: list[dict]) -> dict[int, float]:
+    """id(record) -> torchvision's median / the record's median, for records whose baseline ran in the same file
+    (same op, dtype, device and shape)."""
+    base = {(r["op"], r["dtype"], r["device"], r["shape"]): r["median_ms"]
+            for r in records if r["impl"] == BASELINE and r["median_ms"]}
+    out = {}
+    for r in records:
+        b = base.get((r["op"], r["dtype"], r["device"], r["shape"]))
+        if b and r["median_ms"]:
+            out[id(r)] = b / r["median_ms"]
+    return out
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def _note(record: dict) -> str:
+    text = record.get("error") or record.get("note") or ""
+    if record.get("check") == "fail":
+        what = "non-finite" if record.get("max_rel_err") is None else "worst"
+        text = f"CHECK FAILED ({what}: {record.get('worst')}) {text}".strip()
+    text = text.splitlines()[0] if text else ""
+    text = text if len(text) <= NOTE_CHARS else text[:NOTE_CHARS - 3] + "..."
+    return text.replace("|", "/")
+
+
+def table(records: list[dict]) -> str:
+    """A markdown table of the records, sorted by op, dtype and impl."""
+    ups = speedups(records)
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    for r in sorted(records, key=sort_key):
+        spread = "" if r["p20_ms"] is None else f"{r['p20_ms']:.4g}-{r['p80_ms']:.4g}"
+        up = ups.get(id(r))
+        cells = (r["op"], r["dtype"], r["impl"], _fmt(r["median_ms"], ".4g"), spread, _fmt(r["tflops"], ".3g"),
+                 _fmt(r["pct_of_peak"], ".1f"), _fmt(r["peak_mem_mb"], ".0f"),
+                 "" if up is None else f"{up:.2f}x", _fmt(r.get("max_rel_err"), ".1e"), _note(r))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(records: list[dict], title: str, path: str | os.PathLike) -> Path | None:
+    """A PNG of median times (log scale), one panel per dtype, one group of bars per op, annotated with the
+    speedup against torchvision. None when matplotlib is not installed (the `plot` extra)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")  # files only: no display on a benchmark machine
+    import matplotlib.pyplot as plt
+
+    timed = sorted((r for r in records if r["median_ms"]), key=sort_key)
+    if not timed:
+        return None
+    ups = speedups(timed)
+    dtypes = list(dict.fromkeys(r["dtype"] for r in timed))
+    ops = list(dict.fromkeys(r["op"] for r in timed))
+    impls = list(dict.fromkeys(r["impl"] for r in timed))
+    height = 1.0 / (len(impls) + 1)
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(5.5 * len(dtypes), 0.9 + 0.55 * len(ops) * len(impls) ** 0.5),
+                             sharey=True, squeeze=False)
+    for ax, dtype in zip(axes[0], dtypes):
+        for k, impl in enumerate(impls):
+            rows = [(ops.index(r["op"]), r) for r in timed if r["dtype"] == dtype and r["impl"] == impl]
+            ys = [i + (k - (len(impls) - 1) / 2) * height for i, _ in rows]
+            ax.barh(ys, [r["median_ms"] for _, r in rows], height=height, label=impl)
+            for y, (_, r) in zip(ys, rows):
+                if r["impl"] != BASELINE and id(r) in ups:
+                    ax.annotate(f" {ups[id(r)]:.1f}x", (r["median_ms"], y), va="center", fontsize=7)
+        ax.set_xscale("log")
+        ax.set_title(dtype)
+        ax.set_xlabel("median ms per step (log)")
+        ax.grid(axis="x", which="both", alpha=0.3)
+    axes[0][0].set_yticks(range(len(ops)), ops)
+    axes[0][0].invert_yaxis()
+    axes[0][-1].legend(loc="lower right", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

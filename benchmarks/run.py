@@ -1,0 +1,202 @@
+"""python -m benchmarks.run: time every (op, impl, dtype) after checking it against the reference, and write the
+records (JSON), the table (markdown), the chart (PNG) and the profile of the 6-block forward+backward.
+
+    python -m benchmarks.run                                   # everything, on the GPU if there is one
+    python -m benchmarks.run --dtypes bfloat16 --ops dcn_fwd,dcn_fwd_bwd --quick
+    python -m benchmarks.run --device cpu                      # the small shape set, in seconds
+
+A row that fails (missing impl, compile error, out of memory) is recorded with its "error" and the run goes on.
+The results file is rewritten after every row, so a run that is cut short keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import profile, records, report
+from .flops import peak_tflops
+from .ops import DTYPES, IMPLS, OPS, Problem, make_problem, rel_errors
+from .shapes import SHAPE_SETS
+from .timing import CPU_POLICY, GPU_POLICY, Policy, measure, peak_memory_mb
+
+PROFILE_OP = "dyhead_6block_fwd_bwd"
+DEFAULT_OUT = Path(__file__).parent / "results"
+ERROR_CHARS = 500
+
+
+def _names(text: str, known) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown {unknown}, expected some of {list(known)}")
+    return names
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if cuda else "cpu", help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--shapes", choices=sorted(SHAPE_SETS),
+                   help="coco: batch 2 of 800x1333 at P3-P7, 256 ch (default on cuda); small: seconds on a CPU "
+                        "(default on cpu)")
+    p.add_argument("--ops", type=lambda t: _names(t, OPS), default=list(OPS), help="comma-separated, default all")
+    p.add_argument("--impls", type=lambda t: _names(t, IMPLS), default=list(IMPLS), help="comma-separated")
+    p.add_argument("--dtypes", type=lambda t: _names(t, DTYPES), default=list(DTYPES),
+                   help="comma-separated, run in this order (the first is also the profile's)")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="results folder (default benchmarks/results)")
+    p.add_argument("--quick", action="store_true", help="a fifth of the timing effort")
+    p.add_argument("--no-profile", action="store_true", help=f"skip the torch.profiler breakdown of {PROFILE_OP}")
+    p.add_argument("--budget", type=float, default=480.0,
+                   help="seconds after which the remaining rows are recorded as skipped (default 480)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    args = p.parse_args(argv)
+    args.device = torch.device(args.device)
+    args.shapes = SHAPE_SETS[args.shapes or ("coco" if args.device.type == "cuda" else "small")]
+    return args
+
+
+def _error_text(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= ERROR_CHARS else text[:ERROR_CHARS - 3] + "..."
+
+
+class Runner:
+    """Runs the rows of one invocation, keeping one Problem (inputs + reference) per op."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.device = args.device
+        policy: Policy = GPU_POLICY if self.device.type == "cuda" else CPU_POLICY
+        self.policy = policy.quick() if args.quick else policy
+        self.problems: dict[str, Problem] = {}
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def problem(self, op: str) -> Problem:
+        if op not in self.problems:
+            self.problems[op] = make_problem(op, self.args.shapes, self.device, self.args.seed)
+        return self.problems[op]
+
+    def row(self, op: str, impl: str, dtype_name: str) -> dict:
+        """Check one (op, impl, dtype) against the reference, then time it; errors go into the record."""
+        shapes = self.args.shapes
+        spec = OPS[op]
+        base = dict(op=op, impl=impl, dtype=dtype_name, device=self.device.type,
+                    shape=shapes.describe(pyramid=spec.num_blocks > 0))
+        if self.elapsed() > self.args.budget:
+            return records.make_record(**base, error=f"skipped: time budget of {self.args.budget:.0f} s spent")
+        dtype = getattr(torch, dtype_name)
+        try:
+            problem = self.problem(op)
+            reference = problem.reference()
+            step = problem.step(impl, dtype)
+            errors = rel_errors(step(), reference)
+            worst = max(range(len(errors)), key=errors.__getitem__)
+            finite = math.isfinite(errors[worst])
+            values = dict(max_rel_err=errors[worst] if finite else None, worst=problem.result_names()[worst],
+                          check="pass" if finite and errors[worst] <= spec.tolerance(dtype_name) else "fail")
+            if impl == "triton" and self.device.type == "cpu":
+                # Only the Triton interpreter runs on a CPU: a correctness smoke, its speed means nothing.
+                return records.make_record(**base, **values, note="Triton interpreter: checked, not timed")
+            timing = measure(step, self.device, self.policy)
+            flops = spec.flops(shapes)
+            tflops = flops / (timing.median_ms * 1e-3) / 1e12
+            peak = peak_tflops(records.device_name(self.device), dtype_name,
+                               tf32=torch.backends.cuda.matmul.allow_tf32) if self.device.type == "cuda" else None
+            return records.make_record(
+                **base, median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, tflops=tflops,
+                pct_of_peak=None if peak is None else 100.0 * tflops / peak,
+                peak_mem_mb=peak_memory_mb(step, self.device), **values, reps=timing.reps, gflop=flops / 1e9)
+        except Exception as exc:  # one impl failing (compile error, OOM, missing op) must not stop the others
+            return records.make_record(**base, error=_error_text(exc))
+        finally:
+            step = None
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def profile(self, impl: str, dtype_name: str) -> dict:
+        """The profiler breakdown of PROFILE_OP for one impl, or its error."""
+        shapes = self.args.shapes
+        base = dict(op=PROFILE_OP, impl=impl, dtype=dtype_name, device=self.device.type,
+                    shape=shapes.describe(pyramid=True))
+        if self.elapsed() > self.args.budget:
+            return {**base, "error": f"skipped: time budget of {self.args.budget:.0f} s spent"}
+        try:
+            step = self.problem(PROFILE_OP).step(impl, getattr(torch, dtype_name))
+            step()  # warm-up: compilation and autotuning stay out of the profile
+            iters = 3 if self.device.type == "cuda" else 1  # the CPU profiler's own overhead is seconds per step
+            return {**base, **profile.breakdown(step, self.device, iters)}
+        except Exception as exc:
+            return {**base, "error": _error_text(exc)}
+        finally:
+            step = None
+            gc.collect()
+
+
+def _command(argv: list[str] | None) -> str:
+    args = sys.argv[1:] if argv is None else argv
+    return shlex.join(["python", "-m", "benchmarks.run", *args])
+
+
+def _log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmarks of `argv` (the command line when None); returns the exit status (0: results written)."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    runner = Runner(args)
+    meta = records.make_meta(args.device, _command(argv))
+    path = records.results_path(args.out, meta, args.device)
+    previous = records.load(path)
+    rows = [(op, impl, dtype) for dtype in args.dtypes for op in args.ops for impl in args.impls]
+    done: list[dict] = []
+    for i, (op, impl, dtype) in enumerate(rows, 1):
+        record = runner.row(op, impl, dtype)
+        done.append(record)
+        records.write(path, records.merge(previous, meta, done))
+        result = record.get("error") or (f"{record['median_ms']:.4g} ms" if record["median_ms"] else record.get("note"))
+        _log(f"[{i}/{len(rows)} {runner.elapsed():.0f}s] {op} {impl} {dtype}: {result}")
+
+    content = records.merge(previous, meta, done)
+    stem = path.with_suffix("")
+    header = (f"{meta['device_name']}, torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
+              f"{meta['date']}\n\n`{meta['command']}`\n\n")
+    table = report.table(content["records"])
+    Path(f"{stem}.md").write_text(header + table)
+    print(header + table)
+    outputs = [path, Path(f"{stem}.md")]
+
+    chart = report.chart(content["records"], f"{meta['device_name']} ({meta['date']})", f"{stem}.png")
+    if chart is None:
+        _log("chart skipped: matplotlib is not installed (pip install dyhead-triton[plot])")
+    else:
+        outputs.append(chart)
+
+    if not args.no_profile and PROFILE_OP in args.ops:
+        profiles = [runner.profile(impl, args.dtypes[0]) for impl in args.impls]
+        records.write(f"{stem}-profile.json", {"meta": meta, "profiles": profiles})
+        Path(f"{stem}-profile.md").write_text(header + profile.markdown(profiles))
+        outputs += [Path(f"{stem}-profile.json"), Path(f"{stem}-profile.md")]
+
+    print("wrote " + ", ".join(os.fspath(p) for p in outputs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""The benchmark runner's machinery on the CPU: records file, table, statistics, FLOP counts, error handling."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from benchmarks import ops, profile, records, report, run
+from benchmarks.flops import block_flops, dcn_flops, op_flops, peak_tflops
+from benchmarks.shapes import COCO, SMALL
+from benchmarks.timing import percentile, summarize
+
+FAST = ["--device", "cpu", "--shapes", "small", "--quick", "--threads", "1", "--no-profile"]
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    """The runner's --threads sets torch's global thread count: give it back to the other tests."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_main(tmp_path, *args):
+    assert run.main([*FAST, "--out", str(tmp_path), *args]) == 0
+    (path,) = tmp_path.glob("cpu-*.json")
+    with path.open() as f:
+        return path, json.load(f)
+
+
+def test_records_file_of_a_cpu_run(tmp_path, capsys):
+    path, content = run_main(tmp_path, "--ops", "dcn_fwd,dcn_fwd_bwd,dyhead_block_fwd", "--impls",
+                             "torchvision,sampled", "--dtypes", "float32")
+    assert set(content) == {"meta", "records"}
+    assert set(content["meta"]) == set(records.META_KEYS)
+    assert content["meta"]["command"].startswith("python -m benchmarks.run --device cpu")
+    assert path.name == f"cpu-{content['meta']['date']}.json"
+    rows = content["records"]
+    assert [(r["op"], r["impl"]) for r in rows] == [
+        (op, impl) for op in ("dcn_fwd", "dcn_fwd_bwd", "dyhead_block_fwd") for impl in ("torchvision", "sampled")]
+    for r in rows:
+        assert set(records.RECORD_KEYS) <= set(r), r
+        assert "error" not in r, r
+        assert (r["dtype"], r["device"], r["check"]) == ("float32", "cpu", "pass")
+        assert r["max_rel_err"] < 1e-4
+        assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        assert r["tflops"] == pytest.approx(r["gflop"] / r["median_ms"])  # GFLOP / ms = TFLOP/s
+        assert r["pct_of_peak"] is None and r["peak_mem_mb"] is None  # no peak table or memory stats on CPU
+    assert rows[0]["shape"] == "1x32x16x24"
+    assert rows[-1]["shape"] == "1x32x[16x24,8x12,4x6,2x3,1x2]"
+
+    out = capsys.readouterr().out
+    assert "| dcn_fwd | float32 | sampled |" in out and "1.00x" in out
+    assert path.with_suffix(".md").read_text().count("| dcn_fwd |") == 2
+    pytest.importorskip("matplotlib")
+    assert path.with_suffix(".png").stat().st_size > 0
+
+
+def test_a_failing_impl_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    real = ops.dcn_function
+
+    def dcn_function(impl):
+        if impl == "triton":
+            raise RuntimeError("CompilationError: out of shared memory")
+        return real(impl)
+
+    monkeypatch.setattr(ops, "dcn_function", dcn_function)
+    _, content = run_main(tmp_path, "--ops", "dcn_fwd", "--impls", "triton,torchvision", "--dtypes", "float32")
+    failed, ok = content["records"]
+    assert failed["impl"] == "triton" and failed["median_ms"] is None
+    assert failed["error"] == "RuntimeError: CompilationError: out of shared memory"
+    assert ok["impl"] == "torchvision" and ok["median_ms"] > 0
+
+
+def test_spent_budget_skips_rows_and_a_later_run_merges(tmp_path):
+    _, content = run_main(tmp_path, "--ops", "dcn_fwd", "--impls", "torchvision,sampled", "--dtypes", "float32",
+                          "--budget", "0")
+    assert all(r["error"].startswith("skipped: time budget") for r in content["records"])
+    _, content = run_main(tmp_path, "--ops", "dcn_fwd", "--impls", "sampled", "--dtypes", "float32")
+    by_impl = {r["impl"]: r for r in content["records"]}
+    assert by_impl["sampled"]["median_ms"] > 0 and "error" in by_impl["torchvision"]
+    assert " ; " in content["meta"]["command"]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 on the CPU")
+def test_triton_under_the_interpreter_is_checked_not_timed(tmp_path):
+    _, content = run_main(tmp_path, "--ops", "dcn_fwd", "--impls", "triton", "--dtypes", "float32")
+    (r,) = content["records"]
+    assert r["check"] == "pass", r
+    assert r["median_ms"] is None and "not timed" in r["note"]
+
+
+def test_percentiles_interpolate_like_numpy():
+    samples = [float(x) for x in range(10, 0, -1)]
+    assert percentile(samples, 0.2) == pytest.approx(2.8)
+    t = summarize(samples)
+    assert (t.p20_ms, t.median_ms, t.p80_ms, t.reps) == (pytest.approx(2.8), 5.5, pytest.approx(8.2), 10)
+
+
+def test_flop_counts():
+    assert dcn_flops(2, 256, 256, 100, 168) == 2 * 2 * 256 * 256 * 9 * 100 * 168
+    # 13 convs per block: every level's own, and twice (finer, coarser) the grids of P4-P7.
+    per_level = [dcn_flops(2, 256, 256, h, w) for h, w in COCO.levels]
+    assert block_flops(COCO) == per_level[0] + 3 * sum(per_level[1:])
+    assert op_flops(0, True, COCO) == 3 * op_flops(0, False, COCO)
+    assert op_flops(6, False, SMALL) == 6 * op_flops(1, False, SMALL)
+    assert ops.OPS["dyhead_6block_fwd_bwd"].flops(COCO) == 18 * block_flops(COCO)
+
+
+def test_peak_table():
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16", tf32=False) == 989.0
+    assert peak_tflops("NVIDIA H100 PCIe", "float16", tf32=False) == 756.0
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "float32", tf32=False) == 67.0
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "float32", tf32=True) == 494.0
+    assert peak_tflops("NVIDIA GeForce RTX 2080", "bfloat16", tf32=False) is None
+
+
+def record(impl, median, **values):
+    return records.make_record("dcn_fwd", impl, "bfloat16", "cuda", "2x256x100x168", median_ms=median,
+                               p20_ms=median, p80_ms=median, **values)
+
+
+def test_table_speedups_and_notes():
+    rows = [record("sampled", 20.0), record("torchvision", 10.0), record("triton", 2.0, check="fail",
+                                                                          max_rel_err=0.5, worst="grad offset"),
+            records.make_record("dcn_fwd", "triton", "float16", "cuda", "2x256x100x168", error="OutOfMemoryError: x")]
+    lines = report.table(rows).splitlines()
+    assert lines[0].startswith("| op | dtype | impl | median ms")
+    assert [line.split(" | ")[2] for line in lines[2:]] == ["triton", "torchvision", "sampled", "triton"]
+    triton, torchvision, sampled, failed = lines[2:]
+    assert "| 5.00x |" in triton and "CHECK FAILED (worst: grad offset)" in triton
+    assert "| 1.00x |" in torchvision and "| 0.50x |" in sampled
+    assert failed.endswith("| OutOfMemoryError: x |")
+
+
+def test_merge_replaces_rows_of_the_same_key():
+    meta = {"command": "first"}
+    previous = {"meta": meta, "records": [record("torchvision", 10.0), record("triton", 5.0)]}
+    merged = records.merge(previous, {"command": "second"}, [record("triton", 2.0)])
+    assert [(r["impl"], r["median_ms"]) for r in merged["records"]] == [("triton", 2.0), ("torchvision", 10.0)]
+    assert merged["meta"]["command"] == "first ; second"
+
+
+def test_rel_errors():
+    ref = (torch.ones(3), torch.zeros(2), None)
+    assert ops.rel_errors((torch.ones(3), None, None), ref) == [0.0, 0.0, 0.0]
+    errors = ops.rel_errors((torch.full((3,), 1.5), torch.zeros(2), torch.ones(1)), ref)
+    assert errors[0] == pytest.approx(0.5) and errors[2] > 1e100
+    assert ops.rel_errors((torch.tensor([math.nan, 1, 1]), None, None), ref)[0] == math.inf
+
+
+def test_cpu_profile_ranks_operators():
+    a = torch.randn(64, 64)
+    result = profile.breakdown(lambda: (a @ a).relu(), "cpu", iters=2, top=1)
+    assert result["kind"] == "CPU operators, self time" and result["iters"] == 2
+    top, other = result["entries"]
+    assert other["name"].startswith("(other ")
+    assert sum(e["pct"] for e in result["entries"]) == pytest.approx(100.0)
+    assert top["calls_per_iter"] >= 1
+    text = profile.markdown([{"op": "dcn_fwd", "impl": "sampled", "dtype": "float32", "device": "cpu",
+                              "shape": "s", **result}])
+    assert "| 1 |" in text and "| 2 | `(other" in text
