@@ -183,7 +183,8 @@ _BWD_SPACE = [
 
 # The grad input buffer is an atomic accumulator: zero it before every autotuning trial.
 @triton.autotune(configs=_configs(_BWD_SPACE, {"BLOCK_P": 32, "BLOCK_N": 16, "BLOCK_K": 16}),
-                 key=["C", "Cout", "KK", "P_BUCKET", "DETERMINISTIC"], reset_to_zero=["gx_ptr"],
+                 key=["C", "Cout", "KK", "P_BUCKET", "DETERMINISTIC", "GRAD_INPUT", "GRAD_SAMPLE"],
+                 reset_to_zero=["gx_ptr"],
                  prune_configs_by=_PRUNE)
 @triton.jit
 def _bwd_sample_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, gy_ptr,
@@ -195,15 +196,16 @@ def _bwd_sample_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, gy_ptr,
                        stride_wk, stride_wn,
                        stride_gn, stride_gc, stride_gh, stride_gw,
                        conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w,
-                       DETERMINISTIC: tl.constexpr, FP64: tl.constexpr, TF32: tl.constexpr,
-                       ACC: tl.constexpr,
+                       GRAD_INPUT: tl.constexpr, GRAD_SAMPLE: tl.constexpr, DETERMINISTIC: tl.constexpr,
+                       FP64: tl.constexpr, TF32: tl.constexpr, ACC: tl.constexpr,
                        BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Gradients of offset and mask, and the grad input scatter (or what its deterministic gather needs).
 
     Per tap and channel chunk: gcol = dY @ w_tap^T (the gradient of the sampled values). Offset and mask
     gradients reduce gcol times the 4 corner values over all channels inside this program, so they need no
     atomics. Grad input: fp32 atomics into gx, or, when DETERMINISTIC, gcol and the (target, weight) of each
-    corner are stored for `_grad_input_gather_kernel`.
+    corner are stored for `_grad_input_gather_kernel`. GRAD_INPUT / GRAD_SAMPLE (offset and mask) switch off
+    what autograd does not need.
     """
     pid_p = tl.program_id(0)
     offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -243,47 +245,63 @@ def _bwd_sample_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, gy_ptr,
                 wt = tl.load(w_ptr + (tap * C + c)[None, :] * stride_wk + co[:, None] * stride_wn,
                              mask=comask[:, None] & cmask[None, :], other=0.0)
                 gcol = _mma(gcol, g, wt, FP64, TF32)
-            v00, v01, v10, v11 = _load_corners(img, c * stride_xc, cmask, y0, x0, inside, H, W,
-                                               stride_xh, stride_xw, ACC)
-            a00 += tl.sum(gcol * v00, axis=1)
-            a01 += tl.sum(gcol * v01, axis=1)
-            a10 += tl.sum(gcol * v10, axis=1)
-            a11 += tl.sum(gcol * v11, axis=1)
-            if DETERMINISTIC:
+            if GRAD_SAMPLE:
+                v00, v01, v10, v11 = _load_corners(img, c * stride_xc, cmask, y0, x0, inside, H, W,
+                                                   stride_xh, stride_xw, ACC)
+                a00 += tl.sum(gcol * v00, axis=1)
+                a01 += tl.sum(gcol * v01, axis=1)
+                a10 += tl.sum(gcol * v10, axis=1)
+                a11 += tl.sum(gcol * v11, axis=1)
+            if GRAD_INPUT and DETERMINISTIC:
                 row = offs_p * KK + tap
                 tl.store(gcol_ptr + row[:, None] * C + c[None, :], gcol,
                          mask=valid_p[:, None] & cmask[None, :])
-            else:
+            elif GRAD_INPUT:
                 gx = gx_img[:, None] + (c * HW)[None, :] + corner[:, None]
                 cm = cmask[None, :]
                 tl.atomic_add(gx, gcol * w00[:, None], mask=ok00[:, None] & cm)
                 tl.atomic_add(gx + 1, gcol * w01[:, None], mask=ok01[:, None] & cm)
                 tl.atomic_add(gx + W, gcol * w10[:, None], mask=ok10[:, None] & cm)
                 tl.atomic_add(gx + W + 1, gcol * w11[:, None], mask=ok11[:, None] & cm)
+        if GRAD_SAMPLE:
+            _store_sample_grads(goff_ptr, gmsk_ptr, a00, a01, a10, a11, ly, lx, m, n, oh, ow, valid_p, tap,
+                                KK, Ho, Wo)
+        if GRAD_INPUT and DETERMINISTIC:
+            _store_corner_entries(tgt_ptr, coef_ptr, offs_p * KK + tap, n * HW + corner, W, S,
+                                  w00, w01, w10, w11, ok00, ok01, ok10, ok11, valid_p)
 
-        hy = 1 - ly
-        hx = 1 - lx
-        g_mask = hy * hx * a00 + hy * lx * a01 + ly * hx * a10 + ly * lx * a11
-        g_dy = m * (-hx * a00 - lx * a01 + hx * a10 + lx * a11)
-        g_dx = m * (-hy * a00 + hy * a01 - ly * a10 + ly * a11)
-        hwo = oh * Wo + ow
-        goff = goff_ptr + (n * 2 * KK + 2 * tap) * Ho * Wo + hwo
-        tl.store(goff, g_dy.to(goff_ptr.dtype.element_ty), mask=valid_p)
-        tl.store(goff + Ho * Wo, g_dx.to(goff_ptr.dtype.element_ty), mask=valid_p)
-        tl.store(gmsk_ptr + (n * KK + tap) * Ho * Wo + hwo, g_mask.to(gmsk_ptr.dtype.element_ty), mask=valid_p)
-        if DETERMINISTIC:
-            # Corners outside the image get the sentinel target S = N*H*W, which sorts after every real one.
-            img_pos = n * HW + corner
-            none = S
-            entry = (offs_p * KK + tap) * 4
-            tl.store(tgt_ptr + entry, tl.where(ok00, img_pos, none), mask=valid_p)
-            tl.store(tgt_ptr + entry + 1, tl.where(ok01, img_pos + 1, none), mask=valid_p)
-            tl.store(tgt_ptr + entry + 2, tl.where(ok10, img_pos + W, none), mask=valid_p)
-            tl.store(tgt_ptr + entry + 3, tl.where(ok11, img_pos + W + 1, none), mask=valid_p)
-            tl.store(coef_ptr + entry, w00, mask=valid_p)
-            tl.store(coef_ptr + entry + 1, w01, mask=valid_p)
-            tl.store(coef_ptr + entry + 2, w10, mask=valid_p)
-            tl.store(coef_ptr + entry + 3, w11, mask=valid_p)
+
+@triton.jit
+def _store_sample_grads(goff_ptr, gmsk_ptr, a00, a01, a10, a11, ly, lx, m, n, oh, ow, valid_p, tap, KK, Ho, Wo):
+    """Offset (dy, dx) and mask gradients of one tap from a_ij = sum_c gcol[:, c] * corner_ij[:, c]."""
+    hy = 1 - ly
+    hx = 1 - lx
+    g_mask = hy * hx * a00 + hy * lx * a01 + ly * hx * a10 + ly * lx * a11
+    g_dy = m * (-hx * a00 - lx * a01 + hx * a10 + lx * a11)
+    g_dx = m * (-hy * a00 + hy * a01 - ly * a10 + ly * a11)
+    hwo = oh * Wo + ow
+    goff = goff_ptr + (n * 2 * KK + 2 * tap) * Ho * Wo + hwo
+    tl.store(goff, g_dy.to(goff_ptr.dtype.element_ty), mask=valid_p)
+    tl.store(goff + Ho * Wo, g_dx.to(goff_ptr.dtype.element_ty), mask=valid_p)
+    tl.store(gmsk_ptr + (n * KK + tap) * Ho * Wo + hwo, g_mask.to(gmsk_ptr.dtype.element_ty), mask=valid_p)
+
+
+@triton.jit
+def _store_corner_entries(tgt_ptr, coef_ptr, row, img_pos, W, S, w00, w01, w10, w11, ok00, ok01, ok10, ok11,
+                          valid_p):
+    """The 4 (input position, weight) entries of gcol row `row` for the deterministic grad input gather.
+
+    Corners outside the image get the sentinel position S = N*H*W, which sorts after every real one.
+    """
+    entry = row * 4
+    tl.store(tgt_ptr + entry, tl.where(ok00, img_pos, S), mask=valid_p)
+    tl.store(tgt_ptr + entry + 1, tl.where(ok01, img_pos + 1, S), mask=valid_p)
+    tl.store(tgt_ptr + entry + 2, tl.where(ok10, img_pos + W, S), mask=valid_p)
+    tl.store(tgt_ptr + entry + 3, tl.where(ok11, img_pos + W + 1, S), mask=valid_p)
+    tl.store(coef_ptr + entry, w00, mask=valid_p)
+    tl.store(coef_ptr + entry + 1, w01, mask=valid_p)
+    tl.store(coef_ptr + entry + 2, w10, mask=valid_p)
+    tl.store(coef_ptr + entry + 3, w11, mask=valid_p)
 
 
 @triton.autotune(configs=_configs([({"BLOCK_S": 32, "BLOCK_C": 64}, 4, 2), ({"BLOCK_S": 64, "BLOCK_C": 32}, 4, 2),
@@ -443,44 +461,59 @@ def _grad_input_deterministic(gcol, tgt, coef, n, c, h, w, dtype):
     return gx
 
 
-def deform_conv_backward(grad_out, x, offset, mask, weight, stride, padding, dilation, deterministic):
+def backward_shapes(x, offset, mask, weight, needs):
+    """Shapes of deform_conv_backward's results; a gradient autograd does not need is an empty (0,) tensor."""
+    need_input, need_sample, need_weight = needs
+    shapes = (x.shape, offset.shape, mask.shape, weight.shape)
+    return [shape if need else (0,) for shape, need in zip(shapes, (need_input, need_sample, need_sample,
+                                                                     need_weight))] + [(weight.shape[0],)]
+
+
+def deform_conv_backward(grad_out, x, offset, mask, weight, stride, padding, dilation, deterministic,
+                         needs=(True, True, True)):
     """Backward launches. grad_out: (N, Cout, H_out, W_out), any strides.
 
-    Returns (grad_input, grad_offset, grad_mask, grad_weight, grad_bias) shaped like the inputs (offset and
-    mask contiguous), in the input's dtype; accumulation in fp32 (fp64 for fp64).
+    needs: whether grad input, grad offset and mask, and grad weight are wanted.
+    Returns (grad_input, grad_offset, grad_mask, grad_weight, grad_bias) shaped as `backward_shapes` says
+    (offset and mask gradients contiguous), in the input's dtype; accumulation in fp32 (fp64 for fp64).
     """
     n, c, h, w, cout, kh, kw, ho, wo = _geometry(x, weight, stride, padding, dilation)
     kk = kh * kw
     p = n * ho * wo
     acc = _acc_dtype(x)
+    need_input, need_sample, need_weight = needs
     grad_bias = grad_out.sum(dim=(0, 2, 3), dtype=acc).to(x.dtype)
+    shapes = backward_shapes(x, offset, mask, weight, needs)[:4]
     if p == 0 or c == 0 or cout == 0:
-        return (torch.zeros_like(x), offset.new_zeros(offset.shape), mask.new_zeros(mask.shape),
-                torch.zeros_like(weight), grad_bias)
+        return (*(x.new_zeros(shape) for shape in shapes), grad_bias)
+    # Every element of these is written below when needed; unneeded ones stay empty (0,) tensors.
+    grad_input, grad_offset, grad_mask, grad_weight = (x.new_empty(shape) for shape in shapes)
     wp = pack_weight(weight)
     flags = _launch_flags(x)
     geo = (c, h, w, cout, ho, wo, p, kk, kw, triton.next_power_of_2(p))
     conv = _conv_args(stride, padding, dilation)
 
-    grad_offset = offset.new_empty((n, 2 * kk, ho, wo))
-    grad_mask = mask.new_empty((n, kk, ho, wo))
-    if deterministic:
-        gx_acc = x.new_empty((0,), dtype=acc)
-        gcol = x.new_empty((p * kk, c), dtype=acc)
-        tgt = x.new_empty((p * kk * 4,), dtype=torch.int64)
-        coef = x.new_empty((p * kk * 4,), dtype=acc)
-    else:
-        gx_acc = x.new_zeros((n, c, h, w), dtype=acc)
-        gcol = tgt = coef = gx_acc
-    grid = lambda meta: (triton.cdiv(p, meta["BLOCK_P"]),)
-    _bwd_sample_kernel[grid](
-        x, offset, mask, wp, grad_out, grad_offset, grad_mask, gx_acc, gcol, tgt, coef, *geo, n * h * w,
-        *x.stride(), *offset.stride(), *mask.stride(), *wp.stride(), *grad_out.stride(), *conv,
-        DETERMINISTIC=bool(deterministic), **flags)
-    if deterministic:
-        grad_input = _grad_input_deterministic(gcol, tgt, coef, n, c, h, w, x.dtype)
-    else:
-        grad_input = gx_acc.to(x.dtype)
+    if need_input or need_sample:
+        deterministic = deterministic and need_input
+        if deterministic:
+            gx_acc = x.new_empty((0,), dtype=acc)
+            gcol = x.new_empty((p * kk, c), dtype=acc)
+            tgt = x.new_empty((p * kk * 4,), dtype=torch.int64)
+            coef = x.new_empty((p * kk * 4,), dtype=acc)
+        else:
+            gx_acc = x.new_zeros((n, c, h, w) if need_input else (0,), dtype=acc)
+            gcol = tgt = coef = gx_acc
+        grid = lambda meta: (triton.cdiv(p, meta["BLOCK_P"]),)
+        _bwd_sample_kernel[grid](
+            x, offset, mask, wp, grad_out, grad_offset, grad_mask, gx_acc, gcol, tgt, coef, *geo, n * h * w,
+            *x.stride(), *offset.stride(), *mask.stride(), *wp.stride(), *grad_out.stride(), *conv,
+            GRAD_INPUT=need_input, GRAD_SAMPLE=need_sample, DETERMINISTIC=deterministic, **flags)
+        if deterministic:
+            grad_input = _grad_input_deterministic(gcol, tgt, coef, n, c, h, w, x.dtype)
+        elif need_input:
+            grad_input = gx_acc.to(x.dtype)
+    if not need_weight:
+        return grad_input, grad_offset, grad_mask, grad_weight, grad_bias
 
     splits = triton.cdiv(p, GW_PIXELS_PER_SPLIT)
     part = x.new_empty((splits, kk * c, cout), dtype=acc)

@@ -114,19 +114,20 @@ def _forward_fake(input, offset, mask, weight, bias, stride_h, stride_w, pad_h, 
 @torch.library.custom_op("dyhead_triton::modulated_deform_conv2d_backward", mutates_args=())
 def _backward_op(grad_out: Tensor, input: Tensor, offset: Tensor, mask: Tensor, weight: Tensor,
                  stride_h: int, stride_w: int, pad_h: int, pad_w: int, dil_h: int, dil_w: int,
-                 deterministic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 deterministic: bool, need_input: bool, need_sample: bool,
+                 need_weight: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     _check_runnable(input)
     with _device_guard(input):
         return deform_conv.deform_conv_backward(grad_out, input, offset, mask, weight, (stride_h, stride_w),
-                                                (pad_h, pad_w), (dil_h, dil_w), deterministic)
+                                                (pad_h, pad_w), (dil_h, dil_w), deterministic,
+                                                (need_input, need_sample, need_weight))
 
 
 @_backward_op.register_fake
 def _backward_fake(grad_out, input, offset, mask, weight, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                   deterministic):
-    return (torch.empty_like(input, memory_format=torch.contiguous_format), offset.new_empty(offset.shape),
-            mask.new_empty(mask.shape), torch.empty_like(weight, memory_format=torch.contiguous_format),
-            weight.new_empty((weight.shape[0],)))
+                   deterministic, need_input, need_sample, need_weight):
+    shapes = deform_conv.backward_shapes(input, offset, mask, weight, (need_input, need_sample, need_weight))
+    return tuple(input.new_empty(shape) for shape in shapes)
 
 
 def _setup_context(ctx, inputs, output):
@@ -139,10 +140,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     input, offset, mask, weight = ctx.saved_tensors
-    grads = _backward_op(grad_out, input, offset, mask, weight, *ctx.conv, ctx.deterministic)
-    grad_input, grad_offset, grad_mask, grad_weight, grad_bias = grads
-    return (grad_input, grad_offset, grad_mask, grad_weight, grad_bias if ctx.has_bias else None,
-            None, None, None, None, None, None, None)
+    need = ctx.needs_input_grad
+    grads = _backward_op(grad_out, input, offset, mask, weight, *ctx.conv, ctx.deterministic,
+                         need[0], need[1] or need[2], need[3])
+    wanted = (*need[:4], ctx.has_bias and need[4])
+    return (*(g if w else None for g, w in zip(grads, wanted)), None, None, None, None, None, None, None)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)

@@ -30,8 +30,10 @@ def make_inputs(n, cin, cout, h, w, k=3, stride=1, padding=1, dilation=1, bias=T
     }
 
 
-def leaves(inputs, dtype, device):
-    return {k: None if v is None else v.to(device, dtype).requires_grad_() for k, v in inputs.items()}
+def leaves(inputs, dtype, device, wanted=None):
+    """Copies of the tensors in inputs that require grad (those named in wanted, or all)."""
+    return {k: None if v is None else v.to(device, dtype, copy=True).requires_grad_(wanted is None or k in wanted)
+            for k, v in inputs.items()}
 
 
 def reference(t, conv):
