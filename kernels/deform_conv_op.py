@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import deform_conv
+from . import deform_conv, deform_conv_backward
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -118,15 +118,16 @@ def _backward_op(grad_out: Tensor, input: Tensor, offset: Tensor, mask: Tensor, 
                  need_weight: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     _check_runnable(input)
     with _device_guard(input):
-        return deform_conv.deform_conv_backward(grad_out, input, offset, mask, weight, (stride_h, stride_w),
-                                                (pad_h, pad_w), (dil_h, dil_w), deterministic,
-                                                (need_input, need_sample, need_weight))
+        return deform_conv_backward.deform_conv_backward(
+            grad_out, input, offset, mask, weight, (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w),
+            deterministic, (need_input, need_sample, need_weight))
 
 
 @_backward_op.register_fake
 def _backward_fake(grad_out, input, offset, mask, weight, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
                    deterministic, need_input, need_sample, need_weight):
-    shapes = deform_conv.backward_shapes(input, offset, mask, weight, (need_input, need_sample, need_weight))
+    needs = (need_input, need_sample, need_weight)
+    shapes = deform_conv_backward.backward_shapes(input, offset, mask, weight, needs)
     return tuple(input.new_empty(shape) for shape in shapes)
 
 

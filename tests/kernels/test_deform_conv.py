@@ -120,6 +120,24 @@ def test_strided_offset_and_mask(quirk):
 
 
 @needs_kernels
+def test_channels_last_and_expanded_grad_out():
+    """Input and weight in channels-last memory, and an output gradient with zero strides."""
+    conv = dict(stride=1, padding=1, dilation=1)
+    inputs = make_inputs(2, 5, 3, 6, 7, **conv)
+    ref = leaves(inputs, torch.float64, "cpu")
+    t = leaves(inputs, torch.float32, DEVICE)
+    x = t["input"].to(memory_format=torch.channels_last)
+    w = t["weight"].to(memory_format=torch.channels_last)
+    y = modulated_deform_conv2d(x, t["offset"], t["mask"], w, t["bias"], **conv)
+    y_ref = reference(ref, conv)
+    g = torch.autograd.grad(y.sum(), list(t.values()))
+    g_ref = torch.autograd.grad(y_ref.sum(), list(ref.values()))
+    assert rel_err(y, y_ref) < 1e-5
+    for a, b in zip(g, g_ref):
+        assert rel_err(a, b) < 1e-5
+
+
+@needs_kernels
 def test_deterministic_gradients_are_bitwise_equal():
     conv = dict(stride=1, padding=1, dilation=1)
     t = leaves(make_inputs(2, 7, 5, 7, 7, **conv), torch.float32, DEVICE)
@@ -134,8 +152,8 @@ def test_deterministic_gradients_are_bitwise_equal():
 @needs_kernels
 def test_deterministic_default_follows_torch(monkeypatch):
     seen = []
-    backward = deform_conv_op.deform_conv.deform_conv_backward
-    monkeypatch.setattr(deform_conv_op.deform_conv, "deform_conv_backward",
+    backward = deform_conv_op.deform_conv_backward.deform_conv_backward
+    monkeypatch.setattr(deform_conv_op.deform_conv_backward, "deform_conv_backward",
                         lambda *args: seen.append(args[8]) or backward(*args))
     conv = dict(stride=1, padding=1, dilation=1)
     t = leaves(make_inputs(1, 3, 2, 4, 4, **conv), torch.float32, DEVICE)
