@@ -6,7 +6,6 @@ The forward and the backward are each a custom op (`dyhead_triton::modulated_def
 """
 
 import contextlib
-import os
 from typing import Optional
 
 import torch
@@ -29,12 +28,13 @@ def _pair(value, name):
 def _check_runnable(t: Tensor):
     if t.device.type == "cuda":
         return
-    if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+    # Triton reads TRITON_INTERPRET when the kernels are defined, so the value at import time is what counts.
+    if t.device.type == "cpu" and deform_conv.INTERPRET:
         return
     raise RuntimeError(
         f"kernels.modulated_deform_conv2d runs Triton kernels on CUDA tensors; got a {t.device.type} tensor. "
         "Use a reference backend (DyHead backend='torchvision' or 'sampled') or set TRITON_INTERPRET=1 "
-        "(before importing triton) to run the kernels in Triton's CPU interpreter.")
+        "before importing triton to run the kernels in Triton's CPU interpreter.")
 
 
 def _autocast(device_type, *tensors):
