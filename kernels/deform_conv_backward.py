@@ -98,12 +98,13 @@ def _bwd_sample_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, gy_ptr,
                 tl.store(gcol_ptr + row[:, None] * C + c[None, :], gcol,
                          mask=valid_p[:, None] & cmask[None, :])
             elif GRAD_INPUT:
+                # Only the sum matters, not the order against other memory operations: relaxed is enough.
                 gx = gx_img[:, None] + (c * HW)[None, :] + corner[:, None]
                 cm = cmask[None, :]
-                tl.atomic_add(gx, gcol * w00[:, None], mask=ok00[:, None] & cm)
-                tl.atomic_add(gx + 1, gcol * w01[:, None], mask=ok01[:, None] & cm)
-                tl.atomic_add(gx + W, gcol * w10[:, None], mask=ok10[:, None] & cm)
-                tl.atomic_add(gx + W + 1, gcol * w11[:, None], mask=ok11[:, None] & cm)
+                tl.atomic_add(gx, gcol * w00[:, None], mask=ok00[:, None] & cm, sem="relaxed")
+                tl.atomic_add(gx + 1, gcol * w01[:, None], mask=ok01[:, None] & cm, sem="relaxed")
+                tl.atomic_add(gx + W, gcol * w10[:, None], mask=ok10[:, None] & cm, sem="relaxed")
+                tl.atomic_add(gx + W + 1, gcol * w11[:, None], mask=ok11[:, None] & cm, sem="relaxed")
         if GRAD_SAMPLE:
             _store_sample_grads(goff_ptr, gmsk_ptr, a00, a01, a10, a11, ly, lx, m, n, oh, ow, valid_p, tap,
                                 KK, Ho, Wo)
