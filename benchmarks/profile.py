@@ -31,7 +31,9 @@ def breakdown(step: Callable[[], object], device: torch.device | str, iters: int
     # seconds per step of the pure-PyTorch impls.
     events = prof.profiler.kineto_results.events()
     if cuda:
-        durations = [(e.name(), e.duration_ns() / 1e3) for e in events if e.device_type() == DeviceType.CUDA]
+        # GPU-side user annotations span many kernels: counting them would count those kernels twice.
+        durations = [(e.name(), e.duration_ns() / 1e3) for e in events
+                     if e.device_type() == DeviceType.CUDA and not e.is_user_annotation()]
     else:
         durations = self_times([e for e in events if e.device_type() == DeviceType.CPU])
     kind = "CUDA kernels, GPU time" if cuda else "CPU operators, self time"

@@ -26,7 +26,7 @@ def device_name(device: torch.device) -> str:
     """The GPU's name as CUDA reports it (e.g. "NVIDIA H100 80GB HBM3"), or a description of the CPU."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
+    return f"CPU {platform.machine()}, torch threads: {torch.get_num_threads()}"
 
 
 def _triton_version() -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .ops import IMPLS
 from .records import sort_key
 
 BASELINE = "torchvision"
@@ -70,7 +71,7 @@ def chart(records: list[dict], title: str, path: str | os.PathLike) -> Path | No
     ups = speedups(timed)
     dtypes = list(dict.fromkeys(r["dtype"] for r in timed))
     ops = list(dict.fromkeys(r["op"] for r in timed))
-    impls = list(dict.fromkeys(r["impl"] for r in timed))
+    impls = [impl for impl in IMPLS if any(r["impl"] == impl for r in timed)]
     height = 1.0 / (len(impls) + 1)
     fig, axes = plt.subplots(1, len(dtypes), figsize=(5.5 * len(dtypes), 0.9 + 0.55 * len(ops) * len(impls) ** 0.5),
                              sharey=True, squeeze=False)
@@ -78,7 +79,7 @@ def chart(records: list[dict], title: str, path: str | os.PathLike) -> Path | No
         for k, impl in enumerate(impls):
             rows = [(ops.index(r["op"]), r) for r in timed if r["dtype"] == dtype and r["impl"] == impl]
             ys = [i + (k - (len(impls) - 1) / 2) * height for i, _ in rows]
-            ax.barh(ys, [r["median_ms"] for _, r in rows], height=height, label=impl)
+            ax.barh(ys, [r["median_ms"] for _, r in rows], height=height, label=impl, color=f"C{k}")
             for y, (_, r) in zip(ys, rows):
                 if r["impl"] != BASELINE and id(r) in ups:
                     ax.annotate(f" {ups[id(r)]:.1f}x", (r["median_ms"], y), va="center", fontsize=7)
@@ -88,9 +89,15 @@ def chart(records: list[dict], title: str, path: str | os.PathLike) -> Path | No
         ax.grid(axis="x", which="both", alpha=0.3)
     axes[0][0].set_yticks(range(len(ops)), ops)
     axes[0][0].invert_yaxis()
-    axes[0][-1].legend(loc="lower right", fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
+    handles, labels = [], []
+    for ax in axes[0]:  # a panel may lack an impl: collect the legend over all of them
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
+    fig.legend(handles, labels, loc="upper right", ncol=len(labels), fontsize=9)
+    fig.suptitle(title, x=0.02, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
     path = Path(path)
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -46,8 +46,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if cuda else "cpu", help="cuda or cpu (default: cuda if available)")
     p.add_argument("--shapes", choices=sorted(SHAPE_SETS),
-                   help="coco: batch 2 of 800x1333 at P3-P7, 256 ch (default on cuda); small: seconds on a CPU "
-                        "(default on cpu)")
+                   help="coco: batch 2 of 800x1333 at P3-P7, 256 ch (default on cuda); medium: 2x64 ch from 32x48, "
+                        "for CPU figures (minutes); small: seconds on a CPU (default on cpu)")
     p.add_argument("--ops", type=lambda t: _names(t, OPS), default=list(OPS), help="comma-separated, default all")
     p.add_argument("--impls", type=lambda t: _names(t, IMPLS), default=list(IMPLS), help="comma-separated")
     p.add_argument("--dtypes", type=lambda t: _names(t, DTYPES), default=list(DTYPES),
@@ -79,6 +79,7 @@ class Runner:
         policy: Policy = GPU_POLICY if self.device.type == "cuda" else CPU_POLICY
         self.policy = policy.quick() if args.quick else policy
         self.problems: dict[str, Problem] = {}
+        self.reference_errors: dict[str, str] = {}
         self.start = time.perf_counter()
 
     def elapsed(self) -> float:
@@ -88,6 +89,15 @@ class Runner:
         if op not in self.problems:
             self.problems[op] = make_problem(op, self.args.shapes, self.device, self.args.seed)
         return self.problems[op]
+
+    def reference(self, op: str) -> tuple:
+        """The op's reference results; a failure (e.g. out of memory in float64) is kept, not retried per row."""
+        if op not in self.reference_errors:
+            try:
+                return self.problem(op).reference()
+            except Exception as exc:
+                self.reference_errors[op] = f"reference failed: {_error_text(exc)}"
+        raise RuntimeError(self.reference_errors[op])
 
     def row(self, op: str, impl: str, dtype_name: str) -> dict:
         """Check one (op, impl, dtype) against the reference, then time it; errors go into the record."""
@@ -99,8 +109,8 @@ class Runner:
             return records.make_record(**base, error=f"skipped: time budget of {self.args.budget:.0f} s spent")
         dtype = getattr(torch, dtype_name)
         try:
+            reference = self.reference(op)
             problem = self.problem(op)
-            reference = problem.reference()
             step = problem.step(impl, dtype)
             errors = rel_errors(step(), reference)
             worst = max(range(len(errors)), key=errors.__getitem__)

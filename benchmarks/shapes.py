@@ -43,4 +43,7 @@ COCO = ShapeSet("coco", batch=2, channels=256, levels=((100, 168), (50, 84), (25
 # Same structure (5 levels, odd sizes at the coarse end, GroupNorm(16)-compatible channels), tiny sizes.
 SMALL = ShapeSet("small", batch=1, channels=32, levels=((16, 24), (8, 12), (4, 6), (2, 3), (1, 2)))
 
-SHAPE_SETS = {s.name: s for s in (COCO, SMALL)}
+# Large enough for CPU figures worth quoting (im2col and per-op overheads no longer dominate), still minutes.
+MEDIUM = ShapeSet("medium", batch=2, channels=64, levels=((32, 48), (16, 24), (8, 12), (4, 6), (2, 3)))
+
+SHAPE_SETS = {s.name: s for s in (COCO, MEDIUM, SMALL)}

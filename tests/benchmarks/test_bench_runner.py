@@ -76,6 +76,20 @@ def test_a_failing_impl_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
     assert ok["impl"] == "torchvision" and ok["median_ms"] > 0
 
 
+def test_a_failing_reference_is_computed_once(tmp_path, monkeypatch):
+    calls = []
+
+    def reference(self):
+        calls.append(self.spec.name)
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(ops.DcnProblem, "reference", reference)
+    _, content = run_main(tmp_path, "--ops", "dcn_fwd", "--impls", "torchvision,sampled", "--dtypes", "float32")
+    assert calls == ["dcn_fwd"]
+    assert [r["error"] for r in content["records"]] == ["RuntimeError: reference failed: OutOfMemoryError: CUDA out "
+                                                        "of memory"] * 2
+
+
 def test_spent_budget_skips_rows_and_a_later_run_merges(tmp_path):
     _, content = run_main(tmp_path, "--ops", "dcn_fwd", "--impls", "torchvision,sampled", "--dtypes", "float32",
                           "--budget", "0")
