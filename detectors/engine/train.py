@@ -121,8 +121,12 @@ def train(cfg: Config, output_dir: Path, resume: bool = False) -> dict:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     solver = cfg.solver
+    if not main:
+        barrier()  # the main process generates the synthetic set, if needed, before the others read it
     train_set = build_dataset(cfg, train=True)
     test_set = build_dataset(cfg, train=False)
+    if main:
+        barrier()
     num_classes = cfg.model.num_classes or len(train_set.category_ids)
     model = build_atss_dyhead(cfg.model, num_classes).to(device)
     optimizer = build_optimizer(solver, model)

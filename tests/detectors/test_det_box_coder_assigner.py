@@ -1,0 +1,80 @@
+"""Box coder round trip and ATSS assignment on hand-made boxes with worked-out answers."""
+
+import math
+
+import torch
+
+from detectors.atss_assigner import BACKGROUND, IGNORE, ATSSAssigner
+from detectors.box_coder import BoxCoder
+
+FAR1 = [200.0, 200.0, 240.0, 240.0]
+FAR2 = [300.0, 300.0, 380.0, 380.0]
+
+
+def test_box_coder_round_trip_and_known_deltas():
+    coder = BoxCoder()
+    gen = torch.Generator().manual_seed(0)
+    xy = torch.rand(100, 2, generator=gen) * 100
+    anchors = torch.cat((xy, xy + 1 + torch.rand(100, 2, generator=gen) * 60), dim=1)
+    xy = torch.rand(100, 2, generator=gen) * 100
+    boxes = torch.cat((xy, xy + 1 + torch.rand(100, 2, generator=gen) * 60), dim=1)
+    decoded = coder.decode(coder.encode(boxes.double(), anchors.double()), anchors.double())
+    torch.testing.assert_close(decoded, boxes.double(), rtol=0, atol=1e-9)
+
+    # centre moved by one anchor width, width doubled: dx = 10 * 1, dw = 5 * log 2
+    deltas = coder.encode(torch.tensor([[5.0, 0.0, 25.0, 10.0]]), torch.tensor([[0.0, 0.0, 10.0, 10.0]]))
+    torch.testing.assert_close(deltas, torch.tensor([[10 * 1.0, 0.0, 5 * math.log(2), 0.0]]))
+
+
+def test_box_coder_clamps_huge_scales():
+    anchor = torch.tensor([[0.0, 0.0, 16.0, 16.0]])
+    box = BoxCoder().decode(torch.tensor([[0.0, 0.0, 1e4, 1e4]]), anchor)
+    # log(1000/16) caps the growth at 1000/16 times the anchor: a 1000-pixel box around the anchor centre
+    torch.testing.assert_close(box, torch.tensor([[8.0 - 500, 8.0 - 500, 8.0 + 500, 8.0 + 500]]))
+
+
+def _assign(anchors, gt, topk=1, crowd=None):
+    anchors = torch.tensor(anchors)
+    return ATSSAssigner(topk)(anchors, [1] * len(anchors), torch.tensor(gt), crowd).tolist()
+
+
+def test_assigner_threshold_is_mean_plus_std_of_candidates():
+    # one anchor per level; candidate IoUs 1, 0.25, 0.0625 -> threshold 0.4375 + 0.496 = 0.934
+    anchors = [[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 20.0, 20.0], [0.0, 0.0, 40.0, 40.0]]
+    assert _assign(anchors, [[0.0, 0.0, 10.0, 10.0]]) == [0, BACKGROUND, BACKGROUND]
+
+
+def test_assigner_topk_is_per_level():
+    # two levels of two anchors each; with topk=1 only the closest anchor of each level is a candidate:
+    # level 0 picks [0,0,10,10] (IoU 1) over [1,0,11,10] (IoU 0.82), level 1 its far anchor (IoU 0), and a
+    # third level's far anchor (IoU 0): IoUs 1, 0, 0 -> threshold 0.91, only the first is positive
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 0.0, 11.0, 10.0], FAR1, FAR2, FAR2])
+    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    assert ATSSAssigner(1)(anchors, [2, 2, 1], gt).tolist() == [0, -1, -1, -1, -1]
+    # with topk=2 both level-0 anchors are candidates: IoUs 1, 0.82, 0, 0, 0 -> mean 0.36 + std 0.50 = 0.86
+    assert ATSSAssigner(2)(anchors, [2, 2, 1], gt).tolist() == [0, -1, -1, -1, -1]
+    gt_between = torch.tensor([[0.5, 0.0, 10.5, 10.0]])  # IoU 0.905 with both level-0 anchors
+    assert ATSSAssigner(2)(anchors, [2, 2, 1], gt_between).tolist() == [0, 0, -1, -1, -1]
+
+
+def test_assigner_needs_anchor_centre_inside_box():
+    # IoUs 0.25, 0, 0: threshold 0.228 is reached, but the anchor centre (11, 5) lies outside the box
+    assert _assign([[6.0, 0.0, 16.0, 10.0], FAR1, FAR2], [[0.0, 0.0, 10.0, 10.0]]) == [-1, -1, -1]
+    # the same anchor moved left: centre (9, 5) inside, IoU 0.43 over threshold 0.39
+    assert _assign([[4.0, 0.0, 14.0, 10.0], FAR1, FAR2], [[0.0, 0.0, 10.0, 10.0]]) == [0, -1, -1]
+
+
+def test_assigner_ties_go_to_highest_iou():
+    anchors = [[0.0, 0.0, 10.0, 10.0], FAR1, FAR2]
+    inner, exact = [1.0, 1.0, 9.0, 9.0], [0.0, 0.0, 10.0, 10.0]  # IoU 0.64 and 1: both make it positive
+    assert _assign(anchors, [inner, exact]) == [1, -1, -1]
+    assert _assign(anchors, [exact, inner]) == [0, -1, -1]
+
+
+def test_assigner_crowd_boxes_take_no_anchor_and_hide_background():
+    anchors = [[0.0, 0.0, 10.0, 10.0], [100.0, 100.0, 110.0, 110.0], FAR2]
+    gt = [[0.0, 0.0, 10.0, 10.0], [90.0, 90.0, 130.0, 130.0]]
+    crowd = torch.tensor([False, True])
+    assert _assign(anchors, gt, crowd=crowd) == [0, IGNORE, BACKGROUND]
+    # the crowd box alone: no positives at all, the anchor inside it is still ignored
+    assert _assign(anchors, gt[1:], crowd=crowd[1:]) == [BACKGROUND, IGNORE, BACKGROUND]

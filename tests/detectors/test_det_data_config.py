@@ -1,0 +1,164 @@
+"""Dataset errors, the shapes generator, transforms, samplers and config loading."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from detectors.config import ConfigError, DatasetConfig, ShapesConfig, load_config
+from detectors.data.coco import (
+    CocoDetection,
+    DatasetError,
+    ImageLoadError,
+    SkippedImage,
+    collate,
+    load_coco_json,
+    resolve_dataset,
+)
+from detectors.data.samplers import InferenceBatchSampler, TrainBatchSampler
+from detectors.data.shapes import SHAPE_CLASSES, ensure_shapes
+from detectors.data.transforms import DetectionTransform
+
+TRANSFORM = DetectionTransform([32], 64, 0.0, "RGB", [0.0, 0.0, 0.0], [1.0, 1.0, 1.0])
+
+
+def _write_set(tmp_path, annotations=None, images=("a.png", "b.png")):
+    image_dir = tmp_path / "images"
+    image_dir.mkdir()
+    for name in images:
+        Image.new("RGB", (40, 20), (10, 20, 30)).save(image_dir / name)
+    coco = {
+        "images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 20},
+                   {"id": 2, "file_name": "b.png", "width": 40, "height": 20}],
+        "annotations": annotations if annotations is not None else [
+            {"id": 1, "image_id": 1, "bbox": [2, 2, 10, 8], "category_id": 7, "iscrowd": 0},
+            {"id": 2, "image_id": 2, "bbox": [5, 5, 10, 10], "category_id": 3, "iscrowd": 0},
+        ],
+        "categories": [{"id": 3, "name": "three"}, {"id": 7, "name": "seven"}],
+    }
+    ann_file = tmp_path / "ann.json"
+    ann_file.write_text(json.dumps(coco))
+    return image_dir, ann_file
+
+
+def test_missing_coco_folder_names_path_and_layout(tmp_path, monkeypatch):
+    monkeypatch.setenv("DYHEAD_DATASETS", str(tmp_path))
+    with pytest.raises(DatasetError) as err:
+        resolve_dataset(DatasetConfig(name="coco_2017_val"), ShapesConfig())
+    assert str(tmp_path / "coco" / "val2017") in str(err.value)
+    assert "coco/annotations/instances_val2017.json" in str(err.value)
+    (tmp_path / "coco" / "val2017").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="instances_val2017.json does not exist"):
+        resolve_dataset(DatasetConfig(name="coco_2017_val"), ShapesConfig())
+    with pytest.raises(DatasetError, match="image_dir and ann_file"):
+        resolve_dataset(DatasetConfig(name="my_set"), ShapesConfig())
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "is not valid JSON"),
+        ("[1, 2]", "top level is not an object"),
+        ('{"images": [], "categories": []}', "no 'annotations' list"),
+        ('{"images": [{"id": 1}], "annotations": [], "categories": []}', r"images\[0\] lacks file_name"),
+    ],
+)
+def test_bad_annotation_files_name_file_and_problem(tmp_path, content, message):
+    ann_file = tmp_path / "bad.json"
+    ann_file.write_text(content)
+    with pytest.raises(DatasetError, match=message) as err:
+        load_coco_json(ann_file)
+    assert str(ann_file) in str(err.value)
+
+
+def test_labels_are_contiguous_and_degenerate_boxes_counted(tmp_path):
+    annotations = [
+        {"id": 1, "image_id": 1, "bbox": [2, 2, 10, 8], "category_id": 7},
+        {"id": 2, "image_id": 1, "bbox": [5, 5, 0, 10], "category_id": 3},  # zero width
+        {"id": 3, "image_id": 1, "bbox": [50, 5, 10, 10], "category_id": 3},  # outside the 40-pixel image
+    ]
+    image_dir, ann_file = _write_set(tmp_path, annotations)
+    dataset = CocoDetection(image_dir, ann_file, TRANSFORM, remove_empty=True)
+    assert dataset.num_degenerate == 2
+    assert len(dataset) == 1 and dataset.class_names == ["three", "seven"]
+    image, target = dataset[0]
+    assert image.shape == (3, 32, 64)  # short side 20 -> 32 is 1.6x, long side 64 is within the bound
+    assert target["labels"].tolist() == [1]
+    torch.testing.assert_close(target["boxes"], torch.tensor([[2.0, 2.0, 12.0, 10.0]]) * 1.6)
+    assert target["orig_size"] == (20, 40)
+
+
+def test_missing_and_corrupt_images(tmp_path):
+    image_dir, ann_file = _write_set(tmp_path, images=("a.png",))
+    (image_dir / "b.png").write_bytes(b"not a png")
+    dataset = CocoDetection(image_dir, ann_file, TRANSFORM)
+    with pytest.raises(ImageLoadError, match="b.png: cannot decode"):
+        dataset[1]
+    (image_dir / "b.png").unlink()
+    with pytest.raises(ImageLoadError, match="b.png: file not found"):
+        dataset[1]
+    skipping = CocoDetection(image_dir, ann_file, TRANSFORM, skip_bad_images=True)
+    batch = collate([skipping[0], skipping[1]], size_divisibility=128)
+    assert batch["images"].shape == (1, 3, 128, 128)
+    assert [s.path for s in batch["skipped"]] == [str(image_dir / "b.png")]
+    assert isinstance(skipping[1], SkippedImage)
+
+
+def test_shapes_set_is_deterministic_and_coco(tmp_path):
+    cfg = ShapesConfig(root=str(tmp_path / "a"), num_train=3, num_val=2, image_size=64, max_object_size=30)
+    folder = ensure_shapes(cfg)
+    again = ensure_shapes(ShapesConfig(**{**cfg.__dict__, "root": str(tmp_path / "b")}))
+    for name in ("annotations/instances_train.json", "train/000002.png", "val/000001.png"):
+        assert (folder / name).read_bytes() == (again / name).read_bytes()
+    coco = load_coco_json(folder / "annotations" / "instances_train.json")
+    assert [c["name"] for c in coco.dataset["categories"]] == list(SHAPE_CLASSES)
+    assert all(2 <= len(coco.imgToAnns[i]) <= 6 for i in coco.imgs)
+    for ann in coco.dataset["annotations"]:
+        x, y, w, h = ann["bbox"]
+        assert x >= 0 and y >= 0 and x + w <= 64 and y + h <= 64 and min(w, h) >= 12 * 0.6 * 0.7
+    dataset = CocoDetection(folder / "train", folder / "annotations" / "instances_train.json",
+                            DetectionTransform([64], 64, 0.0, "RGB", [0.0] * 3, [1.0] * 3))
+    assert len(dataset) == 3 and dataset.num_degenerate == 0
+
+
+def test_train_sampler_resumes_and_shards():
+    groups = [0, 1] * 10
+    full = TrainBatchSampler(groups, 3, seed=5)
+    stream = iter(full)
+    first = [next(stream) for _ in range(12)]
+    assert all(len({groups[i] for i, _ in batch}) == 1 for batch in first)  # aspect-ratio grouping
+    resumed = iter(TrainBatchSampler(groups, 3, seed=5, start_batch=7))
+    assert [next(resumed) for _ in range(5)] == first[7:]
+    # without grouping, two processes see disjoint halves of each epoch
+    r0 = iter(TrainBatchSampler([0] * 20, 5, seed=5, rank=0, world_size=2, start_batch=0))
+    r1 = iter(TrainBatchSampler([0] * 20, 5, seed=5, rank=1, world_size=2, start_batch=0))
+    seen0 = {i for _ in range(2) for i, _ in next(r0)}
+    seen1 = {i for _ in range(2) for i, _ in next(r1)}
+    assert not seen0 & seen1 and len(seen0 | seen1) == 20
+    shards = [list(InferenceBatchSampler(7, 2, rank=r, world_size=2)) for r in range(2)]
+    assert shards == [[[0, 2], [4, 6]], [[1, 3], [5]]]
+
+
+def test_training_transform_flips_boxes():
+    transform = DetectionTransform([20], 100, 1.0, "BGR255", [1.0, 2.0, 3.0], [1.0, 1.0, 1.0])
+    image = Image.fromarray(np.zeros((20, 40, 3), dtype=np.uint8) + np.array([10, 20, 30], dtype=np.uint8))
+    pixels, boxes = transform(image, torch.tensor([[0.0, 2.0, 10.0, 8.0]]), np.random.default_rng(0))
+    torch.testing.assert_close(boxes, torch.tensor([[30.0, 2.0, 40.0, 8.0]]))
+    assert pixels[:, 0, 0].tolist() == [29.0, 18.0, 7.0]  # BGR order, mean subtracted, 0-255 range
+
+
+def test_config_overrides_and_unknown_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("solver:\n  base_lr: 1\n  steps: [5, 6]\n")
+    cfg = load_config(path, ["solver.max_iter=7", "model.backbone.widths=[1, 2, 3, 4]", "model.num_classes=null"])
+    assert cfg.solver.base_lr == 1.0 and isinstance(cfg.solver.base_lr, float)
+    assert (cfg.solver.max_iter, cfg.model.backbone.widths, cfg.solver.steps) == (7, [1, 2, 3, 4], [5, 6])
+    with pytest.raises(ConfigError, match="solver.bse_lr.*valid keys under 'solver'.*base_lr"):
+        load_config(path, ["solver.bse_lr=1"])
+    with pytest.raises(ConfigError, match="solver.max_iter: expected int"):
+        load_config(path, ["solver.max_iter=ten"])
+    path.write_text("solver:\n  warmup: 3\n")
+    with pytest.raises(ConfigError, match="unknown config key.*solver.warmup.*warmup_iters"):
+        load_config(path)

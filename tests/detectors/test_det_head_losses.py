@@ -1,0 +1,128 @@
+"""ATSS losses and inference decoding on hand-made predictions with worked-out answers."""
+
+import math
+
+import pytest
+import torch
+
+from detectors.atss import ATSSHead, centerness_targets, make_anchors
+
+LN2 = math.log(2)
+# one anchor per level: a 10-pixel box at the origin and two far away
+ANCHORS = [torch.tensor([[0.0, 0.0, 10.0, 10.0]]), torch.tensor([[200.0, 200.0, 240.0, 240.0]]),
+           torch.tensor([[300.0, 300.0, 380.0, 380.0]])]
+
+
+def _outputs(num_anchors=3, num_classes=2):
+    return {
+        "cls_logits": torch.zeros(1, num_anchors, num_classes, requires_grad=True),
+        "bbox_deltas": torch.zeros(1, num_anchors, 4, requires_grad=True),
+        "centerness": torch.zeros(1, num_anchors, requires_grad=True),
+    }
+
+
+def _head():
+    return ATSSHead(8, num_classes=2, num_levels=3, topk=1)
+
+
+def test_make_anchors_centres_and_sizes():
+    (level,) = make_anchors([(2, 3)], (16,), 8.0, torch.device("cpu"))
+    assert level.shape == (6, 4)
+    # second location of the second row: centre ((1 + 0.5) * 16, (1 + 0.5) * 16), side 8 * 16
+    torch.testing.assert_close(level[4], torch.tensor([24.0 - 64, 24.0 - 64, 24.0 + 64, 24.0 + 64]))
+
+
+def test_centerness_targets():
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [-3.0, 0.0, 7.0, 10.0]])  # centres (5, 5) and (2, 5)
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 10.0]])
+    torch.testing.assert_close(centerness_targets(anchors, boxes), torch.tensor([1.0, math.sqrt(2 / 8)]))
+
+
+def test_losses_on_known_case():
+    # the box [1,1,9,9] takes the origin anchor (IoU 0.64 against candidates 0.64, 0, 0)
+    targets = [{"boxes": torch.tensor([[1.0, 1.0, 9.0, 9.0]]), "labels": torch.tensor([1])}]
+    losses = _head().compute_loss(_outputs(), ANCHORS, targets)
+    # logits 0 -> p = 0.5: one positive term 0.25 * 0.5^2 * ln 2 and five negative terms 0.75 * 0.5^2 * ln 2
+    torch.testing.assert_close(losses["loss_cls"], torch.tensor(LN2 * (0.0625 + 5 * 0.1875)))
+    # zero deltas decode to the anchor [0,0,10,10]: GIoU = IoU 0.64 (the anchor encloses the box), x2 weight
+    torch.testing.assert_close(losses["loss_box"], torch.tensor(2 * (1 - 0.64)))
+    # centerness target 1 (anchor centre = box centre), logit 0: BCE ln 2 over one positive
+    torch.testing.assert_close(losses["loss_centerness"], torch.tensor(LN2))
+
+
+def test_exact_box_prediction_has_zero_box_loss():
+    head = _head()
+    box = torch.tensor([[1.0, 1.0, 9.0, 9.0]])
+    outputs = _outputs()
+    with torch.no_grad():
+        outputs["bbox_deltas"][0, 0] = head.box_coder.encode(box, ANCHORS[0])[0]
+    losses = head.compute_loss(outputs, ANCHORS, [{"boxes": box, "labels": torch.tensor([0])}])
+    assert losses["loss_box"].abs().item() < 1e-6
+
+
+def test_crowd_anchor_is_left_out_of_classification_loss():
+    targets = [{"boxes": torch.tensor([[1.0, 1.0, 9.0, 9.0], [190.0, 190.0, 250.0, 250.0]]),
+                "labels": torch.tensor([1, 0]), "iscrowd": torch.tensor([False, True])}]
+    losses = _head().compute_loss(_outputs(), ANCHORS, targets)
+    # the anchor inside the crowd box drops its two negative terms
+    torch.testing.assert_close(losses["loss_cls"], torch.tensor(LN2 * (0.0625 + 3 * 0.1875)))
+
+
+def test_no_positives_gives_zero_box_losses_with_gradients():
+    outputs = _outputs()
+    targets = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    losses = _head().compute_loss(outputs, ANCHORS, targets)
+    # all six terms negative, normalised by max(num_pos, 1)
+    torch.testing.assert_close(losses["loss_cls"], torch.tensor(LN2 * 6 * 0.1875))
+    assert losses["loss_box"].item() == 0 and losses["loss_centerness"].item() == 0
+    sum(losses.values()).backward()
+    assert all(t.grad is not None for t in outputs.values())
+
+
+def _logit(p):
+    return math.log(p / (1 - p))
+
+
+def test_postprocess_scores_threshold_nms_and_clipping():
+    head = _head()
+    anchors = [torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 0.0, 11.0, 10.0], [40.0, 40.0, 60.0, 60.0],
+                             [0.0, 50.0, 10.0, 60.0]])]
+    cls = torch.full((1, 4, 2), -10.0)
+    cls[0, 0, 0] = _logit(0.9)  # kept
+    cls[0, 1, 0] = _logit(0.8)  # same class, IoU 0.82 with the first: suppressed
+    cls[0, 1, 1] = _logit(0.7)  # other class at the same place: kept
+    cls[0, 2, 1] = _logit(0.04)  # under the 0.05 threshold
+    cls[0, 3, 0] = _logit(0.5)  # kept, clipped to the 55-pixel-high image
+    ctr = torch.tensor([[0.0, _logit(0.5), 0.0, 0.0]])
+    outputs = {"cls_logits": cls, "bbox_deltas": torch.zeros(1, 4, 4), "centerness": ctr}
+    (det,) = head.postprocess(outputs, anchors, [(55, 100)])
+    torch.testing.assert_close(det["scores"], torch.tensor([0.45, 0.35, 0.25]))
+    assert det["labels"].tolist() == [0, 1, 0]
+    torch.testing.assert_close(
+        det["boxes"], torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 0.0, 11.0, 10.0], [0.0, 50.0, 10.0, 55.0]])
+    )
+    (top1,) = head.postprocess(outputs, anchors, [(55, 100)], detections_per_img=1)
+    assert top1["scores"].tolist() == pytest.approx([0.45])
+    (pre1,) = head.postprocess(outputs, anchors, [(55, 100)], pre_nms_topk=1)
+    assert pre1["scores"].tolist() == pytest.approx([0.45])
+
+
+def test_detector_maps_boxes_back_to_original_size():
+    from detectors.atss import build_atss_dyhead
+    from detectors.config import BackboneConfig, ModelConfig
+
+    torch.manual_seed(0)
+    backbone = BackboneConfig(name="slim", weights=None, norm="gn", freeze_at=0, widths=[8, 8, 16, 16],
+                              depths=[1, 1, 1, 1])
+    cfg = ModelConfig(backbone=backbone, fpn_channels=32, dyhead_channels=32, dyhead_blocks=1,
+                      dyhead_backend="torchvision", score_thresh=0.0, detections_per_img=20)
+    model = build_atss_dyhead(cfg, num_classes=3).eval()
+    torch.nn.init.zeros_(model.head.cls_logits.bias)  # untrained scores near 0.5, so there are detections
+    images = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        (plain,) = model(images, [(100, 120)])
+        (mapped,) = model(images, [(100, 120)], original_sizes=[(200, 240)])
+    assert len(plain["boxes"]) == 20
+    assert plain["boxes"][:, 2].max() <= 120 and plain["boxes"][:, 3].max() <= 100
+    torch.testing.assert_close(mapped["boxes"], plain["boxes"] * 2)
+    torch.testing.assert_close(mapped["scores"], plain["scores"])
