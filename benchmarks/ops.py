@@ -35,7 +35,8 @@ REL_ERR_TOL = {
 # 3x3 window (perfect locality, no samples outside the image) and flatter the gathers.
 OFFSET_STD = 2.0
 # DyHead's offset conv (C -> 27) at PyTorch's default init gives offsets of std ~0.58 * std(input): this gain
-# brings them to ~OFFSET_STD pixels on unit-variance inputs.
+# brings them to ~OFFSET_STD pixels on unit-variance inputs (block 0; the later blocks, fed smaller activations,
+# get ~0.4 px).
 OFFSET_CONV_GAIN = 3.5
 OFFSET_CONV_CHANNELS = 27  # 18 offsets + 9 mask logits for a 3x3 kernel
 

@@ -94,7 +94,7 @@ def markdown(profiles: list[dict]) -> str:
             parts.append(head + f"Not profiled: {p['error']}\n")
             continue
         lines = [f"{p['kind']}: {p['total_ms_per_iter']:.3f} ms per step, mean of {p['iters']} steps.\n",
-                 "| # | kernel | calls/step | ms/step | % |", "|---|---|---|---|---|"]
+                 "| # | name | calls/step | ms/step | % |", "|---|---|---|---|---|"]
         for i, e in enumerate(p["entries"], 1):
             name = e["name"].replace("|", "/")
             lines.append(f"| {i} | `{name}` | {e['calls_per_iter']:.4g} | {e['ms_per_iter']:.4g} | {e['pct']:.1f} |")

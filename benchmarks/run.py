@@ -31,6 +31,7 @@ from .timing import CPU_POLICY, GPU_POLICY, Policy, measure, peak_memory_mb
 PROFILE_OP = "dyhead_6block_fwd_bwd"
 DEFAULT_OUT = Path(__file__).parent / "results"
 ERROR_CHARS = 500
+GPU_BUDGET_S = 480.0  # leaves ~2 minutes of a 10-minute slot for start-up, the profiles and the chart
 
 
 def _names(text: str, known) -> list[str]:
@@ -55,13 +56,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", default=str(DEFAULT_OUT), help="results folder (default benchmarks/results)")
     p.add_argument("--quick", action="store_true", help="a fifth of the timing effort")
     p.add_argument("--no-profile", action="store_true", help=f"skip the torch.profiler breakdown of {PROFILE_OP}")
-    p.add_argument("--budget", type=float, default=480.0,
-                   help="seconds after which the remaining rows are recorded as skipped (default 480)")
+    p.add_argument("--budget", type=float,
+                   help="seconds after which the remaining rows (and profiles) are recorded as skipped; default "
+                        f"{GPU_BUDGET_S:.0f} on cuda, so that a run fits a 10-minute slot, none on cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
     args.device = torch.device(args.device)
-    args.shapes = SHAPE_SETS[args.shapes or ("coco" if args.device.type == "cuda" else "small")]
+    on_gpu = args.device.type == "cuda"
+    args.shapes = SHAPE_SETS[args.shapes or ("coco" if on_gpu else "small")]
+    if args.budget is None:
+        args.budget = GPU_BUDGET_S if on_gpu else math.inf
     return args
 
 
