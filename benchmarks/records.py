@@ -15,7 +15,8 @@ from .ops import DTYPES, IMPLS, OPS
 
 # Every record has these keys (None where a value does not apply). A checked row adds "max_rel_err" (the largest
 # relative norm error against the float64 reference over outputs and gradients), "worst" (which result that is)
-# and "check" ("pass" or "fail"); a timed row "reps" and "gflop" (the FLOPs counted, see benchmarks.flops);
+# and "check" ("pass" or "fail") and "first_call_s" (seconds of the first call, Triton compilation and
+# autotuning included); a timed row "reps" and "gflop" (the FLOPs counted, see benchmarks.flops);
 # a row may add a "note", and "error" (the exception that stopped it; its timing fields are then None).
 RECORD_KEYS = ("op", "impl", "dtype", "device", "shape", "median_ms", "p20_ms", "p80_ms", "tflops", "pct_of_peak",
                "peak_mem_mb")

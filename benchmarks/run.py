@@ -26,7 +26,7 @@ from . import profile, records, report
 from .flops import peak_tflops
 from .ops import DTYPES, IMPLS, OPS, Problem, make_problem, rel_errors
 from .shapes import SHAPE_SETS
-from .timing import CPU_POLICY, GPU_POLICY, Policy, measure, peak_memory_mb
+from .timing import CPU_POLICY, GPU_POLICY, Policy, measure, peak_memory_mb, synchronize
 
 PROFILE_OP = "dyhead_6block_fwd_bwd"
 DEFAULT_OUT = Path(__file__).parent / "results"
@@ -117,14 +117,23 @@ class Runner:
             reference = self.reference(op)
             problem = self.problem(op)
             step = problem.step(impl, dtype)
-            errors = rel_errors(step(), reference)
+            start = time.perf_counter()
+            results = step()  # the first call also compiles and autotunes Triton kernels: worth knowing its cost
+            synchronize(self.device)
+            first_call_s = time.perf_counter() - start
+            errors = rel_errors(results, reference)
+            results = None
             worst = max(range(len(errors)), key=errors.__getitem__)
             finite = math.isfinite(errors[worst])
             values = dict(max_rel_err=errors[worst] if finite else None, worst=problem.result_names()[worst],
-                          check="pass" if finite and errors[worst] <= spec.tolerance(dtype_name) else "fail")
+                          check="pass" if finite and errors[worst] <= spec.tolerance(dtype_name) else "fail",
+                          first_call_s=first_call_s)
             if impl == "triton" and self.device.type == "cpu":
                 # Only the Triton interpreter runs on a CPU: a correctness smoke, its speed means nothing.
-                return records.make_record(**base, **values, note="Triton interpreter: checked, not timed")
+                note = "Triton interpreter: checked, not timed"
+                if dtype == torch.bfloat16:
+                    note += " (the interpreter's bfloat16 is broken: expect a failed check)"
+                return records.make_record(**base, **values, note=note)
             timing = measure(step, self.device, self.policy)
             flops = spec.flops(shapes)
             tflops = flops / (timing.median_ms * 1e-3) / 1e12
@@ -186,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         done.append(record)
         records.write(path, records.merge(previous, meta, done))
         result = record.get("error") or (f"{record['median_ms']:.4g} ms" if record["median_ms"] else record.get("note"))
+        if "first_call_s" in record:
+            result += f" (check {record.get('check')}, first call {record['first_call_s']:.1f} s)"
         _log(f"[{i}/{len(rows)} {runner.elapsed():.0f}s] {op} {impl} {dtype}: {result}")
 
     content = records.merge(previous, meta, done)

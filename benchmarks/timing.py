@@ -65,7 +65,8 @@ def summarize(samples_ms: list[float]) -> Timing:
                   len(samples_ms))
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work (nothing to wait for on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -77,7 +78,7 @@ def _warm_up(step: Callable[[], object], device: torch.device, policy: Policy) -
     while calls < policy.min_warmup or time.perf_counter() - start < policy.warmup_s:
         t0 = time.perf_counter()
         step()
-        _synchronize(device)
+        synchronize(device)
         last = time.perf_counter() - t0
         calls += 1
     return last
