@@ -9,6 +9,8 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+from .timing import synchronize
+
 NAME_CHARS = 160  # C++ template kernel names run to kilobytes
 
 
@@ -25,8 +27,7 @@ def breakdown(step: Callable[[], object], device: torch.device | str, iters: int
     with profile(activities=activities) as prof:
         for _ in range(iters):
             step()
-        if cuda:
-            torch.cuda.synchronize(device)
+        synchronize(device)
     # The raw events: prof.events() would build Python objects and a call tree for every op, which takes
     # seconds per step of the pure-PyTorch impls.
     events = prof.profiler.kineto_results.events()
