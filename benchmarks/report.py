@@ -55,6 +55,35 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def targets(records: list[dict]) -> str:
+    """The project's targets on a GPU in bfloat16 and what these records reach (markdown list; "" without GPU
+    records)."""
+    if not any(r["device"] == "cuda" for r in records):
+        return ""
+
+    def find(op: str, impl: str) -> dict:
+        for r in records:
+            if (r["op"], r["impl"], r["dtype"], r["device"]) == (op, impl, "bfloat16", "cuda"):
+                return r
+        return {}
+
+    def line(goal: str, value: float | None, shown: str, ok: bool) -> str:
+        return f"- {goal}: " + ("not measured" if value is None else f"{shown}, {'met' if ok else 'NOT met'}")
+
+    triton, base = find("dyhead_6block_fwd_bwd", "triton"), find("dyhead_6block_fwd_bwd", BASELINE)
+    speedup = speedups(records).get(id(triton))
+    pct = find("dcn_fwd", "triton").get("pct_of_peak")
+    mem = triton["peak_mem_mb"] / base["peak_mem_mb"] if triton.get("peak_mem_mb") and base.get("peak_mem_mb") else None
+    return "\n".join([
+        "Targets (GPU, bfloat16, triton against torchvision):",
+        line("dyhead_6block_fwd_bwd at least 3x faster (aim 10x)", speedup, f"{speedup or 0:.2f}x",
+             speedup is not None and speedup >= 3),
+        line("dcn_fwd at least 35% of the dense bf16 peak", pct, f"{pct or 0:.1f}%", pct is not None and pct >= 35),
+        line("dyhead_6block_fwd_bwd peak memory at most half of torchvision's", mem, f"{mem or 0:.2f}x",
+             mem is not None and mem <= 0.5),
+    ]) + "\n"
+
+
 def chart(records: list[dict], title: str, path: str | os.PathLike) -> Path | None:
     """A PNG of median times (log scale), one panel per dtype, one group of bars per op, annotated with the
     speedup against torchvision. None when matplotlib is not installed (the `plot` extra)."""

@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = path.with_suffix("")
     header = (f"{meta['device_name']}, torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
               f"{meta['date']}\n\n`{meta['command']}`\n\n")
-    table = report.table(content["records"])
+    table = "\n".join(filter(None, [report.table(content["records"]), report.targets(content["records"])]))
     Path(f"{stem}.md").write_text(header + table)
     print(header + table)
     outputs = [path, Path(f"{stem}.md")]

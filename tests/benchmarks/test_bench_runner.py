@@ -151,6 +151,19 @@ def test_table_speedups_and_notes():
     assert failed.endswith("| OutOfMemoryError: x |")
 
 
+def test_targets():
+    gpu = [records.make_record("dyhead_6block_fwd_bwd", impl, "bfloat16", "cuda", "s", median_ms=ms,
+                               peak_mem_mb=mb) for impl, ms, mb in (("torchvision", 40.0, 9000.0),
+                                                                     ("triton", 8.0, 3000.0))]
+    gpu.append(record("triton", 1.0, pct_of_peak=30.0))
+    lines = report.targets(gpu).splitlines()
+    assert lines[1] == "- dyhead_6block_fwd_bwd at least 3x faster (aim 10x): 5.00x, met"
+    assert lines[2] == "- dcn_fwd at least 35% of the dense bf16 peak: 30.0%, NOT met"
+    assert lines[3] == "- dyhead_6block_fwd_bwd peak memory at most half of torchvision's: 0.33x, met"
+    assert report.targets(gpu[:1]).splitlines()[1].endswith(": not measured")
+    assert report.targets([{**r, "device": "cpu"} for r in gpu]) == ""
+
+
 def test_merge_replaces_rows_of_the_same_key():
     meta = {"command": "first"}
     previous = {"meta": meta, "records": [record("torchvision", 10.0), record("triton", 5.0)]}
