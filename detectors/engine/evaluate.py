@@ -62,7 +62,7 @@ def coco_metrics(dataset: CocoDetection, results: list[dict]) -> dict[str, dict[
         return {"bbox": {name: 0.0 for name in METRIC_NAMES}}
     out = io.StringIO()
     with contextlib.redirect_stdout(out):  # pycocotools prints its tables
-        coco_dt = dataset.coco.loadRes(results)
+        coco_dt = dataset.coco.loadRes([dict(r) for r in results])  # loadRes adds keys to the dicts
         coco_eval = COCOeval(dataset.coco, coco_dt, "bbox")
         coco_eval.params.imgIds = [r["image_id"] for r in dataset.records]
         coco_eval.evaluate()
