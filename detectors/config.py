@@ -174,7 +174,7 @@ class Config:
     seed: int = 0
     device: str = "auto"  # auto: cuda when available, else cpu
     num_threads: int = 0  # CPU intra-op threads per process; 0 keeps torch's default
-    deterministic: bool = False  # CUDA: deterministic algorithms, no cudnn benchmark
+    deterministic: bool = False  # CUDA: deterministic cuDNN kernels and no cuDNN autotuning
 
 
 def _field_types(cls: type) -> dict[str, Any]:

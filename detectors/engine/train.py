@@ -145,7 +145,7 @@ def train(cfg: Config, output_dir: Path, resume: bool = False) -> dict:
         if state["data"] != {"seed": cfg.seed, "world_size": get_world_size()}:
             raise ValueError(f"{checkpoint} was written with data order {state['data']}; resuming needs the same")
         start_iter = state["iteration"]
-        set_rng_state(state["rng"][get_rank()] if get_rank() < len(state["rng"]) else state["rng"][0])
+        set_rng_state(state["rng"][get_rank()])
         logger.info("resumed from %s at iteration %d", checkpoint, start_iter)
     if is_distributed():
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -172,7 +172,7 @@ def train(cfg: Config, output_dir: Path, resume: bool = False) -> dict:
     progress = tqdm(
         total=solver.max_iter, initial=start_iter, disable=not main, dynamic_ncols=True, desc="train"
     )
-    running: dict[str, float] = {}
+    running: dict[str, torch.Tensor] = {}
     window_start, window_iters = time.perf_counter(), 0
     batches = iter(loader)
     for iteration in range(start_iter, solver.max_iter):
@@ -193,12 +193,12 @@ def train(cfg: Config, output_dir: Path, resume: bool = False) -> dict:
         scheduler.step()
 
         for name, value in losses.items():
-            running[name] = running.get(name, 0.0) + value.item()
+            running[name] = running.get(name, 0.0) + value.detach()  # no host sync until the next log line
         window_iters += 1
         done = iteration + 1
         progress.update(1)
         if done % solver.log_period == 0 or done == solver.max_iter:
-            stats = torch.tensor([running[k] / window_iters for k in sorted(running)], device=device)
+            stats = torch.stack([running[k] / window_iters for k in sorted(running)])
             stats = (sum_across_processes(stats) / get_world_size()).tolist()
             record = dict(zip(sorted(running), stats))
             record["loss"] = sum(stats)

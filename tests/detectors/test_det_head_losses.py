@@ -126,3 +126,30 @@ def test_detector_maps_boxes_back_to_original_size():
     assert plain["boxes"][:, 2].max() <= 120 and plain["boxes"][:, 3].max() <= 100
     torch.testing.assert_close(mapped["boxes"], plain["boxes"] * 2)
     torch.testing.assert_close(mapped["scores"], plain["scores"])
+
+
+def test_r50_config_builds_frozen_backbone_and_runs():
+    from pathlib import Path
+
+    from torchvision.ops import FrozenBatchNorm2d
+
+    from detectors.atss import build_atss_dyhead
+    from detectors.config import load_config
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "atss_r50_dyhead_1x.yaml"
+    cfg = load_config(config, ["model.backbone.weights=null", "model.dyhead_blocks=1"])
+    model = build_atss_dyhead(cfg.model, num_classes=80).eval()
+    body = model.backbone.body
+    assert model.backbone.out_channels == [512, 1024, 2048]
+    assert isinstance(body.bn1, FrozenBatchNorm2d) and not any(
+        isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules()
+    )
+    # FREEZE_AT 2: the stem and the first stage are frozen, the rest trains
+    assert not any(p.requires_grad for p in body.conv1.parameters())
+    assert not any(p.requires_grad for p in body.layer1.parameters())
+    assert all(p.requires_grad for p in body.layer2.parameters())
+    with torch.no_grad():
+        features = model.neck(model.fpn(model.backbone(torch.randn(1, 3, 256, 128))))
+    assert [tuple(f.shape) for f in features.values()] == [
+        (1, 256, 32, 16), (1, 256, 16, 8), (1, 256, 8, 4), (1, 256, 4, 2), (1, 256, 2, 1)
+    ]
