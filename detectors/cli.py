@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="detect objects in images; writes a PNG with boxes and a JSON per image")
     common(p, "folder for the annotated images and JSON files")
     p.add_argument("--weights", required=True, type=Path, help="checkpoint or state dict")
-    p.add_argument("--score-thresh", type=float, default=0.3, help="lowest score drawn and written")
+    p.add_argument("--score-thresh", type=float, default=0.2, help="lowest score drawn and written")
     p.add_argument("images", nargs="+", type=Path, help="image files")
     return parser
 
