@@ -32,8 +32,8 @@ class SlimResNet(nn.Module):
     """A narrow ResNet of torchvision ``BasicBlock`` s, for small from-scratch configs.
 
     Same layout as torchvision's ResNet (stem conv 7x7/2 + max-pool, four stages, stride 2 from the second
-    on) and the same attribute names (``conv1``, ``bn1``, ``layer1``..``layer4``), with free stage widths. It has no ``forward``: detection reads its stages through
-    ``ResNetBackbone``.
+    on) and the same attribute names (``conv1``, ``bn1``, ``layer1``..``layer4``), with free stage widths.
+    It has no ``forward``: detection reads its stages through ``ResNetBackbone``.
 
     Args:
         widths: output channels of the four stages.

@@ -38,9 +38,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     np_state = state["numpy"]
-    np.random.set_state(
-        (np_state["name"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"], np_state["has_gauss"], np_state["cached"])
-    )
+    keys = np_state["keys"].numpy().astype(np.uint32)
+    np.random.set_state((np_state["name"], keys, np_state["pos"], np_state["has_gauss"], np_state["cached"]))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
 

@@ -102,6 +102,42 @@ def _to_device(targets: list[dict], device: torch.device) -> list[dict]:
     return [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
 
 
+def _data_order(cfg: Config) -> dict[str, int]:
+    return {"seed": cfg.seed, "world_size": get_world_size()}
+
+
+def _checkpoint_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, iteration: int, cfg: Config, meta: dict
+) -> dict:
+    """Everything a bit-identical resume needs; the RNG states of all processes are gathered (collective)."""
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "iteration": iteration,
+        "rng": all_gather_objects(rng_state()),
+        "data": _data_order(cfg),
+        "meta": meta,
+    }
+
+
+def _resume(output_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg: Config) -> int:
+    """Restores the last checkpoint of ``output_dir`` in place; returns its iteration (0 when there is none)."""
+    checkpoint = last_checkpoint(output_dir)
+    if checkpoint is None:
+        logger.warning("--resume: no checkpoint in %s, starting from scratch", output_dir)
+        return 0
+    state = load_checkpoint(checkpoint)
+    if state["data"] != _data_order(cfg):
+        raise ValueError(f"{checkpoint} was written with data order {state['data']}; resuming needs the same")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"][get_rank()])
+    logger.info("resumed from %s at iteration %d", checkpoint, state["iteration"])
+    return state["iteration"]
+
+
 def train(cfg: Config, output_dir: Path, resume: bool = False) -> dict:
     """Trains the detector ``cfg`` describes and evaluates it on the test split.
 
@@ -133,35 +169,13 @@ def train(cfg: Config, output_dir: Path, resume: bool = False) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(solver, it))
     meta = {"class_names": train_set.class_names, "category_ids": train_set.category_ids, "num_classes": num_classes}
 
-    start_iter = 0
-    checkpoint = last_checkpoint(output_dir) if resume else None
-    if resume and checkpoint is None:
-        logger.warning("--resume: no checkpoint in %s, starting from scratch", output_dir)
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state["data"] != {"seed": cfg.seed, "world_size": get_world_size()}:
-            raise ValueError(f"{checkpoint} was written with data order {state['data']}; resuming needs the same")
-        start_iter = state["iteration"]
-        set_rng_state(state["rng"][get_rank()])
-        logger.info("resumed from %s at iteration %d", checkpoint, start_iter)
+    start_iter = _resume(output_dir, model, optimizer, scheduler, cfg) if resume else 0
     if is_distributed():
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def checkpoint_state(iteration: int) -> dict:
-        return {
-            "model": _unwrap(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "iteration": iteration,
-            "rng": all_gather_objects(rng_state()),
-            "data": {"seed": cfg.seed, "world_size": get_world_size()},
-            "meta": meta,
-        }
-
-    metrics_log = MetricsWriter(output_dir / "metrics.jsonl", resume_from=start_iter if resume else None) if main else None
+    metrics_log = None
+    if main:
+        metrics_log = MetricsWriter(output_dir / "metrics.jsonl", resume_from=start_iter if resume else None)
     loader = build_train_loader(cfg, train_set, get_rank(), get_world_size(), start_batch=start_iter)
     logger.info(
         "training %d images (%d classes) for %d iterations of %d images on %s x %d",
@@ -216,7 +230,7 @@ def train(cfg: Config, output_dir: Path, resume: bool = False) -> dict:
                 )
             running, window_start, window_iters = {}, time.perf_counter(), 0
         if done % solver.checkpoint_period == 0 or done == solver.max_iter:
-            state = checkpoint_state(done)
+            state = _checkpoint_state(_unwrap(model), optimizer, scheduler, done, cfg, meta)
             if main:
                 name = "model_final.pth" if done == solver.max_iter else f"model_{done:07d}.pth"
                 save_checkpoint(output_dir, name, state)

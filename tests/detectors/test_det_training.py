@@ -40,7 +40,8 @@ def _tiny_overrides(shapes_root, max_iter):
 @pytest.mark.slow
 def test_shapes_tiny_runs_and_loss_falls(tmp_path):
     overrides = _tiny_overrides(tmp_path / "data", 60)
-    overrides += ["data.shapes.num_train=64", "solver.base_lr=0.004", "solver.checkpoint_period=30"]
+    overrides += ["data.shapes.num_train=64", "solver.base_lr=0.004", "solver.checkpoint_period=30",
+                  "solver.eval_period=30"]
     metrics = train(load_config(CONFIG, overrides), tmp_path / "out")
     out = tmp_path / "out"
     assert set(metrics) == {"bbox"}
@@ -51,6 +52,7 @@ def test_shapes_tiny_runs_and_loss_falls(tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     assert [r["iter"] for r in steps] == list(range(1, 61))
+    assert [r["iter"] for r in records if "bbox" in r] == [30, 60]  # periodic and final evaluation
 
     def fall(name):  # mean of the last 8 logged values over the mean of the first 8
         values = [r[name] for r in steps]
@@ -117,7 +119,8 @@ def test_cli_eval_and_predict_from_a_checkpoint(tmp_path):
     )
     image = next((tmp_path / "data").glob("shapes-*/val/000001.png"))
     out = tmp_path / "pred"
-    assert main(["predict", "--weights", weights, "--output-dir", str(out), "--score-thresh", "0", str(image)] + args) == 0
+    predict = ["predict", "--weights", weights, "--output-dir", str(out), "--score-thresh", "0", str(image)]
+    assert main(predict + args) == 0
     result = json.loads((out / "000001.json").read_text())
     assert result["image"] == str(image) and len(result["detections"]) > 0
     assert {d["label"] for d in result["detections"]} <= {"square", "circle", "triangle", "diamond"}
