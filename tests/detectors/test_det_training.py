@@ -2,6 +2,7 @@
 
 import json
 import os
+from collections import Counter
 import subprocess
 import sys
 from pathlib import Path
@@ -87,7 +88,7 @@ def test_resume_is_bit_identical(tmp_path):
 
 @pytest.mark.slow
 def test_two_process_ddp_on_cpu(tmp_path):
-    overrides = _tiny_overrides(tmp_path / "data", 3)
+    overrides = _tiny_overrides(tmp_path / "data", 3) + ["model.score_thresh=0"]  # detections on every image
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "detectors.cli", "train", "--config", str(CONFIG), "--output-dir", str(tmp_path / "out")]
     for item in overrides:
@@ -103,6 +104,10 @@ def test_two_process_ddp_on_cpu(tmp_path):
     assert len(state["rng"]) == 2  # one RNG state per process
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in records if "loss" in r] == [1, 2, 3]
+    # each process evaluated half of the 8 validation images; rank 0 gathered all of them
+    detections = json.loads((out / "coco_instances_results.json").read_text())
+    per_image = Counter(d["image_id"] for d in detections)
+    assert sorted(per_image) == list(range(1, 9)) and max(per_image.values()) <= 100  # none evaluated twice
 
 
 @pytest.mark.slow
