@@ -1,4 +1,4 @@
-"""The ``dyhead`` command: ``train``, ``eval`` and ``predict``."""
+"""The ``dyhead`` command: ``train``, ``eval``, ``predict``, ``convert`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", required=True, type=Path, help="checkpoint or state dict")
     p.add_argument("--score-thresh", type=float, default=0.2, help="lowest score drawn and written")
     p.add_argument("images", nargs="+", type=Path, help="image files")
+    p = sub.add_parser("convert", help="official or mmdetection DyHead weights -> a state dict of dyhead.DyHead")
+    p.add_argument("weights", type=Path, help="official (detectron2) or mmdetection checkpoint")
+    p.add_argument("output", type=Path, help="where to write the converted state dict (.pth)")
+    sub.add_parser("bench", help="kernel benchmarks; the arguments of python -m benchmarks.run follow", add_help=False)
     return parser
 
 
@@ -109,10 +113,35 @@ def _predict(cfg: Config, args: argparse.Namespace) -> None:
         logger.info("%s: %d detections -> %s", path, len(records), args.output_dir / f"{path.stem}.png")
 
 
+def _convert(args: argparse.Namespace) -> None:
+    from dyhead import load_official
+
+    state = load_official(args.weights)
+    blocks = 1 + max(int(key.split(".")[1]) for key in state)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.output.with_name(args.output.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(args.output)
+    logger.info("%s: %d tensors of %d DyHead blocks -> %s", args.weights, len(state), blocks, args.output)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs ``dyhead``; returns the exit status (2 for configuration and data errors, reported in one line)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        # The benchmarks own their options; a package that detectors do not otherwise depend on.
+        from benchmarks.run import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "convert":
+            setup_logging(None, main_process=True)
+            try:
+                _convert(args)
+            except ValueError as exc:  # not a checkpoint, or no DyHead keys: the message names the file
+                raise ConfigError(str(exc)) from None
+            return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "train":
             train(cfg, args.output_dir, resume=args.resume)

@@ -1,0 +1,49 @@
+"""`dyhead convert` and `dyhead bench`."""
+
+import json
+
+import torch
+
+from detectors.cli import main
+from dyhead import DyHead
+
+
+def test_convert_official_checkpoint(tmp_path):
+    sd = {}
+    model = DyHead(16, 16, 2)
+    names = {"spatial.coarser.conv": "DyConv.0.conv", "spatial.same.conv": "DyConv.1.conv",
+             "spatial.finer.conv": "DyConv.2.conv", "spatial.coarser.norm": "DyConv.0.bn",
+             "spatial.same.norm": "DyConv.1.bn", "spatial.finer.norm": "DyConv.2.bn", "spatial.offset": "offset",
+             "scale.conv": "AttnConv.1", "task.fc1": "relu.fc.0", "task.fc2": "relu.fc.2"}
+    expected = {}
+    for key, value in model.state_dict().items():
+        _, i, rest = key.split(".", 2)
+        module, param = rest.rsplit(".", 1)
+        value = torch.randn_like(value)
+        sd[f"backbone.dyhead_tower.{i}.{names[module]}.{param}"] = value
+        expected[key] = value
+    src, dst = tmp_path / "official.pth", tmp_path / "out" / "dyhead.pth"
+    torch.save({"model": sd}, src)
+    assert main(["convert", str(src), str(dst)]) == 0
+    converted = torch.load(dst, weights_only=True)
+    assert converted.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(converted[key], expected[key])
+
+
+def test_convert_rejects_a_file_without_dyhead_weights(tmp_path, capsys):
+    src = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(1)}, src)
+    assert main(["convert", str(src), str(tmp_path / "x.pth")]) == 2
+    assert "resnet.pth has no DyHead weights" in capsys.readouterr().err
+    assert not (tmp_path / "x.pth").exists()
+
+
+def test_bench_runs_the_benchmark_runner(tmp_path):
+    status = main(["bench", "--device", "cpu", "--ops", "dcn_fwd", "--impls", "torchvision,sampled",
+                   "--dtypes", "float32", "--quick", "--no-profile", "--out", str(tmp_path)])
+    assert status == 0
+    (results,) = tmp_path.glob("*.json")
+    rows = json.loads(results.read_text())["records"]
+    assert {(r["op"], r["impl"]) for r in rows} == {("dcn_fwd", "torchvision"), ("dcn_fwd", "sampled")}
+    assert all(r["median_ms"] > 0 for r in rows)
