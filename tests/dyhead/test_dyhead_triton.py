@@ -7,10 +7,12 @@ import torch
 
 from dyhead import DyHead
 
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    not torch.cuda.is_available() and not INTERPRET,
     reason="the Triton kernels need CUDA or TRITON_INTERPRET=1 (CPU interpreter)",
 )
+DEVICE = "cpu" if INTERPRET else "cuda"
 
 
 def rel_err(a, b):
@@ -19,7 +21,7 @@ def rel_err(a, b):
 
 def run(model, levels):
     out = model(levels)
-    loss = sum((t * torch.linspace(-1, 1, t.shape[-1])).square().sum() for t in out)
+    loss = sum((t * torch.linspace(-1, 1, t.shape[-1], device=t.device)).square().sum() for t in out)
     names = [f"level {i}" for i in range(len(levels))] + [n for n, _ in model.named_parameters()]
     grads = torch.autograd.grad(loss, [*levels, *model.parameters()])
     return out, dict(zip(names, grads))
@@ -28,11 +30,11 @@ def run(model, levels):
 @pytest.mark.parametrize("high_offsets", ["official", "crop"])
 def test_triton_backend_matches_torchvision(high_offsets):
     torch.manual_seed(0)
-    model = DyHead(32, 32, 1, backend="torchvision", high_offsets=high_offsets)
+    model = DyHead(32, 32, 1, backend="torchvision", high_offsets=high_offsets).to(DEVICE)
     with torch.no_grad():
         model.blocks[0].spatial.offset.bias.uniform_(-2.0, 2.0)  # samples cross borders and leave the image
     sizes = [(9, 11), (5, 6), (3, 3)]
-    levels = [torch.randn(2, 32, h, w, requires_grad=True) for h, w in sizes]
+    levels = [torch.randn(2, 32, h, w, device=DEVICE, requires_grad=True) for h, w in sizes]
     ref_out, ref_grads = run(model, levels)
     model.backend = "triton"
     out, grads = run(model, levels)
