@@ -25,41 +25,34 @@ logger = logging.getLogger(__name__)
 _OFFICIAL_BLOCK = re.compile(r"(?:^|\.)dyhead_tower\.(\d+)\.(.+)$")
 _MMDET_BLOCK = re.compile(r"(?:^|\.)dyhead_blocks\.(\d+)\.(.+)$")
 
-_OFFICIAL_BRANCH = {"0": "coarser", "1": "same", "2": "finer"}
-_MMDET_BRANCH = {"high": "coarser", "mid": "same", "low": "finer"}
-_OFFICIAL_NORM = {"conv": "conv", "bn": "norm"}
+_ROLES = ("coarser", "same", "finer")
+_PARAMS = ("weight", "bias")
 
 
-def _official_name(rest: str) -> str | None:
-    m = re.fullmatch(r"DyConv\.([012])\.(conv|bn)\.(weight|bias)", rest)
-    if m:
-        return f"spatial.{_OFFICIAL_BRANCH[m[1]]}.{_OFFICIAL_NORM[m[2]]}.{m[3]}"
-    m = re.fullmatch(r"AttnConv\.1\.(weight|bias)", rest)
-    if m:
-        return f"scale.conv.{m[1]}"
-    m = re.fullmatch(r"relu\.fc\.([02])\.(weight|bias)", rest)
-    if m:
-        return f"task.fc{1 if m[1] == '0' else 2}.{m[2]}"
-    m = re.fullmatch(r"offset\.(weight|bias)", rest)
-    if m:
-        return f"spatial.offset.{m[1]}"
-    return None
+def _name_table(branch: dict[str, str], norms: dict[str, str], others: dict[str, str]) -> dict[str, str]:
+    """{source suffix inside a block: our name inside a block}, expanded over branches, norms and params."""
+    table = {}
+    for src_branch, role in branch.items():
+        for src_norm, ours in norms.items():
+            for p in _PARAMS:
+                table[f"{src_branch}.{src_norm}.{p}"] = f"spatial.{role}.{ours}.{p}"
+    for src, ours in others.items():
+        for p in _PARAMS:
+            table[f"{src}.{p}"] = f"{ours}.{p}"
+    return table
 
 
-def _mmdet_name(rest: str) -> str | None:
-    m = re.fullmatch(r"spatial_conv_(high|mid|low)\.(conv|norm)\.(weight|bias)", rest)
-    if m:
-        return f"spatial.{_MMDET_BRANCH[m[1]]}.{m[2]}.{m[3]}"
-    m = re.fullmatch(r"spatial_conv_offset\.(weight|bias)", rest)
-    if m:
-        return f"spatial.offset.{m[1]}"
-    m = re.fullmatch(r"scale_attn_module\.1\.(weight|bias)", rest)
-    if m:
-        return f"scale.conv.{m[1]}"
-    m = re.fullmatch(r"task_attn_module\.conv([12])\.conv\.(weight|bias)", rest)
-    if m:
-        return f"task.fc{m[1]}.{m[2]}"
-    return None
+_OFFICIAL_NAMES = _name_table(
+    {f"DyConv.{j}": role for j, role in enumerate(_ROLES)},
+    {"conv": "conv", "bn": "norm"},
+    {"AttnConv.1": "scale.conv", "relu.fc.0": "task.fc1", "relu.fc.2": "task.fc2", "offset": "spatial.offset"},
+)
+_MMDET_NAMES = _name_table(
+    {f"spatial_conv_{src}": role for src, role in zip(("high", "mid", "low"), _ROLES)},
+    {"conv": "conv", "norm": "norm"},
+    {"spatial_conv_offset": "spatial.offset", "scale_attn_module.1": "scale.conv",
+     "task_attn_module.conv1.conv": "task.fc1", "task_attn_module.conv2.conv": "task.fc2"},
+)
 
 
 def _unwrap(checkpoint: Mapping) -> Mapping:
@@ -85,12 +78,12 @@ def convert_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     for key, value in state_dict.items():
         name = None
         if m := _OFFICIAL_BLOCK.search(key):
-            name = _official_name(m[2])
+            name = _OFFICIAL_NAMES.get(m[2])
         elif m := _MMDET_BLOCK.search(key):
-            name = _mmdet_name(m[2])
+            name = _MMDET_NAMES.get(m[2])
             if name is not None and name.startswith("task.fc") and name.endswith("weight"):
                 value = value.flatten(1)
-            if name is not None and re.fullmatch(r"spatial\.\w+\.conv\.weight", name):
+            if name is not None and name.startswith("spatial.") and name.endswith(".conv.weight"):
                 bias_name = f"blocks.{m[1]}.{name[: -len('weight')]}bias"
                 zero_bias.append(bias_name)
                 out[bias_name] = torch.zeros(value.shape[0], dtype=value.dtype)
