@@ -1,149 +1,193 @@
 """Triton kernels for the backward of the modulated deformable convolution (DCNv2).
 
-Grad offset and mask, and the grad input scatter: one pass per pixel tile that forms the gradient of the sampled
-values (gcol = dY @ w_tap^T) chunk by chunk and reduces it over all input channels in-program. Grad input by fp32
-atomics, or deterministically by a sorted gather. Grad weight: an implicit GEMM over pixels that regenerates the
-sampled tile, with split-K partials summed in a fixed order. Layouts as in `deform_conv`.
+One fused kernel computes every gradient but the bias's. A program owns one tap, one chunk of input channels,
+one chunk of output channels and a run of pixels of one image. For each pixel tile of the run it loads the
+output gradient dY once and
+- forms gcol = dY @ w_tap^T, the gradient of the sampled values of its channels (`tl.dot`);
+- reduces gcol times the 4 corner values over its channels into the offset and mask gradients;
+- scatters gcol times the 4 bilinear weights to the corners, as fp32 atomics into an NHWC buffer where each
+  corner is a contiguous channel vector (or stores gcol for the deterministic gather);
+- accumulates the grad weight as sampled tile^T @ dY (`tl.dot`), regenerating the sampled tile from the same
+  corner values, so the input is gathered once for all the gradients.
+What sums over programs (offset and mask gradients over channel and output chunks, the grad weight over pixel
+runs) goes through fp32 atomics, or, deterministically, through per-program partials summed in a fixed order.
+Layouts as in `deform_conv`.
 """
+
+import functools
+from math import prod
 
 import torch
 import triton
 import triton.language as tl
 
-from .deform_conv import (PRUNE_FP64, acc_dtype, autotune_configs, conv_args, corner_masks, geometry,
-                          launch_flags, load_corners, mma, pack_weight, pixel_coords, tap_sample)
+from .deform_conv import (FP32_BWD_DOT, INTERPRET, acc_dtype, autotune_configs, channels_last, conv_args,
+                          geometry, launch_flags, load_corners, mma, pack_weight, tap_sample, transpose_last)
 
+# Only BLOCK_P is tuned: the wrapper fixes BLOCK_K and BLOCK_N (`_bwd_blocks`), because the partial buffers
+# are shaped by them. With BLOCK_N = 256 the fp32 accumulators need 8 warps to stay in registers.
 _BWD_SPACE = [
-    ({"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_K": 64}, 4, 2),
-    ({"BLOCK_P": 64, "BLOCK_N": 32, "BLOCK_K": 64}, 4, 3),
-    ({"BLOCK_P": 128, "BLOCK_N": 32, "BLOCK_K": 32}, 4, 3),
-    ({"BLOCK_P": 32, "BLOCK_N": 64, "BLOCK_K": 64}, 4, 2),
-    ({"BLOCK_P": 128, "BLOCK_N": 64, "BLOCK_K": 32}, 8, 2),
+    ({"BLOCK_P": 64}, 8, 2),
+    ({"BLOCK_P": 64}, 8, 3),
+    ({"BLOCK_P": 32}, 8, 3),
 ]
+# fp32: the split operands of the tf32x3 products double the registers of each operand.
+_BWD_SPACE_FP32 = [
+    ({"BLOCK_P": 64}, 8, 2),
+    ({"BLOCK_P": 32}, 8, 2),
+]
+# A pixel run is a multiple of every BLOCK_P above (under the interpreter: of its one config's).
+PIXEL_ALIGN = 32 if INTERPRET else 128
+# Pixel runs per launch: about this many programs per SM, to fill the GPU and keep the tail wave short.
+PROGRAMS_PER_SM = 8
+MAX_GRID_Z = 65535
 
 
-# The grad input buffer is an atomic accumulator: zero it before every autotuning trial.
-@triton.autotune(configs=autotune_configs(_BWD_SPACE, {"BLOCK_P": 32, "BLOCK_N": 16, "BLOCK_K": 16}),
-                 key=["C", "Cout", "KK", "P_BUCKET", "DETERMINISTIC", "GRAD_INPUT", "GRAD_SAMPLE"],
-                 reset_to_zero=["gx_ptr"],
-                 prune_configs_by=PRUNE_FP64)
+def _bwd_prune(configs, named_args, **kwargs):
+    """The fp32 space for fp32; one 16-wide config for fp64, which multiplies with a broadcast (see `mma`)."""
+    if kwargs.get("FP64"):
+        return [triton.Config({"BLOCK_P": 16}, num_warps=4, num_stages=1)]
+    if named_args["x_ptr"].dtype == torch.float32:
+        return autotune_configs(_BWD_SPACE_FP32, None)
+    return configs
+
+
 @triton.jit
-def _bwd_sample_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, gy_ptr,
-                       goff_ptr, gmsk_ptr, gx_ptr, gcol_ptr, tgt_ptr, coef_ptr,
-                       C, H, W, Cout, Ho, Wo, P, KK, KW, P_BUCKET, S,
-                       stride_xn, stride_xc, stride_xh, stride_xw,
-                       stride_on, stride_oc, stride_oh, stride_ow,
-                       stride_mn, stride_mc, stride_mh, stride_mw,
-                       stride_wk, stride_wn,
-                       stride_gn, stride_gc, stride_gh, stride_gw,
-                       conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w,
-                       GRAD_INPUT: tl.constexpr, GRAD_SAMPLE: tl.constexpr, DETERMINISTIC: tl.constexpr,
-                       FP64: tl.constexpr, TF32: tl.constexpr, ACC: tl.constexpr,
-                       BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Gradients of offset and mask, and the grad input scatter (or what its deterministic gather needs).
+def _accumulate(ptrs, val, mask, DETERMINISTIC: tl.constexpr):
+    """Add val into a buffer shared by programs (fp32 atomics), or store it as this program's partial."""
+    if DETERMINISTIC:
+        tl.store(ptrs, val, mask=mask)
+    else:
+        # Only the sum matters, not the order against other memory operations: relaxed is enough.
+        tl.atomic_add(ptrs, val, mask=mask, sem="relaxed")
 
-    Per tap and channel chunk: gcol = dY @ w_tap^T (the gradient of the sampled values). Offset and mask
-    gradients reduce gcol times the 4 corner values over all channels inside this program, so they need no
-    atomics. Grad input: fp32 atomics into gx, or, when DETERMINISTIC, gcol and the (target, weight) of each
-    corner are stored for `_grad_input_gather_kernel`. GRAD_INPUT / GRAD_SAMPLE (offset and mask) switch off
-    what autograd does not need.
+
+# The atomic accumulators are zeroed before every autotuning trial.
+@triton.autotune(configs=autotune_configs(_BWD_SPACE, {"BLOCK_P": 32}),
+                 key=["C", "Cout", "KK", "P_BUCKET", "DOT", "BLOCK_N", "BLOCK_K", "DETERMINISTIC", "GRAD_INPUT",
+                      "GRAD_SAMPLE", "GRAD_WEIGHT"],
+                 reset_to_zero=["gs_ptr", "gx_ptr", "gw_ptr"],
+                 prune_configs_by={"early_config_prune": _bwd_prune})
+@triton.jit
+def _bwd_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, gy_ptr,
+                gs_ptr, gx_ptr, gw_ptr, gcol_ptr, tgt_ptr, coef_ptr,
+                N, C, H, W, Cout, Ho, Wo, HoWo, KK, KW, P_BUCKET, PIX,
+                stride_xn, stride_xc, stride_xh, stride_xw,
+                stride_on, stride_oc, stride_oh, stride_ow,
+                stride_mn, stride_mc, stride_mh, stride_mw,
+                conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w,
+                GRAD_INPUT: tl.constexpr, GRAD_SAMPLE: tl.constexpr, GRAD_WEIGHT: tl.constexpr,
+                DETERMINISTIC: tl.constexpr, FP64: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
+                BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """All gradients but the bias's, for one (tap, channel chunk, output chunk, pixel run).
+
+    Grid: (KK * cdiv(C, BLOCK_K), cdiv(Cout, BLOCK_N), N * cdiv(Ho*Wo, PIX)). w: packed [KK*C, Cout]; gy:
+    contiguous (N, Cout, Ho, Wo). Outputs (fp32; R = 1 with atomics, else one row per partial):
+    gs [R, N, 3*KK, Ho*Wo] (channel 2*tap + 0/1: dy/dx gradient, 2*KK + tap: mask gradient;
+    R = cdiv(C, BLOCK_K) * cdiv(Cout, BLOCK_N));
+    gw [R, KK*C, Cout] (R = N * cdiv(Ho*Wo, PIX)); gx: NHWC grad input (atomics) or, when DETERMINISTIC,
+    gcol [cdiv(Cout, BLOCK_N), N*Ho*Wo*KK, C] and the corner entries tgt, coef [N*Ho*Wo*KK*4] for
+    `_grad_input_gather_kernel`. GRAD_INPUT / GRAD_SAMPLE (offset and mask) / GRAD_WEIGHT switch off what
+    autograd does not need.
     """
-    pid_p = tl.program_id(0)
-    offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    valid_p = offs_p < P
-    n, oh, ow = pixel_coords(offs_p, Ho, Wo)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    pid_kc = tl.program_id(0)
+    nb = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    c_blocks = tl.cdiv(C, BLOCK_K)
+    tap = pid_kc // c_blocks
+    cb = pid_kc % c_blocks
+    splits = tl.cdiv(HoWo, PIX)
+    n = (pid_s // splits).to(tl.int64)
+    hw_start = (pid_s % splits) * PIX
+    hw_end = tl.minimum(hw_start + PIX, HoWo)
+    c = cb * BLOCK_K + tl.arange(0, BLOCK_K)
+    cmask = c < C
+    co = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    comask = co < Cout
     img = x_ptr + n * stride_xn
-    gy_rows = gy_ptr + n * stride_gn + oh * stride_gh + ow * stride_gw
-    HW = H * W
-    gx_img = gx_ptr + n * C * HW
+    gy_cols = gy_ptr + n * Cout * HoWo + co[None, :].to(tl.int64) * HoWo
+    # w_tap^T for this program's channels, [BLOCK_N, BLOCK_K]: loaded once for the whole pixel run.
+    wt = tl.load(w_ptr + (tap * C + c)[None, :] * Cout + co[:, None], mask=comask[:, None] & cmask[None, :],
+                 other=0.0)
+    # The grad weight transposed, [BLOCK_N, BLOCK_K]: M = BLOCK_N (256) suits wgmma and BLOCK_K can stay small.
+    gwt_acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)
 
-    for tap in range(0, KK):
-        y0, x0, ly, lx, m, inside = tap_sample(
+    for t in range(0, tl.cdiv(hw_end - hw_start, BLOCK_P)):
+        hw = hw_start + t * BLOCK_P + tl.arange(0, BLOCK_P)
+        valid_p = hw < hw_end
+        oh = hw // Wo
+        ow = hw % Wo
+        y0, x0, ly, lx, m, ok00, ok01, ok10, ok11, w00, w01, w10, w11 = tap_sample(
             off_ptr, msk_ptr, n, oh, ow, valid_p, tap, H, W, KW,
             stride_on, stride_oc, stride_oh, stride_ow, stride_mn, stride_mc, stride_mh, stride_mw,
             conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w, ACC)
-        ok00, ok01, ok10, ok11 = corner_masks(y0, x0, inside, H, W)
-        w00 = m * (1 - ly) * (1 - lx)
-        w01 = m * (1 - ly) * lx
-        w10 = m * ly * (1 - lx)
-        w11 = m * ly * lx
-        corner = y0 * W + x0
-        a00 = tl.zeros((BLOCK_P,), dtype=ACC)
-        a01 = tl.zeros((BLOCK_P,), dtype=ACC)
-        a10 = tl.zeros((BLOCK_P,), dtype=ACC)
-        a11 = tl.zeros((BLOCK_P,), dtype=ACC)
-        for c0 in range(0, C, BLOCK_K):
-            c = c0 + offs_k
-            cmask = c < C
-            gcol = tl.zeros((BLOCK_P, BLOCK_K), dtype=ACC)
-            for co0 in range(0, Cout, BLOCK_N):
-                co = co0 + offs_n
-                comask = co < Cout
-                g = tl.load(gy_rows[:, None] + co[None, :] * stride_gc,
-                            mask=valid_p[:, None] & comask[None, :], other=0.0)
-                wt = tl.load(w_ptr + (tap * C + c)[None, :] * stride_wk + co[:, None] * stride_wn,
-                             mask=comask[:, None] & cmask[None, :], other=0.0)
-                gcol = mma(gcol, g, wt, FP64, TF32)
-            if GRAD_SAMPLE:
-                v00, v01, v10, v11 = load_corners(img, c * stride_xc, cmask, y0, x0, inside, H, W,
-                                                   stride_xh, stride_xw, ACC)
-                a00 += tl.sum(gcol * v00, axis=1)
-                a01 += tl.sum(gcol * v01, axis=1)
-                a10 += tl.sum(gcol * v10, axis=1)
-                a11 += tl.sum(gcol * v11, axis=1)
-            if GRAD_INPUT and DETERMINISTIC:
-                row = offs_p * KK + tap
-                tl.store(gcol_ptr + row[:, None] * C + c[None, :], gcol,
-                         mask=valid_p[:, None] & cmask[None, :])
-            elif GRAD_INPUT:
-                # Only the sum matters, not the order against other memory operations: relaxed is enough.
-                gx = gx_img[:, None] + (c * HW)[None, :] + corner[:, None]
-                cm = cmask[None, :]
-                tl.atomic_add(gx, gcol * w00[:, None], mask=ok00[:, None] & cm, sem="relaxed")
-                tl.atomic_add(gx + 1, gcol * w01[:, None], mask=ok01[:, None] & cm, sem="relaxed")
-                tl.atomic_add(gx + W, gcol * w10[:, None], mask=ok10[:, None] & cm, sem="relaxed")
-                tl.atomic_add(gx + W + 1, gcol * w11[:, None], mask=ok11[:, None] & cm, sem="relaxed")
+        g = tl.load(gy_cols + hw[:, None], mask=valid_p[:, None] & comask[None, :], other=0.0)
+        if GRAD_SAMPLE or GRAD_WEIGHT:
+            rows = y0.to(tl.int64) * stride_xh + x0.to(tl.int64) * stride_xw
+            v00, v01, v10, v11 = load_corners(img + rows[:, None] + (c * stride_xc)[None, :], cmask,
+                                              ok00, ok01, ok10, ok11, stride_xh, stride_xw, ACC)
+        if GRAD_SAMPLE or GRAD_INPUT:
+            gcol = mma(tl.zeros((BLOCK_P, BLOCK_K), dtype=ACC), g, wt, FP64, DOT)
         if GRAD_SAMPLE:
-            _store_sample_grads(goff_ptr, gmsk_ptr, a00, a01, a10, a11, ly, lx, m, n, oh, ow, valid_p, tap,
-                                KK, Ho, Wo)
+            a00 = tl.sum(gcol * v00, axis=1)
+            a01 = tl.sum(gcol * v01, axis=1)
+            a10 = tl.sum(gcol * v10, axis=1)
+            a11 = tl.sum(gcol * v11, axis=1)
+            hy = 1 - ly
+            hx = 1 - lx
+            if DETERMINISTIC:
+                row = cb * tl.num_programs(1) + nb
+            else:
+                row = 0
+            gs = gs_ptr + (row * N + n) * 3 * KK * HoWo + hw
+            goff = gs + (2 * tap).to(tl.int64) * HoWo
+            _accumulate(goff, m * (hx * (a10 - a00) + lx * (a11 - a01)), valid_p, DETERMINISTIC)
+            _accumulate(goff + HoWo, m * (hy * (a01 - a00) + ly * (a11 - a10)), valid_p, DETERMINISTIC)
+            g_mask = hy * (hx * a00 + lx * a01) + ly * (hx * a10 + lx * a11)
+            _accumulate(gs + (2 * KK + tap).to(tl.int64) * HoWo, g_mask, valid_p, DETERMINISTIC)
         if GRAD_INPUT and DETERMINISTIC:
-            _store_corner_entries(tgt_ptr, coef_ptr, offs_p * KK + tap, n * HW + corner, W, S,
-                                  w00, w01, w10, w11, ok00, ok01, ok10, ok11, valid_p)
+            entry = (n * HoWo + hw) * KK + tap
+            tl.store(gcol_ptr + ((nb.to(tl.int64) * N * HoWo * KK + entry) * C)[:, None] + c[None, :], gcol,
+                     mask=valid_p[:, None] & cmask[None, :])
+            _store_corner_entries(tgt_ptr, coef_ptr, entry, (n * H + y0) * W + x0, W, N * H * W,
+                                  w00, w01, w10, w11, ok00, ok01, ok10, ok11, valid_p & (cb == 0) & (nb == 0))
+        elif GRAD_INPUT:
+            gx = gx_ptr + (((n * H + y0) * W + x0) * C)[:, None] + c[None, :]
+            cm = cmask[None, :]
+            tl.atomic_add(gx, gcol * w00[:, None], mask=ok00[:, None] & cm, sem="relaxed")
+            tl.atomic_add(gx + C, gcol * w01[:, None], mask=ok01[:, None] & cm, sem="relaxed")
+            tl.atomic_add(gx + W * C, gcol * w10[:, None], mask=ok10[:, None] & cm, sem="relaxed")
+            tl.atomic_add(gx + (W + 1) * C, gcol * w11[:, None], mask=ok11[:, None] & cm, sem="relaxed")
+        if GRAD_WEIGHT:
+            val = w00[:, None] * v00 + w01[:, None] * v01 + w10[:, None] * v10 + w11[:, None] * v11
+            gwt_acc = mma(gwt_acc, tl.trans(g), val.to(g.dtype), FP64, DOT)
+
+    if GRAD_WEIGHT:
+        if DETERMINISTIC:
+            row = pid_s
+        else:
+            row = 0
+        gw = gw_ptr + ((row * KK + tap) * C + c.to(tl.int64))[None, :] * Cout + co[:, None]
+        _accumulate(gw, gwt_acc, comask[:, None] & cmask[None, :], DETERMINISTIC)
 
 
 @triton.jit
-def _store_sample_grads(goff_ptr, gmsk_ptr, a00, a01, a10, a11, ly, lx, m, n, oh, ow, valid_p, tap, KK, Ho, Wo):
-    """Offset (dy, dx) and mask gradients of one tap from a_ij = sum_c gcol[:, c] * corner_ij[:, c]."""
-    hy = 1 - ly
-    hx = 1 - lx
-    g_mask = hy * hx * a00 + hy * lx * a01 + ly * hx * a10 + ly * lx * a11
-    g_dy = m * (-hx * a00 - lx * a01 + hx * a10 + lx * a11)
-    g_dx = m * (-hy * a00 + hy * a01 - ly * a10 + ly * a11)
-    hwo = oh * Wo + ow
-    goff = goff_ptr + (n * 2 * KK + 2 * tap) * Ho * Wo + hwo
-    tl.store(goff, g_dy.to(goff_ptr.dtype.element_ty), mask=valid_p)
-    tl.store(goff + Ho * Wo, g_dx.to(goff_ptr.dtype.element_ty), mask=valid_p)
-    tl.store(gmsk_ptr + (n * KK + tap) * Ho * Wo + hwo, g_mask.to(gmsk_ptr.dtype.element_ty), mask=valid_p)
+def _store_corner_entries(tgt_ptr, coef_ptr, entry, pos, W, S, w00, w01, w10, w11, ok00, ok01, ok10, ok11,
+                          store):
+    """The 4 (input position, weight) entries of gcol row `entry` for the deterministic grad input gather.
 
-
-@triton.jit
-def _store_corner_entries(tgt_ptr, coef_ptr, row, img_pos, W, S, w00, w01, w10, w11, ok00, ok01, ok10, ok11,
-                          valid_p):
-    """The 4 (input position, weight) entries of gcol row `row` for the deterministic grad input gather.
-
-    Corners outside the image get the sentinel position S = N*H*W, which sorts after every real one.
+    pos is the NHWC position (n * H + y) * W + x of the top-left corner; corners outside the image get the
+    sentinel position S = N*H*W, which sorts after every real one.
     """
-    entry = row * 4
-    tl.store(tgt_ptr + entry, tl.where(ok00, img_pos, S), mask=valid_p)
-    tl.store(tgt_ptr + entry + 1, tl.where(ok01, img_pos + 1, S), mask=valid_p)
-    tl.store(tgt_ptr + entry + 2, tl.where(ok10, img_pos + W, S), mask=valid_p)
-    tl.store(tgt_ptr + entry + 3, tl.where(ok11, img_pos + W + 1, S), mask=valid_p)
-    tl.store(coef_ptr + entry, w00, mask=valid_p)
-    tl.store(coef_ptr + entry + 1, w01, mask=valid_p)
-    tl.store(coef_ptr + entry + 2, w10, mask=valid_p)
-    tl.store(coef_ptr + entry + 3, w11, mask=valid_p)
+    e = entry * 4
+    tl.store(tgt_ptr + e, tl.where(ok00, pos, S), mask=store)
+    tl.store(tgt_ptr + e + 1, tl.where(ok01, pos + 1, S), mask=store)
+    tl.store(tgt_ptr + e + 2, tl.where(ok10, pos + W, S), mask=store)
+    tl.store(tgt_ptr + e + 3, tl.where(ok11, pos + W + 1, S), mask=store)
+    tl.store(coef_ptr + e, w00, mask=store)
+    tl.store(coef_ptr + e + 1, w01, mask=store)
+    tl.store(coef_ptr + e + 2, w10, mask=store)
+    tl.store(coef_ptr + e + 3, w11, mask=store)
 
 
 _GATHER_SPACE = [
@@ -155,104 +199,72 @@ _GATHER_SPACE = [
 
 @triton.autotune(configs=autotune_configs(_GATHER_SPACE, {"BLOCK_S": 16, "BLOCK_C": 16}), key=["C", "S"])
 @triton.jit
-def _grad_input_gather_kernel(rowptr_ptr, src_ptr, coef_ptr, gcol_ptr, gx_ptr, C, HW, S,
+def _grad_input_gather_kernel(rowptr_ptr, src_ptr, coef_ptr, gcol_ptr, gx_ptr, C, S,
                               BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """Deterministic grad input: each input position sums its sorted (gcol row, weight) entries in order.
 
     rowptr (S + 1) delimits the entries of each of the S = N*H*W input positions; src holds the gcol row
-    (pixel * KK + tap) and coef the bilinear weight times mask of each entry.
+    (pixel * KK + tap) and coef the bilinear weight times mask of each entry. gx: NHWC (S, C).
     """
     pid_s = tl.program_id(0)
     pid_c = tl.program_id(1)
     offs_s = pid_s.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     valid_s = offs_s < S
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     start = tl.load(rowptr_ptr + offs_s, mask=valid_s, other=0)
-    count = tl.load(rowptr_ptr + offs_s + 1, mask=valid_s, other=0) - start
+    count = (tl.load(rowptr_ptr + offs_s + 1, mask=valid_s, other=0) - start).to(tl.int32)
     acc = tl.zeros((BLOCK_S, BLOCK_C), dtype=gcol_ptr.dtype.element_ty)
     for j in range(0, tl.max(count, axis=0)):
-        has = j < count
-        src = tl.load(src_ptr + start + j, mask=has, other=0)
-        coef = tl.load(coef_ptr + start + j, mask=has, other=0.0)
-        g = tl.load(gcol_ptr + src[:, None] * C + c[None, :], mask=has[:, None] & cmask[None, :], other=0.0)
-        acc += coef[:, None] * g
-    n = offs_s // HW
-    hw = offs_s % HW
-    gx = gx_ptr + (n * C * HW + hw)[:, None] + (c * HW)[None, :]
-    tl.store(gx, acc.to(gx_ptr.dtype.element_ty), mask=valid_s[:, None] & cmask[None, :])
+        # Entries loaded as [BLOCK_S, 1] columns: 1-D loads here trip a layout pass of Triton 3.6.
+        has = (j < count)[:, None]
+        entry = start[:, None] + j
+        src = tl.load(src_ptr + entry, mask=has, other=0)
+        coef = tl.load(coef_ptr + entry, mask=has, other=0.0)
+        g = tl.load(gcol_ptr + src * C + c[None, :], mask=has & cmask[None, :], other=0.0)
+        acc += coef * g
+    tl.store(gx_ptr + offs_s[:, None] * C + c[None, :], acc, mask=valid_s[:, None] & cmask[None, :])
 
 
-_GW_SPACE = [
-    ({"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_K": 64}, 4, 2),
-    ({"BLOCK_P": 64, "BLOCK_N": 128, "BLOCK_K": 64}, 8, 3),
-    ({"BLOCK_P": 32, "BLOCK_N": 128, "BLOCK_K": 128}, 8, 2),
-    ({"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_K": 32}, 4, 3),
-    ({"BLOCK_P": 128, "BLOCK_N": 64, "BLOCK_K": 64}, 8, 2),
-]
-# Pixels per split-K partial of the grad weight: a multiple of every BLOCK_P above.
-GW_PIXELS_PER_SPLIT = 2048
+def _grad_input_deterministic(gcol, tgt, coef, n, c, h, w):
+    """Sort the corner entries by target position (stable: fixed order) and gather them per position.
 
-
-@triton.autotune(configs=autotune_configs(_GW_SPACE, {"BLOCK_P": 32, "BLOCK_N": 16, "BLOCK_K": 16}),
-                 key=["C", "Cout", "KK", "P_BUCKET"], prune_configs_by=PRUNE_FP64)
-@triton.jit
-def _grad_weight_kernel(x_ptr, off_ptr, msk_ptr, gy_ptr, part_ptr,
-                        C, H, W, Cout, Ho, Wo, P, KK, KW, P_BUCKET, pixels_per_split,
-                        stride_xn, stride_xc, stride_xh, stride_xw,
-                        stride_on, stride_oc, stride_oh, stride_ow,
-                        stride_mn, stride_mc, stride_mh, stride_mw,
-                        stride_gn, stride_gc, stride_gh, stride_gw,
-                        conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w,
-                        FP64: tl.constexpr, TF32: tl.constexpr, ACC: tl.constexpr,
-                        BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """part[split, tap * C + c, co] = sum over the split's pixels p of sample(x, p, tap)[c] * dY[p, co].
-
-    The sampled tile is regenerated from input, offset and mask; the partials of the splits are summed
-    afterwards in a fixed order, so the grad weight is deterministic.
+    Returns the NHWC (n, h, w, c) grad input in gcol's dtype.
     """
-    pid_kc = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    split = tl.program_id(2)
-    c_blocks = tl.cdiv(C, BLOCK_K)
-    tap = pid_kc // c_blocks
-    c = (pid_kc % c_blocks) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
-    cmask = c < C
-    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    comask = co < Cout
-    p_start = split.to(tl.int64) * pixels_per_split
-    p_count = tl.minimum(P - p_start, pixels_per_split)
-
-    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=ACC)
-    for p0 in range(0, p_count, BLOCK_P):
-        offs_p = p_start + p0 + tl.arange(0, BLOCK_P)
-        valid_p = offs_p < P
-        n, oh, ow = pixel_coords(offs_p, Ho, Wo)
-        y0, x0, ly, lx, m, inside = tap_sample(
-            off_ptr, msk_ptr, n, oh, ow, valid_p, tap, H, W, KW,
-            stride_on, stride_oc, stride_oh, stride_ow, stride_mn, stride_mc, stride_mh, stride_mw,
-            conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w, ACC)
-        v00, v01, v10, v11 = load_corners(x_ptr + n * stride_xn, c * stride_xc, cmask, y0, x0, inside, H, W,
-                                           stride_xh, stride_xw, ACC)
-        val = ((m * (1 - ly) * (1 - lx))[:, None] * v00 + (m * (1 - ly) * lx)[:, None] * v01
-               + (m * ly * (1 - lx))[:, None] * v10 + (m * ly * lx)[:, None] * v11)
-        g = tl.load(gy_ptr + (n * stride_gn + oh * stride_gh + ow * stride_gw)[:, None] + co[None, :] * stride_gc,
-                    mask=valid_p[:, None] & comask[None, :], other=0.0)
-        acc = mma(acc, tl.trans(val.to(g.dtype)), g, FP64, TF32)
-
-    rows = split.to(tl.int64) * KK * C + tap * C + c
-    tl.store(part_ptr + rows[:, None] * Cout + co[None, :], acc, mask=cmask[:, None] & comask[None, :])
-
-
-def _grad_input_deterministic(gcol, tgt, coef, n, c, h, w, dtype):
-    """Sort the corner entries by target position (stable: fixed order) and gather them per position."""
     s = n * h * w
     tgt_sorted, order = torch.sort(tgt, stable=True)
     rowptr = torch.searchsorted(tgt_sorted, torch.arange(s + 1, device=tgt.device, dtype=tgt.dtype))
-    gx = torch.empty((n, c, h, w), device=gcol.device, dtype=dtype)
+    gx = gcol.new_empty((n, h, w, c))
     grid = lambda meta: (triton.cdiv(s, meta["BLOCK_S"]), triton.cdiv(c, meta["BLOCK_C"]))
-    _grad_input_gather_kernel[grid](rowptr, order // 4, coef[order], gcol, gx, c, h * w, s)
+    _grad_input_gather_kernel[grid](rowptr, order // 4, coef[order], gcol, gx, c, s)
     return gx
+
+
+def _bwd_blocks(x, cout):
+    """(BLOCK_N, BLOCK_K) of the backward. 16-bit types: all of DyHead's 256 output channels in one chunk, so
+    the input is gathered once; fp32 (tf32x3, twice the bytes) takes half of both to limit register spills."""
+    if INTERPRET or x.dtype == torch.float64:
+        return 16, 16
+    if x.dtype == torch.float32:
+        return min(128, max(16, triton.next_power_of_2(cout))), 32
+    return min(256, max(16, triton.next_power_of_2(cout))), 64
+
+
+@functools.cache
+def _sm_count(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _pixels_per_program(x, n, howo, programs_per_run):
+    """Pixels of one program's run: a multiple of PIXEL_ALIGN sized for about PROGRAMS_PER_SM programs per
+    SM (one run per program under the interpreter's few pixels), within the grid's z limit."""
+    if INTERPRET:
+        return PIXEL_ALIGN
+    sms = _sm_count(x.device)
+    runs_per_image = triton.cdiv(triton.cdiv(PROGRAMS_PER_SM * sms, programs_per_run), n)
+    pix = triton.cdiv(triton.cdiv(howo, runs_per_image), PIXEL_ALIGN) * PIXEL_ALIGN
+    min_pix = triton.cdiv(triton.cdiv(howo, MAX_GRID_Z // n), PIXEL_ALIGN) * PIXEL_ALIGN
+    return max(pix, min_pix)
 
 
 def backward_shapes(x, offset, mask, weight, needs):
@@ -265,55 +277,67 @@ def backward_shapes(x, offset, mask, weight, needs):
 
 def deform_conv_backward(grad_out, x, offset, mask, weight, stride, padding, dilation, deterministic,
                          needs=(True, True, True)):
-    """Backward launches. grad_out: (N, Cout, H_out, W_out), any strides.
+    """Backward launch. grad_out: (N, Cout, H_out, W_out), any strides.
 
     needs: whether grad input, grad offset and mask, and grad weight are wanted.
     Returns (grad_input, grad_offset, grad_mask, grad_weight, grad_bias) shaped as `backward_shapes` says
-    (offset and mask gradients contiguous), in the input's dtype; accumulation in fp32 (fp64 for fp64).
+    (all contiguous), in the input's dtype; accumulation in fp32 (fp64 for fp64).
     """
     n, c, h, w, cout, kh, kw, ho, wo = geometry(x, weight, stride, padding, dilation)
     kk = kh * kw
-    p = n * ho * wo
     acc = acc_dtype(x)
     need_input, need_sample, need_weight = needs
-    grad_bias = grad_out.sum(dim=(0, 2, 3), dtype=acc).to(x.dtype)
+    grad_bias = grad_out.sum(dim=(0, 2, 3))
     shapes = backward_shapes(x, offset, mask, weight, needs)[:4]
-    if p == 0 or c == 0 or cout == 0:
+    if n * ho * wo == 0 or c == 0 or cout == 0 or not any(needs):
         return (*(x.new_zeros(shape) for shape in shapes), grad_bias)
-    # Every element of these is written below when needed; unneeded ones stay empty (0,) tensors.
+    block_n, block_k = _bwd_blocks(x, cout)
+    c_blocks, n_blocks = triton.cdiv(c, block_k), triton.cdiv(cout, block_n)
+    pix = _pixels_per_program(x, n, ho * wo, kk * c_blocks * n_blocks)
+    runs = n * triton.cdiv(ho * wo, pix)
+    deterministic = bool(deterministic)
+    # With atomics the sums over programs land in one row each, all in one zeroed buffer (one memset);
+    # deterministically every program writes its own row of partials.
+    gs_shape = ((c_blocks * n_blocks if deterministic else 1), n, 3 * kk, ho * wo) if need_sample else (0,)
+    gw_shape = ((runs if deterministic else 1), kk * c, cout) if need_weight else (0,)
+    gx_shape = (n, h, w, c) if need_input and not deterministic else (0,)
+    gs, gw, gx = _accumulators(x, acc, (gs_shape, gw_shape, gx_shape), zero=not deterministic)
+    empty = x.new_empty((0,), dtype=acc)
+    gcol = x.new_empty((n_blocks, n * ho * wo * kk, c), dtype=acc) if need_input and deterministic else empty
+    tgt = x.new_empty((n * ho * wo * kk * 4,), dtype=torch.int64) if need_input and deterministic else empty
+    coef = x.new_empty((n * ho * wo * kk * 4,), dtype=acc) if need_input and deterministic else empty
+    xl = channels_last(x)
+    _bwd_kernel[(kk * c_blocks, n_blocks, runs)](
+        xl, offset, mask, pack_weight(weight), grad_out.contiguous(), gs, gx, gw, gcol, tgt, coef,
+        n, c, h, w, cout, ho, wo, ho * wo, kk, kw, triton.next_power_of_2(n * ho * wo), pix,
+        *xl.stride(), *offset.stride(), *mask.stride(), *conv_args(stride, padding, dilation),
+        GRAD_INPUT=need_input, GRAD_SAMPLE=need_sample, GRAD_WEIGHT=need_weight, DETERMINISTIC=deterministic,
+        BLOCK_N=block_n, BLOCK_K=block_k, **launch_flags(x, FP32_BWD_DOT))
+
     grad_input, grad_offset, grad_mask, grad_weight = (x.new_empty(shape) for shape in shapes)
-    wp = pack_weight(weight)
-    flags = launch_flags(x)
-    geo = (c, h, w, cout, ho, wo, p, kk, kw, triton.next_power_of_2(p))
-    conv = conv_args(stride, padding, dilation)
-
-    if need_input or need_sample:
-        deterministic = deterministic and need_input
+    # Always a copy: a view of the accumulators would alias another output of the custom op.
+    final = dict(memory_format=torch.contiguous_format, copy=True)
+    if need_input:
         if deterministic:
-            gx_acc = x.new_empty((0,), dtype=acc)
-            gcol = x.new_empty((p * kk, c), dtype=acc)
-            tgt = x.new_empty((p * kk * 4,), dtype=torch.int64)
-            coef = x.new_empty((p * kk * 4,), dtype=acc)
-        else:
-            gx_acc = x.new_zeros((n, c, h, w) if need_input else (0,), dtype=acc)
-            gcol = tgt = coef = gx_acc
-        grid = lambda meta: (triton.cdiv(p, meta["BLOCK_P"]),)
-        _bwd_sample_kernel[grid](
-            x, offset, mask, wp, grad_out, grad_offset, grad_mask, gx_acc, gcol, tgt, coef, *geo, n * h * w,
-            *x.stride(), *offset.stride(), *mask.stride(), *wp.stride(), *grad_out.stride(), *conv,
-            GRAD_INPUT=need_input, GRAD_SAMPLE=need_sample, DETERMINISTIC=deterministic, **flags)
-        if deterministic:
-            grad_input = _grad_input_deterministic(gcol, tgt, coef, n, c, h, w, x.dtype)
-        elif need_input:
-            grad_input = gx_acc.to(x.dtype)
-    if not need_weight:
-        return grad_input, grad_offset, grad_mask, grad_weight, grad_bias
+            gx = _grad_input_deterministic(gcol.sum(dim=0) if n_blocks > 1 else gcol[0], tgt, coef, n, c, h, w)
+        transpose_last(gx.view(n, h * w, c), grad_input.view(n, c, h * w))
+    if need_sample:
+        sample = gs.sum(dim=0) if gs.shape[0] > 1 else gs[0]
+        grad_offset = sample[:, :2 * kk].to(x.dtype, **final).view(n, 2 * kk, ho, wo)
+        grad_mask = sample[:, 2 * kk:].to(x.dtype, **final).view(n, kk, ho, wo)
+    if need_weight:
+        gw = gw.sum(dim=0) if gw.shape[0] > 1 else gw[0]
+        grad_weight = gw.view(kh, kw, c, cout).permute(3, 2, 0, 1).to(weight.dtype, **final)
+    return grad_input, grad_offset, grad_mask, grad_weight, grad_bias
 
-    splits = triton.cdiv(p, GW_PIXELS_PER_SPLIT)
-    part = x.new_empty((splits, kk * c, cout), dtype=acc)
-    grid = lambda meta: (kk * triton.cdiv(c, meta["BLOCK_K"]), triton.cdiv(cout, meta["BLOCK_N"]), splits)
-    _grad_weight_kernel[grid](
-        x, offset, mask, grad_out, part, *geo, GW_PIXELS_PER_SPLIT,
-        *x.stride(), *offset.stride(), *mask.stride(), *grad_out.stride(), *conv, **flags)
-    grad_weight = part.sum(dim=0).reshape(kh, kw, c, cout).permute(3, 2, 0, 1).to(weight.dtype)
-    return grad_input, grad_offset, grad_mask, grad_weight.contiguous(), grad_bias
+
+def _accumulators(x, dtype, shapes, zero):
+    """Views of one buffer (one allocation, one memset when zero) with the given shapes; each view starts at a
+    multiple of 64 elements, so the kernels' vectorized atomics stay aligned."""
+    sizes = [triton.cdiv(prod(shape), 64) * 64 for shape in shapes]
+    buf = (x.new_zeros if zero else x.new_empty)((sum(sizes),), dtype=dtype)
+    views, start = [], 0
+    for shape, size in zip(shapes, sizes):
+        views.append(buf[start:start + prod(shape)].view(shape))
+        start += size
+    return views

@@ -150,6 +150,21 @@ def test_deterministic_gradients_are_bitwise_equal():
 
 
 @needs_kernels
+def test_custom_op_matches_eager_path():
+    """The custom ops (what torch.compile traces) compute what the eager autograd.Function computes."""
+    conv = dict(stride=1, padding=1, dilation=1)
+    t = leaves(make_inputs(2, 5, 4, 6, 5, **conv), torch.float32, DEVICE)
+    y = triton_op(t, conv, deterministic=True)
+    y_op = deform_conv_op._forward_op(t["input"], t["offset"], t["mask"], t["weight"], t["bias"],
+                                      1, 1, 1, 1, 1, 1, True)
+    g_out = grad_out_like(y).to(DEVICE)
+    assert torch.equal(y, y_op)
+    g, g_op = grads(y, g_out, t), grads(y_op, g_out, t)
+    for name in g:
+        assert torch.equal(g[name], g_op[name]), name
+
+
+@needs_kernels
 def test_deterministic_default_follows_torch(monkeypatch):
     seen = []
     backward = deform_conv_op.deform_conv_backward.deform_conv_backward
