@@ -8,8 +8,10 @@ from dyhead import DyHead
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 SIZES = [(40, 56), (20, 28), (10, 14), (5, 7), (3, 4)]
-# Relative-norm bounds on the output of 2 blocks (C=64): storage rounding of every intermediate dominates.
-BOUNDS = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+# Relative-norm bounds on the output of 2 blocks (C=64), about 3x what an H100 showed (2026-11-25): storage
+# rounding of every intermediate dominates; in fp32 the offset conv runs in TF32 (cuDNN's default), 1.7e-4 for
+# every backend alike.
+BOUNDS = {torch.float32: 5e-4, torch.float16: 3e-2, torch.bfloat16: 5e-2}
 
 
 def rel_err(a, b):
