@@ -137,3 +137,15 @@ def test_dyhead_sampled_matches_torchvision_with_gradients():
         assert rel_err(a, b) < 1e-10
     for a, b in zip(grads, ref_grads):
         assert rel_err(a, b) < 1e-8
+
+
+def test_torch_compile_inductor_forward_and_backward():
+    x, offset, mask, weight, bias = (t.float().requires_grad_() for t in make_case(h=7, w=8))
+    compiled = torch.compile(deform_conv2d_sampled, fullgraph=True)
+    out = compiled(x, offset, mask, weight, bias)
+    ref = deform_conv2d_sampled(x, offset, mask, weight, bias)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), (x, offset, mask, weight, bias))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (x, offset, mask, weight, bias))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
