@@ -111,8 +111,9 @@ class DyHead(nn.Module):
 
     @backend.setter
     def backend(self, name: str) -> None:
+        name = check_backend(name)
         for block in self.blocks:
-            block.spatial.backend = check_backend(name)
+            block.spatial.backend = name
 
     def forward(self, levels: Pyramid) -> Pyramid:
         if isinstance(levels, Mapping):
