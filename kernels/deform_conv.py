@@ -23,12 +23,6 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# fp32 products without TF32 (measurements in PERF_NOTES.md): the forward multiplies in true fp32 ("ieee",
-# CUDA-core FMAs), as fast on the H100 as tensor-core emulations because the forward is bound by the gather;
-# the backward, with two products per tile, uses "tf32x3" (three TF32 tensor-core products of split operands),
-# which keeps the error at the level of fp32 products and is 1.6x faster there than "ieee".
-FP32_FWD_DOT = "ieee"
-FP32_BWD_DOT = "tf32x3"
 
 
 def autotune_configs(space, interpret_config):
@@ -226,13 +220,12 @@ def _fwd_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, b_ptr, y_ptr,
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=valid_p[:, None] & valid_co[None, :])
 
 
-def launch_flags(x, fp32_dot):
-    """Constexpr flags: fp64 computes exactly; fp32 multiplies with `tl.dot` input_precision fp32_dot, or in
-    TF32 where torch's matmul would; 16-bit types ignore DOT."""
+def launch_flags(x):
+    """Constexpr flags: fp64 computes exactly; fp32 multiplies in true fp32 (`tl.dot` "ieee", CUDA-core FMAs),
+    or in TF32 where `torch.backends.cuda.matmul.allow_tf32` lets torch's own matmul do so; 16-bit types
+    ignore DOT."""
     fp64 = x.dtype == torch.float64
-    dot = "tf32"
-    if x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        dot = fp32_dot
+    dot = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     return {"FP64": fp64, "DOT": dot, "ACC": tl.float64 if fp64 else tl.float32}
 
 
@@ -309,5 +302,5 @@ def deform_conv_forward(x, offset, mask, weight, bias, stride, padding, dilation
         xl, offset, mask, wp, bias if bias is not None else wp, y,
         c, h, w, cout, ho, wo, ho * wo, kh * kw, kw, triton.next_power_of_2(n * ho * wo),
         *xl.stride(), *offset.stride(), *mask.stride(), *conv_args(stride, padding, dilation),
-        HAS_BIAS=bias is not None, **launch_flags(x, FP32_FWD_DOT))
+        HAS_BIAS=bias is not None, **launch_flags(x))
     return y

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .deform_conv import (FP32_BWD_DOT, INTERPRET, acc_dtype, autotune_configs, channels_last, conv_args,
+from .deform_conv import (INTERPRET, acc_dtype, autotune_configs, channels_last, conv_args,
                           geometry, launch_flags, load_corners, mma, pack_weight, tap_sample, transpose_last)
 
 # Only BLOCK_P is tuned: the wrapper fixes BLOCK_K and BLOCK_N (`_bwd_blocks`), because the partial buffers
@@ -31,7 +31,7 @@ _BWD_SPACE = [
     ({"BLOCK_P": 64}, 8, 3),
     ({"BLOCK_P": 32}, 8, 3),
 ]
-# fp32: the split operands of the tf32x3 products double the registers of each operand.
+# fp32: operands of twice the bytes, twice the registers.
 _BWD_SPACE_FP32 = [
     ({"BLOCK_P": 64}, 8, 2),
     ({"BLOCK_P": 32}, 8, 2),
@@ -242,7 +242,7 @@ def _grad_input_deterministic(gcol, tgt, coef, n, c, h, w):
 
 def _bwd_blocks(x, cout):
     """(BLOCK_N, BLOCK_K) of the backward. 16-bit types: all of DyHead's 256 output channels in one chunk, so
-    the input is gathered once; fp32 (tf32x3, twice the bytes) takes half of both to limit register spills."""
+    the input is gathered once; fp32 (twice the bytes) takes half of both to limit register spills."""
     if INTERPRET or x.dtype == torch.float64:
         return 16, 16
     if x.dtype == torch.float32:
@@ -312,7 +312,7 @@ def deform_conv_backward(grad_out, x, offset, mask, weight, stride, padding, dil
         n, c, h, w, cout, ho, wo, ho * wo, kk, kw, triton.next_power_of_2(n * ho * wo), pix,
         *xl.stride(), *offset.stride(), *mask.stride(), *conv_args(stride, padding, dilation),
         GRAD_INPUT=need_input, GRAD_SAMPLE=need_sample, GRAD_WEIGHT=need_weight, DETERMINISTIC=deterministic,
-        BLOCK_N=block_n, BLOCK_K=block_k, **launch_flags(x, FP32_BWD_DOT))
+        BLOCK_N=block_n, BLOCK_K=block_k, **launch_flags(x))
 
     grad_input, grad_offset, grad_mask, grad_weight = (x.new_empty(shape) for shape in shapes)
     # Always a copy: a view of the accumulators would alias another output of the custom op.

@@ -187,12 +187,11 @@ def modulated_deform_conv2d(input: Tensor, offset: Tensor, mask: Tensor, weight:
     Same result as ``torchvision.ops.deform_conv2d(input, offset, weight, bias, stride, padding, dilation,
     mask)``; the PyTorch reference twin is ``dyhead.deform_conv2d_torchvision``. Differentiable in all five
     tensors. All tensors share one dtype (float32/float16/bfloat16/float64) and one device: CUDA, or the CPU
-    under ``TRITON_INTERPRET=1``. float16/bfloat16 accumulate in float32; float32 multiplies in true fp32 in
-    the forward and with three-pass TF32 (fp32-level error, ~3e-7 relative at DyHead's P3) in the backward,
-    or in plain TF32 where ``torch.backends.cuda.matmul.allow_tf32`` is set; float64 is exact. Sample
-    positions are exact in every dtype (floor and fraction of the offset alone). Under autocast, float32 tensors
-    are cast to the autocast dtype (the kernels take half precision directly, where torchvision's op autocasts
-    to float32).
+    under ``TRITON_INTERPRET=1``. float16/bfloat16 accumulate in float32; float32 multiplies in true fp32,
+    or in TF32 where ``torch.backends.cuda.matmul.allow_tf32`` is set (as torch's matmul does); float64 is
+    exact. Sample positions are exact in every dtype (floor and fraction of the offset alone). Under autocast,
+    float32 tensors are cast to the autocast dtype (the kernels take half precision directly, where
+    torchvision's op autocasts to float32).
 
     Args:
         input: (N, Cin, H, W).

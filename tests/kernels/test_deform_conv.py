@@ -11,7 +11,7 @@ import torch
 import torchvision
 from deform_conv_cases import DyConvLike, grad_out_like, grads, leaves, make_inputs, reference, rel_err, triton_op
 
-from kernels import deform_conv_op, modulated_deform_conv2d
+from kernels import deform_conv, deform_conv_op, modulated_deform_conv2d
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -64,6 +64,18 @@ def test_fp32_deterministic_matches_torchvision():
 def test_fp64_is_exact(deterministic):
     conv = dict(stride=1, padding=1, dilation=1)
     check(make_inputs(2, 6, 5, 7, 6, **conv), conv, dtype=torch.float64, tol=1e-12, deterministic=deterministic)
+
+
+@pytest.mark.parametrize("allow_tf32, dot", [(False, "ieee"), (True, "tf32")])
+def test_fp32_products_follow_torch_tf32_switch(allow_tf32, dot):
+    """Forward and backward both take their fp32 `tl.dot` precision from torch's matmul TF32 switch."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    try:
+        assert deform_conv.launch_flags(torch.zeros(1))["DOT"] == dot
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    assert deform_conv.launch_flags(torch.zeros(1, dtype=torch.float64))["FP64"]
 
 
 @needs_kernels

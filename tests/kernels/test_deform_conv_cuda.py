@@ -3,7 +3,7 @@ with inductor, determinism. The reference is torchvision.ops.deform_conv2d in fl
 same (rounded) inputs. Run with `pytest -m cuda tests/kernels` (without TRITON_INTERPRET).
 
 Documented error bounds (relative norm error, output and every gradient):
-fp32 1e-5 (true fp32 products forward, three-pass TF32 backward), fp32 with TF32 on 5e-3, fp16 5e-3, bf16 2e-2
+fp32 1e-5 (true fp32 products), fp32 with TF32 on 5e-3, fp16 5e-3, bf16 2e-2
 (measured on an H100: ~4e-7, 8e-4, 3e-4, 7e-3). The low-precision error comes
 from rounding the blended samples to the storage dtype before `tl.dot` and from storing results in it.
 """
