@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .ops import IMPLS
+from .ops import BASELINE, IMPLS
 from .records import sort_key
 
-BASELINE = "torchvision"
 COLUMNS = ("op", "dtype", "impl", "median ms", "p20-p80 ms", "TFLOP/s", "% peak", "peak MiB",
            f"vs {BASELINE}", "max rel err", "note")
 NOTE_CHARS = 80
@@ -36,6 +35,8 @@ def _note(record: dict) -> str:
     if record.get("check") == "fail":
         what = "non-finite" if record.get("max_rel_err") is None else "worst"
         text = f"CHECK FAILED ({what}: {record.get('worst')}) {text}".strip()
+    elif record.get("check") == "floor":
+        text = f"noise floor of the check ({record.get('worst')}) {text}".strip()
     text = text.splitlines()[0] if text else ""
     text = text if len(text) <= NOTE_CHARS else text[:NOTE_CHARS - 3] + "..."
     return text.replace("|", "/")
@@ -124,9 +125,10 @@ def chart(records: list[dict], title: str, path: str | os.PathLike) -> Path | No
             if label not in labels:
                 handles.append(handle)
                 labels.append(label)
-    fig.legend(handles, labels, loc="upper right", ncol=len(labels), fontsize=9)
+    # Legend below the panels: above them it collides with the title on a one-panel chart.
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9)
     fig.suptitle(title, x=0.02, ha="left")
-    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
     path = Path(path)
     fig.savefig(path, dpi=120)
     plt.close(fig)

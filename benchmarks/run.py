@@ -24,7 +24,7 @@ import torch
 
 from . import profile, records, report
 from .flops import peak_tflops
-from .ops import DTYPES, IMPLS, OPS, Problem, make_problem, rel_errors
+from .ops import BASELINE, DTYPES, IMPLS, OPS, Problem, first_failure, make_problem, rel_errors
 from .shapes import SHAPE_SETS
 from .timing import CPU_POLICY, GPU_POLICY, Policy, measure, peak_memory_mb, synchronize
 
@@ -123,11 +123,7 @@ class Runner:
             first_call_s = time.perf_counter() - start
             errors = rel_errors(results, reference)
             results = None
-            worst = max(range(len(errors)), key=errors.__getitem__)
-            finite = math.isfinite(errors[worst])
-            values = dict(max_rel_err=errors[worst] if finite else None, worst=problem.result_names()[worst],
-                          check="pass" if finite and errors[worst] <= spec.tolerance(dtype_name) else "fail",
-                          first_call_s=first_call_s)
+            values = dict(**self.check(problem, impl, dtype, errors), first_call_s=first_call_s)
             if impl == "triton" and self.device.type == "cpu":
                 # Only the Triton interpreter runs on a CPU: a correctness smoke, its speed means nothing.
                 note = "Triton interpreter: checked, not timed"
@@ -150,6 +146,17 @@ class Runner:
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+
+    def check(self, problem: Problem, impl: str, dtype: torch.dtype, errors: list[float]) -> dict:
+        """The record's check fields: "pass", "fail", or for the baseline beyond the fixed bound "floor" (its
+        errors are then the others' bound, see `first_failure`); "worst" names the failing or largest error."""
+        tolerance = problem.spec.tolerance(str(dtype).removeprefix("torch."))
+        noise = None if impl == BASELINE else problem.noise_floor(dtype)
+        bad = first_failure(errors, tolerance, noise)
+        worst = max(range(len(errors)), key=errors.__getitem__) if bad is None else bad
+        finite = all(math.isfinite(e) for e in errors)
+        check = "pass" if bad is None else "floor" if impl == BASELINE and finite else "fail"
+        return dict(max_rel_err=max(errors) if finite else None, worst=problem.result_names()[worst], check=check)
 
     def profile(self, impl: str, dtype_name: str) -> dict:
         """The profiler breakdown of PROFILE_OP for one impl, or its error."""

@@ -191,3 +191,27 @@ def test_cpu_profile_ranks_operators():
     text = profile.markdown([{"op": "dcn_fwd", "impl": "sampled", "dtype": "float32", "device": "cpu",
                               "shape": "s", **result}])
     assert "| 1 |" in text and "| 2 | `(other" in text
+
+
+def test_check_bound_is_the_tolerance_or_twice_the_baselines_own_error():
+    assert ops.first_failure([1e-5, 2e-5], 1e-4) is None
+    assert ops.first_failure([1e-5, 3e-4], 1e-4) == 1
+    assert ops.first_failure([1e-5, 3e-4], 1e-4, noise=[1e-6, 2e-4]) is None  # within 2x the baseline's 2e-4
+    assert ops.first_failure([1e-5, 5e-4], 1e-4, noise=[1e-6, 2e-4]) == 1
+    assert ops.first_failure([math.nan, 0.0], 1e-4, noise=[1e-6, 1e-6]) == 0
+
+
+def test_check_of_rows_against_the_baselines_noise_floor(tmp_path, monkeypatch):
+    """With a bound below float32 rounding, torchvision's row is the noise floor and sampled (float32 too,
+    errors of the same order) passes against it, while an impl that adds 10x the baseline's error fails."""
+    monkeypatch.setitem(ops.REL_ERR_TOL, "dcn", {"float32": 1e-20, "float16": 0.2, "bfloat16": 0.2})
+    _, content = run_main(tmp_path, "--ops", "dcn_fwd", "--impls", "torchvision,sampled", "--dtypes", "float32")
+    baseline, sampled = content["records"]
+    assert baseline["check"] == "floor" and baseline["max_rel_err"] > 1e-20
+    assert sampled["check"] == ("pass" if sampled["max_rel_err"] <= 2 * baseline["max_rel_err"] else "fail")
+
+    problem = ops.make_problem("dcn_fwd", SMALL, "cpu")
+    runner = run.Runner(run.parse_args([*FAST]))
+    noise = problem.noise_floor(torch.float32)
+    assert runner.check(problem, "sampled", torch.float32, [10 * e for e in noise])["check"] == "fail"
+    assert runner.check(problem, "sampled", torch.float32, noise)["check"] == "pass"
