@@ -30,10 +30,13 @@ class ScaleAttention(nn.Module):
         nn.init.normal_(self.conv.weight, 0.0, 0.01)
         nn.init.zeros_(self.conv.bias)
 
+    def attention(self, pooled: Tensor) -> Tensor:
+        """pooled: (N, C, 1, 1) spatial means of branches -> their attention weights (N, 1, 1, 1) in [0, 1]."""
+        return hard_sigmoid(F.relu(self.conv(pooled)))
+
     def weight(self, branch: Tensor) -> Tensor:
         """branch: (N, C, H, W) -> its attention weight (N, 1, 1, 1) in [0, 1]."""
-        pooled = F.adaptive_avg_pool2d(branch, 1)
-        return hard_sigmoid(F.relu(self.conv(pooled)))
+        return self.attention(F.adaptive_avg_pool2d(branch, 1))
 
     def forward(self, branches: Sequence[Tensor]) -> Tensor:
         weighted = [branch * self.weight(branch) for branch in branches]

@@ -78,18 +78,26 @@ class SpatialAttention(nn.Module):
         self.same = DeformConvNorm(in_channels, channels, stride=1)
         self.finer = DeformConvNorm(in_channels, channels, stride=2)
 
-    def forward(self, levels: Sequence[Tensor], level: int) -> list[Tensor]:
+    def convolve(self, levels: Sequence[Tensor], level: int) -> list[tuple[Tensor, nn.GroupNorm]]:
+        """The branches before their GroupNorm, in forward's order: (deformable conv output, its GroupNorm).
+        The coarser branch's output is at x[l+1]'s size; forward normalises it, then upsamples it."""
         x = levels[level]
         om = self.offset(x)  # (N, 27, H, W)
         offset, mask = om[:, :18], om[:, 18:].sigmoid()
-        branches = [self.same(x, offset, mask, self.backend)]
+        branches = [(self.same.conv(x, offset, mask, self.backend), self.same.norm)]
         if level > 0:
-            branches.append(self.finer(levels[level - 1], offset, mask, self.backend))
+            branches.append((self.finer.conv(levels[level - 1], offset, mask, self.backend), self.finer.norm))
         if level < len(levels) - 1:
             coarse = levels[level + 1]
             hc, wc = coarse.shape[-2:]
             offset_c = coarser_view(offset, hc, wc, self.high_offsets)
             mask_c = coarser_view(mask, hc, wc, self.high_offsets)
-            y = self.coarser(coarse, offset_c, mask_c, self.backend)
-            branches.append(F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=True))
+            branches.append((self.coarser.conv(coarse, offset_c, mask_c, self.backend), self.coarser.norm))
+        return branches
+
+    def forward(self, levels: Sequence[Tensor], level: int) -> list[Tensor]:
+        size = levels[level].shape[-2:]
+        branches = [norm(y) for y, norm in self.convolve(levels, level)]
+        if level < len(levels) - 1:
+            branches[-1] = F.interpolate(branches[-1], size=size, mode="bilinear", align_corners=True)
         return branches

@@ -37,13 +37,12 @@ class TaskAttention(nn.Module):
         self.fc1 = nn.Linear(channels, hidden)
         self.fc2 = nn.Linear(hidden, 4 * channels)
 
-    def coefficients(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """x: (N, C, H, W) -> (a1, b1, a2, b2), each (N, C, 1, 1)."""
-        pooled = x.mean(dim=(2, 3))  # (N, C)
+    def coefficients(self, pooled: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """pooled: (N, C) spatial means of x -> (a1, b1, a2, b2), each (N, C)."""
         y = hard_sigmoid(self.fc2(F.relu(self.fc1(pooled))))  # (N, 4C)
-        y1, y2, y3, y4 = y[:, :, None, None].split(self.channels, dim=1)
+        y1, y2, y3, y4 = y.split(self.channels, dim=1)
         return (y1 - 0.5) * 2.0 + 1.0, y2 - 0.5, (y3 - 0.5) * 2.0, y4 - 0.5
 
     def forward(self, x: Tensor) -> Tensor:
-        a1, b1, a2, b2 = self.coefficients(x)
+        a1, b1, a2, b2 = (t[:, :, None, None] for t in self.coefficients(x.mean(dim=(2, 3))))
         return torch.maximum(x * a1 + b1, x * a2 + b2)
