@@ -13,16 +13,24 @@ may be slices or `as_strided` views); the weight is packed as [kh*kw*Cin, Cout] 
 y and the output gradient are contiguous NCHW, and a pixel tile never spans two images, so its pixels are
 contiguous in memory. Reference twin: `torchvision.ops.deform_conv2d` with one offset group.
 `deform_conv_backward` holds the backward.
+
+Grouped launch: one launch serves a list of levels (a feature pyramid) that share the weight, N and Cin but
+differ in H, W. The levels' channels-last inputs are packed into one (sum_l N*H_l*W_l, Cin) buffer and their
+outputs into one flat buffer (level after level, each (N, Cout, H_out, W_out)); level l owns the next
+N * cdiv(H_out*W_out, BLOCK_P) programs, and each program finds its level (`find_level`) and reads the level's
+sizes, buffer starts and offset/mask pointers and strides from an int64 table (`level_table`). With one level
+(GROUPED False) the same values come as kernel arguments instead: no table, and the compiler keeps its
+divisibility knowledge of them.
 """
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
 
 
 def autotune_configs(space, interpret_config):
@@ -118,6 +126,50 @@ def load_corners(ptr, cmask, ok00, ok01, ok10, ok11, stride_xh, stride_xw, ACC: 
     return v00, v01, v10, v11
 
 
+# A grouped launch's int64 level table: one row per level, these fields in this order (`level_table` writes
+# the rows, `level_args` reads them). x_start and o_start: the level's first pixel in the packed input and in
+# the flat output, counted over all images of the earlier levels.
+LEVEL_FIELDS = ("H", "W", "Ho", "Wo", "HoWo", "x_start", "o_start",
+                "offset", "stride_on", "stride_oc", "stride_oh", "stride_ow",
+                "mask", "stride_mn", "stride_mc", "stride_mh", "stride_mw")
+_FIELDS = tl.constexpr(len(LEVEL_FIELDS))
+_HOWO = tl.constexpr(LEVEL_FIELDS.index("HoWo"))
+
+
+@triton.jit
+def find_level(pid, table_ptr, LEVELS, FIELDS: tl.constexpr, COUNT: tl.constexpr, SCALE, UNIT):
+    """The level of program pid and pid's index among that level's programs, where level l owns the next
+    SCALE * cdiv(table[l, COUNT], UNIT) programs (table: int64 rows of FIELDS). A scan of scalar loads: a
+    pyramid has a handful of levels."""
+    level = pid * 0
+    start = pid * 0
+    for l in range(0, LEVELS - 1):
+        count = SCALE * tl.cdiv(tl.load(table_ptr + l * FIELDS + COUNT).to(tl.int32), UNIT)
+        past = (level == l) & (pid >= start + count)
+        level = tl.where(past, l + 1, level)
+        start = tl.where(past, start + count, start)
+    return level, pid - start
+
+
+@triton.jit
+def level_args(table_ptr, level, off_ptr, msk_ptr):
+    """The level's row of the table (`LEVEL_FIELDS`): sizes as int32, pixel starts and strides as int64, and
+    its offset and mask pointers, typed like off_ptr and msk_ptr."""
+    row = table_ptr + level * _FIELDS
+    H = tl.load(row).to(tl.int32)
+    W = tl.load(row + 1).to(tl.int32)
+    Ho = tl.load(row + 2).to(tl.int32)
+    Wo = tl.load(row + 3).to(tl.int32)
+    HoWo = tl.load(row + 4).to(tl.int32)
+    x_start = tl.load(row + 5)
+    o_start = tl.load(row + 6)
+    off = tl.load(row + 7).to(tl.pointer_type(off_ptr.dtype.element_ty))
+    msk = tl.load(row + 12).to(tl.pointer_type(msk_ptr.dtype.element_ty))
+    return (H, W, Ho, Wo, HoWo, x_start, o_start,
+            off, tl.load(row + 8), tl.load(row + 9), tl.load(row + 10), tl.load(row + 11),
+            msk, tl.load(row + 13), tl.load(row + 14), tl.load(row + 15), tl.load(row + 16))
+
+
 # (meta, num_warps, num_stages). BLOCK_N = 256 covers DyHead's 256 output channels, so every sampled tile is
 # gathered and blended once; the wgmma accumulator of a 64 x 256 tile takes 128 registers per thread of one
 # warpgroup.
@@ -154,23 +206,35 @@ def _fwd_prune(configs, named_args, **kwargs):
 # P_BUCKET (next power of two of the pixel count) keys the tuning on the problem size without retuning for
 # every image size.
 @triton.autotune(configs=autotune_configs(_FWD_SPACE, {"BLOCK_P": 32, "BLOCK_N": 16, "BLOCK_K": 16}),
-                 key=["C", "Cout", "KK", "P_BUCKET", "DOT"], prune_configs_by={"early_config_prune": _fwd_prune})
+                 key=["C", "Cout", "KK", "P_BUCKET", "DOT", "GROUPED"],
+                 prune_configs_by={"early_config_prune": _fwd_prune})
 @triton.jit
-def _fwd_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, b_ptr, y_ptr,
-                C, H, W, Cout, Ho, Wo, HoWo, KK, KW, P_BUCKET,
-                stride_xn, stride_xc, stride_xh, stride_xw,
+def _fwd_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, b_ptr, y_ptr, table_ptr,
+                N, C, Cout, KK, KW, P_BUCKET, LEVELS,
+                H, W, Ho, Wo, HoWo,
                 stride_on, stride_oc, stride_oh, stride_ow,
                 stride_mn, stride_mc, stride_mh, stride_mw,
                 conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w,
-                HAS_BIAS: tl.constexpr, FP64: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
-                BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y[n, co, hw] = sum_{tap, c} sample(x, n, hw, tap)[c] * w[tap * C + c, co] (+ bias[co]).
+                GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, Y_INT64: tl.constexpr, FP64: tl.constexpr,
+                DOT: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """y[n, co, hw] = sum_{tap, c} sample(x, n, hw, tap)[c] * w[tap * C + c, co] (+ bias[co]), per level.
 
-    Grid: (N * cdiv(Ho*Wo, BLOCK_P), cdiv(Cout, BLOCK_N)). w is the packed [KK*C, Cout] weight (contiguous),
-    y a contiguous (N, Cout, Ho, Wo) tensor.
+    Grid: (sum over levels of N * cdiv(Ho*Wo, BLOCK_P), cdiv(Cout, BLOCK_N)). x: the packed NHWC input
+    (sum_l N*H_l*W_l, C); w: the packed [KK*C, Cout] weight (contiguous); y: the flat output, level after level
+    (N, Cout, Ho, Wo) contiguous. GROUPED: the level sizes, starts, offset/mask pointers and strides come from
+    the LEVELS rows of table_ptr (`level_args`) instead of the arguments H ... stride_mw (one level). Y_INT64:
+    an image's Cout*Ho*Wo outputs may pass 2**31.
     """
-    tiles = tl.cdiv(HoWo, BLOCK_P)
     pid = tl.program_id(0)
+    x_start = 0
+    o_start = 0
+    if GROUPED:
+        level, pid = find_level(pid, table_ptr, LEVELS, _FIELDS, _HOWO, N, BLOCK_P)
+        (H, W, Ho, Wo, HoWo, x_start, o_start,
+         off_ptr, stride_on, stride_oc, stride_oh, stride_ow,
+         msk_ptr, stride_mn, stride_mc, stride_mh, stride_mw) = level_args(table_ptr, level, off_ptr, msk_ptr)
+    tiles = tl.cdiv(HoWo, BLOCK_P)
     n = (pid // tiles).to(tl.int64)
     hw = (pid % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
     valid_p = hw < HoWo
@@ -179,7 +243,10 @@ def _fwd_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, b_ptr, y_ptr,
     co = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     valid_co = co < Cout
     offs_k = tl.arange(0, BLOCK_K)
-    img = x_ptr + n * stride_xn
+    # NHWC strides as multiples of C: the compiler then knows every corner's channel vector starts at a
+    # multiple of C (16-byte aligned when C is a multiple of 8 or 16), level table or not.
+    img = x_ptr + (x_start + n * H * W) * C
+    stride_xh = W * C
     c_blocks = tl.cdiv(C, BLOCK_K)
 
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=ACC)
@@ -206,9 +273,9 @@ def _fwd_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, b_ptr, y_ptr,
         cmask = c < C
         # The corner offsets are formed here, not carried: the compiler then sees that they are multiples of
         # the pixel strides, which lets it vectorize the channel loads.
-        rows = y0.to(tl.int64) * stride_xh + x0.to(tl.int64) * stride_xw
-        v00, v01, v10, v11 = load_corners(img + rows[:, None] + (c * stride_xc)[None, :], cmask,
-                                          ok00, ok01, ok10, ok11, stride_xh, stride_xw, ACC)
+        rows = y0.to(tl.int64) * stride_xh + x0.to(tl.int64) * C
+        v00, v01, v10, v11 = load_corners(img + rows[:, None] + c[None, :], cmask,
+                                          ok00, ok01, ok10, ok11, stride_xh, C, ACC)
         val = w00[:, None] * v00 + w01[:, None] * v01 + w10[:, None] * v10 + w11[:, None] * v11
         wt = tl.load(w_ptr + (tap * C + c)[:, None] * Cout + co[None, :],
                      mask=cmask[:, None] & valid_co[None, :], other=0.0)
@@ -216,7 +283,13 @@ def _fwd_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, b_ptr, y_ptr,
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + co, mask=valid_co, other=0.0).to(ACC)[None, :]
-    y_ptrs = y_ptr + n * Cout * HoWo + co[None, :].to(tl.int64) * HoWo + hw[:, None]
+    y_img = y_ptr + (o_start + n * HoWo) * Cout
+    if Y_INT64:
+        y_ptrs = y_img + co[None, :].to(tl.int64) * HoWo + hw[:, None]
+    else:
+        # int32 offsets, widened only at the store: a grouped launch stores element by element (the level sizes
+        # are unknown to the compiler), and 64-bit offsets of the whole tile would spill.
+        y_ptrs = y_img + (co[None, :] * HoWo + hw[:, None])
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=valid_p[:, None] & valid_co[None, :])
 
 
@@ -233,16 +306,42 @@ def acc_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+# A grouped transpose's table: per level, its programs, sizes, source pointer and strides, and destination.
+TRANSPOSE_FIELDS = ("tiles", "A", "B", "src", "stride_sn", "stride_sa", "stride_sb", "dst")
+_T_FIELDS = tl.constexpr(len(TRANSPOSE_FIELDS))
+TRANSPOSE_BLOCK = 16 if INTERPRET else 64
+
+
 @triton.jit
-def _transpose_kernel(src_ptr, dst_ptr, A, B, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
-    """dst[n, b, a] = src[n, a, b], both contiguous, cast to dst's dtype. Grid: (cdiv(A, BLOCK_A) *
-    cdiv(B, BLOCK_B), N). Tiled, so that loads and stores are both coalesced."""
+def _transpose_kernel(src_ptr, dst_ptr, table_ptr, A, B, LEVELS, GROUPED: tl.constexpr,
+                      BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    """dst[n, b, a] = src[n, a, b], cast to dst's dtype; dst contiguous. Tiled, so that loads and stores are
+    both coalesced.
+
+    Grid: (sum over levels of cdiv(A, BLOCK_A) * cdiv(B, BLOCK_B), N). One level: src contiguous (N, A, B).
+    GROUPED: each level's A, B, source (pointer, strides) and destination pointer come from the LEVELS rows
+    of table_ptr (`TRANSPOSE_FIELDS`).
+    """
+    pid = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    if GROUPED:
+        level, pid = find_level(pid, table_ptr, LEVELS, _T_FIELDS, 0, 1, 1)
+        row = table_ptr + level * _T_FIELDS
+        A = tl.load(row + 1).to(tl.int32)
+        B = tl.load(row + 2).to(tl.int32)
+        src_ptr = tl.load(row + 3).to(tl.pointer_type(src_ptr.dtype.element_ty))
+        dst_ptr = tl.load(row + 7).to(tl.pointer_type(dst_ptr.dtype.element_ty))
     blocks_b = tl.cdiv(B, BLOCK_B)
-    a = (tl.program_id(0) // blocks_b) * BLOCK_A + tl.arange(0, BLOCK_A)
-    b = (tl.program_id(0) % blocks_b) * BLOCK_B + tl.arange(0, BLOCK_B)
-    base = tl.program_id(1).to(tl.int64) * A * B
+    a = (pid // blocks_b) * BLOCK_A + tl.arange(0, BLOCK_A)
+    b = (pid % blocks_b) * BLOCK_B + tl.arange(0, BLOCK_B)
+    base = n * A * B
     mask = (a < A)[:, None] & (b < B)[None, :]
-    tile = tl.load(src_ptr + base + a[:, None].to(tl.int64) * B + b[None, :], mask=mask)
+    if GROUPED:
+        src = (src_ptr + n * tl.load(row + 4) + a[:, None].to(tl.int64) * tl.load(row + 5)
+               + b[None, :] * tl.load(row + 6))
+    else:
+        src = src_ptr + base + a[:, None].to(tl.int64) * B + b[None, :]
+    tile = tl.load(src, mask=mask)
     tl.store(dst_ptr + base + b[None, :].to(tl.int64) * A + a[:, None], tile.to(dst_ptr.dtype.element_ty), mask=mask)
 
 
@@ -250,10 +349,25 @@ def transpose_last(src, dst):
     """dst (N, B, A) = src (N, A, B) transposed, both contiguous (torch's permuted copy is several times
     slower); returns dst."""
     n, a, b = src.shape
-    block = 16 if INTERPRET else 64
-    _transpose_kernel[(triton.cdiv(a, block) * triton.cdiv(b, block), n)](src, dst, a, b, BLOCK_A=block,
-                                                                         BLOCK_B=block)
+    block = TRANSPOSE_BLOCK
+    _transpose_kernel[(triton.cdiv(a, block) * triton.cdiv(b, block), n)](src, dst, src, a, b, 1, GROUPED=False,
+                                                                         BLOCK_A=block, BLOCK_B=block)
     return dst
+
+
+def transpose_row(a, b, src, src_strides, dst):
+    """One level's row of a grouped transpose (`TRANSPOSE_FIELDS`): dst (int address, contiguous (N, b, a))
+    = src (int address, (N, a, b) with the given element strides) transposed."""
+    tiles = triton.cdiv(a, TRANSPOSE_BLOCK) * triton.cdiv(b, TRANSPOSE_BLOCK)
+    return [tiles, a, b, src, *src_strides, dst]
+
+
+def transpose_levels(src, dst, table, rows, n):
+    """Launch the grouped transpose of `rows` (a list of `transpose_row`s, uploaded as table); src and dst are
+    tensors of the source's and destination's dtypes (only their types count)."""
+    tiles = sum(row[0] for row in rows)
+    _transpose_kernel[(tiles, n)](src, dst, table, 0, 0, len(rows), GROUPED=True, BLOCK_A=TRANSPOSE_BLOCK,
+                                  BLOCK_B=TRANSPOSE_BLOCK)
 
 
 def channels_last(x):
@@ -272,35 +386,117 @@ def pack_weight(weight):
     return weight.permute(2, 3, 1, 0).reshape(kh * kw * cin, cout).contiguous()
 
 
-def geometry(x, weight, stride, padding, dilation):
-    n, c, h, w = x.shape
+@dataclass
+class Levels:
+    """Sizes of a launch over levels that share N, Cin and the weight.
+
+    sizes: (H, W, H_out, W_out) per level; x_starts / o_starts: each level's first pixel in the packed input /
+    the flat output, counted over all images of the earlier levels; x_pixels / o_pixels: the totals.
+    """
+    n: int
+    c: int
+    cout: int
+    kh: int
+    kw: int
+    sizes: list
+    x_starts: list
+    o_starts: list
+    x_pixels: int
+    o_pixels: int
+
+
+def levels_of(xs, weight, stride, padding, dilation):
+    """The `Levels` of inputs xs, each (N, Cin, H_l, W_l), under weight (Cout, Cin, kh, kw)."""
     cout, _, kh, kw = weight.shape
-    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return n, c, h, w, cout, kh, kw, ho, wo
+    sizes, x_starts, o_starts, x_pixels, o_pixels = [], [], [], 0, 0
+    for x in xs:
+        n, c, h, w = x.shape
+        ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        sizes.append((h, w, ho, wo))
+        x_starts.append(x_pixels)
+        o_starts.append(o_pixels)
+        x_pixels += n * h * w
+        o_pixels += n * ho * wo
+    return Levels(n, c, cout, kh, kw, sizes, x_starts, o_starts, x_pixels, o_pixels)
+
+
+def level_arguments(levels, offset, mask):
+    """The kernels' per-level arguments H ... stride_mw: a one-level launch's values; placeholders when the
+    kernels read them from the level table (GROUPED)."""
+    if len(levels.sizes) > 1:
+        return (0,) * 13
+    h, w, ho, wo = levels.sizes[0]
+    return (h, w, ho, wo, ho * wo, *offset.stride(), *mask.stride())
+
+
+def device_tables(device, *tables):
+    """int64 tables (flat lists of ints) on device, in one host-to-device copy: from pinned memory and
+    asynchronous on CUDA, so that the host does not wait for the GPU."""
+    host = torch.tensor([v for t in tables for v in t], dtype=torch.int64, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True).split([len(t) for t in tables])
+
+
+def grouped_input(xs, offsets, masks, levels, extra_rows=()):
+    """The inputs of a grouped launch: the levels' inputs packed channels-last into one (x_pixels, Cin) buffer
+    (one grouped transpose), the level table (rows of `LEVEL_FIELDS`) and, in the same upload, the tables of
+    extra_rows (lists of `transpose_row`s). Returns (packed, table, *extra tables)."""
+    x0 = xs[0]
+    packed = x0.new_empty((levels.x_pixels, levels.c))
+    # Each (N, C, H, W) input read as (N, C, H*W): a view for NCHW and channels-last memory alike.
+    flat = [x.flatten(2) for x in xs]
+    pack_rows = [transpose_row(levels.c, h * w, v.data_ptr(), v.stride(),
+                               packed.data_ptr() + start * levels.c * packed.element_size())
+                 for v, (h, w, _, _), start in zip(flat, levels.sizes, levels.x_starts)]
+    table_rows = []
+    for (h, w, ho, wo), x_start, o_start, offset, mask in zip(levels.sizes, levels.x_starts, levels.o_starts,
+                                                              offsets, masks):
+        table_rows += [h, w, ho, wo, ho * wo, x_start, o_start,
+                       offset.data_ptr(), *offset.stride(), mask.data_ptr(), *mask.stride()]
+    table, pack_table, *extra = device_tables(x0.device, table_rows, sum(pack_rows, []),
+                                              *(sum(rows, []) for rows in extra_rows))
+    transpose_levels(x0, packed, pack_table, pack_rows, levels.n)
+    return (packed, table, *extra)
 
 
 def conv_args(stride, padding, dilation):
     return (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
 
 
-def deform_conv_forward(x, offset, mask, weight, bias, stride, padding, dilation):
-    """Forward launch. Shapes as `kernels.modulated_deform_conv2d`; stride/padding/dilation are pairs.
+def deform_conv_forward(xs, offsets, masks, weight, bias, stride, padding, dilation):
+    """Forward launch over a list of levels (one launch for all; one level is the plain op). xs, offsets, masks:
+    per level, shapes as `kernels.modulated_deform_conv2d`, sharing N, Cin, dtype and device; stride/padding/
+    dilation are pairs.
 
-    Returns y: (N, Cout, H_out, W_out), contiguous, in the input's dtype.
+    Returns y: flat (sum_l N*Cout*H_out_l*W_out_l,), level after level each (N, Cout, H_out, W_out)
+    contiguous, in the inputs' dtype.
     """
-    n, c, h, w, cout, kh, kw, ho, wo = geometry(x, weight, stride, padding, dilation)
-    y = x.new_empty((n, cout, ho, wo))
-    if n * ho * wo == 0 or cout == 0:
+    levels = levels_of(xs, weight, stride, padding, dilation)
+    n, c, cout = levels.n, levels.c, levels.cout
+    y = xs[0].new_empty((levels.o_pixels * cout,))
+    if levels.o_pixels == 0 or cout == 0:
         return y
     if c == 0:
-        return y.copy_(bias[None, :, None, None].expand_as(y)) if bias is not None else y.zero_()
-    xl = channels_last(x)
+        for (_, _, ho, wo), start in zip(levels.sizes, levels.o_starts):
+            level = y[start * cout:(start + n * ho * wo) * cout].view(n, cout, ho * wo)
+            if bias is not None:
+                level.copy_(bias[None, :, None].expand_as(level))
+            else:
+                level.zero_()
+        return y
     wp = pack_weight(weight)
-    grid = lambda meta: (n * triton.cdiv(ho * wo, meta["BLOCK_P"]), triton.cdiv(cout, meta["BLOCK_N"]))
+    grouped = len(xs) > 1
+    if grouped:
+        xl, table = grouped_input(xs, offsets, masks, levels)
+    else:
+        xl = channels_last(xs[0])
+        table = xl
+    grid = lambda meta: (sum(n * triton.cdiv(ho * wo, meta["BLOCK_P"]) for _, _, ho, wo in levels.sizes),
+                         triton.cdiv(cout, meta["BLOCK_N"]))
     _fwd_kernel[grid](
-        xl, offset, mask, wp, bias if bias is not None else wp, y,
-        c, h, w, cout, ho, wo, ho * wo, kh * kw, kw, triton.next_power_of_2(n * ho * wo),
-        *xl.stride(), *offset.stride(), *mask.stride(), *conv_args(stride, padding, dilation),
-        HAS_BIAS=bias is not None, **launch_flags(x))
+        xl, offsets[0], masks[0], wp, bias if bias is not None else wp, y, table,
+        n, c, cout, levels.kh * levels.kw, levels.kw, triton.next_power_of_2(levels.o_pixels), len(xs),
+        *level_arguments(levels, offsets[0], masks[0]), *conv_args(stride, padding, dilation),
+        GROUPED=grouped, HAS_BIAS=bias is not None,
+        Y_INT64=cout * max(ho * wo for _, _, ho, wo in levels.sizes) >= 2**31, **launch_flags(xs[0]))
     return y

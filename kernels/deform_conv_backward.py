@@ -11,7 +11,8 @@ output gradient dY once and
   corner values, so the input is gathered once for all the gradients.
 What sums over programs (offset and mask gradients over channel and output chunks, the grad weight over pixel
 runs) goes through fp32 atomics, or, deterministically, through per-program partials summed in a fixed order.
-Layouts as in `deform_conv`.
+Layouts and the grouped launch over a list of levels as in `deform_conv`: the pixel runs of all levels share
+the grid's last axis, and every per-level buffer is packed level after level.
 """
 
 import functools
@@ -21,8 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .deform_conv import (INTERPRET, acc_dtype, autotune_configs, channels_last, conv_args,
-                          geometry, launch_flags, load_corners, mma, pack_weight, tap_sample, transpose_last)
+from .deform_conv import (_FIELDS, _HOWO, INTERPRET, acc_dtype, autotune_configs, channels_last, conv_args,
+                          find_level, grouped_input, launch_flags, level_args, level_arguments, levels_of,
+                          load_corners, mma, pack_weight, tap_sample, transpose_last, transpose_levels,
+                          transpose_row)
 
 # Only BLOCK_P is tuned: the wrapper fixes BLOCK_K and BLOCK_N (`_bwd_blocks`), because the partial buffers
 # are shaped by them. With BLOCK_N = 256 the fp32 accumulators need 8 warps to stay in registers.
@@ -65,47 +68,66 @@ def _accumulate(ptrs, val, mask, DETERMINISTIC: tl.constexpr):
 # The atomic accumulators are zeroed before every autotuning trial.
 @triton.autotune(configs=autotune_configs(_BWD_SPACE, {"BLOCK_P": 32}),
                  key=["C", "Cout", "KK", "P_BUCKET", "DOT", "BLOCK_N", "BLOCK_K", "DETERMINISTIC", "GRAD_INPUT",
-                      "GRAD_SAMPLE", "GRAD_WEIGHT"],
+                      "GRAD_SAMPLE", "GRAD_WEIGHT", "GROUPED"],
                  reset_to_zero=["gs_ptr", "gx_ptr", "gw_ptr"],
                  prune_configs_by={"early_config_prune": _bwd_prune})
 @triton.jit
 def _bwd_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, gy_ptr,
-                gs_ptr, gx_ptr, gw_ptr, gcol_ptr, tgt_ptr, coef_ptr,
-                N, C, H, W, Cout, Ho, Wo, HoWo, KK, KW, P_BUCKET, PIX,
-                stride_xn, stride_xc, stride_xh, stride_xw,
+                gs_ptr, gx_ptr, gw_ptr, gcol_ptr, tgt_ptr, coef_ptr, table_ptr,
+                N, C, Cout, KK, KW, P_BUCKET, PIX, LEVELS, X_PIXELS, O_PIXELS,
+                H, W, Ho, Wo, HoWo,
                 stride_on, stride_oc, stride_oh, stride_ow,
                 stride_mn, stride_mc, stride_mh, stride_mw,
                 conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w,
-                GRAD_INPUT: tl.constexpr, GRAD_SAMPLE: tl.constexpr, GRAD_WEIGHT: tl.constexpr,
-                DETERMINISTIC: tl.constexpr, FP64: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
-                BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                GROUPED: tl.constexpr, GRAD_INPUT: tl.constexpr, GRAD_SAMPLE: tl.constexpr,
+                GRAD_WEIGHT: tl.constexpr, DETERMINISTIC: tl.constexpr, FP64: tl.constexpr, DOT: tl.constexpr,
+                ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """All gradients but the bias's, for one (tap, channel chunk, output chunk, pixel run).
 
-    Grid: (KK * cdiv(C, BLOCK_K), cdiv(Cout, BLOCK_N), N * cdiv(Ho*Wo, PIX)). w: packed [KK*C, Cout]; gy:
-    contiguous (N, Cout, Ho, Wo). Outputs (fp32; R = 1 with atomics, else one row per partial):
-    gs [R, N, 3*KK, Ho*Wo] (channel 2*tap + 0/1: dy/dx gradient, 2*KK + tap: mask gradient;
-    R = cdiv(C, BLOCK_K) * cdiv(Cout, BLOCK_N));
-    gw [R, KK*C, Cout] (R = N * cdiv(Ho*Wo, PIX)); gx: NHWC grad input (atomics) or, when DETERMINISTIC,
-    gcol [cdiv(Cout, BLOCK_N), N*Ho*Wo*KK, C] and the corner entries tgt, coef [N*Ho*Wo*KK*4] for
+    Grid: (KK * cdiv(C, BLOCK_K), cdiv(Cout, BLOCK_N), sum over levels of N * cdiv(Ho*Wo, PIX)). x, w, table
+    and GROUPED as in `_fwd_kernel`; gy: the output gradient, laid out as y, or when GROUPED channels-last
+    (O_PIXELS, Cout); X_PIXELS / O_PIXELS: input / output pixels of all levels and images. Outputs (fp32; R = 1 with atomics, else one row per partial):
+    gs [R, 3*KK*O_PIXELS]: the offset gradients of every level, each (N, 2*KK, Ho, Wo) ((dy, dx) per tap),
+    then the mask gradients, each (N, KK, Ho, Wo); R = cdiv(C, BLOCK_K) * cdiv(Cout, BLOCK_N);
+    gw [R, KK*C, Cout] (R = the pixel runs); gx: the packed NHWC grad input (atomics) or, when DETERMINISTIC,
+    gcol [cdiv(Cout, BLOCK_N), O_PIXELS*KK, C] and the corner entries tgt, coef [O_PIXELS*KK*4] for
     `_grad_input_gather_kernel`. GRAD_INPUT / GRAD_SAMPLE (offset and mask) / GRAD_WEIGHT switch off what
     autograd does not need.
     """
     pid_kc = tl.program_id(0)
     nb = tl.program_id(1)
     pid_s = tl.program_id(2)
+    run = pid_s
+    x_start = 0
+    o_start = 0
+    if GROUPED:
+        level, run = find_level(pid_s, table_ptr, LEVELS, _FIELDS, _HOWO, N, PIX)
+        (H, W, Ho, Wo, HoWo, x_start, o_start,
+         off_ptr, stride_on, stride_oc, stride_oh, stride_ow,
+         msk_ptr, stride_mn, stride_mc, stride_mh, stride_mw) = level_args(table_ptr, level, off_ptr, msk_ptr)
     c_blocks = tl.cdiv(C, BLOCK_K)
     tap = pid_kc // c_blocks
     cb = pid_kc % c_blocks
     splits = tl.cdiv(HoWo, PIX)
-    n = (pid_s // splits).to(tl.int64)
-    hw_start = (pid_s % splits) * PIX
+    n = (run // splits).to(tl.int64)
+    hw_start = (run % splits) * PIX
     hw_end = tl.minimum(hw_start + PIX, HoWo)
     c = cb * BLOCK_K + tl.arange(0, BLOCK_K)
     cmask = c < C
     co = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     comask = co < Cout
-    img = x_ptr + n * stride_xn
-    gy_cols = gy_ptr + n * Cout * HoWo + co[None, :].to(tl.int64) * HoWo
+    # NHWC strides as multiples of C, as in the forward: the corner gathers and grad-input atomics stay
+    # vectorized.
+    img = x_ptr + (x_start + n * H * W) * C
+    stride_xh = W * C
+    # This image's first output pixel over all levels and images.
+    pixel0 = o_start + n * HoWo
+    if GROUPED:
+        # dY channels-last (the wrapper transposes it): its channel vectors stay 16-byte aligned whatever the
+        # level sizes, where the NCHW pixel runs of odd-sized levels would load element by element.
+        gy_rows = gy_ptr + pixel0 * Cout + co[None, :]
+    else:
+        gy_cols = gy_ptr + pixel0 * Cout + co[None, :].to(tl.int64) * HoWo
     # w_tap^T for this program's channels, [BLOCK_N, BLOCK_K]: loaded once for the whole pixel run.
     wt = tl.load(w_ptr + (tap * C + c)[None, :] * Cout + co[:, None], mask=comask[:, None] & cmask[None, :],
                  other=0.0)
@@ -121,11 +143,15 @@ def _bwd_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, gy_ptr,
             off_ptr, msk_ptr, n, oh, ow, valid_p, tap, H, W, KW,
             stride_on, stride_oc, stride_oh, stride_ow, stride_mn, stride_mc, stride_mh, stride_mw,
             conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w, ACC)
-        g = tl.load(gy_cols + hw[:, None], mask=valid_p[:, None] & comask[None, :], other=0.0)
+        if GROUPED:
+            gy_tile = gy_rows + (hw.to(tl.int64) * Cout)[:, None]
+        else:
+            gy_tile = gy_cols + hw[:, None]
+        g = tl.load(gy_tile, mask=valid_p[:, None] & comask[None, :], other=0.0)
         if GRAD_SAMPLE or GRAD_WEIGHT:
-            rows = y0.to(tl.int64) * stride_xh + x0.to(tl.int64) * stride_xw
-            v00, v01, v10, v11 = load_corners(img + rows[:, None] + (c * stride_xc)[None, :], cmask,
-                                              ok00, ok01, ok10, ok11, stride_xh, stride_xw, ACC)
+            rows = y0.to(tl.int64) * stride_xh + x0.to(tl.int64) * C
+            v00, v01, v10, v11 = load_corners(img + rows[:, None] + c[None, :], cmask,
+                                              ok00, ok01, ok10, ok11, stride_xh, C, ACC)
         if GRAD_SAMPLE or GRAD_INPUT:
             gcol = mma(tl.zeros((BLOCK_P, BLOCK_K), dtype=ACC), g, wt, FP64, DOT)
         if GRAD_SAMPLE:
@@ -136,23 +162,24 @@ def _bwd_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, gy_ptr,
             hy = 1 - ly
             hx = 1 - lx
             if DETERMINISTIC:
-                row = cb * tl.num_programs(1) + nb
+                row = (cb * tl.num_programs(1) + nb).to(tl.int64)
             else:
                 row = 0
-            gs = gs_ptr + (row * N + n) * 3 * KK * HoWo + hw
-            goff = gs + (2 * tap).to(tl.int64) * HoWo
+            gs = gs_ptr + row * 3 * KK * O_PIXELS
+            goff = gs + pixel0 * 2 * KK + (2 * tap).to(tl.int64) * HoWo + hw
             _accumulate(goff, m * (hx * (a10 - a00) + lx * (a11 - a01)), valid_p, DETERMINISTIC)
             _accumulate(goff + HoWo, m * (hy * (a01 - a00) + ly * (a11 - a10)), valid_p, DETERMINISTIC)
             g_mask = hy * (hx * a00 + lx * a01) + ly * (hx * a10 + lx * a11)
-            _accumulate(gs + (2 * KK + tap).to(tl.int64) * HoWo, g_mask, valid_p, DETERMINISTIC)
+            gmask = gs + 2 * KK * O_PIXELS + pixel0 * KK + tap.to(tl.int64) * HoWo + hw
+            _accumulate(gmask, g_mask, valid_p, DETERMINISTIC)
         if GRAD_INPUT and DETERMINISTIC:
-            entry = (n * HoWo + hw) * KK + tap
-            tl.store(gcol_ptr + ((nb.to(tl.int64) * N * HoWo * KK + entry) * C)[:, None] + c[None, :], gcol,
+            entry = (pixel0 + hw) * KK + tap
+            tl.store(gcol_ptr + ((nb.to(tl.int64) * O_PIXELS * KK + entry) * C)[:, None] + c[None, :], gcol,
                      mask=valid_p[:, None] & cmask[None, :])
-            _store_corner_entries(tgt_ptr, coef_ptr, entry, (n * H + y0) * W + x0, W, N * H * W,
+            _store_corner_entries(tgt_ptr, coef_ptr, entry, x_start + (n * H + y0) * W + x0, W, X_PIXELS,
                                   w00, w01, w10, w11, ok00, ok01, ok10, ok11, valid_p & (cb == 0) & (nb == 0))
         elif GRAD_INPUT:
-            gx = gx_ptr + (((n * H + y0) * W + x0) * C)[:, None] + c[None, :]
+            gx = gx_ptr + ((x_start + (n * H + y0) * W + x0) * C)[:, None] + c[None, :]
             cm = cmask[None, :]
             tl.atomic_add(gx, gcol * w00[:, None], mask=ok00[:, None] & cm, sem="relaxed")
             tl.atomic_add(gx + C, gcol * w01[:, None], mask=ok01[:, None] & cm, sem="relaxed")
@@ -176,8 +203,8 @@ def _store_corner_entries(tgt_ptr, coef_ptr, entry, pos, W, S, w00, w01, w10, w1
                           store):
     """The 4 (input position, weight) entries of gcol row `entry` for the deterministic grad input gather.
 
-    pos is the NHWC position (n * H + y) * W + x of the top-left corner; corners outside the image get the
-    sentinel position S = N*H*W, which sorts after every real one.
+    pos is the top-left corner's position in the packed NHWC input; corners outside the image get the sentinel
+    position S (the packed input's pixels), which sorts after every real one.
     """
     e = entry * 4
     tl.store(tgt_ptr + e, tl.where(ok00, pos, S), mask=store)
@@ -203,8 +230,9 @@ def _grad_input_gather_kernel(rowptr_ptr, src_ptr, coef_ptr, gcol_ptr, gx_ptr, C
                               BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """Deterministic grad input: each input position sums its sorted (gcol row, weight) entries in order.
 
-    rowptr (S + 1) delimits the entries of each of the S = N*H*W input positions; src holds the gcol row
-    (pixel * KK + tap) and coef the bilinear weight times mask of each entry. gx: NHWC (S, C).
+    rowptr (S + 1) delimits the entries of each of the S input positions (pixels of the packed input); src
+    holds the gcol row (output pixel * KK + tap) and coef the bilinear weight times mask of each entry.
+    gx: packed NHWC (S, C).
     """
     pid_s = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -226,18 +254,14 @@ def _grad_input_gather_kernel(rowptr_ptr, src_ptr, coef_ptr, gcol_ptr, gx_ptr, C
     tl.store(gx_ptr + offs_s[:, None] * C + c[None, :], acc, mask=valid_s[:, None] & cmask[None, :])
 
 
-def _grad_input_deterministic(gcol, tgt, coef, n, c, h, w):
-    """Sort the corner entries by target position (stable: fixed order) and gather them per position.
-
-    Returns the NHWC (n, h, w, c) grad input in gcol's dtype.
-    """
-    s = n * h * w
+def _grad_input_deterministic(gcol, tgt, coef, gx):
+    """Sort the corner entries by target position (stable: fixed order) and gather them per position into gx,
+    the packed NHWC (S, C) grad input in gcol's dtype."""
+    s, c = gx.shape
     tgt_sorted, order = torch.sort(tgt, stable=True)
     rowptr = torch.searchsorted(tgt_sorted, torch.arange(s + 1, device=tgt.device, dtype=tgt.dtype))
-    gx = gcol.new_empty((n, h, w, c))
     grid = lambda meta: (triton.cdiv(s, meta["BLOCK_S"]), triton.cdiv(c, meta["BLOCK_C"]))
     _grad_input_gather_kernel[grid](rowptr, order // 4, coef[order], gcol, gx, c, s)
-    return gx
 
 
 def _bwd_blocks(x, cout):
@@ -255,79 +279,125 @@ def _sm_count(device):
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _pixels_per_program(x, n, howo, programs_per_run):
+def _pixels_per_program(x, n, howos, programs_per_run):
     """Pixels of one program's run: a multiple of PIXEL_ALIGN sized for about PROGRAMS_PER_SM programs per
-    SM (one run per program under the interpreter's few pixels), within the grid's z limit."""
+    SM (one run per program under the interpreter's few pixels), within the grid's z limit. howos: the output
+    pixels of each level's image."""
     if INTERPRET:
         return PIXEL_ALIGN
     sms = _sm_count(x.device)
     runs_per_image = triton.cdiv(triton.cdiv(PROGRAMS_PER_SM * sms, programs_per_run), n)
-    pix = triton.cdiv(triton.cdiv(howo, runs_per_image), PIXEL_ALIGN) * PIXEL_ALIGN
-    min_pix = triton.cdiv(triton.cdiv(howo, MAX_GRID_Z // n), PIXEL_ALIGN) * PIXEL_ALIGN
-    return max(pix, min_pix)
+    pix = triton.cdiv(triton.cdiv(sum(howos), runs_per_image), PIXEL_ALIGN) * PIXEL_ALIGN
+    min_pix = triton.cdiv(triton.cdiv(sum(howos), MAX_GRID_Z // n), PIXEL_ALIGN) * PIXEL_ALIGN
+    pix = max(pix, min_pix)
+    # Each level rounds its runs up: with several levels min_pix may fall short.
+    while n * sum(triton.cdiv(howo, pix) for howo in howos) > MAX_GRID_Z:
+        pix += PIXEL_ALIGN
+    return pix
 
 
 def backward_shapes(x, offset, mask, weight, needs):
-    """Shapes of deform_conv_backward's results; a gradient autograd does not need is an empty (0,) tensor."""
+    """Shapes of a one-level backward's results; a gradient autograd does not need is an empty (0,) tensor."""
     need_input, need_sample, need_weight = needs
     shapes = (x.shape, offset.shape, mask.shape, weight.shape)
     return [shape if need else (0,) for shape, need in zip(shapes, (need_input, need_sample, need_sample,
                                                                      need_weight))] + [(weight.shape[0],)]
 
 
-def deform_conv_backward(grad_out, x, offset, mask, weight, stride, padding, dilation, deterministic,
+def flat_backward_shapes(levels, weight, needs):
+    """Shapes of deform_conv_backward's results for `Levels` levels: flat grad input, offset and mask (all
+    levels, each level's block in its tensor's NCHW layout), grad weight and bias; (0,) where not needed."""
+    need_input, need_sample, need_weight = needs
+    kk = levels.kh * levels.kw
+    shapes = ((levels.x_pixels * levels.c,), (levels.o_pixels * 2 * kk,), (levels.o_pixels * kk,), weight.shape)
+    return [shape if need else (0,) for shape, need in zip(shapes, (need_input, need_sample, need_sample,
+                                                                     need_weight))] + [(weight.shape[0],)]
+
+
+def deform_conv_backward(grad_out, xs, offsets, masks, weight, stride, padding, dilation, deterministic,
                          needs=(True, True, True)):
-    """Backward launch. grad_out: (N, Cout, H_out, W_out), any strides.
+    """Backward launch over a list of levels, as `deform_conv.deform_conv_forward`. grad_out: the flat output
+    gradient (sum_l N*Cout*H_out_l*W_out_l,) laid out as the forward's y, any strides.
 
     needs: whether grad input, grad offset and mask, and grad weight are wanted.
-    Returns (grad_input, grad_offset, grad_mask, grad_weight, grad_bias) shaped as `backward_shapes` says
-    (all contiguous), in the input's dtype; accumulation in fp32 (fp64 for fp64).
+    Returns (grad_input, grad_offset, grad_mask, grad_weight, grad_bias) shaped as `flat_backward_shapes` says
+    (all contiguous; the first three flat, level after level), in the inputs' dtype; accumulation in fp32 (fp64
+    for fp64).
     """
-    n, c, h, w, cout, kh, kw, ho, wo = geometry(x, weight, stride, padding, dilation)
-    kk = kh * kw
+    levels = levels_of(xs, weight, stride, padding, dilation)
+    n, c, cout, kk = levels.n, levels.c, levels.cout, levels.kh * levels.kw
+    x = xs[0]
     acc = acc_dtype(x)
     need_input, need_sample, need_weight = needs
-    grad_bias = grad_out.sum(dim=(0, 2, 3))
-    shapes = backward_shapes(x, offset, mask, weight, needs)[:4]
-    if n * ho * wo == 0 or c == 0 or cout == 0 or not any(needs):
+    grad_out = grad_out.contiguous()
+    grad_bias = None
+    for (_, _, ho, wo), start in zip(levels.sizes, levels.o_starts):
+        level = grad_out[start * cout:(start + n * ho * wo) * cout].view(n, cout, ho * wo).sum(dim=(0, 2))
+        grad_bias = level if grad_bias is None else grad_bias + level
+    shapes = flat_backward_shapes(levels, weight, needs)[:4]
+    if levels.o_pixels == 0 or c == 0 or cout == 0 or not any(needs):
         return (*(x.new_zeros(shape) for shape in shapes), grad_bias)
     block_n, block_k = _bwd_blocks(x, cout)
     c_blocks, n_blocks = triton.cdiv(c, block_k), triton.cdiv(cout, block_n)
-    pix = _pixels_per_program(x, n, ho * wo, kk * c_blocks * n_blocks)
-    runs = n * triton.cdiv(ho * wo, pix)
+    howos = [ho * wo for _, _, ho, wo in levels.sizes]
+    pix = _pixels_per_program(x, n, howos, kk * c_blocks * n_blocks)
+    runs = n * sum(triton.cdiv(howo, pix) for howo in howos)
     deterministic = bool(deterministic)
     # With atomics the sums over programs land in one row each, all in one zeroed buffer (one memset);
     # deterministically every program writes its own row of partials.
-    gs_shape = ((c_blocks * n_blocks if deterministic else 1), n, 3 * kk, ho * wo) if need_sample else (0,)
+    gs_shape = ((c_blocks * n_blocks if deterministic else 1), 3 * kk * levels.o_pixels) if need_sample else (0,)
     gw_shape = ((runs if deterministic else 1), kk * c, cout) if need_weight else (0,)
-    gx_shape = (n, h, w, c) if need_input and not deterministic else (0,)
+    gx_shape = (levels.x_pixels, c) if need_input and not deterministic else (0,)
     gs, gw, gx = _accumulators(x, acc, (gs_shape, gw_shape, gx_shape), zero=not deterministic)
     empty = x.new_empty((0,), dtype=acc)
-    gcol = x.new_empty((n_blocks, n * ho * wo * kk, c), dtype=acc) if need_input and deterministic else empty
-    tgt = x.new_empty((n * ho * wo * kk * 4,), dtype=torch.int64) if need_input and deterministic else empty
-    coef = x.new_empty((n * ho * wo * kk * 4,), dtype=acc) if need_input and deterministic else empty
-    xl = channels_last(x)
-    _bwd_kernel[(kk * c_blocks, n_blocks, runs)](
-        xl, offset, mask, pack_weight(weight), grad_out.contiguous(), gs, gx, gw, gcol, tgt, coef,
-        n, c, h, w, cout, ho, wo, ho * wo, kk, kw, triton.next_power_of_2(n * ho * wo), pix,
-        *xl.stride(), *offset.stride(), *mask.stride(), *conv_args(stride, padding, dilation),
-        GRAD_INPUT=need_input, GRAD_SAMPLE=need_sample, GRAD_WEIGHT=need_weight, DETERMINISTIC=deterministic,
-        BLOCK_N=block_n, BLOCK_K=block_k, **launch_flags(x))
-
+    gathered = need_input and deterministic
+    gcol = x.new_empty((n_blocks, levels.o_pixels * kk, c), dtype=acc) if gathered else empty
+    tgt = x.new_empty((levels.o_pixels * kk * 4,), dtype=torch.int64) if gathered else empty
+    coef = x.new_empty((levels.o_pixels * kk * 4,), dtype=acc) if gathered else empty
+    if gathered:
+        gx = x.new_empty((levels.x_pixels, c), dtype=acc)
     grad_input, grad_offset, grad_mask, grad_weight = (x.new_empty(shape) for shape in shapes)
+    grouped = len(xs) > 1
+    if grouped:
+        # dY of each level to channels-last, and the NHWC grad input back to its NCHW block: grouped transposes
+        # whose tables go up with the level table.
+        gy = grad_out.new_empty((levels.o_pixels, cout))
+        dy_rows = [transpose_row(cout, ho * wo, grad_out.data_ptr() + start * cout * gy.element_size(),
+                                 (cout * ho * wo, ho * wo, 1), gy.data_ptr() + start * cout * gy.element_size())
+                   for (_, _, ho, wo), start in zip(levels.sizes, levels.o_starts)]
+        unpack = [transpose_row(h * w, c, gx.data_ptr() + start * c * gx.element_size(), (h * w * c, c, 1),
+                                grad_input.data_ptr() + start * c * grad_input.element_size())
+                  for (h, w, _, _), start in zip(levels.sizes, levels.x_starts)] if need_input else []
+        xl, table, gy_table, *unpack_table = grouped_input(xs, offsets, masks, levels,
+                                                           [dy_rows, unpack] if unpack else [dy_rows])
+        transpose_levels(grad_out, gy, gy_table, dy_rows, n)
+    else:
+        xl = channels_last(x)
+        table, gy = xl, grad_out
+    _bwd_kernel[(kk * c_blocks, n_blocks, runs)](
+        xl, offsets[0], masks[0], pack_weight(weight), gy, gs, gx, gw, gcol, tgt, coef, table,
+        n, c, cout, kk, levels.kw, triton.next_power_of_2(levels.o_pixels), pix, len(xs), levels.x_pixels,
+        levels.o_pixels, *level_arguments(levels, offsets[0], masks[0]), *conv_args(stride, padding, dilation),
+        GROUPED=grouped, GRAD_INPUT=need_input, GRAD_SAMPLE=need_sample, GRAD_WEIGHT=need_weight,
+        DETERMINISTIC=deterministic, BLOCK_N=block_n, BLOCK_K=block_k, **launch_flags(x))
+
     # Always a copy: a view of the accumulators would alias another output of the custom op.
-    final = dict(memory_format=torch.contiguous_format, copy=True)
     if need_input:
         if deterministic:
-            gx = _grad_input_deterministic(gcol.sum(dim=0) if n_blocks > 1 else gcol[0], tgt, coef, n, c, h, w)
-        transpose_last(gx.view(n, h * w, c), grad_input.view(n, c, h * w))
+            _grad_input_deterministic(gcol.sum(dim=0) if n_blocks > 1 else gcol[0], tgt, coef, gx)
+        if grouped:
+            transpose_levels(gx, grad_input, unpack_table[0], unpack, n)
+        else:
+            h, w, _, _ = levels.sizes[0]
+            transpose_last(gx.view(n, h * w, c), grad_input.view(n, c, h * w))
     if need_sample:
         sample = gs.sum(dim=0) if gs.shape[0] > 1 else gs[0]
-        grad_offset = sample[:, :2 * kk].to(x.dtype, **final).view(n, 2 * kk, ho, wo)
-        grad_mask = sample[:, 2 * kk:].to(x.dtype, **final).view(n, kk, ho, wo)
+        grad_offset = sample[:2 * kk * levels.o_pixels].to(x.dtype, copy=True)
+        grad_mask = sample[2 * kk * levels.o_pixels:].to(x.dtype, copy=True)
     if need_weight:
         gw = gw.sum(dim=0) if gw.shape[0] > 1 else gw[0]
-        grad_weight = gw.view(kh, kw, c, cout).permute(3, 2, 0, 1).to(weight.dtype, **final)
+        grad_weight = gw.view(levels.kh, levels.kw, c, cout).permute(3, 2, 0, 1).to(
+            weight.dtype, memory_format=torch.contiguous_format, copy=True)
     return grad_input, grad_offset, grad_mask, grad_weight, grad_bias
 
 

@@ -5,6 +5,7 @@ import torchvision
 from torch.nn.modules.utils import _pair
 
 from kernels import modulated_deform_conv2d
+from kernels.deform_conv_op import modulated_deform_conv2d_pyramid
 
 
 def rel_err(actual, expected):
@@ -67,3 +68,60 @@ class DyConvLike(torch.nn.Module):
     def forward(self, x):
         om = self.offset_conv(x)
         return modulated_deform_conv2d(x, om[:, :18], om[:, 18:].sigmoid(), self.weight, self.bias)
+
+
+def make_pyramid(n, cin, cout, sizes, k=3, stride=1, padding=1, dilation=1, bias=True, seed=0):
+    """Random float64 inputs of a pyramid call: per-level "input", "offset", "mask" lists (sizes: (H, W) per
+    level) and one "weight" and "bias"."""
+    levels = [make_inputs(n, cin, cout, h, w, k, stride, padding, dilation, bias, seed + i)
+              for i, (h, w) in enumerate(sizes)]
+    return {**{name: [t[name] for t in levels] for name in ("input", "offset", "mask")},
+            "weight": levels[0]["weight"], "bias": levels[0]["bias"]}
+
+
+def pyramid_leaves(p, dtype, device):
+    """Copies of a `make_pyramid` dict that require grad, flattened to names: input0, offset0, mask0, ...,
+    weight, bias (None stays None)."""
+    flat = {f"{name}{i}": t for name in ("input", "offset", "mask") for i, t in enumerate(p[name])}
+    flat.update(weight=p["weight"], bias=p["bias"])
+    return leaves(flat, dtype, device)
+
+
+def pyramid_args(t):
+    """(inputs, offsets, masks, weight, bias) of a `pyramid_leaves` dict."""
+    levels = sum(name.startswith("input") for name in t)
+    return ([t[f"input{i}"] for i in range(levels)], [t[f"offset{i}"] for i in range(levels)],
+            [t[f"mask{i}"] for i in range(levels)], t["weight"], t["bias"])
+
+
+def pyramid_reference(t, conv):
+    """torchvision's op on each level of a `pyramid_leaves` dict."""
+    inputs, offsets, masks, weight, bias = pyramid_args(t)
+    return [torchvision.ops.deform_conv2d(x, o, weight, bias, mask=m, **conv) for x, o, m in zip(inputs, offsets,
+                                                                                                 masks)]
+
+
+def pyramid_op(t, conv, deterministic=None):
+    return modulated_deform_conv2d_pyramid(*pyramid_args(t), **conv, deterministic=deterministic)
+
+
+def pyramid_grads(ys, grad_outs, tensors):
+    """Gradients of sum_l sum(y_l * grad_out_l) w.r.t. every tensor in the dict."""
+    names = [k for k, v in tensors.items() if v is not None]
+    loss = sum((y * g.to(y)).sum() for y, g in zip(ys, grad_outs))
+    return dict(zip(names, torch.autograd.grad(loss, [tensors[k] for k in names])))
+
+
+class PyramidConvLike(torch.nn.Module):
+    """`DyConvLike` over a list of levels: one offset conv per level, one deformable conv launch for all."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.offset_conv = torch.nn.Conv2d(c, 27, 3, padding=1)
+        self.weight = torch.nn.Parameter(torch.randn(c, c, 3, 3) / (9 * c) ** 0.5)
+        self.bias = torch.nn.Parameter(torch.randn(c))
+
+    def forward(self, xs):
+        oms = [self.offset_conv(x) for x in xs]
+        return modulated_deform_conv2d_pyramid(xs, [om[:, :18] for om in oms], [om[:, 18:].sigmoid() for om in oms],
+                                               self.weight, self.bias)
