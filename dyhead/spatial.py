@@ -33,8 +33,9 @@ def coarser_view(t: Tensor, height: int, width: int, mode: str) -> Tensor:
 
     ``"official"``: the released CUDA op indexes each image's contiguous [K, H, W] block as if it were
     [K, height, width], i.e. it reads that image's first K*height*width values. The released weights were trained
-    with it. Here it is an ``as_strided`` view without a copy when each image's block is contiguous (true of a
-    channel slice of the offset conv's output), else a view of a contiguous copy.
+    with it. Here it is a view without a copy when each image's block is contiguous (true of a channel slice
+    of the offset conv's output), else a view of a contiguous copy; views rather than ``as_strided`` with a
+    storage offset, which ``torch.compile`` cannot trace.
     ``"crop"``: ``t[..., :height, :width]``, as mmdetection >= 3.3 does.
     Returns (N, K, height, width).
     """
@@ -43,7 +44,7 @@ def coarser_view(t: Tensor, height: int, width: int, mode: str) -> Tensor:
     n, k, h, w = t.shape
     if t.stride()[1:] != (h * w, w, 1):
         t = t.contiguous()
-    return t.as_strided((n, k, height, width), (t.stride(0), height * width, width, 1), t.storage_offset())
+    return t.flatten(1)[:, :k * height * width].unflatten(1, (k, height, width))
 
 
 class SpatialAttention(nn.Module):

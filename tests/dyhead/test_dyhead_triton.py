@@ -43,3 +43,17 @@ def test_triton_backend_matches_torchvision(high_offsets):
     for name, g in grads.items():
         assert rel_err(g, ref_grads[name]) < 2e-4, name
 
+
+
+def test_triton_backend_compiles_without_graph_breaks():
+    """The whole block (deformable convs, level pass, the attentions' small math) traces as one graph, as CUDA
+    graphs (torch.compile mode="reduce-overhead") need."""
+    torch.manual_seed(0)
+    model = DyHead(16, 16, 1, backend="triton").to(DEVICE)
+    levels = [torch.randn(2, 16, h, w, device=DEVICE, requires_grad=True) for h, w in [(9, 13), (5, 7), (3, 4)]]
+    expected, expected_grads = run(model, levels)
+    out, grads = run(torch.compile(model, fullgraph=True, backend="aot_eager"), levels)
+    for a, b in zip(out, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for g, (name, e) in zip(grads.values(), expected_grads.items()):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5, msg=name)
