@@ -18,7 +18,7 @@ Grouped launch: one launch serves a list of levels (a feature pyramid) that shar
 differ in H, W. The levels' channels-last inputs are packed into one (sum_l N*H_l*W_l, Cin) buffer and their
 outputs into one flat buffer (level after level, each (N, Cout, H_out, W_out)); level l owns the next
 N * cdiv(H_out*W_out, BLOCK_P) programs, and each program finds its level (`find_level`) and reads the level's
-sizes, buffer starts and offset/mask pointers and strides from an int64 table (`level_table`). With one level
+sizes, buffer starts and offset/mask pointers and strides from an int64 table (`LEVEL_FIELDS`). With one level
 (GROUPED False) the same values come as kernel arguments instead: no table, and the compiler keeps its
 divisibility knowledge of them.
 """
@@ -126,7 +126,7 @@ def load_corners(ptr, cmask, ok00, ok01, ok10, ok11, stride_xh, stride_xw, ACC: 
     return v00, v01, v10, v11
 
 
-# A grouped launch's int64 level table: one row per level, these fields in this order (`level_table` writes
+# A grouped launch's int64 level table: one row per level, these fields in this order (`grouped_input` writes
 # the rows, `level_args` reads them). x_start and o_start: the level's first pixel in the packed input and in
 # the flat output, counted over all images of the earlier levels.
 LEVEL_FIELDS = ("H", "W", "Ho", "Wo", "HoWo", "x_start", "o_start",
@@ -244,7 +244,7 @@ def _fwd_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, b_ptr, y_ptr, table_ptr,
     valid_co = co < Cout
     offs_k = tl.arange(0, BLOCK_K)
     # NHWC strides as multiples of C: the compiler then knows every corner's channel vector starts at a
-    # multiple of C (16-byte aligned when C is a multiple of 8 or 16), level table or not.
+    # multiple of C (so 16-byte aligned when C is a multiple of 16), level table or not.
     img = x_ptr + (x_start + n * H * W) * C
     stride_xh = W * C
     c_blocks = tl.cdiv(C, BLOCK_K)

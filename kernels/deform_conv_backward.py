@@ -330,13 +330,9 @@ def deform_conv_backward(grad_out, xs, offsets, masks, weight, stride, padding, 
     acc = acc_dtype(x)
     need_input, need_sample, need_weight = needs
     grad_out = grad_out.contiguous()
-    grad_bias = None
-    for (_, _, ho, wo), start in zip(levels.sizes, levels.o_starts):
-        level = grad_out[start * cout:(start + n * ho * wo) * cout].view(n, cout, ho * wo).sum(dim=(0, 2))
-        grad_bias = level if grad_bias is None else grad_bias + level
     shapes = flat_backward_shapes(levels, weight, needs)[:4]
     if levels.o_pixels == 0 or c == 0 or cout == 0 or not any(needs):
-        return (*(x.new_zeros(shape) for shape in shapes), grad_bias)
+        return (*(x.new_zeros(shape) for shape in shapes), _bias_gradient(grad_out, levels))
     block_n, block_k = _bwd_blocks(x, cout)
     c_blocks, n_blocks = triton.cdiv(c, block_k), triton.cdiv(cout, block_n)
     howos = [ho * wo for _, _, ho, wo in levels.sizes]
@@ -371,9 +367,11 @@ def deform_conv_backward(grad_out, xs, offsets, masks, weight, stride, padding, 
         xl, table, gy_table, *unpack_table = grouped_input(xs, offsets, masks, levels,
                                                            [dy_rows, unpack] if unpack else [dy_rows])
         transpose_levels(grad_out, gy, gy_table, dy_rows, n)
+        grad_bias = gy.sum(dim=0)
     else:
         xl = channels_last(x)
         table, gy = xl, grad_out
+        grad_bias = _bias_gradient(grad_out, levels)
     _bwd_kernel[(kk * c_blocks, n_blocks, runs)](
         xl, offsets[0], masks[0], pack_weight(weight), gy, gs, gx, gw, gcol, tgt, coef, table,
         n, c, cout, kk, levels.kw, triton.next_power_of_2(levels.o_pixels), pix, len(xs), levels.x_pixels,
@@ -399,6 +397,17 @@ def deform_conv_backward(grad_out, xs, offsets, masks, weight, stride, padding, 
         grad_weight = gw.view(levels.kh, levels.kw, c, cout).permute(3, 2, 0, 1).to(
             weight.dtype, memory_format=torch.contiguous_format, copy=True)
     return grad_input, grad_offset, grad_mask, grad_weight, grad_bias
+
+
+def _bias_gradient(grad_out, levels):
+    """Sum over images and pixels of each level's block of the flat output gradient, summed over levels: one
+    reduction per level (a grouped launch reduces its channels-last copy of dY in one instead)."""
+    n, cout = levels.n, levels.cout
+    grad_bias = None
+    for (_, _, ho, wo), start in zip(levels.sizes, levels.o_starts):
+        level = grad_out[start * cout:(start + n * ho * wo) * cout].view(n, cout, ho * wo).sum(dim=(0, 2))
+        grad_bias = level if grad_bias is None else grad_bias + level
+    return grad_bias
 
 
 def _accumulators(x, dtype, shapes, zero):
