@@ -8,7 +8,7 @@ from typing import TypeVar
 from torch import Tensor, nn
 
 from .deform import check_backend, resolve_backend
-from .fused import level_forward
+from .fused import block_forward
 from .scale import ScaleAttention
 from .spatial import SpatialAttention
 from .task import TaskAttention
@@ -50,7 +50,7 @@ def check_pyramid(levels: Sequence[Tensor], in_channels: int, names: Sequence[st
 class DyHeadBlock(nn.Module):
     """One DyHead block: for each level l, spatial branches -> scale-aware mean -> task-aware dynamic ReLU.
 
-    out[l] = TaskAttention(ScaleAttention(SpatialAttention(x, l))), see each module for its formula. On the
+    out[l] = TaskAttention(ScaleAttention(SpatialAttention(x)[l])), see each module for its formula. On the
     triton backend everything after the deformable convs runs as the fused level pass (:mod:`dyhead.fused`).
 
     Args:
@@ -70,9 +70,8 @@ class DyHeadBlock(nn.Module):
 
     def forward(self, levels: Sequence[Tensor]) -> list[Tensor]:
         if resolve_backend(self.spatial.backend, levels[0].device) == "triton":
-            return [level_forward(self.spatial.convolve(levels, level), self.scale, self.task)
-                    for level in range(len(levels))]
-        return [self.task(self.scale(self.spatial(levels, level))) for level in range(len(levels))]
+            return block_forward(self.spatial.convolve(levels), self.scale, self.task)
+        return [self.task(self.scale(branches)) for branches in self.spatial(levels)]
 
 
 class DyHead(nn.Module):

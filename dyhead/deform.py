@@ -15,7 +15,7 @@ Three implementations share one signature and one semantics, that of
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -117,15 +117,15 @@ def deform_conv2d_sampled(
     return out
 
 
-def _triton_deform_conv2d() -> Callable[..., Tensor]:
+def _triton_op(name: str) -> Callable:
     try:
-        from kernels import modulated_deform_conv2d
+        import kernels
     except ImportError as exc:
         raise NotImplementedError(
-            "the triton backend needs kernels.modulated_deform_conv2d, which is not available: "
-            f"{exc}; use backend='sampled' or 'torchvision'"
+            f"the triton backend needs kernels.{name}, which is not available: {exc}; use backend='sampled' or "
+            "'torchvision'"
         ) from exc
-    return modulated_deform_conv2d
+    return getattr(kernels, name)
 
 
 def deform_conv2d(
@@ -147,8 +147,29 @@ def deform_conv2d(
     elif name == "sampled":
         fn = deform_conv2d_sampled
     else:
-        fn = _triton_deform_conv2d()
+        fn = _triton_op("modulated_deform_conv2d")
     return fn(input, offset, mask, weight, bias, stride, padding, dilation)
+
+
+def deform_conv2d_pyramid(
+    backend: str,
+    inputs: Sequence[Tensor],
+    offsets: Sequence[Tensor],
+    masks: Sequence[Tensor],
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 1,
+    dilation: int | tuple[int, int] = 1,
+) -> list[Tensor]:
+    """:func:`deform_conv2d` of one weight on each level of a list (levels of any size, one N and Cin): one
+    launch for all levels on triton (``kernels.modulated_deform_conv2d_pyramid``), a loop elsewhere.
+    Returns the L outputs (N, Cout, Hout_l, Wout_l)."""
+    if resolve_backend(backend, inputs[0].device) == "triton":
+        return _triton_op("modulated_deform_conv2d_pyramid")(inputs, offsets, masks, weight, bias, stride, padding,
+                                                             dilation)
+    return [deform_conv2d(backend, x, o, m, weight, bias, stride, padding, dilation)
+            for x, o, m in zip(inputs, offsets, masks)]
 
 
 class ModulatedDeformConv2d(nn.Module):
@@ -164,7 +185,7 @@ class ModulatedDeformConv2d(nn.Module):
 
     Initialised as the official release: weight U(-1/sqrt(Cin*k*k), +1/sqrt(Cin*k*k)), bias zero.
     forward(x: (N, Cin, H, W), offset: (N, 2*k*k, Hout, Wout), mask: (N, k*k, Hout, Wout), backend) ->
-    (N, Cout, Hout, Wout).
+    (N, Cout, Hout, Wout); ``pyramid`` takes lists of those (levels of any size) and returns the list of outputs.
     """
 
     def __init__(
@@ -187,6 +208,11 @@ class ModulatedDeformConv2d(nn.Module):
 
     def forward(self, x: Tensor, offset: Tensor, mask: Tensor, backend: str = "auto") -> Tensor:
         return deform_conv2d(backend, x, offset, mask, self.weight, self.bias, self.stride, self.padding)
+
+    def pyramid(self, xs: Sequence[Tensor], offsets: Sequence[Tensor], masks: Sequence[Tensor],
+                backend: str = "auto") -> list[Tensor]:
+        """forward on each level of a list, in one launch on triton (see :func:`deform_conv2d_pyramid`)."""
+        return deform_conv2d_pyramid(backend, xs, offsets, masks, self.weight, self.bias, self.stride, self.padding)
 
     def extra_repr(self) -> str:
         cout, cin, k, _ = self.weight.shape

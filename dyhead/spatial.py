@@ -64,8 +64,8 @@ class SpatialAttention(nn.Module):
         backend: deformable conv implementation, see :mod:`dyhead.deform`.
         high_offsets: "official" or "crop".
 
-    forward(levels: L tensors (N, Cin, H_l, W_l), level: l) -> 1 to 3 branches, each (N, Cout, H_l, W_l),
-    in the order same, finer, coarser.
+    forward(levels: L tensors (N, Cin, H_l, W_l)) -> for each level l its 1 to 3 branches, each
+    (N, Cout, H_l, W_l), in the order same, finer, coarser.
     """
 
     def __init__(self, in_channels: int, channels: int, *, backend: str = "auto", high_offsets: str = "official"):
@@ -79,26 +79,30 @@ class SpatialAttention(nn.Module):
         self.same = DeformConvNorm(in_channels, channels, stride=1)
         self.finer = DeformConvNorm(in_channels, channels, stride=2)
 
-    def convolve(self, levels: Sequence[Tensor], level: int) -> list[tuple[Tensor, nn.GroupNorm]]:
-        """The branches before their GroupNorm, in forward's order: (deformable conv output, its GroupNorm).
-        The coarser branch's output is at x[l+1]'s size; forward normalises it, then upsamples it."""
-        x = levels[level]
-        om = self.offset(x)  # (N, 27, H, W)
-        offset, mask = om[:, :18], om[:, 18:].sigmoid()
-        branches = [(self.same.conv(x, offset, mask, self.backend), self.same.norm)]
-        if level > 0:
-            branches.append((self.finer.conv(levels[level - 1], offset, mask, self.backend), self.finer.norm))
-        if level < len(levels) - 1:
-            coarse = levels[level + 1]
-            hc, wc = coarse.shape[-2:]
-            offset_c = coarser_view(offset, hc, wc, self.high_offsets)
-            mask_c = coarser_view(mask, hc, wc, self.high_offsets)
-            branches.append((self.coarser.conv(coarse, offset_c, mask_c, self.backend), self.coarser.norm))
-        return branches
+    def convolve(self, levels: Sequence[Tensor]) -> list[list[tuple[Tensor, nn.GroupNorm]]]:
+        """Every level's branches before their GroupNorm, in forward's order: (deformable conv output, its
+        GroupNorm). A coarser branch's output is at x[l+1]'s size; forward normalises it, then upsamples it.
+        Each weight set runs over the pyramid in one call (one launch on triton)."""
+        oms = [self.offset(x) for x in levels]  # (N, 27, H_l, W_l)
+        offsets = [om[:, :18] for om in oms]
+        masks = [om[:, 18:].sigmoid() for om in oms]
+        same = self.same.conv.pyramid(levels, offsets, masks, self.backend)
+        finer = coarser = []
+        if len(levels) > 1:
+            finer = self.finer.conv.pyramid(levels[:-1], offsets[1:], masks[1:], self.backend)
+            sizes = [coarse.shape[-2:] for coarse in levels[1:]]
+            coarser = self.coarser.conv.pyramid(
+                levels[1:], [coarser_view(t, *size, self.high_offsets) for t, size in zip(offsets, sizes)],
+                [coarser_view(t, *size, self.high_offsets) for t, size in zip(masks, sizes)], self.backend)
+        return [[(same[l], self.same.norm)]
+                + ([(finer[l - 1], self.finer.norm)] if l > 0 else [])
+                + ([(coarser[l], self.coarser.norm)] if l < len(levels) - 1 else [])
+                for l in range(len(levels))]
 
-    def forward(self, levels: Sequence[Tensor], level: int) -> list[Tensor]:
-        size = levels[level].shape[-2:]
-        branches = [norm(y) for y, norm in self.convolve(levels, level)]
-        if level < len(levels) - 1:
-            branches[-1] = F.interpolate(branches[-1], size=size, mode="bilinear", align_corners=True)
-        return branches
+    def forward(self, levels: Sequence[Tensor]) -> list[list[Tensor]]:
+        out = []
+        for x, branches in zip(levels, self.convolve(levels)):
+            normed = [norm(y) for y, norm in branches]
+            out.append([b if b.shape[-2:] == x.shape[-2:] else
+                        F.interpolate(b, size=x.shape[-2:], mode="bilinear", align_corners=True) for b in normed])
+        return out

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dyhead import ScaleAttention, TaskAttention
-from dyhead.fused import group_norm_affine, level_forward
+from dyhead.fused import block_forward, group_norm_affine
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -33,14 +33,22 @@ def test_group_norm_affine_is_group_norm():
     torch.manual_seed(0)
     y = torch.randn(3, 32, 5, 7, dtype=torch.float64) * torch.rand(1, 32, 1, 1, dtype=torch.float64) * 4 + 3
     norm = random_norm(32)
-    a, d = group_norm_affine(moments(y), 35, norm)
-    torch.testing.assert_close(y * a[..., None, None] + d[..., None, None], norm(y), rtol=1e-12, atol=1e-12)
+    pixels = torch.full((1, 1, 1), 35.0, dtype=torch.float64)
+    a, d = group_norm_affine(moments(y)[None], pixels, norm.weight[None, None], norm.bias[None, None], 16, norm.eps)
+    torch.testing.assert_close(y * a[0, ..., None, None] + d[0, ..., None, None], norm(y), rtol=1e-12, atol=1e-12)
+
+
+# Per level, the sizes of its branches (the first the level's, another size the coarser branch).
+PYRAMIDS = {
+    "one level": [[(7, 9)]],
+    "three levels": [[(7, 9), (4, 5)], [(4, 5), (4, 5), (2, 3)], [(2, 3), (2, 3)]],
+    "same+finer only": [[(7, 9), (7, 9)], [(3, 3)]],
+}
 
 
 @needs_kernels
-@pytest.mark.parametrize("sizes", [[(7, 9)], [(7, 9), (7, 9)], [(7, 9), (7, 9), (4, 5)], [(7, 9), (4, 5)]],
-                         ids=["same", "same+finer", "all three", "same+coarser"])
-def test_level_forward_matches_the_reference_modules(sizes):
+@pytest.mark.parametrize("pyramid", PYRAMIDS.values(), ids=PYRAMIDS.keys())
+def test_block_forward_matches_the_reference_modules(pyramid):
     """Output and every gradient (branches, GroupNorm, scale attention and MLP parameters) in float64."""
     torch.manual_seed(1)
     c = 32
@@ -48,23 +56,30 @@ def test_level_forward_matches_the_reference_modules(sizes):
     with torch.no_grad():
         scale.conv.weight.normal_(0, 0.3)  # attention weights off the hard sigmoid's flat parts
         scale.conv.bias.fill_(0.5)
-    norms = [random_norm(c) for _ in sizes]
-    ys = [torch.randn(2, c, h, w, dtype=torch.float64, requires_grad=True) for h, w in sizes]
-    size = sizes[0]
+    norms = [random_norm(c) for _ in range(3)]  # same, finer, coarser: shared by the levels, as in a block
+    ys = [[torch.randn(2, c, h, w, dtype=torch.float64, requires_grad=True) for h, w in sizes] for sizes in pyramid]
 
     def reference():
-        branches = [norm(y) for y, norm in zip(ys, norms)]
-        branches = [b if b.shape[-2:] == size else F.interpolate(b, size=size, mode="bilinear", align_corners=True)
-                    for b in branches]
-        return task(scale(branches))
+        out = []
+        for level in ys:
+            size = level[0].shape[-2:]
+            branches = [norm(y) for y, norm in zip(level, norms)]
+            out.append(task(scale([b if b.shape[-2:] == size else
+                                   F.interpolate(b, size=size, mode="bilinear", align_corners=True)
+                                   for b in branches])))
+        return out
 
-    leaves = [*ys, *(p for m in (*norms, scale, task) for p in m.parameters())]
-    weight = torch.randn(2, c, *size, dtype=torch.float64)
+    leaves = [*(y for level in ys for y in level), *(p for m in (*norms, scale, task) for p in m.parameters())]
+    weights = [torch.randn(2, c, *level[0].shape[-2:], dtype=torch.float64) for level in ys]
     expected = reference()
-    expected_grads = torch.autograd.grad((expected * weight).sum(), leaves)
-    out = level_forward([(y.to(DEVICE), norm.to(DEVICE)) for y, norm in zip(ys, norms)], scale.to(DEVICE),
-                        task.to(DEVICE))
-    grads = torch.autograd.grad((out * weight.to(DEVICE)).sum(), leaves)
-    torch.testing.assert_close(out.cpu(), expected, rtol=1e-11, atol=1e-11)
+    expected_grads = torch.autograd.grad(sum((o * w).sum() for o, w in zip(expected, weights)), leaves,
+                                         allow_unused=True)  # a one-level pyramid has no finer branch
+    out = block_forward([[(y.to(DEVICE), norm.to(DEVICE)) for y, norm in zip(level, norms)] for level in ys],
+                        scale.to(DEVICE), task.to(DEVICE))
+    grads = torch.autograd.grad(sum((o * w.to(DEVICE)).sum() for o, w in zip(out, weights)), leaves, allow_unused=True)
+    for o, e in zip(out, expected):
+        torch.testing.assert_close(o.cpu(), e, rtol=1e-11, atol=1e-11)
     for g, e in zip(grads, expected_grads):
-        torch.testing.assert_close(g.cpu(), e, rtol=1e-10, atol=1e-10)
+        assert (g is None) == (e is None)
+        if e is not None:
+            torch.testing.assert_close(g.cpu(), e, rtol=1e-10, atol=1e-10)
