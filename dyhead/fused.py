@@ -55,42 +55,49 @@ def block_forward(levels: Sequence[Sequence[tuple[Tensor, nn.GroupNorm]]], scale
     Returns L tensors (N, C, H_l, W_l) in y's dtype.
 
     The small per-(image, channel) math of all levels runs batched over a (level, branch slot) grid of
-    L x 3, the missing branches zero (GroupNorm weight and bias zero, so they add nothing): a few dozen small
-    launches per block instead of per level.
+    L x 3, a missing branch's slot zero (zero moments, GroupNorm weight and bias, so it adds nothing): a few
+    dozen small launches per block instead of per level.
     """
-    maps, moments, means, weights, biases, pixels, inv_branches = [], [], [], [], [], [], []
+    maps, moments, pooled_moments, norm_slots, pixels, inv_branches = [], [], [], [], [], []
+    norms = list(dict.fromkeys(norm for branches in levels for _, norm in branches))  # the block's GroupNorms
+    zero_moments = None
     for branches in levels:
         size = branches[0][0].shape[-2:]
         level_maps = []
         for y, norm in branches:
             m = channel_moments(y)
-            mean = m[..., 0]
             pixels.append(y.shape[-2] * y.shape[-1])
+            moments.append(m)
             if y.shape[-2:] != size:
                 y = F.interpolate(y, size=size, mode="bilinear", align_corners=True)
-                mean = channel_moments(y)[..., 0]  # the attentions pool the upsampled map
+                m = channel_moments(y)  # the attentions pool the upsampled map
+            pooled_moments.append(m)
             level_maps.append(y)
-            moments.append(m)
-            means.append(mean)
-            weights.append(norm.weight)
-            biases.append(norm.bias)
+            norm_slots.append(norms.index(norm))
         missing = 3 - len(branches)
-        moments += [torch.zeros_like(moments[-1])] * missing
-        means += [torch.zeros_like(means[-1])] * missing
-        weights += [torch.zeros_like(weights[-1])] * missing
-        biases += [torch.zeros_like(biases[-1])] * missing
+        if missing and zero_moments is None:
+            zero_moments = torch.zeros_like(moments[-1])
+        moments += [zero_moments] * missing
+        pooled_moments += [zero_moments] * missing
+        norm_slots += [len(norms)] * missing  # the zero row appended to the norms' parameters
         pixels += [1] * missing
         inv_branches.append(1.0 / len(branches))
         maps.append(level_maps)
-    num, norm = len(levels), levels[0][0][1]
+    num, groups, eps = len(levels), norms[0].num_groups, norms[0].eps
     n, c, _ = moments[0].shape
-    acc = moments[0].dtype
-    counts = torch.tensor(pixels, dtype=acc).to(moments[0].device, non_blocking=True).view(num, 3, 1, 1)
-    inv_b = torch.tensor(inv_branches, dtype=acc).to(moments[0].device, non_blocking=True).view(num, 1, 1, 1)
-    a, d = group_norm_affine(torch.stack(moments).view(num, 3, n, c, 2), counts,
-                             torch.stack(weights).view(num, 3, 1, c), torch.stack(biases).view(num, 3, 1, c),
-                             norm.num_groups, norm.eps)  # (L, 3, N, C)
-    mean = torch.stack(means).view(num, 3, n, c)
+    acc, device = moments[0].dtype, moments[0].device
+    # One small host-to-device copy for the pixel counts, the 1/B of every level and the slots' GroupNorms.
+    counts, inv_b, slots = torch.tensor(pixels + inv_branches + norm_slots, dtype=acc).to(
+        device, non_blocking=True).split([3 * num, num, 3 * num])
+    slots = slots.long()
+    # Gathered from one stacked copy: each parameter then gets one gradient, not one per level to accumulate.
+    norm_weight = F.pad(torch.stack([norm.weight for norm in norms]), (0, 0, 0, 1))[slots]  # (3L, C)
+    norm_bias = F.pad(torch.stack([norm.bias for norm in norms]), (0, 0, 0, 1))[slots]
+    a, d = group_norm_affine(torch.stack(moments).view(num, 3, n, c, 2), counts.view(num, 3, 1, 1),
+                             norm_weight.view(num, 3, 1, c), norm_bias.view(num, 3, 1, c), groups,
+                             eps)  # (L, 3, N, C)
+    inv_b = inv_b.view(num, 1, 1, 1)
+    mean = torch.stack(pooled_moments).view(num, 3, n, c, 2)[..., 0]
     pooled = a * mean + d  # spatial means of the normalised branches
     param = scale.conv.weight.dtype
     att = scale.attention(pooled.view(-1, c, 1, 1).to(param)).view(num, 3, n, 1).to(acc)
@@ -98,6 +105,7 @@ def block_forward(levels: Sequence[Sequence[tuple[Tensor, nn.GroupNorm]]], scale
     shift = (att * d).sum(1) * inv_b[:, 0]  # (L, N, C)
     pooled_u = (weight * mean).sum(1) + shift
     coef = torch.stack(task.coefficients(pooled_u.view(-1, c).to(param)), 1).to(acc).view(num, n, 4, c)
-    weight = weight.transpose(1, 2)  # (L, N, 3, C)
-    return [level_combine(level_maps, weight[l, :, :len(level_maps)], shift[l], coef[l])
-            for l, level_maps in enumerate(maps)]
+    # unbind, not indexing per level: its backward is one stack, not L zero-padded copies to accumulate.
+    weights = weight.transpose(1, 2).contiguous().unbind(0)  # L x (N, 3, C)
+    return [level_combine(level_maps, w[:, :len(level_maps)], t, k)
+            for level_maps, w, t, k in zip(maps, weights, shift.unbind(0), coef.unbind(0))]

@@ -83,9 +83,9 @@ class SpatialAttention(nn.Module):
         """Every level's branches before their GroupNorm, in forward's order: (deformable conv output, its
         GroupNorm). A coarser branch's output is at x[l+1]'s size; forward normalises it, then upsamples it.
         Each weight set runs over the pyramid in one call (one launch on triton)."""
-        oms = [self.offset(x) for x in levels]  # (N, 27, H_l, W_l)
-        offsets = [om[:, :18] for om in oms]
-        masks = [om[:, 18:].sigmoid() for om in oms]
+        # split, not two slices: its backward is one concatenation, where each slice's backward pads with zeros.
+        offsets, logits = zip(*(self.offset(x).split([18, 9], dim=1) for x in levels))  # (N, 18 | 9, H_l, W_l)
+        offsets, masks = list(offsets), [t.sigmoid() for t in logits]
         same = self.same.conv.pyramid(levels, offsets, masks, self.backend)
         finer = coarser = []
         if len(levels) > 1:
