@@ -15,12 +15,14 @@ Three implementations share one signature and one semantics, that of
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import deform_conv2d as _torchvision_deform_conv2d
+
+import kernels
 
 BACKENDS = ("torchvision", "sampled", "triton", "auto")
 _ALIASES = {"torch": "torchvision"}
@@ -117,17 +119,6 @@ def deform_conv2d_sampled(
     return out
 
 
-def _triton_op(name: str) -> Callable:
-    try:
-        import kernels
-    except ImportError as exc:
-        raise NotImplementedError(
-            f"the triton backend needs kernels.{name}, which is not available: {exc}; use backend='sampled' or "
-            "'torchvision'"
-        ) from exc
-    return getattr(kernels, name)
-
-
 def deform_conv2d(
     backend: str,
     input: Tensor,
@@ -147,7 +138,7 @@ def deform_conv2d(
     elif name == "sampled":
         fn = deform_conv2d_sampled
     else:
-        fn = _triton_op("modulated_deform_conv2d")
+        fn = kernels.modulated_deform_conv2d
     return fn(input, offset, mask, weight, bias, stride, padding, dilation)
 
 
@@ -166,8 +157,8 @@ def deform_conv2d_pyramid(
     launch for all levels on triton (``kernels.modulated_deform_conv2d_pyramid``), a loop elsewhere.
     Returns the L outputs (N, Cout, Hout_l, Wout_l)."""
     if resolve_backend(backend, inputs[0].device) == "triton":
-        return _triton_op("modulated_deform_conv2d_pyramid")(inputs, offsets, masks, weight, bias, stride, padding,
-                                                             dilation)
+        return kernels.modulated_deform_conv2d_pyramid(inputs, offsets, masks, weight, bias, stride, padding,
+                                                       dilation)
     return [deform_conv2d(backend, x, o, m, weight, bias, stride, padding, dilation)
             for x, o, m in zip(inputs, offsets, masks)]
 
