@@ -20,7 +20,7 @@ from .ops import DTYPES, IMPLS, OPS
 # a row may add a "note", and "error" (the exception that stopped it; its timing fields are then None).
 RECORD_KEYS = ("op", "impl", "dtype", "device", "shape", "median_ms", "p20_ms", "p80_ms", "tflops", "pct_of_peak",
                "peak_mem_mb")
-META_KEYS = ("device_name", "torch", "triton", "cuda", "date", "command")
+META_KEYS = ("device_name", "torch", "triton", "cuda", "date", "command", "cuda_graphs")
 
 
 def device_name(device: torch.device) -> str:
@@ -38,7 +38,8 @@ def _triton_version() -> str | None:
     return triton.__version__
 
 
-def make_meta(device: torch.device, command: str) -> dict:
+def make_meta(device: torch.device, command: str, cuda_graphs: bool = False) -> dict:
+    """The file's meta; cuda_graphs: whether every step was timed as a CUDA graph replay."""
     return {
         "device_name": device_name(device),
         "torch": torch.__version__,
@@ -46,14 +47,17 @@ def make_meta(device: torch.device, command: str) -> dict:
         "cuda": torch.version.cuda,
         "date": datetime.date.today().isoformat(),
         "command": command,
+        "cuda_graphs": cuda_graphs,
     }
 
 
 def results_path(out_dir: str | os.PathLike, meta: dict, device: torch.device) -> Path:
-    """`<out_dir>/<gpu-slug>-<date>.json`, e.g. nvidia-h100-80gb-hbm3-2026-11-25.json (cpu-<date>.json on the CPU)."""
+    """`<out_dir>/<gpu-slug>-<date>.json`, e.g. nvidia-h100-80gb-hbm3-2026-11-25.json (cpu-<date>.json on the CPU);
+    `-graphs` before `.json` for a CUDA graph run, which is its own table."""
     name = meta["device_name"] if device.type == "cuda" else "cpu"
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    return Path(out_dir) / f"{slug}-{meta['date']}.json"
+    graphs = "-graphs" if meta.get("cuda_graphs") else ""
+    return Path(out_dir) / f"{slug}-{meta['date']}{graphs}.json"
 
 
 def make_record(op: str, impl: str, dtype: str, device: str, shape: str, **values) -> dict:

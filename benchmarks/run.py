@@ -4,6 +4,7 @@ records (JSON), the table (markdown), the chart (PNG) and the profile of the 6-b
     python -m benchmarks.run                                   # everything, on the GPU if there is one
     python -m benchmarks.run --dtypes bfloat16 --ops dcn_fwd,dcn_fwd_bwd --quick
     python -m benchmarks.run --device cpu                      # the small shape set, in seconds
+    python -m benchmarks.run --cuda-graphs                     # every step replayed from a CUDA graph
 
 A row that fails (missing impl, compile error, out of memory) is recorded with its "error" and the run goes on.
 The results file is rewritten after every row, so a run that is cut short keeps what it measured.
@@ -26,7 +27,7 @@ from . import profile, records, report
 from .flops import peak_tflops
 from .ops import BASELINE, DTYPES, IMPLS, OPS, Problem, first_failure, make_problem, rel_errors
 from .shapes import SHAPE_SETS
-from .timing import CPU_POLICY, GPU_POLICY, Policy, measure, peak_memory_mb, synchronize
+from .timing import CPU_POLICY, GPU_POLICY, Policy, cuda_graph, measure, peak_memory_mb, synchronize
 
 PROFILE_OP = "dyhead_6block_fwd_bwd"
 DEFAULT_OUT = Path(__file__).parent / "results"
@@ -59,11 +60,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--budget", type=float,
                    help="seconds after which the remaining rows (and profiles) are recorded as skipped; default "
                         f"{GPU_BUDGET_S:.0f} on cuda, so that a run fits a 10-minute slot, none on cpu")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="capture each step in a CUDA graph and time its replays (no host launch cost; every impl "
+                        "alike); written to <gpu>-<date>-graphs.json, without the profile")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
     args.device = torch.device(args.device)
     on_gpu = args.device.type == "cuda"
+    if args.cuda_graphs and not on_gpu:
+        p.error("--cuda-graphs needs --device cuda")
     args.shapes = SHAPE_SETS[args.shapes or ("coco" if on_gpu else "small")]
     if args.budget is None:
         args.budget = GPU_BUDGET_S if on_gpu else math.inf
@@ -118,6 +124,12 @@ class Runner:
             problem = self.problem(op)
             step = problem.step(impl, dtype)
             start = time.perf_counter()
+            graph_mem = None
+            if self.args.cuda_graphs:
+                # The graph's memory is allocated at the capture (warm-up calls included): that is its peak.
+                captured = []
+                graph_mem = peak_memory_mb(lambda: captured.append(cuda_graph(step, self.device)), self.device)
+                step = captured[0]
             results = step()  # the first call also compiles and autotunes Triton kernels: worth knowing its cost
             synchronize(self.device)
             first_call_s = time.perf_counter() - start
@@ -138,7 +150,8 @@ class Runner:
             return records.make_record(
                 **base, median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, tflops=tflops,
                 pct_of_peak=None if peak is None else 100.0 * tflops / peak,
-                peak_mem_mb=peak_memory_mb(step, self.device), **values, reps=timing.reps, gflop=flops / 1e9)
+                peak_mem_mb=graph_mem if self.args.cuda_graphs else peak_memory_mb(step, self.device), **values,
+                reps=timing.reps, gflop=flops / 1e9)
         except Exception as exc:  # one impl failing (compile error, OOM, missing op) must not stop the others
             return records.make_record(**base, error=_error_text(exc))
         finally:
@@ -192,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     runner = Runner(args)
-    meta = records.make_meta(args.device, _command(argv))
+    meta = records.make_meta(args.device, _command(argv), args.cuda_graphs)
     path = records.results_path(args.out, meta, args.device)
     previous = records.load(path)
     rows = [(op, impl, dtype) for dtype in args.dtypes for op in args.ops for impl in args.impls]
@@ -208,8 +221,9 @@ def main(argv: list[str] | None = None) -> int:
 
     content = records.merge(previous, meta, done)
     stem = path.with_suffix("")
+    graphs = ", every step a CUDA graph replay" if args.cuda_graphs else ""
     header = (f"{meta['device_name']}, torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
-              f"{meta['date']}\n\n`{meta['command']}`\n\n")
+              f"{meta['date']}{graphs}\n\n`{meta['command']}`\n\n")
     table = "\n".join(filter(None, [report.table(content["records"]), report.targets(content["records"])]))
     Path(f"{stem}.md").write_text(header + table)
     print(header + table)
@@ -221,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         outputs.append(chart)
 
-    if not args.no_profile and PROFILE_OP in args.ops:
+    if not args.no_profile and not args.cuda_graphs and PROFILE_OP in args.ops:
         profiles = [runner.profile(impl, args.dtypes[0]) for impl in args.impls]
         records.write(f"{stem}-profile.json", {"meta": meta, "profiles": profiles})
         Path(f"{stem}-profile.md").write_text(header + profile.markdown(profiles))

@@ -6,8 +6,11 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 # Larger than the L2 of any current GPU (H100: 50 MB): zeroing it evicts the inputs, as a real step would find
 # them after the rest of the network ran (triton.testing.do_bench does the same).
@@ -126,3 +129,28 @@ def peak_memory_mb(step: Callable[[], object], device: torch.device | str) -> fl
     step()
     torch.cuda.synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def cuda_graph(step: Callable[[], T], device: torch.device | str, warmup: int = 2) -> Callable[[], T]:
+    """`step` captured in a CUDA graph: the returned callable replays it and returns what the captured call
+    returned (the same tensors, refilled by each replay). Inputs are read from where they were at the capture:
+    change them in place.
+
+    The warm-up calls run first on a side stream, as CUDA graph capture asks: lazy initialisation, Triton
+    autotuning and cuBLAS workspaces must not happen inside the capture.
+    """
+    device = torch.device(device)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step()
+
+    def replay() -> T:
+        graph.replay()
+        return outputs
+    return replay

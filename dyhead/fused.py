@@ -44,6 +44,32 @@ def group_norm_affine(moments: Tensor, pixels: Tensor, weight: Tensor, bias: Ten
     return a.reshape(*batch, n, c), d.reshape(*batch, n, c)
 
 
+# shape_constants' tensors, by content. Never evicted: a CUDA graph that read one must find it unchanged at every
+# replay. Keys are the pyramid's level sizes, so a run makes as many as it sees image sizes (bytes each).
+_SHAPE_CONSTANTS: dict[tuple, Tensor] = {}
+
+
+def shape_constants(values: Sequence[float], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """values (numbers that depend only on the levels' shapes) as a 1-D tensor of dtype on device, copied to the
+    device once per content and then reused.
+
+    Reuse is what lets a CUDA graph capture the block: a host-to-device copy inside the capture would replay
+    from freed host memory. So inside a capture an unseen content is an error (run the module once before
+    capturing, as autotuning needs anyway); under torch.compile the values are a graph constant.
+    """
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=dtype, device=device)
+    key = (tuple(values), dtype, device)
+    constants = _SHAPE_CONSTANTS.get(key)
+    if constants is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("DyHead's triton backend met new pyramid sizes inside a CUDA graph capture: run "
+                               "the module once on these sizes before capturing it (a warm-up)")
+        constants = torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+        _SHAPE_CONSTANTS[key] = constants
+    return constants
+
+
 def block_forward(levels: Sequence[Sequence[tuple[Tensor, nn.GroupNorm]]], scale: ScaleAttention,
                   task: TaskAttention) -> list[Tensor]:
     """A block's output from every level's branches before GroupNorm; same result as the reference
@@ -86,9 +112,8 @@ def block_forward(levels: Sequence[Sequence[tuple[Tensor, nn.GroupNorm]]], scale
     num, groups, eps = len(levels), norms[0].num_groups, norms[0].eps
     n, c, _ = moments[0].shape
     acc, device = moments[0].dtype, moments[0].device
-    # One small host-to-device copy for the pixel counts, the 1/B of every level and the slots' GroupNorms.
-    counts, inv_b, slots = torch.tensor(pixels + inv_branches + norm_slots, dtype=acc).to(
-        device, non_blocking=True).split([3 * num, num, 3 * num])
+    counts, inv_b, slots = shape_constants(pixels + inv_branches + norm_slots, acc, device).split(
+        [3 * num, num, 3 * num])
     slots = slots.long()
     # Gathered from one stacked copy: each parameter then gets one gradient, not one per level to accumulate.
     norm_weight = F.pad(torch.stack([norm.weight for norm in norms]), (0, 0, 0, 1))[slots]  # (3L, C)

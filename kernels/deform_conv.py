@@ -18,7 +18,8 @@ Grouped launch: one launch serves a list of levels (a feature pyramid) that shar
 differ in H, W. The levels' channels-last inputs are packed into one (sum_l N*H_l*W_l, Cin) buffer and their
 outputs into one flat buffer (level after level, each (N, Cout, H_out, W_out)); level l owns the next
 N * cdiv(H_out*W_out, BLOCK_P) programs, and each program finds its level (`find_level`) and reads the level's
-sizes, buffer starts and offset/mask pointers and strides from an int64 table (`LEVEL_FIELDS`). With one level
+sizes, buffer starts and offset/mask pointers and strides from an int64 table (`LEVEL_FIELDS`; written per call by
+a kernel, `device_table`, so that CUDA graphs can capture the launch). With one level
 (GROUPED False) the same values come as kernel arguments instead: no table, and the compiler keeps its
 divisibility knowledge of them.
 """
@@ -29,6 +30,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from .device_table import device_tables
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -363,7 +366,7 @@ def transpose_row(a, b, src, src_strides, dst):
 
 
 def transpose_levels(src, dst, table, rows, n):
-    """Launch the grouped transpose of `rows` (a list of `transpose_row`s, uploaded as table); src and dst are
+    """Launch the grouped transpose of `rows` (a list of `transpose_row`s, written as table); src and dst are
     tensors of the source's and destination's dtypes (only their types count)."""
     tiles = sum(row[0] for row in rows)
     _transpose_kernel[(tiles, n)](src, dst, table, 0, 0, len(rows), GROUPED=True, BLOCK_A=TRANSPOSE_BLOCK,
@@ -430,16 +433,9 @@ def level_arguments(levels, offset, mask):
     return (h, w, ho, wo, ho * wo, *offset.stride(), *mask.stride())
 
 
-def device_tables(device, *tables):
-    """int64 tables (flat lists of ints) on device, in one host-to-device copy: from pinned memory and
-    asynchronous on CUDA, so that the host does not wait for the GPU."""
-    host = torch.tensor([v for t in tables for v in t], dtype=torch.int64, pin_memory=device.type == "cuda")
-    return host.to(device, non_blocking=True).split([len(t) for t in tables])
-
-
 def grouped_input(xs, offsets, masks, levels, extra_rows=()):
     """The inputs of a grouped launch: the levels' inputs packed channels-last into one (x_pixels, Cin) buffer
-    (one grouped transpose), the level table (rows of `LEVEL_FIELDS`) and, in the same upload, the tables of
+    (one grouped transpose), the level table (rows of `LEVEL_FIELDS`) and, in the same `device_tables` launch, the tables of
     extra_rows (lists of `transpose_row`s). Returns (packed, table, *extra tables)."""
     x0 = xs[0]
     packed = x0.new_empty((levels.x_pixels, levels.c))

@@ -273,10 +273,8 @@ def _pyramid_forward_impl(inputs: list[Tensor], offsets: list[Tensor], masks: li
                                                (pad_h, pad_w), (dil_h, dil_w))
 
 
-# The level table the kernels read is uploaded from the host at every call: a CUDA graph would replay a stale one.
-_PYRAMID_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
-_pyramid_forward_op = torch.library.custom_op("dyhead_triton::modulated_deform_conv2d_pyramid", mutates_args=(),
-                                              tags=_PYRAMID_TAGS)(_pyramid_forward_impl)
+_pyramid_forward_op = torch.library.custom_op("dyhead_triton::modulated_deform_conv2d_pyramid",
+                                              mutates_args=())(_pyramid_forward_impl)
 
 
 @_pyramid_forward_op.register_fake
@@ -298,7 +296,7 @@ def _pyramid_backward_impl(grad_out: Tensor, inputs: list[Tensor], offsets: list
 
 
 _pyramid_backward_op = torch.library.custom_op("dyhead_triton::modulated_deform_conv2d_pyramid_backward",
-                                               mutates_args=(), tags=_PYRAMID_TAGS)(_pyramid_backward_impl)
+                                               mutates_args=())(_pyramid_backward_impl)
 
 
 @_pyramid_backward_op.register_fake

@@ -164,6 +164,15 @@ def test_targets():
     assert report.targets([{**r, "device": "cpu"} for r in gpu]) == ""
 
 
+def test_cuda_graph_runs_need_a_gpu_and_get_their_own_file(tmp_path):
+    with pytest.raises(SystemExit):
+        run.parse_args(["--device", "cpu", "--cuda-graphs"])
+    meta = records.make_meta(torch.device("cpu"), "x", cuda_graphs=True)
+    eager = records.make_meta(torch.device("cpu"), "x")
+    assert records.results_path(tmp_path, meta, torch.device("cpu")).name == f"cpu-{meta['date']}-graphs.json"
+    assert records.results_path(tmp_path, eager, torch.device("cpu")).name == f"cpu-{meta['date']}.json"
+
+
 def test_merge_replaces_rows_of_the_same_key():
     meta = {"command": "first"}
     previous = {"meta": meta, "records": [record("torchvision", 10.0), record("triton", 5.0)]}

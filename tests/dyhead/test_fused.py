@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dyhead import ScaleAttention, TaskAttention
-from dyhead.fused import block_forward, group_norm_affine
+from dyhead.fused import block_forward, group_norm_affine, shape_constants
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -27,6 +27,16 @@ def random_norm(c):
         norm.weight.uniform_(0.5, 1.5)
         norm.bias.uniform_(-0.5, 0.5)
     return norm
+
+
+def test_shape_constants_are_made_once_per_content():
+    # A CUDA graph replays reads of these tensors: the same content must give the same, unchanged tensor.
+    cpu = torch.device("cpu")
+    first = shape_constants([35.0, 12.0, 0.5, 2.0], torch.float64, cpu)
+    assert torch.equal(first, torch.tensor([35.0, 12.0, 0.5, 2.0], dtype=torch.float64))
+    assert shape_constants([35.0, 12.0, 0.5, 2.0], torch.float64, cpu) is first
+    assert shape_constants([35.0, 12.0, 0.5, 3.0], torch.float64, cpu) is not first
+    assert shape_constants([35.0, 12.0, 0.5, 2.0], torch.float32, cpu).dtype == torch.float32
 
 
 def test_group_norm_affine_is_group_norm():

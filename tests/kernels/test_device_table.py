@@ -1,0 +1,46 @@
+"""kernels.device_table: int64 tables written by a kernel from its arguments, against torch.tensor of the same
+values. Run under TRITON_INTERPRET=1 on the CPU, compiled on a GPU."""
+
+import os
+
+import pytest
+import torch
+
+from kernels.device_table import device_table, device_tables, encode
+
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="the kernel needs a GPU or TRITON_INTERPRET=1")
+
+# What a level table holds, and the values the encoding must get right: 0, 1, multiples of 16, negatives, int32
+# limits, addresses.
+VALUES = [0, 1, -1, 16, 17, -16, 100, 168, 2**31 - 1, 2**31, -2**31, 2**47 + 24, 0x7F3A_1C00_0200, 2**55 - 1,
+          -(2**55) + 1]
+
+
+def test_values_round_trip():
+    table = device_table(VALUES, torch.device(DEVICE))
+    assert table.dtype == torch.int64 and table.device.type == DEVICE
+    assert torch.equal(table.cpu(), torch.tensor(VALUES, dtype=torch.int64))
+
+
+def test_encoding_specializes_alike():
+    # Triton specializes int arguments on width, == 1 and divisibility by 16: every encoded value must look the
+    # same to it, so that one compile serves every table of a length.
+    for e in encode(VALUES):
+        assert 2**31 <= e < 2**63 and e % 16 == 1
+
+
+def test_several_tables_in_one_launch():
+    a, b, c = device_tables(torch.device(DEVICE), [3, 4], [], [5, 2**40, -7])
+    assert a.tolist() == [3, 4] and b.tolist() == [] and c.tolist() == [5, 2**40, -7]
+
+
+def test_empty_table():
+    assert device_table([], torch.device(DEVICE)).shape == (0,)
+
+
+@pytest.mark.parametrize("bad", [2**55, -(2**55), 1.5, True], ids=["too-large", "too-small", "float", "bool"])
+def test_bad_values_raise(bad):
+    with pytest.raises(ValueError, match="2\\*\\*55"):
+        device_table([1, bad], torch.device(DEVICE))
