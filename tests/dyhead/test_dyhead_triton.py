@@ -57,3 +57,29 @@ def test_triton_backend_compiles_without_graph_breaks():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for g, (name, e) in zip(grads.values(), expected_grads.items()):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_warm_triton_step_makes_no_tensor_from_host_data():
+    """What a CUDA graph needs of the triton path: once warm, a forward+backward creates no tensor from host
+    values (``torch.tensor``, which the dispatcher sees as ``lift_fresh``), whose copy to the GPU a graph would
+    replay from freed host memory. Level tables come from kernel arguments, shape constants from a cache."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostData(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func in (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = DyHead(32, 32, 1, backend="triton").to(DEVICE)
+    levels = [torch.randn(1, 32, h, w, device=DEVICE, requires_grad=True) for h, w in [(8, 8), (4, 4), (2, 2)]]
+    run(model, levels)
+    with HostData() as mode:
+        torch.tensor([1.0])  # the mode does see them
+        assert mode.count == 1
+        run(model, levels)
+    assert mode.count == 1
