@@ -224,3 +224,30 @@ def test_check_of_rows_against_the_baselines_noise_floor(tmp_path, monkeypatch):
     noise = problem.noise_floor(torch.float32)
     assert runner.check(problem, "sampled", torch.float32, [10 * e for e in noise])["check"] == "fail"
     assert runner.check(problem, "sampled", torch.float32, noise)["check"] == "pass"
+
+
+def test_a_cuda_graph_row_times_the_captured_step(monkeypatch):
+    """The runner's graph mode on the CPU, with the capture stood in: the row checks and times what the capture
+    returns, and its peak memory is the capture's."""
+    captured, replays = [], []
+
+    def fake_cuda_graph(step, device):
+        captured.append(step)
+
+        def replay():
+            replays.append(1)
+            return step()
+        return replay
+
+    def fake_peak(step, device):
+        step()
+        return 123.0
+
+    monkeypatch.setattr(run, "cuda_graph", fake_cuda_graph)
+    monkeypatch.setattr(run, "peak_memory_mb", fake_peak)
+    args = run.parse_args([*FAST])
+    args.cuda_graphs = True  # parse_args refuses it without a GPU
+    record = run.Runner(args).row("dcn_fwd", "sampled", "float32")
+    assert len(captured) == 1 and record["check"] == "pass"
+    assert record["peak_mem_mb"] == 123.0
+    assert len(replays) >= 1 + record["reps"]  # the check's call and every timed one replay the capture
