@@ -435,8 +435,8 @@ def level_arguments(levels, offset, mask):
 
 def grouped_input(xs, offsets, masks, levels, extra_rows=()):
     """The inputs of a grouped launch: the levels' inputs packed channels-last into one (x_pixels, Cin) buffer
-    (one grouped transpose), the level table (rows of `LEVEL_FIELDS`) and, in the same `device_tables` launch, the tables of
-    extra_rows (lists of `transpose_row`s). Returns (packed, table, *extra tables)."""
+    (one grouped transpose), the level table (rows of `LEVEL_FIELDS`) and, written by the same `device_tables`
+    launch, the tables of extra_rows (lists of `transpose_row`s). Returns (packed, table, *extra tables)."""
     x0 = xs[0]
     packed = x0.new_empty((levels.x_pixels, levels.c))
     # Each (N, C, H, W) input read as (N, C, H*W): a view for NCHW and channels-last memory alike.
