@@ -13,19 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, clip_boxes_to_image, generalized_box_iou_loss, sigmoid_focal_loss
-from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
-
-from dyhead import DyHead
 
 from .atss_assigner import IGNORE, ATSSAssigner
-from .backbones import build_backbone
 from .box_coder import BoxCoder
 from .config import ModelConfig
+from .detections import rescale_detections
 from .engine.distributed import get_world_size, sum_across_processes
+from .pyramid import PYRAMID_STRIDES, build_fpn_dyhead
 
 __all__ = ["Scale", "ATSSHead", "ATSS", "make_anchors", "centerness_targets", "build_atss_dyhead"]
 
-STRIDES = (8, 16, 32, 64, 128)
+STRIDES = PYRAMID_STRIDES[3]
 
 
 class Scale(nn.Module):
@@ -323,25 +321,18 @@ class ATSS(nn.Module):
             self.detections_per_img,
         )
         if original_sizes is not None:
-            for det, (h, w), (oh, ow) in zip(detections, image_sizes, original_sizes):
-                ratio = torch.tensor([ow / w, oh / h, ow / w, oh / h], device=det["boxes"].device)
-                det["boxes"] = clip_boxes_to_image(det["boxes"] * ratio, (oh, ow))
+            rescale_detections(detections, image_sizes, original_sizes)
         return detections
+
+    @property
+    def num_classes(self) -> int:
+        """Number of object classes K."""
+        return self.head.num_classes
 
 
 def build_atss_dyhead(cfg: ModelConfig, num_classes: int) -> ATSS:
     """ATSS with a ResNet, an FPN with P6/P7 from P5 and a DyHead neck, as ``cfg`` describes."""
-    backbone = build_backbone(cfg.backbone)
-    fpn = FeaturePyramidNetwork(
-        backbone.out_channels, cfg.fpn_channels, extra_blocks=LastLevelP6P7(cfg.fpn_channels, cfg.fpn_channels)
-    )
-    neck = DyHead(
-        cfg.fpn_channels,
-        cfg.dyhead_channels,
-        cfg.dyhead_blocks,
-        backend=cfg.dyhead_backend,
-        high_offsets=cfg.dyhead_high_offsets,
-    )
+    backbone, fpn, neck = build_fpn_dyhead(cfg, first_level=3)
     head = ATSSHead(
         cfg.dyhead_channels,
         num_classes,

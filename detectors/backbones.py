@@ -1,4 +1,4 @@
-"""ResNet backbones returning C3-C5 (strides 8, 16, 32)."""
+"""ResNet backbones returning C2-C5 or C3-C5 (strides 4, 8, 16, 32)."""
 
 from __future__ import annotations
 
@@ -65,44 +65,49 @@ class SlimResNet(nn.Module):
 
 
 class ResNetBackbone(nn.Module):
-    """Wraps a ResNet so that it returns C3, C4, C5.
+    """Wraps a ResNet so that it returns C2-C5 or C3-C5.
 
     Args:
         body: a torchvision-style ResNet (``conv1``, ``bn1``, ``layer1``..``layer4``).
-        out_channels: channels of C3, C4, C5.
+        out_channels: channels of C2, C3, C4, C5.
         freeze_at: 0 trains everything; 1 freezes the stem; k > 1 also freezes ``layer1``..``layer{k-1}``.
+        first_level: 2 returns C2-C5 (Faster R-CNN's P2-P6), 3 returns C3-C5.
 
-    Forward: ``(N, 3, H, W)`` float -> ``OrderedDict`` ``{"c3", "c4", "c5"}`` of ``(N, C_l, H/s, W/s)``
-    for strides s = 8, 16, 32 (rounded up).
+    Forward: ``(N, 3, H, W)`` float -> ``OrderedDict`` ``{"c2"?, "c3", "c4", "c5"}`` of ``(N, C_l, H/s, W/s)``
+    for strides s = 4, 8, 16, 32 (rounded up). ``out_channels`` lists the returned levels' channels.
     """
 
-    def __init__(self, body: nn.Module, out_channels: list[int], freeze_at: int = 2):
+    def __init__(self, body: nn.Module, out_channels: list[int], freeze_at: int = 2, first_level: int = 3):
         super().__init__()
+        if first_level not in (2, 3):
+            raise ValueError(f"first_level={first_level}: the backbone returns C2-C5 or C3-C5")
         frozen = ["conv1", "bn1"] + [f"layer{i}" for i in range(1, freeze_at)] if freeze_at > 0 else []
         for name, param in body.named_parameters():
             if name.split(".")[0] in frozen:
                 param.requires_grad_(False)
-        self.body = IntermediateLayerGetter(body, {"layer2": "c3", "layer3": "c4", "layer4": "c5"})
-        self.out_channels = list(out_channels)
+        levels = range(first_level, 6)
+        self.body = IntermediateLayerGetter(body, {f"layer{level - 1}": f"c{level}" for level in levels})
+        self.out_channels = list(out_channels[first_level - 2:])
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
-        """``(N, 3, H, W)`` -> ``{"c3", "c4", "c5"}``."""
+        """``(N, 3, H, W)`` -> ``{"c2"?, "c3", "c4", "c5"}``."""
         return self.body(x)
 
 
-def build_backbone(cfg: BackboneConfig) -> ResNetBackbone:
-    """Builds the backbone described by ``cfg``, loading pretrained weights when it names them."""
+def build_backbone(cfg: BackboneConfig, first_level: int = 3) -> ResNetBackbone:
+    """Builds the backbone described by ``cfg`` returning C{first_level}-C5, loading pretrained weights when
+    it names them."""
     norm_layer = _norm_layer(cfg.norm)
     if cfg.name == "slim":
         body = SlimResNet(cfg.widths, cfg.depths, norm_layer)
-        out_channels = list(cfg.widths[1:])
+        out_channels = list(cfg.widths)
     elif cfg.name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
         torchvision_weights = None
         if cfg.weights is not None and not Path(cfg.weights).suffix:
             torchvision_weights = resnet.__dict__[f"ResNet{cfg.name[6:]}_Weights"][cfg.weights]
         body = resnet.__dict__[cfg.name](weights=torchvision_weights, norm_layer=norm_layer)
         expansion = 1 if cfg.name in ("resnet18", "resnet34") else 4
-        out_channels = [128 * expansion, 256 * expansion, 512 * expansion]
+        out_channels = [64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion]
     else:
         raise ValueError(f"unknown backbone {cfg.name!r}; expected slim or resnet18/34/50/101/152")
     if cfg.weights is not None and Path(cfg.weights).suffix:
@@ -110,4 +115,4 @@ def build_backbone(cfg: BackboneConfig) -> ResNetBackbone:
         missing, _ = body.load_state_dict(state, strict=False)
         if missing:
             raise ValueError(f"backbone weights {cfg.weights} lack {len(missing)} tensors, e.g. {missing[:3]}")
-    return ResNetBackbone(body, out_channels, cfg.freeze_at)
+    return ResNetBackbone(body, out_channels, cfg.freeze_at, first_level)

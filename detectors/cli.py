@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from .atss import build_atss_dyhead
+from .build import build_detector
 from .config import Config, ConfigError, load_config
 from .data.build import build_dataset
 from .data.coco import DatasetError, ImageLoadError
@@ -28,7 +28,7 @@ logger = logging.getLogger("detectors.cli")
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``dyhead``."""
-    parser = argparse.ArgumentParser(prog="dyhead", description="Train, evaluate and run ATSS + DyHead detectors.")
+    parser = argparse.ArgumentParser(prog="dyhead", description="Train, evaluate and run DyHead detectors (ATSS, RetinaNet, Faster R-CNN).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser, output_help: str) -> None:
@@ -62,7 +62,7 @@ def _load_model(cfg: Config, weights: Path, num_classes: int | None, device: tor
     num_classes = cfg.model.num_classes or meta.get("num_classes") or num_classes
     if num_classes is None:
         raise ConfigError(f"{weights} does not record its class count; set model.num_classes")
-    model = build_atss_dyhead(cfg.model, num_classes)
+    model = build_detector(cfg.model, num_classes)
     model.load_state_dict(state)
     return model.to(device).eval(), meta
 
@@ -79,8 +79,8 @@ def _eval(cfg: Config, args: argparse.Namespace) -> None:
 def _predict(cfg: Config, args: argparse.Namespace) -> None:
     device = setup_runtime(cfg)
     model, meta = _load_model(cfg, args.weights, None, device)
-    names = meta.get("class_names") or [str(i) for i in range(model.head.num_classes)]
-    category_ids = meta.get("category_ids") or list(range(model.head.num_classes))
+    names = meta.get("class_names") or [str(i) for i in range(model.num_classes)]
+    category_ids = meta.get("category_ids") or list(range(model.num_classes))
     transform = DetectionTransform.from_config(cfg.data.input, train=False)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     for path in args.images:

@@ -18,6 +18,8 @@ import yaml
 
 __all__ = [
     "BackboneConfig",
+    "RetinaNetConfig",
+    "RCNNConfig",
     "ModelConfig",
     "DatasetConfig",
     "ShapesConfig",
@@ -38,7 +40,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class BackboneConfig:
-    """ResNet backbone returning C3-C5.
+    """Backbone returning C2-C5 or C3-C5 (what the detector asks for).
 
     ``name`` is a torchvision ResNet (``resnet18``/``34``/``50``/``101``/``152``) or ``slim``, a
     from-scratch BasicBlock ResNet whose stage ``widths`` and ``depths`` are set here. ``weights`` is a
@@ -56,9 +58,54 @@ class BackboneConfig:
 
 
 @dataclass
-class ModelConfig:
-    """ATSS detector with an FPN (P3-P7) and a DyHead neck; defaults are the paper's R50 values."""
+class RetinaNetConfig:
+    """RetinaNet specifics (detectron2's ``MODEL.RETINANET`` defaults).
 
+    Anchors per level: ``anchor_size x 2**(l) x s`` for s in ``anchor_scales`` and every aspect ratio, where
+    ``anchor_size`` is the side at P3 (4 x stride).
+    """
+
+    anchor_size: float = 32.0
+    anchor_scales: list[float] = field(default_factory=lambda: [1.0, 2 ** (1 / 3), 2 ** (2 / 3)])
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    fg_iou_thresh: float = 0.5
+    bg_iou_thresh: float = 0.4
+    smooth_l1_beta: float = 0.1
+
+
+@dataclass
+class RCNNConfig:
+    """Faster R-CNN specifics: RPN and box head (detectron2's ``MODEL.RPN``/``MODEL.ROI_HEADS`` defaults)."""
+
+    anchor_size: float = 32.0  # side at P2; doubles per level
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    rpn_fg_iou_thresh: float = 0.7
+    rpn_bg_iou_thresh: float = 0.3
+    rpn_batch_size_per_image: int = 256
+    rpn_positive_fraction: float = 0.5
+    rpn_pre_nms_topk_train: int = 2000
+    rpn_pre_nms_topk_test: int = 1000
+    rpn_post_nms_topk_train: int = 1000
+    rpn_post_nms_topk_test: int = 1000
+    rpn_nms_thresh: float = 0.7
+    roi_fg_iou_thresh: float = 0.5
+    roi_bg_iou_thresh: float = 0.5
+    roi_batch_size_per_image: int = 512
+    roi_positive_fraction: float = 0.25
+    pooler_resolution: int = 7
+    pooler_sampling_ratio: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """A detector with an FPN and a DyHead neck; defaults are the paper's ATSS R50 values.
+
+    ``meta_architecture`` is ``atss`` (P3-P7, the release's detector), ``retinanet`` (P3-P7) or
+    ``faster_rcnn`` (P2-P6). The fields below ``dyhead_high_offsets`` are shared by the one-stage heads and
+    the box head's inference; ``retinanet`` and ``rcnn`` hold what only one architecture reads.
+    """
+
+    meta_architecture: str = "atss"
     num_classes: int | None = None  # null: taken from the training set's categories
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     fpn_channels: int = 256
@@ -66,7 +113,7 @@ class ModelConfig:
     dyhead_blocks: int = 6
     dyhead_backend: str = "auto"
     dyhead_high_offsets: str = "official"
-    anchor_scale: float = 8.0  # anchor side = anchor_scale x stride
+    anchor_scale: float = 8.0  # ATSS: anchor side = anchor_scale x stride
     atss_topk: int = 9
     prior_prob: float = 0.01
     focal_alpha: float = 0.25
@@ -76,6 +123,8 @@ class ModelConfig:
     pre_nms_topk: int = 1000
     nms_thresh: float = 0.6
     detections_per_img: int = 100
+    retinanet: RetinaNetConfig = field(default_factory=RetinaNetConfig)
+    rcnn: RCNNConfig = field(default_factory=RCNNConfig)
 
 
 @dataclass

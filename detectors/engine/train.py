@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..atss import build_atss_dyhead
+from ..build import build_detector
 from ..config import Config, SolverConfig, config_to_dict
 from ..data.build import build_dataset, build_train_loader
 from ..data.coco import DatasetError
@@ -164,7 +164,7 @@ def train(cfg: Config, output_dir: Path, resume: bool = False) -> dict:
     if main:
         barrier()
     num_classes = cfg.model.num_classes or len(train_set.category_ids)
-    model = build_atss_dyhead(cfg.model, num_classes).to(device)
+    model = build_detector(cfg.model, num_classes).to(device)
     optimizer = build_optimizer(solver, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(solver, it))
     meta = {"class_names": train_set.class_names, "category_ids": train_set.category_ids, "num_classes": num_classes}
