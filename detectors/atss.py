@@ -17,8 +17,8 @@ from torchvision.ops import batched_nms, clip_boxes_to_image, generalized_box_io
 from .atss_assigner import IGNORE, ATSSAssigner
 from .box_coder import BoxCoder
 from .config import ModelConfig
-from .detections import rescale_detections
 from .engine.distributed import get_world_size, sum_across_processes
+from .one_stage import OneStageDetector
 from .pyramid import PYRAMID_STRIDES, build_fpn_dyhead
 
 __all__ = ["Scale", "ATSSHead", "ATSS", "make_anchors", "centerness_targets", "build_atss_dyhead"]
@@ -253,17 +253,13 @@ class ATSSHead(nn.Module):
         return results
 
 
-class ATSS(nn.Module):
-    """ATSS detector: backbone -> FPN (P3-P7) -> neck -> ``ATSSHead``.
+class ATSS(OneStageDetector):
+    """ATSS detector: backbone -> FPN (P3-P7) -> neck -> ``ATSSHead``, one square anchor per location.
 
-    In training, ``forward(images, image_sizes, targets)`` returns the dict of losses; in eval it returns
-    one dict per image with ``boxes`` (x1,y1,x2,y2 float32), ``scores`` and ``labels`` (int64 in
-    ``[0, num_classes)``), in input pixels or, when ``original_sizes`` is given, in original image pixels.
+    The calling convention is ``OneStageDetector``'s; targets as in ``ATSSHead.compute_loss``.
 
     Args:
-        backbone: returns an ordered dict of C3-C5 and has ``out_channels``.
-        fpn: turns C3-C5 into P3-P7 (an ordered dict).
-        neck: refines P3-P7, same container in and out.
+        backbone, fpn, neck: as ``OneStageDetector``.
         head: the ATSS head.
         anchor_scale: anchor side in strides.
         score_thresh, pre_nms_topk, nms_thresh, detections_per_img: inference settings.
@@ -281,53 +277,12 @@ class ATSS(nn.Module):
         nms_thresh: float = 0.6,
         detections_per_img: int = 100,
     ):
-        super().__init__()
-        self.backbone = backbone
-        self.fpn = fpn
-        self.neck = neck
-        self.head = head
+        super().__init__(backbone, fpn, neck, head, score_thresh, pre_nms_topk, nms_thresh, detections_per_img)
         self.anchor_scale = anchor_scale
-        self.score_thresh = score_thresh
-        self.pre_nms_topk = pre_nms_topk
-        self.nms_thresh = nms_thresh
-        self.detections_per_img = detections_per_img
 
-    def forward(
-        self,
-        images: Tensor,
-        image_sizes: list[tuple[int, int]],
-        targets: list[dict[str, Tensor]] | None = None,
-        original_sizes: list[tuple[int, int]] | None = None,
-    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
-        """Losses (training) or detections (eval).
-
-        Args:
-            images: ``(N, 3, H, W)`` float, normalised, padded so that H and W are multiples of 128.
-            image_sizes: ``(h, w)`` of each image's content before padding.
-            targets: training only; see ``ATSSHead.compute_loss``.
-            original_sizes: eval only; ``(h, w)`` to rescale the boxes to.
-        """
-        features = list(self.neck(self.fpn(self.backbone(images))).values())
-        outputs = self.head(features)
-        anchors = make_anchors(
-            [tuple(f.shape[-2:]) for f in features], STRIDES[: len(features)], self.anchor_scale, images.device
-        )
-        if self.training:
-            if targets is None:
-                raise ValueError("targets are required in training mode")
-            return self.head.compute_loss(outputs, anchors, targets)
-        detections = self.head.postprocess(
-            outputs, anchors, image_sizes, self.score_thresh, self.pre_nms_topk, self.nms_thresh,
-            self.detections_per_img,
-        )
-        if original_sizes is not None:
-            rescale_detections(detections, image_sizes, original_sizes)
-        return detections
-
-    @property
-    def num_classes(self) -> int:
-        """Number of object classes K."""
-        return self.head.num_classes
+    def make_anchors(self, sizes: list[tuple[int, int]], device: torch.device) -> list[Tensor]:
+        """Per level ``(H_l, W_l)`` -> ``(H_l W_l, 4)`` float32, see ``make_anchors``."""
+        return make_anchors(sizes, STRIDES[: len(sizes)], self.anchor_scale, device)
 
 
 def build_atss_dyhead(cfg: ModelConfig, num_classes: int) -> ATSS:

@@ -6,11 +6,13 @@ from torch import nn
 
 from .atss import build_atss_dyhead
 from .config import ConfigError, ModelConfig
+from .retinanet import build_retinanet_dyhead
 
 __all__ = ["ARCHITECTURES", "build_detector"]
 
 ARCHITECTURES = {
     "atss": build_atss_dyhead,
+    "retinanet": build_retinanet_dyhead,
 }
 
 

@@ -1,0 +1,217 @@
+"""RetinaNet + DyHead: anchors, matching, losses and decoding on hand-made cases; the built detector and a short run."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.ops import sigmoid_focal_loss
+
+from detectors.atss_assigner import BACKGROUND, IGNORE
+from detectors.build import build_detector
+from detectors.config import BackboneConfig, ModelConfig, RetinaNetConfig, load_config
+from detectors.retinanet import RetinaNet, RetinaNetHead, make_retinanet_anchors, match_anchors
+
+REPO = Path(__file__).resolve().parents[2]
+GT = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+# one level of five anchors and their IoU with GT: 1 (fg), 100/220 (ignored), 0 (bg), 0.5 (fg), 100/260 (bg)
+ANCHORS = [torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 22.0], [100.0, 100.0, 110.0, 110.0],
+                         [0.0, 0.0, 10.0, 20.0], [0.0, 0.0, 10.0, 26.0]])]
+
+
+def _outputs(cls_logits=None, num_anchors=5, num_classes=2):
+    if cls_logits is None:
+        cls_logits = torch.zeros(1, num_anchors, num_classes)
+    return {"cls_logits": cls_logits.clone().requires_grad_(),
+            "bbox_deltas": torch.zeros(1, num_anchors, 4, requires_grad=True)}
+
+
+def _logit(p):
+    return math.log(p / (1 - p))
+
+
+def test_anchors_count_order_and_values():
+    level0, level1 = make_retinanet_anchors([(2, 3), (1, 1)], (8, 16), 32.0, [1.0, 2.0], [0.25, 1.0, 4.0],
+                                            torch.device("cpu"))
+    assert level0.shape == (2 * 3 * 6, 4) and level1.shape == (6, 4)
+    # location (y=1, x=2) -> centre (16, 8); its anchors follow at (1 * 3 + 2) * 6, scale-major
+    first = (1 * 3 + 2) * 6
+    torch.testing.assert_close(level0[first], torch.tensor([-16.0, 0.0, 48.0, 16.0]))  # side 32, h/w 1/4: 64 x 16
+    torch.testing.assert_close(level0[first + 4], torch.tensor([-16.0, -24.0, 48.0, 40.0]))  # side 64, square
+    torch.testing.assert_close(level0[first + 5], torch.tensor([0.0, -56.0, 32.0, 72.0]))  # side 64, h/w 4: 32 x 128
+    # the base side doubles with the stride: 64 on the stride-16 level, centred at the origin
+    torch.testing.assert_close(level1[1], torch.tensor([-32.0, -32.0, 32.0, 32.0]))
+
+
+def test_default_anchors_keep_area_and_aspect_ratio():
+    cfg = RetinaNetConfig()
+    (level,) = make_retinanet_anchors([(1, 1)], (8,), cfg.anchor_size, cfg.anchor_scales, cfg.aspect_ratios,
+                                      torch.device("cpu"))
+    w, h = level[:, 2] - level[:, 0], level[:, 3] - level[:, 1]
+    sides = torch.tensor([32.0 * s for s in cfg.anchor_scales]).repeat_interleave(3)
+    torch.testing.assert_close(w * h, sides**2)
+    torch.testing.assert_close(h / w, torch.tensor(cfg.aspect_ratios).repeat(3))
+
+
+def test_head_output_order_matches_anchor_order():
+    head = RetinaNetHead(1, num_classes=1, num_anchors=2)
+    with torch.no_grad():
+        head.bbox_pred.weight.zero_()
+        head.bbox_pred.weight[:, 0, 1, 1] = 1.0  # every output channel copies the input at its location
+        head.bbox_pred.bias.copy_(torch.arange(8.0) // 4 * 10 + torch.arange(8.0) % 4)  # anchor a, delta c: 10a + c
+        feature = torch.arange(6.0).reshape(1, 1, 2, 3) * 100  # location y * 3 + x holds 100 (y * 3 + x)
+        deltas = head([feature])["bbox_deltas"]
+    assert deltas.shape == (1, 12, 4) and deltas.dtype == torch.float32
+    loc, a, c = torch.meshgrid(torch.arange(6.0), torch.arange(2.0), torch.arange(4.0), indexing="ij")
+    torch.testing.assert_close(deltas[0], (100 * loc + 10 * a + c).reshape(12, 4))
+
+
+def test_match_anchors_thresholds_low_quality_and_empty():
+    (anchors,) = ANCHORS
+    assert match_anchors(anchors, GT, 0.5, 0.4).tolist() == [0, IGNORE, BACKGROUND, 0, BACKGROUND]
+    # with no anchor over 0.5, the gt's best anchors (a tie at 100/220) become foreground all the same
+    ties = torch.cat((anchors[[1, 2, 4]], torch.tensor([[0.0, -12.0, 10.0, 10.0]])))
+    assert match_anchors(ties, GT, 0.5, 0.4).tolist() == [0, BACKGROUND, BACKGROUND, 0]
+    # a box overlapping no anchor takes none
+    far = torch.tensor([[500.0, 500.0, 510.0, 510.0]])
+    assert match_anchors(anchors, far, 0.5, 0.4).tolist() == [BACKGROUND] * 5
+    assert match_anchors(anchors, torch.zeros(0, 4), 0.5, 0.4).tolist() == [BACKGROUND] * 5
+
+
+def test_losses_on_known_case():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 5, 2)
+    head = RetinaNetHead(8, num_classes=2)
+    losses = head.compute_loss(_outputs(logits), ANCHORS, [{"boxes": GT, "labels": torch.tensor([1])}])
+    # anchors 0 and 3 are foreground (class 1), 2 and 4 background, 1 ignored; two positives normalise
+    valid = [0, 2, 3, 4]
+    target = torch.tensor([[0.0, 1.0], [0.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    expected = sigmoid_focal_loss(logits[0, valid], target, alpha=0.25, gamma=2.0, reduction="sum") / 2
+    torch.testing.assert_close(losses["loss_cls"], expected)
+    # zero deltas against targets (0, 0, 0, 0) and (0, -0.25, 0, -ln 2): smooth L1 (beta 0.1) |x| - 0.05
+    torch.testing.assert_close(losses["loss_box"], torch.tensor((0.25 - 0.05 + math.log(2) - 0.05) / 2))
+
+
+def test_ignored_anchor_is_left_out_and_exact_deltas_give_zero_box_loss():
+    head = RetinaNetHead(8, num_classes=2)
+    targets = [{"boxes": GT, "labels": torch.tensor([1])}]
+    outputs = _outputs()
+    with torch.no_grad():
+        outputs["bbox_deltas"][0] = head.box_coder.encode(GT.expand(5, 4), ANCHORS[0])
+    base = head.compute_loss(outputs, ANCHORS, targets)
+    assert base["loss_box"].abs().item() < 1e-6
+    with torch.no_grad():
+        outputs["cls_logits"][0, 1] = 5.0  # the ignored anchor
+    torch.testing.assert_close(head.compute_loss(outputs, ANCHORS, targets)["loss_cls"], base["loss_cls"])
+    # logits 0: per class term 0.25 * 0.5^2 * ln 2 (positive) or 0.75 * 0.5^2 * ln 2 (negative), over 2 positives
+    torch.testing.assert_close(base["loss_cls"], torch.tensor(math.log(2) * (2 * 0.0625 + 6 * 0.1875) / 2))
+
+
+def test_crowd_boxes_are_removed_before_matching():
+    head = RetinaNetHead(8, num_classes=2)
+    crowd_box = torch.tensor([[100.0, 100.0, 110.0, 110.0]])  # equal to anchor 2
+    with_crowd = [{"boxes": torch.cat((GT, crowd_box)), "labels": torch.tensor([1, 0]),
+                   "iscrowd": torch.tensor([0, 1], dtype=torch.uint8)}]
+    plain = [{"boxes": GT, "labels": torch.tensor([1])}]
+    crowd_losses = head.compute_loss(_outputs(), ANCHORS, with_crowd)
+    plain_losses = head.compute_loss(_outputs(), ANCHORS, plain)
+    for name in ("loss_cls", "loss_box"):
+        torch.testing.assert_close(crowd_losses[name], plain_losses[name])
+
+
+def test_image_without_boxes_is_all_background_with_gradients():
+    head = RetinaNetHead(8, num_classes=2, num_anchors=5)
+    empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    losses = head.compute_loss(_outputs(), ANCHORS, empty)
+    # ten negative terms 0.75 * 0.5^2 * ln 2, normalised by max(0, 1)
+    torch.testing.assert_close(losses["loss_cls"], torch.tensor(math.log(2) * 10 * 0.1875))
+    assert losses["loss_box"].item() == 0
+    # every head parameter still gets a gradient (DDP requires it): a 1x1 feature holds the five anchors
+    losses = head.compute_loss(head([torch.randn(1, 8, 1, 1)]), ANCHORS, empty)
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in head.parameters())
+
+
+def test_postprocess_scores_decoding_nms_and_clipping():
+    head = RetinaNetHead(8, num_classes=2)
+    anchors = [torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 0.0, 11.0, 10.0], [40.0, 30.0, 60.0, 50.0]]),
+               torch.tensor([[0.0, 50.0, 10.0, 60.0], [80.0, 80.0, 90.0, 90.0]])]
+    cls = torch.full((1, 5, 2), -10.0)
+    cls[0, 0, 0] = _logit(0.9)  # kept
+    cls[0, 1, 0] = _logit(0.8)  # same class, IoU 0.82 with the first: suppressed
+    cls[0, 1, 1] = _logit(0.7)  # other class at the same place: kept
+    cls[0, 2, 1] = _logit(0.6)  # kept, its deltas move and widen it
+    cls[0, 3, 0] = _logit(0.5)  # second level, clipped to the 55-pixel-high image
+    cls[0, 4, 1] = _logit(0.04)  # under the 0.05 threshold
+    deltas = torch.zeros(1, 5, 4)
+    deltas[0, 2] = torch.tensor([0.1, 0.0, math.log(2), 0.0])  # centre x 50 + 0.1 * 20, width 40
+    (det,) = head.postprocess({"cls_logits": cls, "bbox_deltas": deltas}, anchors, [(55, 100)])
+    torch.testing.assert_close(det["scores"], torch.tensor([0.9, 0.7, 0.6, 0.5]))
+    assert det["labels"].dtype == torch.int64 and det["labels"].tolist() == [0, 1, 1, 0]
+    torch.testing.assert_close(det["boxes"], torch.tensor(
+        [[0.0, 0.0, 10.0, 10.0], [1.0, 0.0, 11.0, 10.0], [32.0, 30.0, 72.0, 50.0], [0.0, 50.0, 10.0, 55.0]]))
+    (top2,) = head.postprocess({"cls_logits": cls, "bbox_deltas": deltas}, anchors, [(55, 100)], detections_per_img=2)
+    assert top2["scores"].tolist() == pytest.approx([0.9, 0.7])
+    # the top 1 of each level before NMS
+    (pre1,) = head.postprocess({"cls_logits": cls, "bbox_deltas": deltas}, anchors, [(55, 100)], pre_nms_topk=1)
+    assert pre1["scores"].tolist() == pytest.approx([0.9, 0.5])
+
+
+def _tiny_model_config(**changes):
+    backbone = BackboneConfig(name="slim", weights=None, norm="gn", freeze_at=0, widths=[8, 8, 16, 16],
+                              depths=[1, 1, 1, 1])
+    return ModelConfig(meta_architecture="retinanet", backbone=backbone, fpn_channels=32, dyhead_channels=32,
+                       dyhead_blocks=1, dyhead_backend="torchvision", **changes)
+
+
+def test_built_detector_trains_and_predicts():
+    torch.manual_seed(0)
+    model = build_detector(_tiny_model_config(score_thresh=0.0, detections_per_img=20), num_classes=3)
+    assert isinstance(model, RetinaNet) and model.num_classes == 3
+    images = torch.randn(2, 3, 128, 128)
+    targets = [{"boxes": torch.tensor([[10.0, 20.0, 60.0, 50.0]]), "labels": torch.tensor([2])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    losses = model.train()(images, [(128, 128), (100, 120)], targets)
+    assert set(losses) == {"loss_cls", "loss_box"} and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    for part in (model.neck, model.head.cls_logits, model.head.bbox_pred):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+    with torch.no_grad():
+        plain, _ = model.eval()(images, [(100, 120), (128, 128)])
+        (mapped,) = model(images[:1], [(100, 120)], original_sizes=[(200, 240)])
+    assert plain["boxes"].shape == (20, 4) and plain["boxes"].dtype == torch.float32
+    assert plain["scores"].shape == (20,) and plain["labels"].dtype == torch.int64
+    assert plain["labels"].min() >= 0 and plain["labels"].max() < 3
+    assert plain["boxes"][:, 2].max() <= 120 and plain["boxes"][:, 3].max() <= 100
+    torch.testing.assert_close(mapped["boxes"], plain["boxes"] * 2)
+
+
+def test_r50_config_loads_as_retinanet():
+    cfg = load_config(REPO / "configs" / "retinanet_r50_dyhead_1x.yaml")
+    assert cfg.model.meta_architecture == "retinanet" and cfg.model.nms_thresh == 0.5
+    assert cfg.model.retinanet == RetinaNetConfig()
+    assert (cfg.solver.ims_per_batch, cfg.solver.base_lr, cfg.solver.max_iter) == (16, 0.01, 90000)
+
+
+@pytest.mark.slow
+def test_shapes_tiny_retinanet_runs_and_loss_falls(tmp_path):
+    from test_det_training import CONFIG, _tiny_overrides
+
+    from detectors.engine.train import train
+
+    overrides = _tiny_overrides(tmp_path / "data", 60) + ["model.meta_architecture=retinanet",
+                                                          "data.shapes.num_train=64", "solver.base_lr=0.004"]
+    metrics = train(load_config(CONFIG, overrides), tmp_path / "out")
+    out = tmp_path / "out"
+    assert set(metrics) == {"bbox"} and set(metrics["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [r["iter"] for r in steps] == list(range(1, 61))
+
+    def fall(name):  # mean of the last 8 logged values over the mean of the first 8
+        values = [r[name] for r in steps]
+        return sum(values[-8:]) / sum(values[:8])
+
+    # about 0.65, 0.52 and 0.9 over seeds 0-2: the box loss moves slowly in 60 iterations of a tiny model
+    assert fall("loss") < 0.8 and fall("loss_cls") < 0.7 and fall("loss_box") < 1.0
