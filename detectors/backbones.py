@@ -1,4 +1,4 @@
-"""ResNet backbones returning C2-C5 or C3-C5 (strides 4, 8, 16, 32)."""
+"""ResNet and Swin Transformer backbones returning C2-C5 or C3-C5 (strides 4, 8, 16, 32)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,16 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
-from torchvision.models import resnet
+from torchvision.models import resnet, swin_transformer
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FrozenBatchNorm2d
 
 from .config import BackboneConfig
+from .swin_weights import load_swin_state_dict
 
-__all__ = ["SlimResNet", "ResNetBackbone", "build_backbone"]
+__all__ = ["SlimResNet", "ResNetBackbone", "SwinBackbone", "build_backbone"]
+
+SWIN_NAMES = ("swin_t", "swin_s", "swin_b")
 
 
 def _norm_layer(norm: str) -> Callable[[int], nn.Module]:
@@ -94,9 +97,83 @@ class ResNetBackbone(nn.Module):
         return self.body(x)
 
 
-def build_backbone(cfg: BackboneConfig, first_level: int = 3) -> ResNetBackbone:
+class SwinBackbone(nn.Module):
+    """Wraps a torchvision Swin Transformer so that it returns C2-C5 or C3-C5 in NCHW.
+
+    Every returned level has its own LayerNorm on its stage's output (before the patch merging), as the
+    official Swin detection backbone's ``norm{i}`` layers; the classifier's final norm and head are not kept.
+
+    Args:
+        body: a torchvision ``SwinTransformer``; only its ``features`` (patch embedding, then stages with a
+            patch merging after each but the last) are used.
+        freeze_at: 0 trains everything; 1 freezes the patch embedding; k > 1 also freezes stages 1..k-1 and
+            the patch merging after each, up to 5 (the official backbone's ``frozen_stages`` for k >= 1).
+            Frozen parts stay in eval mode, so stochastic depth never drops their blocks.
+        first_level: 2 returns C2-C5 (Faster R-CNN's P2-P6), 3 returns C3-C5.
+
+    Forward: ``(N, 3, H, W)`` float with H, W multiples of 32 -> ``OrderedDict`` ``{"c2"?, "c3", "c4", "c5"}``
+    of contiguous ``(N, C_l, H/s, W/s)`` float for strides s = 4, 8, 16, 32, where C_l is the embedding width
+    times 1, 2, 4, 8 (96..768 for Swin-T/S, 128..1024 for Swin-B). ``out_channels`` lists the returned
+    levels' channels. Windows that do not divide a stage's size are padded inside torchvision's attention.
+    """
+
+    def __init__(self, body: swin_transformer.SwinTransformer, freeze_at: int = 0, first_level: int = 3):
+        super().__init__()
+        if first_level not in (2, 3):
+            raise ValueError(f"first_level={first_level}: the backbone returns C2-C5 or C3-C5")
+        if not 0 <= freeze_at <= 5:
+            raise ValueError(f"freeze_at={freeze_at}: expected 0 to 5 for Swin (patch embedding, then 4 stages)")
+        self.features = body.features
+        embed_dim = self.features[0][0].out_channels
+        # features[2i + 1] is stage i + 1, whose output is level C(i + 2)
+        self.taps = {2 * (level - 2) + 1: f"c{level}" for level in range(first_level, 6)}
+        self.out_channels = [embed_dim * 2 ** (level - 2) for level in range(first_level, 6)]
+        self.norms = nn.ModuleDict(
+            {name: nn.LayerNorm(channels) for name, channels in zip(self.taps.values(), self.out_channels)}
+        )
+        self.num_frozen = 2 * freeze_at - 1 if freeze_at > 0 else 0  # leading entries of ``features``
+        for param in self.features[: self.num_frozen].parameters():
+            param.requires_grad_(False)
+        self.train()
+
+    def train(self, mode: bool = True) -> SwinBackbone:
+        """Sets train/eval mode, keeping the frozen leading stages in eval mode."""
+        super().train(mode)
+        self.features[: self.num_frozen].eval()
+        return self
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        """``(N, 3, H, W)`` -> ``{"c2"?, "c3", "c4", "c5"}``."""
+        out = OrderedDict()
+        for index, layer in enumerate(self.features):
+            x = layer(x)  # (N, H/s, W/s, C): torchvision's Swin is channels-last throughout
+            name = self.taps.get(index)
+            if name is not None:
+                # contiguous NCHW like the ResNets, so nothing downstream inherits a channels-last layout
+                out[name] = self.norms[name](x).permute(0, 3, 1, 2).contiguous()
+        return out
+
+
+def _build_swin(cfg: BackboneConfig, first_level: int) -> SwinBackbone:
+    if cfg.norm != "ln":
+        raise ValueError(
+            f"backbone norm {cfg.norm!r} does not apply to {cfg.name}: Swin uses LayerNorm, set norm to ln"
+        )
+    torchvision_weights = None
+    if cfg.weights is not None and not Path(cfg.weights).suffix:
+        torchvision_weights = swin_transformer.__dict__[f"Swin_{cfg.name[-1].upper()}_Weights"][cfg.weights]
+    body = swin_transformer.__dict__[cfg.name](weights=torchvision_weights)
+    if cfg.weights is not None and Path(cfg.weights).suffix:
+        state = torch.load(cfg.weights, map_location="cpu", weights_only=True)
+        load_swin_state_dict(body.features, state, source=cfg.weights)
+    return SwinBackbone(body, cfg.freeze_at, first_level)
+
+
+def build_backbone(cfg: BackboneConfig, first_level: int = 3) -> ResNetBackbone | SwinBackbone:
     """Builds the backbone described by ``cfg`` returning C{first_level}-C5, loading pretrained weights when
     it names them."""
+    if cfg.name in SWIN_NAMES:
+        return _build_swin(cfg, first_level)
     norm_layer = _norm_layer(cfg.norm)
     if cfg.name == "slim":
         body = SlimResNet(cfg.widths, cfg.depths, norm_layer)
@@ -109,7 +186,7 @@ def build_backbone(cfg: BackboneConfig, first_level: int = 3) -> ResNetBackbone:
         expansion = 1 if cfg.name in ("resnet18", "resnet34") else 4
         out_channels = [64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion]
     else:
-        raise ValueError(f"unknown backbone {cfg.name!r}; expected slim or resnet18/34/50/101/152")
+        raise ValueError(f"unknown backbone {cfg.name!r}; expected slim, resnet18/34/50/101/152 or swin_t/s/b")
     if cfg.weights is not None and Path(cfg.weights).suffix:
         state = torch.load(cfg.weights, map_location="cpu", weights_only=True)
         missing, _ = body.load_state_dict(state, strict=False)
