@@ -6,12 +6,14 @@ from torch import nn
 
 from .atss import build_atss_dyhead
 from .config import ConfigError, ModelConfig
+from .faster_rcnn import build_faster_rcnn_dyhead
 from .retinanet import build_retinanet_dyhead
 
 __all__ = ["ARCHITECTURES", "build_detector"]
 
 ARCHITECTURES = {
     "atss": build_atss_dyhead,
+    "faster_rcnn": build_faster_rcnn_dyhead,
     "retinanet": build_retinanet_dyhead,
 }
 

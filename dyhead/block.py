@@ -50,28 +50,33 @@ def check_pyramid(levels: Sequence[Tensor], in_channels: int, names: Sequence[st
 class DyHeadBlock(nn.Module):
     """One DyHead block: for each level l, spatial branches -> scale-aware mean -> task-aware dynamic ReLU.
 
-    out[l] = TaskAttention(ScaleAttention(SpatialAttention(x)[l])), see each module for its formula. On the
-    triton backend everything after the deformable convs runs as the fused level pass (:mod:`dyhead.fused`).
+    out[l] = TaskAttention(ScaleAttention(SpatialAttention(x)[l])), see each module for its formula; without
+    task attention out[l] = ScaleAttention(SpatialAttention(x)[l]). On the triton backend everything after the
+    deformable convs runs as the fused level pass (:mod:`dyhead.fused`).
 
     Args:
         in_channels: Cin of the input levels.
         channels: C of the output levels (divisible by 16).
         backend: deformable conv implementation ("torchvision", "sampled", "triton", "auto").
         high_offsets: how the coarser branch reads offsets ("official" or "crop").
+        task_attention: False leaves the task attention out (``task`` is None, no ``task.*`` weights), as the
+            paper's two-stage detectors do, whose box head applies it per RoI instead.
 
     forward(levels: L tensors (N, Cin, H_l, W_l), finest first) -> L tensors (N, C, H_l, W_l), same dtype.
     """
 
-    def __init__(self, in_channels: int, channels: int, *, backend: str = "auto", high_offsets: str = "official"):
+    def __init__(self, in_channels: int, channels: int, *, backend: str = "auto", high_offsets: str = "official",
+                 task_attention: bool = True):
         super().__init__()
         self.spatial = SpatialAttention(in_channels, channels, backend=backend, high_offsets=high_offsets)
         self.scale = ScaleAttention(channels)
-        self.task = TaskAttention(channels)
+        self.task = TaskAttention(channels) if task_attention else None
 
     def forward(self, levels: Sequence[Tensor]) -> list[Tensor]:
         if resolve_backend(self.spatial.backend, levels[0].device) == "triton":
             return block_forward(self.spatial.convolve(levels), self.scale, self.task)
-        return [self.task(self.scale(branches)) for branches in self.spatial(levels)]
+        out = [self.scale(branches) for branches in self.spatial(levels)]
+        return out if self.task is None else [self.task(x) for x in out]
 
 
 class DyHead(nn.Module):
@@ -86,6 +91,8 @@ class DyHead(nn.Module):
             sampled elsewhere).
         high_offsets: "official" reproduces the release's reading of the coarser branch's offsets (the released
             weights need it); "crop" crops them as mmdetection >= 3.3. See :func:`dyhead.spatial.coarser_view`.
+        task_attention: False builds the blocks without task-aware attention (see :class:`DyHeadBlock`): the
+            paper's neck before a two-stage detector's RoI pooling. The released weights have it (True).
 
     forward(levels) takes a list, tuple or mapping (e.g. torchvision FPN's OrderedDict) of L >= 1 levels, finest
     first, each (N, in_channels, H_l, W_l) float64/float32/bfloat16/float16 with H_l = ceil(H_{l-1} / 2), and
@@ -94,7 +101,7 @@ class DyHead(nn.Module):
 
     def __init__(
         self, in_channels: int, channels: int = 256, num_blocks: int = 6, *, backend: str = "auto",
-        high_offsets: str = "official",
+        high_offsets: str = "official", task_attention: bool = True,
     ) -> None:
         super().__init__()
         if channels % 16 != 0:
@@ -104,7 +111,8 @@ class DyHead(nn.Module):
         self.in_channels = in_channels
         self.channels = channels
         self.blocks = nn.ModuleList(
-            DyHeadBlock(in_channels if i == 0 else channels, channels, backend=backend, high_offsets=high_offsets)
+            DyHeadBlock(in_channels if i == 0 else channels, channels, backend=backend, high_offsets=high_offsets,
+                        task_attention=task_attention)
             for i in range(num_blocks)
         )
 

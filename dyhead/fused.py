@@ -71,9 +71,10 @@ def shape_constants(values: Sequence[float], dtype: torch.dtype, device: torch.d
 
 
 def block_forward(levels: Sequence[Sequence[tuple[Tensor, nn.GroupNorm]]], scale: ScaleAttention,
-                  task: TaskAttention) -> list[Tensor]:
+                  task: TaskAttention | None) -> list[Tensor]:
     """A block's output from every level's branches before GroupNorm; same result as the reference
-    ``[task(scale([upsample?(norm(y)) for y, norm in branches])) for branches in levels]``.
+    ``[task(scale([upsample?(norm(y)) for y, norm in branches])) for branches in levels]``, without ``task(...)``
+    when task is None (a block without task attention).
 
     levels: per level 1 to 3 (y, norm) pairs as `SpatialAttention.convolve` returns them, y (N, C, H_b, W_b) in
         the model's dtype; the first has the level's size, a branch of another size (the coarser one) is
@@ -82,7 +83,9 @@ def block_forward(levels: Sequence[Sequence[tuple[Tensor, nn.GroupNorm]]], scale
 
     The small per-(image, channel) math of all levels runs batched over a (level, branch slot) grid of
     L x 3, a missing branch's slot zero (zero moments, GroupNorm weight and bias, so it adds nothing): a few
-    dozen small launches per block instead of per level.
+    dozen small launches per block instead of per level. Without task attention the dynamic ReLU gets the
+    identity coefficients a1 = a2 = 1, b1 = b2 = 0 (max(u, u) = u; the kernel splits a tie's gradient half/half,
+    which sums to 1), so the same fused kernels run.
     """
     maps, moments, pooled_moments, norm_slots, pixels, inv_branches = [], [], [], [], [], []
     norms = list(dict.fromkeys(norm for branches in levels for _, norm in branches))  # the block's GroupNorms
@@ -128,8 +131,12 @@ def block_forward(levels: Sequence[Sequence[tuple[Tensor, nn.GroupNorm]]], scale
     att = scale.attention(pooled.view(-1, c, 1, 1).to(param)).view(num, 3, n, 1).to(acc)
     weight = att * a * inv_b  # u = sum_b weight_b * y_b + shift is the scale attention's mean
     shift = (att * d).sum(1) * inv_b[:, 0]  # (L, N, C)
-    pooled_u = (weight * mean).sum(1) + shift
-    coef = torch.stack(task.coefficients(pooled_u.view(-1, c).to(param)), 1).to(acc).view(num, n, 4, c)
+    if task is None:
+        one, zero = torch.ones_like(shift), torch.zeros_like(shift)
+        coef = torch.stack((one, zero, one, zero), 2)  # (L, N, 4, C)
+    else:
+        pooled_u = (weight * mean).sum(1) + shift
+        coef = torch.stack(task.coefficients(pooled_u.view(-1, c).to(param)), 1).to(acc).view(num, n, 4, c)
     # unbind, not indexing per level: its backward is one stack, not L zero-padded copies to accumulate.
     weights = weight.transpose(1, 2).contiguous().unbind(0)  # L x (N, 3, C)
     return [level_combine(level_maps, w[:, :len(level_maps)], t, k)

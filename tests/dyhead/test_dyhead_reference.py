@@ -126,6 +126,33 @@ def test_initialisation_follows_the_release():
     assert block.task.fc1.out_features == 16 and block.task.fc2.out_features == 4 * c
 
 
+def test_without_task_attention_is_the_scale_aware_mean_of_the_spatial_branches():
+    torch.manual_seed(0)
+    model = DyHead(16, 16, 2, backend="sampled", task_attention=False).double()
+    assert all(block.task is None for block in model.blocks)
+    assert not any(".task." in name for name in model.state_dict())
+    levels = pyramid(16, sizes=SIZES[:3])
+    expected = levels
+    for block in model.blocks:
+        expected = [block.scale(branches) for branches in block.spatial(expected)]
+    for g, e in zip(model(levels), expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+def test_task_attention_is_the_only_difference():
+    """A default block loaded with a block's weights without task attention lacks exactly the task weights,
+    and its output is the task attention applied to the other's."""
+    torch.manual_seed(0)
+    without = DyHead(16, 16, 1, backend="sampled", task_attention=False).double()
+    with_task = DyHead(16, 16, 1, backend="sampled").double()
+    missing, unexpected = with_task.load_state_dict(without.state_dict(), strict=False)
+    assert not unexpected
+    assert sorted(missing) == sorted(f"blocks.0.task.{name}" for name in with_task.blocks[0].task.state_dict())
+    levels = pyramid(16, sizes=SIZES[:3])
+    for g, e in zip(with_task(levels), without(levels)):
+        torch.testing.assert_close(g, with_task.blocks[0].task(e), rtol=0, atol=0)
+
+
 def test_hard_sigmoid_is_relu6_form():
     from dyhead.activations import hard_sigmoid
 

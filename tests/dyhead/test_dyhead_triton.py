@@ -27,21 +27,32 @@ def run(model, levels):
     return out, dict(zip(names, grads))
 
 
-@pytest.mark.parametrize("high_offsets", ["official", "crop"])
-def test_triton_backend_matches_torchvision(high_offsets):
+def assert_triton_matches(references, high_offsets="official", task_attention=True):
+    """DyHead on triton against each backend of ``references``, same weights: outputs and all gradients in fp32."""
     torch.manual_seed(0)
-    model = DyHead(32, 32, 1, backend="torchvision", high_offsets=high_offsets).to(DEVICE)
+    model = DyHead(32, 32, 1, backend="triton", high_offsets=high_offsets, task_attention=task_attention).to(DEVICE)
     with torch.no_grad():
         model.blocks[0].spatial.offset.bias.uniform_(-2.0, 2.0)  # samples cross borders and leave the image
     sizes = [(9, 11), (5, 6), (3, 3)]
     levels = [torch.randn(2, 32, h, w, device=DEVICE, requires_grad=True) for h, w in sizes]
-    ref_out, ref_grads = run(model, levels)
-    model.backend = "triton"
     out, grads = run(model, levels)
-    for l, (a, b) in enumerate(zip(out, ref_out)):
-        assert rel_err(a, b) < 2e-4, f"output level {l}"
-    for name, g in grads.items():
-        assert rel_err(g, ref_grads[name]) < 2e-4, name
+    for reference in references:
+        model.backend = reference
+        ref_out, ref_grads = run(model, levels)
+        for l, (a, b) in enumerate(zip(out, ref_out)):
+            assert rel_err(a, b) < 2e-4, f"{reference}: output level {l}"
+        for name, g in grads.items():
+            assert rel_err(g, ref_grads[name]) < 2e-4, f"{reference}: {name}"
+
+
+@pytest.mark.parametrize("high_offsets", ["official", "crop"])
+def test_triton_backend_matches_torchvision(high_offsets):
+    assert_triton_matches(["torchvision"], high_offsets)
+
+
+def test_triton_backend_without_task_attention_matches_torch_and_sampled():
+    """The two-stage neck: the fused level pass with identity dynamic-ReLU coefficients."""
+    assert_triton_matches(["torch", "sampled"], task_attention=False)
 
 
 

@@ -1,0 +1,48 @@
+"""Every shipped config loads, describes the paper's neck and builds a detector that runs."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from detectors.build import build_detector
+from detectors.config import load_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+# config file -> (architecture, backbone, images per iteration, published COCO val AP of the paper's row)
+PUBLISHED = {
+    "atss_r50_dyhead_1x.yaml": ("atss", "resnet50", 16, "42.4"),
+    "retinanet_r50_dyhead_1x.yaml": ("retinanet", "resnet50", 16, "39.9"),
+    "faster_rcnn_r50_dyhead_1x.yaml": ("faster_rcnn", "resnet50", 16, "40.3"),
+    "atss_swint_dyhead_2x_ms.yaml": ("atss", "swin_t", 32, "49.8"),
+}
+
+
+def test_every_config_is_known():
+    assert {p.name for p in CONFIGS.glob("*.yaml")} == set(PUBLISHED) | {"shapes_tiny.yaml"}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_config_builds_and_runs(name):
+    arch, backbone, ims_per_batch, ap = PUBLISHED[name]
+    path = CONFIGS / name
+    assert f"{ap} AP" in path.read_text().split("\nmodel:")[0], "the header names the published AP"
+    cfg = load_config(path, ["model.backbone.weights=null"])
+    model_cfg = cfg.model
+    assert (model_cfg.meta_architecture, model_cfg.backbone.name) == (arch, backbone)
+    assert (model_cfg.dyhead_blocks, model_cfg.dyhead_channels, model_cfg.fpn_channels) == (6, 256, 256)
+    assert cfg.data.train.name == "coco_2017_train" and cfg.data.test.name == "coco_2017_val"
+    assert cfg.solver.ims_per_batch == ims_per_batch and cfg.solver.max_iter * ims_per_batch in (1440000, 2880000)
+    assert cfg.data.input.size_divisibility == 128  # each pyramid level exactly half the previous one
+
+    torch.manual_seed(0)
+    model = build_detector(model_cfg, num_classes=80).eval()
+    assert model.num_classes == 80
+    with torch.no_grad():
+        detections = model(torch.randn(1, 3, 128, 256), [(120, 250)], original_sizes=[(240, 500)])
+    (det,) = detections
+    assert det["boxes"].shape[1] == 4 and det["boxes"].shape[0] == det["scores"].shape[0] == det["labels"].shape[0]
+    assert det["boxes"].shape[0] <= model_cfg.detections_per_img
+    if len(det["labels"]):
+        assert 0 <= det["labels"].min() and det["labels"].max() < 80
+        assert (det["boxes"][:, 2] <= 500).all() and (det["boxes"][:, 3] <= 240).all()
