@@ -45,6 +45,26 @@ def test_backend_dtype_against_float64(reference, backend, dtype):
         assert rel_err(o, e) < BOUNDS[dtype], f"level {l}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_without_task_attention_against_float64(reference, dtype):
+    """The two-stage neck (identity dynamic-ReLU coefficients in the fused pass), forward and input gradients."""
+    model, levels, _ = reference
+    state = {k: v for k, v in model.state_dict().items() if ".task." not in k}
+    cpu = DyHead(64, 64, 2, backend="torchvision", task_attention=False).double()
+    cpu.load_state_dict(state)
+    xs64 = [t.clone().requires_grad_() for t in levels]
+    expected = cpu(xs64)
+    sum((o * o.detach().sign()).mean() for o in expected).backward()
+    gpu = DyHead(64, 64, 2, backend="triton", task_attention=False).to("cuda", dtype)
+    gpu.load_state_dict(state)
+    xs = [t.to("cuda", dtype).requires_grad_() for t in levels]
+    out = gpu(xs)
+    sum((o * e.detach().sign().to("cuda", dtype)).mean() for o, e in zip(out, expected)).backward()
+    for l, (o, e, x, x64) in enumerate(zip(out, expected, xs, xs64)):
+        assert rel_err(o, e.detach()) < BOUNDS[dtype], f"level {l}"
+        assert rel_err(x.grad, x64.grad) < 2 * BOUNDS[dtype], f"grad level {l}"
+
+
 def test_auto_under_bf16_autocast_trains(reference):
     model, levels, expected = reference
     gpu = DyHead(64, 64, 2, backend="auto").cuda()
