@@ -16,7 +16,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from .config import BackboneConfig
 from .swin_weights import load_swin_state_dict
 
-__all__ = ["SlimResNet", "ResNetBackbone", "SwinBackbone", "build_backbone"]
+__all__ = ["SlimResNet", "ResNetBackbone", "SwinBackbone", "build_backbone", "move_stride_to_1x1"]
 
 SWIN_NAMES = ("swin_t", "swin_s", "swin_b")
 
@@ -65,6 +65,21 @@ class SlimResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
+def move_stride_to_1x1(body: resnet.ResNet) -> None:
+    """Moves the stride of every stage's first ``Bottleneck`` from its 3x3 conv (torchvision, "ResNet v1.5") to
+    its first 1x1 conv, as in the original MSRA ResNet and detectron2's ``RESNETS.STRIDE_IN_1X1``.
+
+    Output shapes do not change (a 1x1 conv with stride 2 and no padding keeps ceil(H/2) rows, as the 3x3 conv
+    with padding 1 did); the 3x3 conv then sees every position of the half-resolution map instead of the 1x1
+    conv seeing every position of the full one. The shortcut keeps its stride.
+    """
+    for stage in (body.layer1, body.layer2, body.layer3, body.layer4):
+        block = stage[0]
+        if not isinstance(block, resnet.Bottleneck):
+            raise ValueError(f"stride_in_1x1 needs Bottleneck blocks, got {type(block).__name__}")
+        block.conv1.stride, block.conv2.stride = block.conv2.stride, block.conv1.stride
 
 
 class ResNetBackbone(nn.Module):
@@ -172,6 +187,8 @@ def _build_swin(cfg: BackboneConfig, first_level: int) -> SwinBackbone:
 def build_backbone(cfg: BackboneConfig, first_level: int = 3) -> ResNetBackbone | SwinBackbone:
     """Builds the backbone described by ``cfg`` returning C{first_level}-C5, loading pretrained weights when
     it names them."""
+    if cfg.stride_in_1x1 and cfg.name not in ("resnet50", "resnet101", "resnet152"):
+        raise ValueError(f"stride_in_1x1 applies to the bottleneck ResNets (resnet50/101/152), not {cfg.name}")
     if cfg.name in SWIN_NAMES:
         return _build_swin(cfg, first_level)
     norm_layer = _norm_layer(cfg.norm)
@@ -185,6 +202,8 @@ def build_backbone(cfg: BackboneConfig, first_level: int = 3) -> ResNetBackbone 
         body = resnet.__dict__[cfg.name](weights=torchvision_weights, norm_layer=norm_layer)
         expansion = 1 if cfg.name in ("resnet18", "resnet34") else 4
         out_channels = [64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion]
+        if cfg.stride_in_1x1:
+            move_stride_to_1x1(body)
     else:
         raise ValueError(f"unknown backbone {cfg.name!r}; expected slim, resnet18/34/50/101/152 or swin_t/s/b")
     if cfg.weights is not None and Path(cfg.weights).suffix:

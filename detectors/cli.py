@@ -50,9 +50,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", required=True, type=Path, help="checkpoint or state dict")
     p.add_argument("--score-thresh", type=float, default=0.2, help="lowest score drawn and written")
     p.add_argument("images", nargs="+", type=Path, help="image files")
-    p = sub.add_parser("convert", help="official or mmdetection DyHead weights -> a state dict of dyhead.DyHead")
+    p = sub.add_parser(
+        "convert",
+        help="official or mmdetection DyHead weights -> a state dict of dyhead.DyHead; with --detector, the "
+        "release's whole ATSS + DyHead checkpoint -> weights for dyhead eval/predict",
+        description="Without --detector: the DyHead tower of an official (detectron2) or mmdetection checkpoint -> "
+        "a state dict of dyhead.DyHead. With --detector: a whole microsoft/DynamicHead ATSS + DyHead checkpoint "
+        "(e.g. dyhead_r50_atss_fpn_1x.pth: ResNet, FPN, DyHead and ATSS head) -> a checkpoint that the ATSS of "
+        "--config loads strictly; evaluate it with the release's input and stride settings, e.g. dyhead eval "
+        "--config configs/atss_r50_dyhead_1x.yaml --weights OUT.pth --set model.backbone.weights=null --set "
+        "model.backbone.stride_in_1x1=true --set data.input.format=BGR255 --set "
+        "'data.input.pixel_mean=[103.53,116.28,123.675]' --set 'data.input.pixel_std=[1.0,1.0,1.0]' "
+        "(the header of configs/atss_r50_dyhead_1x.yaml). The output is written through a temporary file.",
+    )
     p.add_argument("weights", type=Path, help="official (detectron2) or mmdetection checkpoint")
     p.add_argument("output", type=Path, help="where to write the converted state dict (.pth)")
+    p.add_argument(
+        "--detector", action="store_true",
+        help="convert the whole official ATSS + DyHead detector (backbone, FPN, DyHead, head), not just DyHead",
+    )
+    p.add_argument(
+        "--config", help="with --detector: the config whose model the weights must fit exactly (default: the "
+        "built-in defaults, the paper's ATSS R50, as configs/atss_r50_dyhead_1x.yaml)",
+    )
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="with --detector: override a field of that config; repeatable",
+    )
     sub.add_parser("bench", help="kernel benchmarks; the arguments of python -m benchmarks.run follow", add_help=False)
     return parser
 
@@ -62,9 +86,34 @@ def _load_model(cfg: Config, weights: Path, num_classes: int | None, device: tor
     num_classes = cfg.model.num_classes or meta.get("num_classes") or num_classes
     if num_classes is None:
         raise ConfigError(f"{weights} does not record its class count; set model.num_classes")
+    _warn_on_settings(cfg, meta.get("release_settings", {}), weights)
     model = build_detector(cfg.model, num_classes)
     model.load_state_dict(state)
     return model.to(device).eval(), meta
+
+
+def _warn_on_settings(cfg: Config, settings: dict, weights: Path) -> None:
+    """Warns when weights converted from the release meet a config without the settings they were trained with."""
+    differ = {}
+    for key, value in settings.items():
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        if node != value:
+            differ[key] = value
+    if differ:
+        logger.warning(
+            "%s holds the release's weights, which expect other settings than this config; add %s",
+            weights, _set_flags(differ),
+        )
+
+
+def _set_flags(settings: dict) -> str:
+    """``--set`` flags for ``{dotted key: value}``, quoted for a shell."""
+    def as_yaml(value):
+        return json.dumps(value) if isinstance(value, (bool, list)) else str(value)
+
+    return " ".join(f"--set '{key}={as_yaml(value)}'" for key, value in settings.items())
 
 
 def _eval(cfg: Config, args: argparse.Namespace) -> None:
@@ -113,16 +162,39 @@ def _predict(cfg: Config, args: argparse.Namespace) -> None:
         logger.info("%s: %d detections -> %s", path, len(records), args.output_dir / f"{path.stem}.png")
 
 
+def _save_atomic(obj: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
 def _convert(args: argparse.Namespace) -> None:
     from dyhead import load_official
 
+    if args.detector:
+        _convert_detector(args)
+        return
+    if args.config or args.overrides:
+        raise ConfigError("--config and --set apply to --detector only")
     state = load_official(args.weights)
     blocks = 1 + max(int(key.split(".")[1]) for key in state)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output.with_name(args.output.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(args.output)
+    _save_atomic(state, args.output)
     logger.info("%s: %d tensors of %d DyHead blocks -> %s", args.weights, len(state), blocks, args.output)
+
+
+def _convert_detector(args: argparse.Namespace) -> None:
+    from .official_weights import RELEASE_SETTINGS, load_official_detector
+
+    cfg = load_config(args.config, args.overrides)
+    state, num_classes = load_official_detector(args.weights, cfg.model)
+    meta = {"num_classes": num_classes, "release_settings": RELEASE_SETTINGS}
+    _save_atomic({"model": state, "meta": meta}, args.output)
+    logger.info(
+        "%s: %d tensors of an ATSS + DyHead detector with %d classes -> %s; evaluate it with %s",
+        args.weights, len(state), num_classes, args.output,
+        _set_flags({"model.backbone.weights": "null", **RELEASE_SETTINGS}),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

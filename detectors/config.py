@@ -50,13 +50,17 @@ class BackboneConfig:
     ``frozen_bn`` (pretrained, detectron2's choice), ``bn`` or ``gn`` (from scratch) for the ResNets, and must
     be ``ln`` for Swin, which only has LayerNorm. ``freeze_at`` freezes the stem (1) and the first
     ``freeze_at - 1`` stages, as detectron2's FREEZE_AT; for Swin the stem is the patch embedding and a
-    frozen stage takes the patch merging after it along.
+    frozen stage takes the patch merging after it along. ``stride_in_1x1`` puts each stage's stride 2 in the
+    first block's 1x1 conv instead of its 3x3 conv (resnet50/101/152 only): the original MSRA ResNet and
+    detectron2's default (RESNETS.STRIDE_IN_1X1), which the release's R50 models were trained with; torchvision's
+    ImageNet weights want it false.
     """
 
     name: str = "resnet50"
     weights: str | None = "IMAGENET1K_V1"
     norm: str = "frozen_bn"
     freeze_at: int = 2
+    stride_in_1x1: bool = False
     widths: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
     depths: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
 
