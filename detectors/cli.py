@@ -28,7 +28,9 @@ logger = logging.getLogger("detectors.cli")
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``dyhead``."""
-    parser = argparse.ArgumentParser(prog="dyhead", description="Train, evaluate and run DyHead detectors (ATSS, RetinaNet, Faster R-CNN).")
+    parser = argparse.ArgumentParser(
+        prog="dyhead", description="Train, evaluate and run DyHead detectors (ATSS, RetinaNet, Faster R-CNN)."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser, output_help: str) -> None:

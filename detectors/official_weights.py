@@ -153,7 +153,8 @@ def convert_official_detector(
     if unmapped:
         raise ValueError(
             f"{len(unmapped)} official key(s) have no counterpart in this project's ATSS + DyHead (not a ResNet "
-            f"ATSS + DyHead checkpoint of microsoft/DynamicHead, e.g. its RetinaNet or Swin-T?): {_listed([repr(key) for key in unmapped])}"
+            f"ATSS + DyHead checkpoint of microsoft/DynamicHead, e.g. its RetinaNet or Swin-T?): "
+            f"{_listed([repr(key) for key in unmapped])}"
         )
     if skipped:
         logger.info("skipped %d input-setting buffers (set in the config instead): %s", len(skipped), skipped)
