@@ -35,11 +35,10 @@ from typing import Any, Callable
 
 from torch import Tensor
 
-from dyhead.official import convert_state_dict as convert_dyhead_state_dict
+from dyhead.official import official_tower_name, read_checkpoint
 
 from .build import build_detector
 from .config import ConfigError, ModelConfig
-from .engine.checkpoint import load_checkpoint
 
 __all__ = ["RELEASE_SETTINGS", "convert_official_detector", "load_official_detector"]
 
@@ -97,10 +96,10 @@ def _listed(items: list[str], limit: int = 12) -> str:
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
-def _our_name(key: str, value: Tensor, rules) -> str | None:
+def _our_name(key: str, rules) -> str | None:
     if key.startswith("backbone.dyhead_tower."):
-        converted = convert_dyhead_state_dict({key: value})
-        return f"neck.{next(iter(converted))}" if converted else None
+        name = official_tower_name(key)
+        return None if name is None else f"neck.{name}"
     for pattern, rename in rules:
         if m := pattern.fullmatch(key):
             return rename(m)
@@ -142,7 +141,7 @@ def convert_official_detector(
         if _SKIPPED.fullmatch(key):
             skipped.append(key)
             continue
-        name = _our_name(key, value, rules)
+        name = _our_name(key, rules)
         if name is None:
             unmapped.append(key)
             continue
@@ -207,14 +206,7 @@ def load_official_detector(
         raise ConfigError(
             f"the release's detector checkpoints convert to ATSS; the config describes {cfg.meta_architecture}"
         )
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"official checkpoint not found: {path}")
-    try:
-        checkpoint = load_checkpoint(path)
-    except Exception as exc:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {exc}") from exc
-    if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a state dict or checkpoint dict")
+    checkpoint = read_checkpoint(path, "official checkpoint")
     classifier = _unwrap(checkpoint).get("head.cls_logits.weight")
     num_classes = cfg.num_classes or (classifier.shape[0] if classifier is not None else 80)
     cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, weights=None))

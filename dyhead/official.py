@@ -62,6 +62,32 @@ def _unwrap(checkpoint: Mapping) -> Mapping:
     return checkpoint
 
 
+def official_tower_name(key: str) -> str | None:
+    """:class:`dyhead.DyHead`'s name ``blocks.{i}.<name>`` for an official key ``...dyhead_tower.{i}.<suffix>``;
+    None when ``key`` is not a DyHead tower weight of the release."""
+    m = _OFFICIAL_BLOCK.search(key)
+    name = _OFFICIAL_NAMES.get(m[2]) if m else None
+    return None if name is None else f"blocks.{m[1]}.{name}"
+
+
+def read_checkpoint(path: str | os.PathLike, kind: str = "DyHead checkpoint") -> Mapping:
+    """A checkpoint file's dict, read on the CPU with ``torch.load(weights_only=True)``.
+
+    FileNotFoundError naming ``kind`` and the path for a missing file; ValueError naming the file when it is not
+    a readable checkpoint or does not hold a dict.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{kind} not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {exc}") from exc
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a state dict or checkpoint dict")
+    return checkpoint
+
+
 def convert_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Map an official or mmdetection DyHead state dict to :class:`dyhead.DyHead`'s names.
 
@@ -77,20 +103,22 @@ def convert_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     zero_bias: list[str] = []
     for key, value in state_dict.items():
         name = None
-        if m := _OFFICIAL_BLOCK.search(key):
-            name = _OFFICIAL_NAMES.get(m[2])
+        if _OFFICIAL_BLOCK.search(key):
+            name = official_tower_name(key)
         elif m := _MMDET_BLOCK.search(key):
-            name = _MMDET_NAMES.get(m[2])
-            if name is not None and name.startswith("task.fc") and name.endswith("weight"):
-                value = value.flatten(1)
-            if name is not None and name.startswith("spatial.") and name.endswith(".conv.weight"):
-                bias_name = f"blocks.{m[1]}.{name[: -len('weight')]}bias"
-                zero_bias.append(bias_name)
-                out[bias_name] = torch.zeros(value.shape[0], dtype=value.dtype)
+            suffix = _MMDET_NAMES.get(m[2])
+            if suffix is not None:
+                name = f"blocks.{m[1]}.{suffix}"
+                if suffix.startswith("task.fc") and suffix.endswith("weight"):
+                    value = value.flatten(1)
+                if suffix.startswith("spatial.") and suffix.endswith(".conv.weight"):
+                    bias_name = name[: -len("weight")] + "bias"
+                    zero_bias.append(bias_name)
+                    out[bias_name] = torch.zeros(value.shape[0], dtype=value.dtype)
         if name is None:
             left_out.append(key)
             continue
-        out[f"blocks.{m[1]}.{name}"] = value
+        out[name] = value
     if left_out:
         logger.info("convert_state_dict: left out %d keys that are not DyHead's: %s", len(left_out), left_out)
     if zero_bias:
@@ -104,16 +132,7 @@ def load_official(path: str | os.PathLike) -> dict[str, Tensor]:
     Loads with ``torch.load(weights_only=True)``. FileNotFoundError for a missing file; ValueError naming the file
     when it is not a readable checkpoint or holds no DyHead keys.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"DyHead checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {exc}") from exc
-    if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a state dict or checkpoint dict")
-    converted = convert_state_dict(checkpoint)
+    converted = convert_state_dict(read_checkpoint(path))
     if not converted:
         raise ValueError(
             f"{path} has no DyHead weights: expected keys like 'backbone.dyhead_tower.0.DyConv.1.conv.weight' "
