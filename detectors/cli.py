@@ -54,22 +54,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", type=Path, help="image files")
     p = sub.add_parser(
         "convert",
-        help="official or mmdetection DyHead weights -> a state dict of dyhead.DyHead; with --detector, the "
-        "release's whole ATSS + DyHead checkpoint -> weights for dyhead eval/predict",
+        help="official or mmdetection DyHead weights -> a state dict of dyhead.DyHead; with --detector, one of the "
+        "release's whole detector checkpoints -> weights for dyhead eval/predict",
         description="Without --detector: the DyHead tower of an official (detectron2) or mmdetection checkpoint -> "
-        "a state dict of dyhead.DyHead. With --detector: a whole microsoft/DynamicHead ATSS + DyHead checkpoint "
-        "(e.g. dyhead_r50_atss_fpn_1x.pth: ResNet, FPN, DyHead and ATSS head) -> a checkpoint that the ATSS of "
-        "--config loads strictly; evaluate it with the release's input and stride settings, e.g. dyhead eval "
+        "a state dict of dyhead.DyHead. With --detector: a whole microsoft/DynamicHead checkpoint (ATSS R50 or "
+        "Swin-T, RetinaNet R50 or Faster R-CNN R50: backbone, FPN, DyHead and head) -> a checkpoint that the "
+        "detector of --config loads strictly (the config that fits is named when another one is given). Evaluate "
+        "it with the release's input settings that the command prints, e.g. for the R50 models dyhead eval "
         "--config configs/atss_r50_dyhead_1x.yaml --weights OUT.pth --set model.backbone.weights=null --set "
         "model.backbone.stride_in_1x1=true --set data.input.format=BGR255 --set "
         "'data.input.pixel_mean=[103.53,116.28,123.675]' --set 'data.input.pixel_std=[1.0,1.0,1.0]' "
-        "(the header of configs/atss_r50_dyhead_1x.yaml). The output is written through a temporary file.",
+        "(each config's header lists them). The output is written through a temporary file.",
     )
     p.add_argument("weights", type=Path, help="official (detectron2) or mmdetection checkpoint")
     p.add_argument("output", type=Path, help="where to write the converted state dict (.pth)")
     p.add_argument(
         "--detector", action="store_true",
-        help="convert the whole official ATSS + DyHead detector (backbone, FPN, DyHead, head), not just DyHead",
+        help="convert the whole official detector (backbone, FPN, DyHead, head), not just DyHead",
     )
     p.add_argument(
         "--config", help="with --detector: the config whose model the weights must fit exactly (default: the "
@@ -186,16 +187,16 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _convert_detector(args: argparse.Namespace) -> None:
-    from .official_weights import RELEASE_SETTINGS, load_official_detector
+    from .official_weights import load_official_detector
 
     cfg = load_config(args.config, args.overrides)
-    state, num_classes = load_official_detector(args.weights, cfg.model)
-    meta = {"num_classes": num_classes, "release_settings": RELEASE_SETTINGS}
-    _save_atomic({"model": state, "meta": meta}, args.output)
+    release = load_official_detector(args.weights, cfg.model)
+    meta = {"num_classes": release.num_classes, "release_settings": release.settings}
+    _save_atomic({"model": release.state, "meta": meta}, args.output)
     logger.info(
-        "%s: %d tensors of an ATSS + DyHead detector with %d classes -> %s; evaluate it with %s",
-        args.weights, len(state), num_classes, args.output,
-        _set_flags({"model.backbone.weights": "null", **RELEASE_SETTINGS}),
+        "%s: %d tensors of a %s + DyHead detector with %d classes -> %s; evaluate it with %s",
+        args.weights, len(release.state), release.architecture, release.num_classes, args.output,
+        _set_flags({"model.backbone.weights": "null", **release.settings}),
     )
 
 

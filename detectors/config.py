@@ -70,8 +70,14 @@ class RetinaNetConfig:
     """RetinaNet specifics (detectron2's ``MODEL.RETINANET`` defaults).
 
     Anchors per level: ``anchor_size x 2**(l) x s`` for s in ``anchor_scales`` and every aspect ratio, where
-    ``anchor_size`` is the side at P3 (4 x stride).
+    ``anchor_size`` is the side at P3 (4 x stride). ``num_convs`` 3x3 conv + ReLU layers form each of the class
+    and box towers on top of the neck (detectron2's 4, which the release kept; 0 leaves DyHead as the only
+    tower). The losses are divided by an exponential moving average of the foreground count with momentum
+    ``loss_normalizer_momentum`` (detectron2's 0.9, starting at 100; 0 divides by each batch's count).
     """
+
+    num_convs: int = 4
+    loss_normalizer_momentum: float = 0.9
 
     anchor_size: float = 32.0
     anchor_scales: list[float] = field(default_factory=lambda: [1.0, 2 ** (1 / 3), 2 ** (2 / 3)])
@@ -83,7 +89,20 @@ class RetinaNetConfig:
 
 @dataclass
 class RCNNConfig:
-    """Faster R-CNN specifics: RPN and box head (detectron2's ``MODEL.RPN``/``MODEL.ROI_HEADS`` defaults)."""
+    """Faster R-CNN specifics: RPN and box head (detectron2's ``MODEL.RPN``/``MODEL.ROI_HEADS`` defaults).
+
+    ``box_head`` is ``fc`` (the release's detector: the whole DyHead, task attention included, on P2-P6, then
+    detectron2's two fully connected layers of ``fc_dim``) or ``task_attention`` (the paper's Sec. 3.4 recipe:
+    DyHead without task attention on P2-P6, the task-aware attention on each RoI in place of the fully connected
+    layers). Box losses are smooth L1 with the given beta (detectron2's 0: L1); ``pooler_aligned`` is
+    detectron2's ROIAlignV2 (half-pixel shift).
+    """
+
+    box_head: str = "fc"
+    fc_dim: int = 1024
+    rpn_smooth_l1_beta: float = 0.0
+    roi_smooth_l1_beta: float = 0.0
+    pooler_aligned: bool = True
 
     anchor_size: float = 32.0  # side at P2; doubles per level
     aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
@@ -199,7 +218,13 @@ class DataConfig:
 
 @dataclass
 class SolverConfig:
-    """Optimiser and schedule; ``ims_per_batch`` is the total over all processes."""
+    """Optimiser and schedule; ``ims_per_batch`` is the total over all processes.
+
+    ``decay_groups`` says which weight decay each parameter gets: ``by_type`` is detectron2's grouping
+    (``weight_decay_norm`` on normalisation layers, ``weight_decay_bias`` on other biases), ``by_name`` the
+    release's ``train_net.py`` (``weight_decay_bias`` on every parameter named ``*bias*``, ``weight_decay`` on
+    everything else, norms included).
+    """
 
     optimizer: str = "sgd"
     base_lr: float = 0.01
@@ -208,6 +233,7 @@ class SolverConfig:
     weight_decay: float = 1e-4
     weight_decay_norm: float = 0.0
     weight_decay_bias: float = 0.0
+    decay_groups: str = "by_type"
     ims_per_batch: int = 16
     max_iter: int = 90000
     steps: list[int] = field(default_factory=lambda: [60000, 80000])

@@ -1,35 +1,49 @@
-"""Faster R-CNN (Ren et al., NeurIPS 2015) with an FPN and DyHead: the paper's two-stage recipe (Sec. 3.4).
+"""Faster R-CNN (Ren et al., NeurIPS 2015) with an FPN and DyHead, with either of two box heads.
 
-The scale- and spatial-aware attention refine P2-P6 before RoI pooling (a DyHead neck without task attention);
-the task-aware attention replaces the box head's fully connected layers: each RoI's pooled features go through
-a dynamic ReLU whose coefficients come from that RoI's mean feature, then straight into the class and box
-predictors. The RPN, RoI sampling, losses and box decoding are torchvision's.
+``fc``, the release's detector (microsoft/DynamicHead ``dyhead_r50_rcnn_fpn_1x``, the 40.3 AP row): the whole
+DyHead, task-aware attention included, refines P2-P6; the box head is detectron2's ``FastRCNNConvFCHead``, two
+fully connected layers of 1024 with ReLU on each RoI's flattened 256 x 7 x 7 features.
+
+``task_attention``, the paper's two-stage recipe (Sec. 3.4): the scale- and spatial-aware attention refine P2-P6
+(a DyHead neck without task attention); the task-aware attention replaces the fully connected layers: each RoI's
+pooled features go through a dynamic ReLU whose coefficients come from that RoI's mean feature, then straight
+into the class and box predictors.
+
+Both use torchvision's RPN, RoI sampling and box decoding with detectron2's losses and pooler: the box regression
+of the RPN and of the box head is smooth L1 with a configurable beta (detectron2's 0, plain L1, where torchvision
+hard-codes 1/9), summed and divided by the number of sampled anchors / RoIs; RoIAlign may take detectron2's
+half-pixel shift (ROIAlignV2).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
-from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.poolers import LevelMapper
 
 from dyhead import TaskAttention
 
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig
 from .detections import rescale_detections
 from .pyramid import PYRAMID_STRIDES, build_fpn_dyhead
 
 __all__ = [
-    "RoITaskHead", "FasterRCNN", "torchvision_targets", "roi_pooler", "box_predictor", "build_faster_rcnn_dyhead",
+    "BOX_HEADS", "RoITaskHead", "SmoothL1RPN", "fastrcnn_loss", "SmoothL1RoIHeads", "FasterRCNN",
+    "torchvision_targets", "LevelRoIAlign", "roi_pooler", "fc_box_head", "box_predictor", "build_faster_rcnn_dyhead",
 ]
 
 STRIDES = PYRAMID_STRIDES[2]
 ROI_LEVELS = ("c2", "c3", "c4", "c5")  # the FPN's names of P2-P5; P6 ("pool") feeds only the RPN
+BOX_HEADS = ("fc", "task_attention")
 
 
 class RoITaskHead(nn.Module):
@@ -48,6 +62,110 @@ class RoITaskHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.task(x).flatten(1)
+
+
+class SmoothL1RPN(RegionProposalNetwork):
+    """torchvision's region proposal network with the box loss's smooth L1 beta as a parameter.
+
+    Args:
+        *args, **kwargs: as ``RegionProposalNetwork``.
+        smooth_l1_beta: beta of the box regression loss; 0 is L1 (detectron2's RPN.SMOOTH_L1_BETA), torchvision's
+            own is 1/9.
+
+    The anchor sampling and the normalisers are torchvision's: objectness is binary cross-entropy averaged over the
+    sampled anchors, the box loss is summed over the sampled positives and divided by the number of sampled anchors.
+    detectron2 divides both sums by ``batch_size_per_image`` x images instead: the same whenever every image has
+    that many labelled anchors, as images of COCO's size always do.
+    """
+
+    def __init__(self, *args, smooth_l1_beta: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.smooth_l1_beta = smooth_l1_beta
+
+    def compute_loss(
+        self, objectness: Tensor, pred_bbox_deltas: Tensor, labels: list[Tensor], regression_targets: list[Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """Objectness and box losses, both scalars.
+
+        Args:
+            objectness: ``(A, 1)`` float logits of all images' anchors, concatenated image-major.
+            pred_bbox_deltas: ``(A, 4)`` float deltas in the same order.
+            labels: per image ``(A_i,)`` float, 1 foreground, 0 background, -1 ignored.
+            regression_targets: per image ``(A_i, 4)`` float target deltas.
+        """
+        sampled_pos, sampled_neg = self.fg_bg_sampler(labels)
+        pos = torch.where(torch.cat(sampled_pos))[0]
+        sampled = torch.cat([pos, torch.where(torch.cat(sampled_neg))[0]])
+        labels = torch.cat(labels)
+        regression_targets = torch.cat(regression_targets)
+        box_loss = F.smooth_l1_loss(
+            pred_bbox_deltas[pos], regression_targets[pos], beta=self.smooth_l1_beta, reduction="sum"
+        ) / sampled.numel()
+        objectness_loss = F.binary_cross_entropy_with_logits(objectness.flatten()[sampled], labels[sampled])
+        return objectness_loss, box_loss
+
+
+def fastrcnn_loss(
+    class_logits: Tensor, box_regression: Tensor, labels: list[Tensor], regression_targets: list[Tensor], beta: float
+) -> tuple[Tensor, Tensor]:
+    """The box head's classification and box losses: torchvision's ``fastrcnn_loss`` with smooth L1 beta ``beta``.
+
+    Args:
+        class_logits: ``(R, K + 1)`` float, background first, for the sampled RoIs of all images.
+        box_regression: ``(R, (K + 1) * 4)`` float class-specific deltas.
+        labels: per image ``(R_i,)`` int64 in ``[0, K]``, 0 background.
+        regression_targets: per image ``(R_i, 4)`` float target deltas.
+        beta: smooth L1 beta; 0 is L1.
+
+    Returns:
+        Cross-entropy averaged over the R RoIs, and the box loss of the foreground RoIs' own-class deltas summed
+        and divided by R (torchvision's and detectron2's normaliser).
+    """
+    labels = torch.cat(labels)
+    regression_targets = torch.cat(regression_targets)
+    classification_loss = F.cross_entropy(class_logits, labels)
+    pos = torch.where(labels > 0)[0]
+    per_class = box_regression.reshape(len(class_logits), -1, 4)
+    box_loss = F.smooth_l1_loss(per_class[pos, labels[pos]], regression_targets[pos], beta=beta, reduction="sum")
+    return classification_loss, box_loss / labels.numel()
+
+
+class SmoothL1RoIHeads(RoIHeads):
+    """torchvision's RoI heads, boxes only, with the box loss's smooth L1 beta as a parameter.
+
+    Args:
+        *args, **kwargs: as ``RoIHeads`` without the mask and keypoint modules.
+        smooth_l1_beta: beta of the box regression loss; 0 is L1 (detectron2's ROI_BOX_HEAD.SMOOTH_L1_BETA),
+            torchvision's own is 1/9.
+
+    ``forward(features, proposals, image_shapes, targets=None)`` returns ``(detections, losses)`` as
+    ``RoIHeads``: in training no detections and ``loss_classifier`` / ``loss_box_reg`` (:func:`fastrcnn_loss`)
+    on the RoIs it samples; in eval one dict per image with ``boxes`` ``(D, 4)`` float, ``scores`` ``(D,)`` and
+    ``labels`` ``(D,)`` int64 in ``[1, K]``, and no losses.
+    """
+
+    def __init__(self, *args, smooth_l1_beta: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.smooth_l1_beta = smooth_l1_beta
+
+    def forward(
+        self,
+        features: dict[str, Tensor],
+        proposals: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]] | None = None,
+    ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
+        """``features`` the pyramid by name, ``proposals`` per image ``(P_i, 4)`` float x1,y1,x2,y2,
+        ``image_shapes`` each image's ``(h, w)``, ``targets`` (training) per image ``boxes`` and ``labels``."""
+        if self.training:
+            proposals, _, labels, regression_targets = self.select_training_samples(proposals, targets)
+        box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        class_logits, box_regression = self.box_predictor(box_features)
+        if self.training:
+            losses = fastrcnn_loss(class_logits, box_regression, labels, regression_targets, self.smooth_l1_beta)
+            return [], dict(zip(("loss_classifier", "loss_box_reg"), losses))
+        boxes, scores, classes = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
+        return [{"boxes": b, "labels": c, "scores": s} for b, s, c in zip(boxes, scores, classes)], {}
 
 
 def torchvision_targets(targets: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
@@ -80,8 +198,9 @@ class FasterRCNN(nn.Module):
         backbone: returns an ordered dict of C2-C5 and has ``out_channels``.
         fpn: turns C2-C5 into P2-P6 (an ordered dict whose P2-P5 keys are ``ROI_LEVELS``).
         neck: refines P2-P6, same container in and out.
-        rpn: torchvision's region proposal network over all neck levels.
-        roi_heads: torchvision's RoI heads whose predictor has K + 1 classes, background first.
+        rpn: a torchvision region proposal network (``SmoothL1RPN``) over all neck levels.
+        roi_heads: torchvision RoI heads (``SmoothL1RoIHeads``) whose predictor has K + 1 classes, background
+            first.
     """
 
     def __init__(
@@ -129,17 +248,61 @@ class FasterRCNN(nn.Module):
         return self.roi_heads.box_predictor.cls_score.out_features - 1
 
 
-def roi_pooler(resolution: int, sampling_ratio: int) -> MultiScaleRoIAlign:
-    """RoIAlign on P2-P5, each RoI on the FPN paper's level for its size (224 pixels at P4).
+class LevelRoIAlign(MultiScaleRoIAlign):
+    """RoIAlign of each RoI on its FPN level (the FPN paper's formula, 224 pixels at P4), with fixed level strides.
 
-    Returns a pooler of ``(R, C, resolution, resolution)`` features whose level scales are fixed to the strides.
+    Args:
+        featmap_names: names of the pooled levels, finest first.
+        strides: their strides, powers of two doubling per level.
+        output_size: P, the side of the pooled features.
+        sampling_ratio: RoIAlign's samples per bin side; 0 adapts it to the bin size.
+        aligned: shift the boxes by half a pixel (detectron2's ROIAlignV2) instead of torchvision's default.
+
+    ``forward(x, boxes, image_shapes)``: ``x`` the pyramid by name, ``boxes`` per image ``(R_i, 4)`` float
+    x1,y1,x2,y2 in input pixels -> ``(sum R_i, C, P, P)`` in the dtype of the first level, image-major.
+    ``image_shapes`` is not used: the scales come from ``strides``.
     """
-    pooler = MultiScaleRoIAlign(list(ROI_LEVELS), resolution, sampling_ratio)
-    # Left unset, torchvision infers them from the first batch's largest image content and keeps them for good:
-    # a content well under its padded size rounds to the wrong power of two.
-    pooler.scales = [1.0 / s for s in STRIDES[: len(ROI_LEVELS)]]
-    pooler.map_levels = LevelMapper(k_min=2, k_max=5)  # P2-P5
-    return pooler
+
+    def __init__(
+        self, featmap_names: list[str], strides: list[int], output_size: int, sampling_ratio: int, aligned: bool
+    ):
+        super().__init__(featmap_names, output_size, sampling_ratio)
+        # torchvision would infer the scales from the first batch's largest image content and keep them for good:
+        # a content well under its padded size rounds to the wrong power of two.
+        self.scales = [1.0 / s for s in strides]
+        self.map_levels = LevelMapper(k_min=int(math.log2(strides[0])), k_max=int(math.log2(strides[-1])))
+        self.aligned = aligned
+
+    def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        levels = self.map_levels(boxes)
+        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
+        features = [x[name] for name in self.featmap_names]
+        result = features[0].new_zeros((len(rois), features[0].shape[1], *self.output_size))
+        for level, (feature, scale) in enumerate(zip(features, self.scales)):
+            idx = torch.where(levels == level)[0]
+            pooled = roi_align(feature, rois[idx], self.output_size, scale, self.sampling_ratio, self.aligned)
+            # under autocast the levels may come in different dtypes, and an in-place copy does not cast by itself
+            result[idx] = pooled.to(result.dtype)
+        return result
+
+
+def roi_pooler(resolution: int, sampling_ratio: int, aligned: bool) -> LevelRoIAlign:
+    """RoIAlign on P2-P5 (:class:`LevelRoIAlign`) of ``(R, C, resolution, resolution)`` features."""
+    return LevelRoIAlign(list(ROI_LEVELS), list(STRIDES[: len(ROI_LEVELS)]), resolution, sampling_ratio, aligned)
+
+
+def fc_box_head(in_features: int, fc_dim: int) -> TwoMLPHead:
+    """detectron2's ``FastRCNNConvFCHead`` with two fully connected layers: ``(R, C, P, P)`` float RoI features,
+    flattened to ``in_features = C * P * P``, -> ``fc6`` -> ReLU -> ``fc7`` -> ReLU -> ``(R, fc_dim)``.
+
+    torchvision's ``TwoMLPHead`` initialised as detectron2's ``c2_xavier_fill``: weights Kaiming-uniform with
+    ``a = 1``, zero biases.
+    """
+    head = TwoMLPHead(in_features, fc_dim)
+    for layer in (head.fc6, head.fc7):
+        nn.init.kaiming_uniform_(layer.weight, a=1)
+        nn.init.zeros_(layer.bias)
+    return head
 
 
 def box_predictor(in_features: int, num_classes: int) -> FastRCNNPredictor:
@@ -154,15 +317,28 @@ def box_predictor(in_features: int, num_classes: int) -> FastRCNNPredictor:
 
 
 def build_faster_rcnn_dyhead(cfg: ModelConfig, num_classes: int) -> FasterRCNN:
-    """Faster R-CNN with a ResNet, an FPN with P6 pooled from P5, a DyHead neck without task attention and the
-    task-attention box head, as ``cfg`` (its ``rcnn`` section and the shared inference settings) describes."""
+    """Faster R-CNN with a ResNet, an FPN with P6 pooled from P5, a DyHead neck and the box head
+    ``cfg.rcnn.box_head`` names, as ``cfg`` (its ``rcnn`` section and the shared inference settings) describes.
+
+    ``fc`` (the release's): the whole DyHead, then :func:`fc_box_head`; ``task_attention`` (the paper's): DyHead
+    without task attention, then :class:`RoITaskHead`. Either way the RPN and RoI heads take the configured smooth
+    L1 betas and the pooler ``cfg.rcnn.pooler_aligned``.
+    """
     rc = cfg.rcnn
-    backbone, fpn, neck = build_fpn_dyhead(cfg, first_level=2, task_attention=False)
+    if rc.box_head not in BOX_HEADS:
+        raise ConfigError(f"unknown model.rcnn.box_head {rc.box_head!r}; expected one of {', '.join(BOX_HEADS)}")
+    fc = rc.box_head == "fc"
+    backbone, fpn, neck = build_fpn_dyhead(cfg, first_level=2, task_attention=fc)
+    pooled_features = cfg.dyhead_channels * rc.pooler_resolution**2
+    if fc:
+        box_head, box_features = fc_box_head(pooled_features, rc.fc_dim), rc.fc_dim
+    else:
+        box_head, box_features = RoITaskHead(cfg.dyhead_channels), pooled_features
     anchors = AnchorGenerator(
         tuple((rc.anchor_size * 2**level,) for level in range(len(STRIDES))),
         (tuple(rc.aspect_ratios),) * len(STRIDES),
     )
-    rpn = RegionProposalNetwork(
+    rpn = SmoothL1RPN(
         anchors,
         RPNHead(cfg.dyhead_channels, anchors.num_anchors_per_location()[0]),
         fg_iou_thresh=rc.rpn_fg_iou_thresh,
@@ -172,11 +348,12 @@ def build_faster_rcnn_dyhead(cfg: ModelConfig, num_classes: int) -> FasterRCNN:
         pre_nms_top_n={"training": rc.rpn_pre_nms_topk_train, "testing": rc.rpn_pre_nms_topk_test},
         post_nms_top_n={"training": rc.rpn_post_nms_topk_train, "testing": rc.rpn_post_nms_topk_test},
         nms_thresh=rc.rpn_nms_thresh,
+        smooth_l1_beta=rc.rpn_smooth_l1_beta,
     )
-    roi_heads = RoIHeads(
-        roi_pooler(rc.pooler_resolution, rc.pooler_sampling_ratio),
-        RoITaskHead(cfg.dyhead_channels),
-        box_predictor(cfg.dyhead_channels * rc.pooler_resolution**2, num_classes),
+    roi_heads = SmoothL1RoIHeads(
+        roi_pooler(rc.pooler_resolution, rc.pooler_sampling_ratio, rc.pooler_aligned),
+        box_head,
+        box_predictor(box_features, num_classes),
         fg_iou_thresh=rc.roi_fg_iou_thresh,
         bg_iou_thresh=rc.roi_bg_iou_thresh,
         batch_size_per_image=rc.roi_batch_size_per_image,
@@ -185,5 +362,6 @@ def build_faster_rcnn_dyhead(cfg: ModelConfig, num_classes: int) -> FasterRCNN:
         score_thresh=cfg.score_thresh,
         nms_thresh=cfg.nms_thresh,
         detections_per_img=cfg.detections_per_img,
+        smooth_l1_beta=rc.roi_smooth_l1_beta,
     )
     return FasterRCNN(backbone, fpn, neck, rpn, roi_heads)

@@ -1,7 +1,10 @@
 """RetinaNet (Lin et al., ICCV 2017) with an FPN and a DyHead neck, as in the DyHead paper's Table 6.
 
-detectron2's ``MODEL.RETINANET`` defaults with ``NUM_CONVS 0``: DyHead already is the tower, so the head
-is one 3x3 convolution for the class logits and one for the box deltas, shared across levels.
+detectron2's ``MODEL.RETINANET`` defaults as the official release (``dyhead_r50_retina_fpn_1x.yaml``) used them:
+on top of DyHead, a class tower and a box tower of ``NUM_CONVS`` 3x3 convolution + ReLU layers each (4 in the
+release; 0 leaves DyHead as the only tower), then one 3x3 convolution for the class logits and one for the box
+deltas, all shared across levels. Both losses are divided by an exponential moving average of the foreground
+anchor count (momentum 0.9, starting at 100), as detectron2's RetinaNet.
 """
 
 from __future__ import annotations
@@ -92,6 +95,14 @@ def match_anchors(anchors: Tensor, boxes: Tensor, fg_iou_thresh: float, bg_iou_t
     return matched
 
 
+def _tower(channels: int, num_convs: int) -> nn.Sequential:
+    """``num_convs`` x (3x3 convolution ``channels`` -> ``channels`` with bias, ReLU), as detectron2's subnets."""
+    layers: list[nn.Module] = []
+    for _ in range(num_convs):
+        layers += [nn.Conv2d(channels, channels, kernel_size=3, padding=1), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
 def _levels_last(x: Tensor, columns: int) -> Tensor:
     """``(N, A * columns, H, W)`` -> ``(N, H * W * A, columns)``, the anchors' ``(H, W, A)`` order."""
     n, _, h, w = x.shape
@@ -110,6 +121,11 @@ class RetinaNetHead(nn.Module):
         smooth_l1_beta: smooth L1 transition point of the box loss (0: L1).
         fg_iou_thresh, bg_iou_thresh: IoU at or above which an anchor is foreground, under which background.
         box_coder: encodes/decodes boxes relative to anchors; detectron2's RetinaNet weights (1, 1, 1, 1).
+        num_convs: 3x3 convolution (with bias) + ReLU layers in each of ``cls_subnet`` and ``bbox_subnet``, the
+            towers between the neck and ``cls_logits`` / ``bbox_pred`` (detectron2's names and layout); 0: none.
+        loss_normalizer_momentum: momentum m of the loss normaliser, the float32 buffer ``loss_normalizer``
+            (initially 100, saved with the state dict), which each training ``compute_loss`` sets to
+            ``m * loss_normalizer + (1 - m) * max(foreground anchors, 1)``; 0 divides by each batch's count.
     """
 
     def __init__(
@@ -124,13 +140,17 @@ class RetinaNetHead(nn.Module):
         fg_iou_thresh: float = 0.5,
         bg_iou_thresh: float = 0.4,
         box_coder: BoxCoder | None = None,
+        num_convs: int = 4,
+        loss_normalizer_momentum: float = 0.9,
     ):
         super().__init__()
         self.num_classes = num_classes
         self.num_anchors = num_anchors
+        self.cls_subnet = _tower(in_channels, num_convs)
+        self.bbox_subnet = _tower(in_channels, num_convs)
         self.cls_logits = nn.Conv2d(in_channels, num_anchors * num_classes, kernel_size=3, padding=1)
         self.bbox_pred = nn.Conv2d(in_channels, num_anchors * 4, kernel_size=3, padding=1)
-        for conv in (self.cls_logits, self.bbox_pred):
+        for conv in [*self.cls_subnet[::2], *self.bbox_subnet[::2], self.cls_logits, self.bbox_pred]:
             nn.init.normal_(conv.weight, std=0.01)
             nn.init.zeros_(conv.bias)
         nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
@@ -140,6 +160,9 @@ class RetinaNetHead(nn.Module):
         self.fg_iou_thresh = fg_iou_thresh
         self.bg_iou_thresh = bg_iou_thresh
         self.box_coder = box_coder or BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
+        self.loss_normalizer_momentum = loss_normalizer_momentum
+        # a buffer rather than detectron2's python attribute, so that checkpoints carry it and resume is exact
+        self.register_buffer("loss_normalizer", torch.tensor(100.0))
 
     def forward(self, features: list[Tensor]) -> dict[str, Tensor]:
         """Per-level features ``(N, C, H_l, W_l)`` -> predictions of all levels concatenated, in the anchors' order.
@@ -147,14 +170,17 @@ class RetinaNetHead(nn.Module):
         Returns:
             ``cls_logits`` ``(N, sum H_l W_l A, K)`` and ``bbox_deltas`` ``(N, sum H_l W_l A, 4)``, float32.
         """
-        cls = [_levels_last(self.cls_logits(f), self.num_classes) for f in features]  # (N, HWA, K)
-        box = [_levels_last(self.bbox_pred(f), 4) for f in features]  # (N, HWA, 4)
+        cls = [_levels_last(self.cls_logits(self.cls_subnet(f)), self.num_classes) for f in features]  # (N, HWA, K)
+        box = [_levels_last(self.bbox_pred(self.bbox_subnet(f)), 4) for f in features]  # (N, HWA, 4)
         return {"cls_logits": torch.cat(cls, dim=1).float(), "bbox_deltas": torch.cat(box, dim=1).float()}
 
     def compute_loss(
         self, outputs: dict[str, Tensor], anchors: list[Tensor], targets: list[dict[str, Tensor]]
     ) -> dict[str, Tensor]:
-        """Focal and smooth L1 losses, both normalised by the foreground anchors averaged over processes.
+        """Focal and smooth L1 losses, both normalised by ``loss_normalizer``.
+
+        In training, ``loss_normalizer`` first moves towards this batch's foreground anchor count averaged over
+        processes (at least 1), with momentum ``loss_normalizer_momentum``; every process holds the same value.
 
         Args:
             outputs: the result of ``forward``.
@@ -186,8 +212,16 @@ class RetinaNetHead(nn.Module):
         valid_t = torch.stack(valid)  # (N, HWA)
         pos_img_t, pos_idx_t = torch.cat(pos_img), torch.cat(pos_idx)
 
-        num_pos = sum_across_processes(torch.tensor(float(pos_idx_t.numel()), device=all_anchors.device))
-        normaliser = max(num_pos.item() / get_world_size(), 1.0)
+        if self.training:
+            num_pos = sum_across_processes(torch.tensor(float(pos_idx_t.numel()), device=all_anchors.device))
+            count = max(num_pos.item() / get_world_size(), 1.0)
+            momentum = self.loss_normalizer_momentum
+            with torch.no_grad():  # float32 operations on a value every process shares: all get the same result
+                self.loss_normalizer.mul_(momentum).add_((1 - momentum) * count)
+        # a python float, as before the moving average: momentum 0 then reproduces the per-batch division bit for
+        # bit (CUDA multiplies by the reciprocal of a host scalar but divides by a device tensor), and the losses
+        # keep no reference to the buffer, which the next forward changes in place
+        normaliser = self.loss_normalizer.item()
         loss_cls = sigmoid_focal_loss(
             outputs["cls_logits"][valid_t],
             cls_targets_t[valid_t],
@@ -305,6 +339,8 @@ def build_retinanet_dyhead(cfg: ModelConfig, num_classes: int) -> RetinaNet:
         smooth_l1_beta=retina.smooth_l1_beta,
         fg_iou_thresh=retina.fg_iou_thresh,
         bg_iou_thresh=retina.bg_iou_thresh,
+        num_convs=retina.num_convs,
+        loss_normalizer_momentum=retina.loss_normalizer_momentum,
     )
     return RetinaNet(
         backbone,

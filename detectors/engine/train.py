@@ -60,22 +60,33 @@ def setup_runtime(cfg: Config) -> torch.device:
     return device
 
 
+def _decay_group(module: nn.Module, name: str, full_name: str, decay_groups: str) -> str:
+    if decay_groups == "by_name":
+        return "bias" if "bias" in full_name else "decay"
+    if isinstance(module, _NORMS):
+        return "norm"
+    return "bias" if name == "bias" else "decay"
+
+
 def build_optimizer(cfg: SolverConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD (momentum) or AdamW over the trainable parameters, with ``weight_decay_norm`` on normalisation
-    weights and biases and ``weight_decay_bias`` on other biases, as detectron2's parameter groups."""
-    groups = {"decay": [], "norm": [], "bias": []}
+    """SGD (momentum) or AdamW over the trainable parameters, in weight-decay groups as ``cfg.decay_groups`` says.
+
+    ``by_type`` (detectron2's ``get_default_optimizer_params``): ``weight_decay_norm`` on the weights and biases
+    of normalisation layers, ``weight_decay_bias`` on other biases, ``weight_decay`` on the rest. ``by_name``
+    (microsoft/DynamicHead's ``train_net.py``): ``weight_decay_bias`` on every parameter whose name contains
+    "bias" (Swin's relative position bias tables included), ``weight_decay`` on the rest, norms included.
+    """
+    if cfg.decay_groups not in ("by_type", "by_name"):
+        raise ValueError(f"unknown solver.decay_groups {cfg.decay_groups!r}; expected by_type or by_name")
+    groups: dict[str, list[nn.Parameter]] = {"decay": [], "norm": [], "bias": []}
     seen: set[int] = set()
-    for module in model.modules():
+    for module_name, module in model.named_modules():
         for name, param in module.named_parameters(recurse=False):
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
-            if isinstance(module, _NORMS):
-                groups["norm"].append(param)
-            elif name == "bias":
-                groups["bias"].append(param)
-            else:
-                groups["decay"].append(param)
+            full_name = f"{module_name}.{name}" if module_name else name
+            groups[_decay_group(module, name, full_name, cfg.decay_groups)].append(param)
     decay = {"decay": cfg.weight_decay, "norm": cfg.weight_decay_norm, "bias": cfg.weight_decay_bias}
     params = [{"params": p, "weight_decay": decay[k]} for k, p in groups.items() if p]
     if cfg.optimizer == "sgd":

@@ -46,3 +46,19 @@ def test_published_config_builds_and_runs(name):
     if len(det["labels"]):
         assert 0 <= det["labels"].min() and det["labels"].max() < 80
         assert (det["boxes"][:, 2] <= 500).all() and (det["boxes"][:, 3] <= 240).all()
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_config_trains_as_the_release(name):
+    """microsoft/DynamicHead's train_net.py and configs, read off its code: nothing frozen (FREEZE_AT -1), weight
+    decay by parameter name with detectron2's 2021 WEIGHT_DECAY_BIAS default (1e-4), the release's offsets."""
+    cfg = load_config(CONFIGS / name)
+    assert cfg.model.backbone.freeze_at == 0
+    assert cfg.solver.decay_groups == "by_name" and cfg.solver.weight_decay_bias == 1e-4
+    assert cfg.model.dyhead_high_offsets == "official"
+    if cfg.model.meta_architecture == "retinanet":  # detectron2's NUM_CONVS default, the config's L1 box loss
+        assert (cfg.model.retinanet.num_convs, cfg.model.retinanet.smooth_l1_beta) == (4, 0.0)
+    if cfg.model.meta_architecture == "faster_rcnn":  # StandardROIHeads with FastRCNNConvFCHead, ROIAlignV2, L1
+        rcnn = cfg.model.rcnn
+        assert (rcnn.box_head, rcnn.fc_dim, rcnn.pooler_aligned) == ("fc", 1024, True)
+        assert rcnn.rpn_smooth_l1_beta == rcnn.roi_smooth_l1_beta == 0.0

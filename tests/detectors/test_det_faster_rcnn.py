@@ -1,15 +1,22 @@
-"""Faster R-CNN + DyHead: losses and gradients, the targets torchvision's heads see, eval output, a short run."""
+"""Faster R-CNN + DyHead: both box heads' losses and gradients, the RPN and box losses against torchvision's and
+L1, the pooler, the targets torchvision's heads see, eval output, a short run."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
-from torchvision.ops import MultiScaleRoIAlign
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import TwoMLPHead
+from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss as torchvision_fastrcnn_loss
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 from detectors.build import build_detector
-from detectors.config import load_config
+from detectors.config import ConfigError, load_config
 from detectors.engine.train import train
+from detectors.faster_rcnn import SmoothL1RoIHeads, SmoothL1RPN, box_predictor, fastrcnn_loss, fc_box_head, roi_pooler
 from test_det_training import _tiny_overrides
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -17,9 +24,11 @@ NUM_CLASSES = 3
 IMAGE_SIZES = [(128, 128), (100, 120)]
 
 
-def _model():
+def _model(box_head="fc", fc_dim=32):
     cfg = load_config(CONFIGS / "shapes_tiny.yaml", [
         "model.meta_architecture=faster_rcnn",
+        f"model.rcnn.box_head={box_head}",
+        f"model.rcnn.fc_dim={fc_dim}",
         "model.backbone.widths=[8, 16, 16, 32]",
         "model.fpn_channels=16",
         "model.dyhead_channels=16",
@@ -39,17 +48,135 @@ def _targets():
     ]
 
 
-def test_training_losses_reach_neck_roi_task_attention_and_predictor():
-    model = _model().train()
-    assert all(block.task is None for block in model.neck.blocks)  # task attention is in the box head
+@pytest.mark.parametrize("box_head", ["fc", "task_attention"])
+def test_training_losses_reach_neck_box_head_and_predictor(box_head):
+    model = _model(box_head).train()
+    if box_head == "fc":  # the release: the whole DyHead on the pyramid, two fully connected layers per RoI
+        assert all(block.task is not None for block in model.neck.blocks)
+        box_head_parts = [("fc6", model.roi_heads.box_head.fc6), ("fc7", model.roi_heads.box_head.fc7)]
+    else:  # the paper: task attention in the box head only
+        assert all(block.task is None for block in model.neck.blocks)
+        box_head_parts = [("RoI task attention", model.roi_heads.box_head.task)]
     losses = model(torch.randn(2, 3, 128, 128), IMAGE_SIZES, _targets())
     assert set(losses) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"}
     assert all(torch.isfinite(v) and v.dim() == 0 for v in losses.values())
     sum(losses.values()).backward()
-    for name, module in [("neck", model.neck), ("RoI task attention", model.roi_heads.box_head.task),
-                         ("predictor", model.roi_heads.box_predictor), ("RPN head", model.rpn.head)]:
+    for name, module in [("neck", model.neck), *box_head_parts, ("predictor", model.roi_heads.box_predictor),
+                         ("RPN head", model.rpn.head)]:
         grads = [p.grad for p in module.parameters()]
         assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads), name
+
+
+def test_fc_box_head_is_detectron2s_two_fc_layers():
+    """Names fc6/fc7 (what the release converter maps fc1/fc2 to), c2_xavier_fill, ReLU after each layer."""
+    torch.manual_seed(0)
+    head = fc_box_head(4 * 7 * 7, 32)
+    assert isinstance(head, TwoMLPHead) and [name for name, _ in head.named_children()] == ["fc6", "fc7"]
+    for layer, fan_in in [(head.fc6, 4 * 7 * 7), (head.fc7, 32)]:
+        bound = math.sqrt(3 / fan_in)  # kaiming_uniform_ with a=1: gain 1, U(-sqrt(3 / fan_in), sqrt(3 / fan_in))
+        assert 0.9 * bound < layer.weight.abs().max() <= bound and not layer.bias.any()
+    out = head(torch.randn(5, 4, 7, 7))
+    assert out.shape == (5, 32) and (out >= 0).all()
+
+
+def test_unknown_box_head_names_the_valid_ones():
+    with pytest.raises(ConfigError, match="box_head 'fc7'; expected one of fc, task_attention"):
+        _model("fc7")
+
+
+def _rpn(rpn_class, **kwargs):
+    anchors = AnchorGenerator(((32,),), ((1.0,),))
+    return rpn_class(anchors, RPNHead(4, 1), 0.7, 0.3, 16, 0.5, {"training": 10, "testing": 10},
+                     {"training": 10, "testing": 10}, 0.7, **kwargs)
+
+
+def test_rpn_loss_is_torchvisions_at_beta_one_ninth_and_l1_at_zero():
+    g = torch.Generator().manual_seed(0)
+    labels = [torch.randint(-1, 2, (n,), generator=g).float() for n in (40, 30)]  # fg 1, bg 0, ignored -1
+    targets = [torch.randn(n, 4, generator=g) for n in (40, 30)]
+    objectness, deltas = torch.randn(70, 1, generator=g), torch.randn(70, 4, generator=g)
+
+    def loss(rpn):
+        torch.manual_seed(1)  # the sampler draws random permutations
+        return rpn.compute_loss(objectness, deltas, labels, targets)
+
+    torchvision_loss = loss(_rpn(RegionProposalNetwork))
+    for ours, theirs in zip(loss(_rpn(SmoothL1RPN, smooth_l1_beta=1 / 9)), torchvision_loss):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+    rpn = _rpn(SmoothL1RPN, smooth_l1_beta=0.0)
+    torch.manual_seed(1)
+    pos, neg = (torch.cat(masks).nonzero()[:, 0] for masks in rpn.fg_bg_sampler(labels))
+    assert 0 < len(pos) and len(pos) + len(neg) == 32  # 16 per image: some anchors are left out
+    l1 = (deltas[pos] - torch.cat(targets)[pos]).abs().sum() / (len(pos) + len(neg))
+    objectness_loss, box_loss = loss(rpn)
+    torch.testing.assert_close(box_loss, l1)
+    torch.testing.assert_close(objectness_loss, torchvision_loss[0], rtol=0, atol=0)
+    assert box_loss > torchvision_loss[1]  # every |x| >= beta loses beta / 2 in smooth L1
+
+
+def _roi_heads_inputs():
+    g = torch.Generator().manual_seed(0)
+    features = {k: torch.randn(2, 4, 128 // s, 128 // s, generator=g) for k, s in
+                zip(["c2", "c3", "c4", "c5"], [4, 8, 16, 32])}
+    corners = torch.rand(2, 20, 2, generator=g) * 80
+    proposals = list(torch.cat([corners, corners + 8 + torch.rand(2, 20, 2, generator=g) * 40], dim=2))
+    targets = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [70.0, 20.0, 110.0, 50.0]]),
+                "labels": torch.tensor([1, 3])},
+               {"boxes": torch.tensor([[30.0, 30.0, 90.0, 80.0]]), "labels": torch.tensor([2])}]
+    return features, proposals, [(128, 128), (100, 120)], targets
+
+
+def _roi_heads(heads_class, **kwargs):
+    torch.manual_seed(0)
+    predictor = box_predictor(16, 3)
+    for layer in (predictor.cls_score, predictor.bbox_pred):  # deltas of the size of the targets
+        torch.nn.init.normal_(layer.weight, std=0.3)
+    return heads_class(roi_pooler(2, 2, True), fc_box_head(4 * 2 * 2, 16), predictor, 0.5, 0.5, 16, 0.25, None,
+                       0.0, 0.5, 100, **kwargs)
+
+
+def test_roi_box_loss_is_torchvisions_at_beta_one_ninth_and_l1_at_zero():
+    features, proposals, image_shapes, targets = _roi_heads_inputs()
+
+    def forward(heads):
+        torch.manual_seed(1)  # the sampler draws random permutations
+        return heads(features, proposals, image_shapes, targets)
+
+    torchvision_heads = _roi_heads(RoIHeads).train()
+    detections, torchvision_losses = forward(torchvision_heads)
+    detections_ours, ours = forward(_roi_heads(SmoothL1RoIHeads, smooth_l1_beta=1 / 9).train())
+    assert detections == detections_ours == [] and set(ours) == {"loss_classifier", "loss_box_reg"}
+    for name in ours:
+        torch.testing.assert_close(ours[name], torchvision_losses[name], rtol=0, atol=0)
+
+    heads = _roi_heads(SmoothL1RoIHeads, smooth_l1_beta=0.0).train()
+    torch.manual_seed(1)
+    sampled, _, labels, regression_targets = heads.select_training_samples(proposals, targets)
+    with torch.no_grad():
+        logits, deltas = heads.box_predictor(heads.box_head(heads.box_roi_pool(features, sampled, image_shapes)))
+    labels, regression_targets = torch.cat(labels), torch.cat(regression_targets)
+    assert 0 < (labels > 0).sum() < len(labels) == 32  # 16 per image, foreground and background
+    l1 = sum((deltas[i].view(-1, 4)[labels[i]] - regression_targets[i]).abs().sum() for i in range(len(labels))
+             if labels[i] > 0) / len(labels)
+    _, losses = forward(heads)
+    torch.testing.assert_close(losses["loss_box_reg"], l1)
+    for ours, theirs in zip(fastrcnn_loss(logits, deltas, [labels], [regression_targets], 1 / 9),
+                            torchvision_fastrcnn_loss(logits, deltas, [labels], [regression_targets])):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    torch.testing.assert_close(losses["loss_classifier"], torch.nn.functional.cross_entropy(logits, labels))
+    torch.testing.assert_close(losses["loss_classifier"], torchvision_losses["loss_classifier"], rtol=0, atol=0)
+    assert losses["loss_box_reg"] > torchvision_losses["loss_box_reg"]
+
+    torchvision_heads.eval()
+    with torch.no_grad():
+        expected, _ = torchvision_heads(features, proposals, image_shapes)
+        got, no_losses = heads.eval()(features, proposals, image_shapes)
+    assert no_losses == {} and len(got) == 2 and all(len(det["boxes"]) for det in got)
+    for det, want in zip(got, expected):
+        assert det.keys() == want.keys()
+        for key in det:
+            torch.testing.assert_close(det[key], want[key], rtol=0, atol=0)
 
 
 def test_torchvision_heads_see_labels_plus_one_without_crowd_boxes():
@@ -98,16 +225,43 @@ def test_heads_decode_boxes_in_float32_under_bfloat16_autocast():
     assert all(det["boxes"].dtype == det["scores"].dtype == torch.float32 for det in detections)
 
 
+def _pyramid(size, batch=1, channels=16):
+    return {k: torch.randn(batch, channels, size // s, size // s) for k, s in
+            zip(["c2", "c3", "c4", "c5"], [4, 8, 16, 32])}
+
+
 def test_roi_pooler_scales_are_the_strides_whatever_the_first_batch():
     """torchvision would infer them from the first batch's largest content: 70 pixels of content padded to
     128 would give P2 a scale of 1/2."""
-    model = _model().eval()
-    features = {k: torch.randn(1, 16, 128 // s, 128 // s) for k, s in zip(["c2", "c3", "c4", "c5"], [4, 8, 16, 32])}
+    features = _pyramid(128)
     boxes = [torch.tensor([[5.0, 5.0, 60.0, 66.0], [10.0, 0.0, 30.0, 20.0]])]
-    ours = model.roi_heads.box_roi_pool(features, boxes, [(70, 70)])
+    ours = roi_pooler(7, 0, aligned=False)(features, boxes, [(70, 70)])
     inferred = MultiScaleRoIAlign(["c2", "c3", "c4", "c5"], 7, 0)
-    torch.testing.assert_close(ours, inferred(features, boxes, [(128, 128)]))
+    torch.testing.assert_close(ours, inferred(features, boxes, [(128, 128)]), rtol=0, atol=0)
     assert MultiScaleRoIAlign(["c2", "c3", "c4", "c5"], 7, 0)(features, boxes, [(70, 70)]).sub(ours).abs().max() > 0
+    assert _model().roi_heads.box_roi_pool.aligned  # detectron2's ROIAlignV2 by default
+
+
+def test_aligned_roi_pooler_is_roi_align_v2_on_each_rois_fpn_level():
+    torch.manual_seed(0)
+    features = _pyramid(512, batch=2, channels=3)
+    # sides ~58, 20, 145, 265 and 490 pixels: levels 2, 2 (clamped), 3, 4, 5
+    boxes = [torch.tensor([[5.0, 5.0, 60.0, 66.0], [0.0, 0.0, 150.0, 140.0], [0.0, 0.0, 500.0, 480.0]]),
+             torch.tensor([[20.0, 30.0, 300.0, 280.0], [10.0, 0.0, 30.0, 20.0]])]
+    pooled = roi_pooler(7, 0, aligned=True)(features, boxes, [(512, 512)] * 2)
+    levels = []
+    for image, image_boxes in enumerate(boxes):
+        for box in image_boxes:
+            side = ((box[2] - box[0]) * (box[3] - box[1])).sqrt().item()
+            levels.append(min(max(math.floor(4 + math.log2(side / 224)), 2), 5))
+            expected = roi_align(features[f"c{levels[-1]}"][image:image + 1], [box[None]], 7, 1 / 2 ** levels[-1], 0,
+                                 aligned=True)
+            torch.testing.assert_close(pooled[len(levels) - 1], expected[0])
+    assert levels == [2, 3, 5, 4, 2]
+    unaligned = roi_pooler(7, 0, aligned=False)(features, boxes, [(512, 512)] * 2)
+    torchvision_pooler = MultiScaleRoIAlign(["c2", "c3", "c4", "c5"], 7, 0)
+    torch.testing.assert_close(unaligned, torchvision_pooler(features, boxes, [(512, 512)] * 2), rtol=0, atol=0)
+    assert (pooled - unaligned).abs().max() > 1e-3
 
 
 def test_r50_config_loads():

@@ -137,14 +137,14 @@ def test_r50_config_builds_frozen_backbone_and_runs():
     from detectors.config import load_config
 
     config = Path(__file__).resolve().parents[2] / "configs" / "atss_r50_dyhead_1x.yaml"
-    cfg = load_config(config, ["model.backbone.weights=null", "model.dyhead_blocks=1"])
+    cfg = load_config(config, ["model.backbone.weights=null", "model.dyhead_blocks=1", "model.backbone.freeze_at=2"])
     model = build_atss_dyhead(cfg.model, num_classes=80).eval()
     body = model.backbone.body
     assert model.backbone.out_channels == [512, 1024, 2048]
     assert isinstance(body.bn1, FrozenBatchNorm2d) and not any(
         isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules()
     )
-    # FREEZE_AT 2: the stem and the first stage are frozen, the rest trains
+    # FREEZE_AT 2 (detectron2's default; the release trained everything): the stem and the first stage are frozen
     assert not any(p.requires_grad for p in body.conv1.parameters())
     assert not any(p.requires_grad for p in body.layer1.parameters())
     assert all(p.requires_grad for p in body.layer2.parameters())

@@ -2,8 +2,7 @@
 stride placement.
 
 The synthetic checkpoint has the key names and shapes of the release's dyhead_r50_atss_fpn_1x model, written
-here from detectron2's naming (ATSS.backbone is DyHead, whose .backbone is the FPN, whose .bottom_up is the
-ResNet) rather than from the converter's tables.
+in release_checkpoints.py from detectron2's naming rather than from the converter's tables.
 """
 
 import logging
@@ -18,62 +17,15 @@ from detectors.build import build_detector
 from detectors.cli import _load_model, main
 from detectors.config import BackboneConfig, load_config
 from detectors.official_weights import RELEASE_SETTINGS, convert_official_detector
+from release_checkpoints import random_release
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "atss_r50_dyhead_1x.yaml"
-R50_BLOCKS = {2: 3, 3: 4, 4: 6, 5: 3}  # res2..res5
-FROZEN_BN = ("weight", "bias", "running_mean", "running_var")
-
-
-def release_r50_atss_shapes(num_classes=80, dyhead_blocks=6, c=256):
-    """{official key: shape} of the release's R50 ATSS + DyHead."""
-    shapes = {}
-
-    def conv_norm(prefix, shape):
-        shapes[f"{prefix}.weight"] = shape
-        shapes.update({f"{prefix}.norm.{p}": (shape[0],) for p in FROZEN_BN})
-
-    def conv_bias(prefix, shape):
-        shapes[f"{prefix}.weight"] = shape
-        shapes[f"{prefix}.bias"] = (shape[0],)
-
-    resnet = "backbone.backbone.bottom_up"
-    conv_norm(f"{resnet}.stem.conv1", (64, 3, 7, 7))
-    cin = 64
-    for stage, depth in R50_BLOCKS.items():
-        width = 64 * 2 ** (stage - 2)
-        for b in range(depth):
-            p = f"{resnet}.res{stage}.{b}"
-            if b == 0:
-                conv_norm(f"{p}.shortcut", (4 * width, cin, 1, 1))
-            conv_norm(f"{p}.conv1", (width, cin, 1, 1))
-            conv_norm(f"{p}.conv2", (width, width, 3, 3))
-            conv_norm(f"{p}.conv3", (4 * width, width, 1, 1))
-            cin = 4 * width
-    for level, channels in ((3, 512), (4, 1024), (5, 2048)):
-        conv_bias(f"backbone.backbone.fpn_lateral{level}", (c, channels, 1, 1))
-        conv_bias(f"backbone.backbone.fpn_output{level}", (c, c, 3, 3))
-    for extra in ("p6", "p7"):
-        conv_bias(f"backbone.backbone.top_block.{extra}", (c, c, 3, 3))
-    for i in range(dyhead_blocks):
-        p = f"backbone.dyhead_tower.{i}"
-        for j in range(3):
-            conv_bias(f"{p}.DyConv.{j}.conv", (c, c, 3, 3))
-            conv_bias(f"{p}.DyConv.{j}.bn", (c,))
-        conv_bias(f"{p}.AttnConv.1", (1, c, 1, 1))
-        conv_bias(f"{p}.relu.fc.0", (c // 4, c))
-        conv_bias(f"{p}.relu.fc.2", (4 * c, c // 4))
-        conv_bias(f"{p}.offset", (27, c, 3, 3))
-    conv_bias("head.cls_logits", (num_classes, c, 1, 1))
-    conv_bias("head.bbox_pred", (4, c, 1, 1))
-    conv_bias("head.centerness", (1, c, 1, 1))
-    shapes.update({f"head.scales.{level}.scale": (1,) for level in range(5)})
-    return shapes
+RESNET_SETTINGS = RELEASE_SETTINGS["resnet"]
 
 
 @pytest.fixture(scope="module")
 def release():
-    g = torch.Generator().manual_seed(0)
-    return {key: torch.randn(shape, generator=g) for key, shape in release_r50_atss_shapes().items()}
+    return random_release("atss", "resnet")
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +80,7 @@ def test_release_checkpoint_loads_strictly_and_lands_where_expected(release, ats
 )
 def test_an_unmapped_key_is_named(release, key):
     with pytest.raises(ValueError, match=re.escape(repr(key))):
-        convert_official_detector({**release, key: torch.zeros(1)})
+        convert_official_detector({**release, key: torch.zeros(1)}, architecture="atss")
 
 
 def test_missing_keys_are_named(release, atss):
@@ -158,7 +110,7 @@ def test_the_config_header_names_the_release_settings():
     overrides = _header_overrides()
     assert "model.backbone.weights=null" in overrides
     cfg = load_config(CONFIG, overrides)
-    for key, value in RELEASE_SETTINGS.items():
+    for key, value in RESNET_SETTINGS.items():
         node = cfg
         for part in key.split("."):
             node = getattr(node, part)
@@ -172,7 +124,7 @@ def test_cli_round_trip_loads_for_eval(release_file, tmp_path, monkeypatch, capl
     assert main(["convert", "--detector", str(release_file), str(out), "--config", str(CONFIG)]) == 0
     assert not out.with_name(out.name + ".tmp").exists()
     saved = torch.load(out, weights_only=True)
-    assert saved["meta"]["num_classes"] == 80 and saved["meta"]["release_settings"] == RELEASE_SETTINGS
+    assert saved["meta"]["num_classes"] == 80 and saved["meta"]["release_settings"] == RESNET_SETTINGS
     assert saved["model"]["head.scales.0.scale"].shape == ()
 
     monkeypatch.setattr(logging.getLogger("detectors"), "propagate", True)  # main() turned it off
@@ -190,13 +142,17 @@ def test_cli_round_trip_loads_for_eval(release_file, tmp_path, monkeypatch, capl
     assert det["boxes"].shape[1] == 4 and det["boxes"].shape[0] == det["scores"].shape[0]
 
 
-def test_cli_rejects_a_checkpoint_with_unmapped_keys(tmp_path, capsys):
+def test_cli_rejects_another_detector_or_no_detector(tmp_path, capsys):
     src, out = tmp_path / "retinanet.pth", tmp_path / "out.pth"
     torch.save({"model": {"head.cls_score.weight": torch.zeros(720, 256, 3, 3)}}, src)
     assert main(["convert", "--detector", str(src), str(out)]) == 2
     err = capsys.readouterr().err
-    assert "retinanet.pth" in err and "'head.cls_score.weight'" in err
+    assert "retinanet.pth" in err and "retinanet" in err.split("retinanet.pth")[1]
+    assert "configs/retinanet_r50_dyhead_1x.yaml" in err
     assert not out.exists()
+    torch.save({"model": {"backbone.fpn.weight": torch.zeros(1)}}, src)
+    assert main(["convert", "--detector", str(src), str(out)]) == 2
+    assert "not a microsoft/DynamicHead detector" in capsys.readouterr().err and not out.exists()
     assert main(["convert", str(src), str(out), "--config", str(CONFIG)]) == 2
     assert "--detector only" in capsys.readouterr().err
 
