@@ -202,8 +202,9 @@ RELEASE_CONFIGS = {
 }
 
 
-def _background_first(name: str, value: Tensor) -> Tensor:
-    """detectron2's box predictor (background class last, no background box) in torchvision's layout."""
+def _our_layout(name: str, value: Tensor) -> Tensor:
+    """A release tensor in the layout of our parameter ``name``: detectron2's box predictor (background class last,
+    no background box) as torchvision's, ATSS's (1,) box scales as 0-d; everything else as it is."""
     if name.startswith("roi_heads.box_predictor.cls_score."):
         return torch.cat((value[-1:], value[:-1]))
     if name.startswith("roi_heads.box_predictor.bbox_pred."):
@@ -274,7 +275,7 @@ def convert_official_detector(
         if name in source:
             raise ValueError(f"official keys {source[name]!r} and {key!r} both map to {name!r}")
         source[name] = key
-        out[name] = _background_first(name, value)
+        out[name] = _our_layout(name, value)
     if unmapped:
         raise ValueError(
             f"{len(unmapped)} official key(s) have no counterpart in this project's {architecture} + DyHead: "
