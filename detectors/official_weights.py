@@ -52,6 +52,7 @@ from torch import Tensor
 
 from dyhead.official import official_tower_name, read_checkpoint
 
+from .backbones import SWIN_NAMES
 from .build import build_detector
 from .config import ConfigError, ModelConfig
 from .swin_weights import official_key_to_torchvision
@@ -332,7 +333,7 @@ def _check_config(path: str, architecture: str, kind: str, cfg: ModelConfig) -> 
             f"{path} holds the release's {architecture} with a {kind} backbone; the config describes "
             f"{cfg.meta_architecture}{hint}"
         )
-    if (kind == "swin") != cfg.backbone.name.startswith("swin"):
+    if (kind == "swin") != (cfg.backbone.name in SWIN_NAMES):
         raise ConfigError(
             f"{path} holds the release's {architecture} with a {kind} backbone; the config's backbone is "
             f"{cfg.backbone.name}{hint}"
