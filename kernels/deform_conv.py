@@ -24,7 +24,6 @@ a kernel, `device_table`, so that CUDA graphs can capture the launch). With one 
 divisibility knowledge of them.
 """
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -32,8 +31,7 @@ import triton
 import triton.language as tl
 
 from .device_table import device_tables
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from .runtime import INTERPRET
 
 
 def autotune_configs(space, interpret_config):

@@ -15,17 +15,17 @@ Layouts and the grouped launch over a list of levels as in `deform_conv`: the pi
 the grid's last axis, and every per-level buffer is packed level after level.
 """
 
-import functools
 from math import prod
 
 import torch
 import triton
 import triton.language as tl
 
-from .deform_conv import (_FIELDS, _HOWO, INTERPRET, acc_dtype, autotune_configs, channels_last, conv_args,
+from .deform_conv import (_FIELDS, _HOWO, acc_dtype, autotune_configs, channels_last, conv_args,
                           find_level, grouped_input, launch_flags, level_args, level_arguments, levels_of,
                           load_corners, mma, pack_weight, tap_sample, transpose_last, transpose_levels,
                           transpose_row)
+from .runtime import INTERPRET, sm_count
 
 # Only BLOCK_P is tuned: the wrapper fixes BLOCK_K and BLOCK_N (`_bwd_blocks`), because the partial buffers
 # are shaped by them. With BLOCK_N = 256 the fp32 accumulators need 8 warps to stay in registers.
@@ -274,18 +274,13 @@ def _bwd_blocks(x, cout):
     return min(256, max(16, triton.next_power_of_2(cout))), 64
 
 
-@functools.cache
-def _sm_count(device):
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _pixels_per_program(x, n, howos, programs_per_run):
     """Pixels of one program's run: a multiple of PIXEL_ALIGN sized for about PROGRAMS_PER_SM programs per
     SM (one run per program under the interpreter's few pixels), within the grid's z limit. howos: the output
     pixels of each level's image."""
     if INTERPRET:
         return PIXEL_ALIGN
-    sms = _sm_count(x.device)
+    sms = sm_count(x.device)
     runs_per_image = triton.cdiv(triton.cdiv(PROGRAMS_PER_SM * sms, programs_per_run), n)
     pix = triton.cdiv(triton.cdiv(sum(howos), runs_per_image), PIXEL_ALIGN) * PIXEL_ALIGN
     min_pix = triton.cdiv(triton.cdiv(sum(howos), MAX_GRID_Z // n), PIXEL_ALIGN) * PIXEL_ALIGN

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from . import deform_conv, deform_conv_backward
+from .runtime import check_runnable
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -35,15 +36,8 @@ def _conv_pairs(stride, padding, dilation):
 
 
 def _check_runnable(t: Tensor):
-    if t.device.type == "cuda":
-        return
-    # Triton reads TRITON_INTERPRET when the kernels are defined, so the value at import time is what counts.
-    if t.device.type == "cpu" and deform_conv.INTERPRET:
-        return
-    raise RuntimeError(
-        f"kernels.modulated_deform_conv2d runs Triton kernels on CUDA tensors; got a {t.device.type} tensor. "
-        "Use a reference backend (DyHead backend='torchvision' or 'sampled') or set TRITON_INTERPRET=1 "
-        "before importing triton to run the kernels in Triton's CPU interpreter.")
+    check_runnable(t, "kernels.modulated_deform_conv2d",
+                   "a reference backend (DyHead backend='torchvision' or 'sampled')")
 
 
 def _autocast(device_type, *tensors):

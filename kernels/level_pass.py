@@ -30,8 +30,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .deform_conv import INTERPRET, acc_dtype, autotune_configs
+from .deform_conv import acc_dtype, autotune_configs
 from .deform_conv_op import _FLOAT_DTYPES, _device_guard
+from .runtime import INTERPRET, check_runnable, sm_count
 
 # A reduction's pixel run is a multiple of this, and so of every BLOCK_P of its configs (and of 16, see
 # `_aligned`).
@@ -373,15 +374,9 @@ def _align(hw, *strides):
     return min(g & -g, 16) if g else 16
 
 
-@functools.cache
-def _sm_count(index):
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _pixel_runs(n, c, hw, device):
     """(RUN, S): the H*W pixels as S runs of RUN (a multiple of RUN_ALIGN), for the reductions' grids."""
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 1
+    sms = 1 if INTERPRET else sm_count(device)
     splits = max(1, PROGRAMS_PER_SM * sms // (n * triton.cdiv(c, 64)))
     run = triton.cdiv(triton.cdiv(hw, splits), RUN_ALIGN) * RUN_ALIGN
     return run, triton.cdiv(hw, run)
@@ -486,15 +481,8 @@ def combine_backward(grad: Tensor, branches: Sequence[Tensor], scale: Tensor, sh
 
 
 def _check_runnable(t: Tensor, op: str):
-    if t.device.type == "cuda":
-        return
-    # Triton reads TRITON_INTERPRET when the kernels are defined, so the value at import time is what counts.
-    if t.device.type == "cpu" and INTERPRET:
-        return
-    raise RuntimeError(
-        f"kernels.level_pass.{op} runs Triton kernels on CUDA tensors; got a {t.device.type} tensor. Use the "
-        "reference path (GroupNorm, dyhead.ScaleAttention and dyhead.TaskAttention) or set TRITON_INTERPRET=1 "
-        "before importing triton to run the kernels in Triton's CPU interpreter.")
+    check_runnable(t, f"kernels.level_pass.{op}",
+                   "the reference path (GroupNorm, dyhead.ScaleAttention and dyhead.TaskAttention)")
 
 
 def _check_float_tensor(name: str, t):

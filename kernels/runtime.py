@@ -1,0 +1,68 @@
+"""Where the kernels may run: CUDA, Triton's CPU interpreter, or nowhere but a compiler.
+
+`INTERPRET` is read once at import, as Triton itself does when the kernels are defined. `compile_only` lets CPU
+tensors through the device checks and sizes launches for a GPU of a given SM count, so that a tool that turns
+every launch into a compile for a GPU target (`benchmarks/compile_check.py`) drives the real wrappers on a
+machine without a GPU.
+"""
+
+import contextlib
+import functools
+import os
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["INTERPRET", "check_runnable", "compile_only", "sm_count"]
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+_compile_only_sms: Optional[int] = None
+
+
+@contextlib.contextmanager
+def compile_only(sms: int) -> Iterator[None]:
+    """Within the block, CPU tensors pass `check_runnable` and `sm_count` of a CPU device is ``sms``.
+
+    The kernels must not actually run on such tensors: the caller intercepts every launch (Triton's
+    ``JITFunction.run``) and compiles instead. Under ``TRITON_INTERPRET=1`` there is nothing to compile: the
+    kernels are interpreted functions.
+    """
+    global _compile_only_sms
+    if INTERPRET:
+        raise RuntimeError("compile_only compiles for a GPU target; unset TRITON_INTERPRET")
+    previous, _compile_only_sms = _compile_only_sms, sms
+    try:
+        yield
+    finally:
+        _compile_only_sms = previous
+
+
+def check_runnable(t: Tensor, op: str, reference: str) -> None:
+    """Raise RuntimeError unless the kernels can take ``t``'s device.
+
+    Args:
+        t: any tensor of the call.
+        op: the public name of the op, for the message.
+        reference: what to use instead on that device, for the message.
+    """
+    if t.device.type == "cuda":
+        return
+    if t.device.type == "cpu" and (INTERPRET or _compile_only_sms is not None):
+        return
+    raise RuntimeError(
+        f"{op} runs Triton kernels on CUDA tensors; got a {t.device.type} tensor. Use {reference} or set "
+        "TRITON_INTERPRET=1 before importing triton to run the kernels in Triton's CPU interpreter.")
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (a CUDA device, or a CPU device inside `compile_only`)."""
+    if device.type == "cpu" and _compile_only_sms is not None:
+        return _compile_only_sms
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
