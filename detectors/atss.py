@@ -12,11 +12,12 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, clip_boxes_to_image, generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from .atss_assigner import IGNORE, ATSSAssigner
 from .box_coder import BoxCoder
 from .config import ModelConfig
+from .detections import select_detections
 from .engine.distributed import get_world_size, sum_across_processes
 from .one_stage import OneStageDetector
 from .pyramid import PYRAMID_STRIDES, build_fpn_dyhead
@@ -215,11 +216,12 @@ class ATSSHead(nn.Module):
         nms_thresh: float = 0.6,
         detections_per_img: int = 100,
     ) -> list[dict[str, Tensor]]:
-        """Decodes predictions into detections.
+        """Decodes predictions into detections, as the release's ATSS inference.
 
         Per level, locations and classes with ``sigmoid(cls) > score_thresh`` are candidates, of which the
-        ``pre_nms_topk`` best by ``sigmoid(cls) * sigmoid(centerness)`` are kept; boxes are clipped to the
-        image, then class-wise NMS keeps at most ``detections_per_img``.
+        ``pre_nms_topk`` best by ``sigmoid(cls) * sigmoid(centerness)`` are decoded; then
+        :func:`select_detections` (class-wise NMS over all levels, at most ``detections_per_img`` kept, clipping
+        to the image, empty boxes dropped).
 
         Args:
             outputs: the result of ``forward``.
@@ -227,8 +229,8 @@ class ATSSHead(nn.Module):
             image_sizes: ``(h, w)`` of each image's unpadded content, in input pixels.
 
         Returns:
-            Per image ``boxes`` ``(D, 4)`` float32 x1,y1,x2,y2 in input pixels, ``scores`` ``(D,)`` float32,
-            ``labels`` ``(D,)`` int64, sorted by decreasing score.
+            Per image ``boxes`` ``(D, 4)`` float32 x1,y1,x2,y2 in input pixels, inside the image, ``scores``
+            ``(D,)`` float32, ``labels`` ``(D,)`` int64, sorted by decreasing score.
         """
         per_level = [a.shape[0] for a in anchors]
         cls_levels = outputs["cls_logits"].split(per_level, dim=1)
@@ -243,13 +245,11 @@ class ATSSHead(nn.Module):
                 scores = (prob * ctr[i].sigmoid()[:, None])[candidates]
                 keep = scores.topk(min(pre_nms_topk, scores.numel())).indices
                 loc, label = torch.nonzero(candidates)[keep].unbind(1)
-                boxes = self.box_coder.decode(box[i][loc], level_anchors[loc])
-                boxes_all.append(clip_boxes_to_image(boxes, size))
+                boxes_all.append(self.box_coder.decode(box[i][loc], level_anchors[loc]))
                 scores_all.append(scores[keep])
                 labels_all.append(label)
             boxes, scores, labels = torch.cat(boxes_all), torch.cat(scores_all), torch.cat(labels_all)
-            keep = batched_nms(boxes, scores, labels, nms_thresh)[:detections_per_img]
-            results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+            results.append(select_detections(boxes, scores, labels, size, nms_thresh, detections_per_img))
         return results
 
 

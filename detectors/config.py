@@ -189,6 +189,11 @@ class InputConfig:
 
     ``format`` is ``RGB`` (pixels in [0, 1] as torchvision's weights expect) or ``BGR255`` (caffe-style
     pixels in [0, 255], as MSRA/detectron2 weights expect); ``pixel_mean``/``pixel_std`` are in that space.
+    ``size_divisibility`` pads each batch's height and width to a multiple of it. The release pads to the
+    coarsest stride (its DyHead backbone's ``size_divisibility``): 128 for P3-P7 (ATSS, RetinaNet), 64 for P2-P6
+    (Faster R-CNN), which makes every level exactly half the previous one. Any other value runs too: each level is
+    then ceil(previous / 2), which DyHead accepts and the anchors and RoI pooler, on fixed strides, stay aligned
+    with; the features then differ from the release's only as far as the padding changes them.
     """
 
     min_size_train: list[int] = field(default_factory=lambda: [800])
@@ -199,7 +204,7 @@ class InputConfig:
     format: str = "RGB"
     pixel_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     pixel_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    size_divisibility: int = 128  # P7 has stride 128: every level is then exactly half the previous one
+    size_divisibility: int = 128  # P7's stride, as the release pads P3-P7
 
 
 @dataclass

@@ -9,15 +9,17 @@ fully connected layers of 1024 with ReLU on each RoI's flattened 256 x 7 x 7 fea
 pooled features go through a dynamic ReLU whose coefficients come from that RoI's mean feature, then straight
 into the class and box predictors.
 
-Both use torchvision's RPN, RoI sampling and box decoding with detectron2's losses and pooler: the box regression
-of the RPN and of the box head is smooth L1 with a configurable beta (detectron2's 0, plain L1, where torchvision
-hard-codes 1/9), summed and divided by the number of sampled anchors / RoIs; RoIAlign may take detectron2's
-half-pixel shift (ROIAlignV2).
+Both use torchvision's RPN, RoI sampling and box decoding with detectron2's anchors, losses and pooler: the RPN's
+anchors are detectron2's ``DefaultAnchorGenerator``'s (unrounded, on fixed strides); the box regression of the RPN
+and of the box head is smooth L1 with a configurable beta (detectron2's 0, plain L1, where torchvision hard-codes
+1/9); the RPN's losses are sums divided by ``batch_size_per_image`` x images, the box head's by the number of
+sampled RoIs; RoIAlign may take detectron2's half-pixel shift (ROIAlignV2).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +39,9 @@ from .detections import rescale_detections
 from .pyramid import PYRAMID_STRIDES, build_fpn_dyhead
 
 __all__ = [
-    "BOX_HEADS", "RoITaskHead", "SmoothL1RPN", "fastrcnn_loss", "SmoothL1RoIHeads", "FasterRCNN",
-    "torchvision_targets", "LevelRoIAlign", "roi_pooler", "fc_box_head", "box_predictor", "build_faster_rcnn_dyhead",
+    "BOX_HEADS", "RoITaskHead", "FixedStrideAnchorGenerator", "SmoothL1RPN", "fastrcnn_loss", "SmoothL1RoIHeads",
+    "FasterRCNN", "torchvision_targets", "LevelRoIAlign", "roi_pooler", "fc_box_head", "box_predictor",
+    "build_faster_rcnn_dyhead",
 ]
 
 STRIDES = PYRAMID_STRIDES[2]
@@ -64,18 +67,65 @@ class RoITaskHead(nn.Module):
         return self.task(x).flatten(1)
 
 
+class FixedStrideAnchorGenerator(AnchorGenerator):
+    """detectron2's ``DefaultAnchorGenerator`` (offset 0) behind torchvision's anchor generator interface.
+
+    Args:
+        sizes: one anchor side (the square root of its area) per level, finest first.
+        aspect_ratios: height / width of a location's anchors, the same on every level.
+        strides: each level's stride in input pixels.
+
+    Level l has ``len(aspect_ratios)`` anchors per location, of width ``sqrt(size_l**2 / ratio)`` and height
+    ``ratio * width``, centred at ``(x * stride_l, y * stride_l)``. torchvision's own generator rounds the corners
+    to integers and takes each stride as the padded image size // the level's size, which is off whenever the
+    padding is not a multiple of the coarsest stride (96 pixels make P6 2 wide: a "stride" of 48).
+
+    ``forward(image_list, feature_maps)``: ``feature_maps`` the levels ``(N, C, H_l, W_l)`` -> per image the same
+    ``(sum H_l W_l A, 4)`` x1,y1,x2,y2 in the levels' dtype, level-major, then ``(H, W, A)`` order.
+    """
+
+    def __init__(self, sizes: Sequence[float], aspect_ratios: Sequence[float], strides: Sequence[int]):
+        super().__init__(tuple((size,) for size in sizes), (tuple(aspect_ratios),) * len(sizes))
+        self.strides = list(strides)
+
+    def generate_anchors(
+        self,
+        scales: Sequence[float],
+        aspect_ratios: Sequence[float],
+        dtype: torch.dtype = torch.float32,
+        device: torch.device = torch.device("cpu"),
+    ) -> Tensor:
+        """``(len(scales) * len(aspect_ratios), 4)`` anchors centred at 0, scale-major; computed in double
+        precision before the cast, as detectron2's."""
+        cells = []
+        for size in scales:
+            for ratio in aspect_ratios:
+                w = math.sqrt(size**2 / ratio)
+                h = ratio * w
+                cells.append([-w / 2, -h / 2, w / 2, h / 2])
+        return torch.tensor(cells, dtype=dtype, device=device)
+
+    def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
+        device = feature_maps[0].device
+        grid_sizes = [list(level.shape[-2:]) for level in feature_maps]
+        strides = [[torch.tensor(s, device=device)] * 2 for s in self.strides]
+        self.set_cell_anchors(feature_maps[0].dtype, device)
+        anchors = torch.cat(self.grid_anchors(grid_sizes, strides))
+        return [anchors for _ in image_list.image_sizes]
+
+
 class SmoothL1RPN(RegionProposalNetwork):
-    """torchvision's region proposal network with the box loss's smooth L1 beta as a parameter.
+    """torchvision's region proposal network with detectron2's loss: smooth L1 beta and normaliser.
 
     Args:
         *args, **kwargs: as ``RegionProposalNetwork``.
         smooth_l1_beta: beta of the box regression loss; 0 is L1 (detectron2's RPN.SMOOTH_L1_BETA), torchvision's
             own is 1/9.
 
-    The anchor sampling and the normalisers are torchvision's: objectness is binary cross-entropy averaged over the
-    sampled anchors, the box loss is summed over the sampled positives and divided by the number of sampled anchors.
-    detectron2 divides both sums by ``batch_size_per_image`` x images instead: the same whenever every image has
-    that many labelled anchors, as images of COCO's size always do.
+    The anchor sampling is torchvision's, the normaliser detectron2's: the objectness binary cross-entropy of the
+    sampled anchors and the box loss of the sampled positives are both summed and divided by
+    ``batch_size_per_image`` x images. torchvision averages the first over the sampled anchors and divides the
+    second by their count: the same only when every image has ``batch_size_per_image`` labelled anchors.
     """
 
     def __init__(self, *args, smooth_l1_beta: float, **kwargs):
@@ -85,7 +135,7 @@ class SmoothL1RPN(RegionProposalNetwork):
     def compute_loss(
         self, objectness: Tensor, pred_bbox_deltas: Tensor, labels: list[Tensor], regression_targets: list[Tensor]
     ) -> tuple[Tensor, Tensor]:
-        """Objectness and box losses, both scalars.
+        """Objectness and box losses, both scalars, as the class says.
 
         Args:
             objectness: ``(A, 1)`` float logits of all images' anchors, concatenated image-major.
@@ -93,6 +143,7 @@ class SmoothL1RPN(RegionProposalNetwork):
             labels: per image ``(A_i,)`` float, 1 foreground, 0 background, -1 ignored.
             regression_targets: per image ``(A_i, 4)`` float target deltas.
         """
+        normaliser = self.fg_bg_sampler.batch_size_per_image * len(labels)
         sampled_pos, sampled_neg = self.fg_bg_sampler(labels)
         pos = torch.where(torch.cat(sampled_pos))[0]
         sampled = torch.cat([pos, torch.where(torch.cat(sampled_neg))[0]])
@@ -100,9 +151,11 @@ class SmoothL1RPN(RegionProposalNetwork):
         regression_targets = torch.cat(regression_targets)
         box_loss = F.smooth_l1_loss(
             pred_bbox_deltas[pos], regression_targets[pos], beta=self.smooth_l1_beta, reduction="sum"
-        ) / sampled.numel()
-        objectness_loss = F.binary_cross_entropy_with_logits(objectness.flatten()[sampled], labels[sampled])
-        return objectness_loss, box_loss
+        )
+        objectness_loss = F.binary_cross_entropy_with_logits(
+            objectness.flatten()[sampled], labels[sampled], reduction="sum"
+        )
+        return objectness_loss / normaliser, box_loss / normaliser
 
 
 def fastrcnn_loss(
@@ -219,8 +272,10 @@ class FasterRCNN(nn.Module):
     ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         """Losses (training) or detections (eval), as the class says.
 
-        ``images`` ``(N, 3, H, W)`` normalised float, H and W multiples of 64 (P6's stride); ``image_sizes`` each
-        image's ``(h, w)`` before padding; ``targets`` (training only) as ``torchvision_targets`` takes them;
+        ``images`` ``(N, 3, H, W)`` normalised float, padded: the release pads H and W to multiples of 64 (P6's
+        stride), each level then exactly half the previous one; other sizes make each level ceil(previous / 2),
+        which the neck accepts and the anchors and pooler, on fixed strides, stay aligned with. ``image_sizes``
+        each image's ``(h, w)`` before padding; ``targets`` (training only) as ``torchvision_targets`` takes them;
         ``original_sizes`` (eval only) the ``(h, w)`` to rescale the boxes to.
         """
         if self.training and targets is None:
@@ -334,9 +389,8 @@ def build_faster_rcnn_dyhead(cfg: ModelConfig, num_classes: int) -> FasterRCNN:
         box_head, box_features = fc_box_head(pooled_features, rc.fc_dim), rc.fc_dim
     else:
         box_head, box_features = RoITaskHead(cfg.dyhead_channels), pooled_features
-    anchors = AnchorGenerator(
-        tuple((rc.anchor_size * 2**level,) for level in range(len(STRIDES))),
-        (tuple(rc.aspect_ratios),) * len(STRIDES),
+    anchors = FixedStrideAnchorGenerator(
+        [rc.anchor_size * 2**level for level in range(len(STRIDES))], rc.aspect_ratios, STRIDES
     )
     rpn = SmoothL1RPN(
         anchors,

@@ -15,11 +15,12 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, sigmoid_focal_loss
+from torchvision.ops import box_iou, sigmoid_focal_loss
 
 from .atss_assigner import BACKGROUND, IGNORE
 from .box_coder import BoxCoder
 from .config import ModelConfig
+from .detections import select_detections
 from .engine.distributed import get_world_size, sum_across_processes
 from .one_stage import OneStageDetector
 from .pyramid import PYRAMID_STRIDES, build_fpn_dyhead
@@ -248,8 +249,8 @@ class RetinaNetHead(nn.Module):
         """Decodes predictions into detections, as detectron2's RetinaNet inference.
 
         Per level, the (anchor, class) pairs with ``sigmoid(cls) > score_thresh`` are candidates, of which
-        the ``pre_nms_topk`` best are decoded and clipped to the image; class-wise NMS over all levels then
-        keeps at most ``detections_per_img``.
+        the ``pre_nms_topk`` best are decoded; then :func:`select_detections` (class-wise NMS over all levels,
+        at most ``detections_per_img`` kept, clipping to the image, empty boxes dropped).
 
         Args:
             outputs: the result of ``forward``.
@@ -257,8 +258,8 @@ class RetinaNetHead(nn.Module):
             image_sizes: ``(h, w)`` of each image's unpadded content, in input pixels.
 
         Returns:
-            Per image ``boxes`` ``(D, 4)`` float32 x1,y1,x2,y2 in input pixels, ``scores`` ``(D,)`` float32,
-            ``labels`` ``(D,)`` int64, sorted by decreasing score.
+            Per image ``boxes`` ``(D, 4)`` float32 x1,y1,x2,y2 in input pixels, inside the image, ``scores``
+            ``(D,)`` float32, ``labels`` ``(D,)`` int64, sorted by decreasing score.
         """
         per_level = [a.shape[0] for a in anchors]
         cls_levels = outputs["cls_logits"].split(per_level, dim=1)
@@ -271,13 +272,11 @@ class RetinaNetHead(nn.Module):
                 candidates = torch.nonzero(prob > score_thresh).squeeze(1)
                 scores, order = prob[candidates].topk(min(pre_nms_topk, candidates.numel()))
                 anchor_idx = candidates[order] // self.num_classes
-                boxes = self.box_coder.decode(box[i][anchor_idx], level_anchors[anchor_idx])
-                boxes_all.append(clip_boxes_to_image(boxes, size))
+                boxes_all.append(self.box_coder.decode(box[i][anchor_idx], level_anchors[anchor_idx]))
                 scores_all.append(scores)
                 labels_all.append(candidates[order] % self.num_classes)
             boxes, scores, labels = torch.cat(boxes_all), torch.cat(scores_all), torch.cat(labels_all)
-            keep = batched_nms(boxes, scores, labels, nms_thresh)[:detections_per_img]
-            results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+            results.append(select_detections(boxes, scores, labels, size, nms_thresh, detections_per_img))
         return results
 
 

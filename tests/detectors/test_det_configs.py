@@ -33,19 +33,45 @@ def test_published_config_builds_and_runs(name):
     assert (model_cfg.dyhead_blocks, model_cfg.dyhead_channels, model_cfg.fpn_channels) == (6, 256, 256)
     assert cfg.data.train.name == "coco_2017_train" and cfg.data.test.name == "coco_2017_val"
     assert cfg.solver.ims_per_batch == ims_per_batch and cfg.solver.max_iter * ims_per_batch in (1440000, 2880000)
-    assert cfg.data.input.size_divisibility == 128  # each pyramid level exactly half the previous one
 
     torch.manual_seed(0)
     model = build_detector(model_cfg, num_classes=80).eval()
     assert model.num_classes == 80
+    levels = []
+    model.neck.register_forward_hook(lambda module, args, out: levels.extend(out.values()))
     with torch.no_grad():
         detections = model(torch.randn(1, 3, 128, 256), [(120, 250)], original_sizes=[(240, 500)])
+    # the release pads to its backbone's last stride, measured here on the neck's coarsest level
+    assert cfg.data.input.size_divisibility == 256 // levels[-1].shape[-1] == 128 // levels[-1].shape[-2]
     (det,) = detections
     assert det["boxes"].shape[1] == 4 and det["boxes"].shape[0] == det["scores"].shape[0] == det["labels"].shape[0]
     assert det["boxes"].shape[0] <= model_cfg.detections_per_img
     if len(det["labels"]):
         assert 0 <= det["labels"].min() and det["labels"].max() < 80
         assert (det["boxes"][:, 2] <= 500).all() and (det["boxes"][:, 3] <= 240).all()
+
+
+@pytest.mark.parametrize("arch", ["atss", "retinanet", "faster_rcnn"])
+def test_padding_to_less_than_the_coarsest_stride_runs(arch):
+    """data.input.size_divisibility 32: 96 x 160 pixels give P5 3 rows, and the levels after it ceil(previous / 2)
+    rather than exactly half, which the detectors take in training and eval."""
+    cfg = load_config(CONFIGS / "shapes_tiny.yaml", [f"model.meta_architecture={arch}",
+                                                    "model.dyhead_backend=sampled", "model.score_thresh=0"])
+    torch.manual_seed(0)
+    model = build_detector(cfg.model, num_classes=3)
+    levels = []
+    model.neck.register_forward_hook(lambda module, args, out: levels.append([x.shape[-2:] for x in out.values()]))
+    images, sizes = torch.randn(2, 3, 96, 160), [(96, 160), (90, 150)]
+    targets = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[30.0, 30.0, 90.0, 80.0]]), "labels": torch.tensor([2])}]
+    losses = model.train()(images, sizes, targets)
+    assert all(torch.isfinite(loss) for loss in losses.values())
+    with torch.no_grad():
+        detections = model.eval()(images, sizes)
+    assert all(len(det["boxes"]) for det in detections)
+    first = 2 if arch == "faster_rcnn" else 3
+    expected = [(-(-96 // 2**level), -(-160 // 2**level)) for level in range(first, first + 5)]
+    assert [tuple(size) for size in levels[0]] == expected and any(h % 2 for h, _ in expected[:-1])
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))

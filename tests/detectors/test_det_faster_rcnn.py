@@ -1,5 +1,6 @@
-"""Faster R-CNN + DyHead: both box heads' losses and gradients, the RPN and box losses against torchvision's and
-L1, the pooler, the targets torchvision's heads see, eval output, a short run."""
+"""Faster R-CNN + DyHead: both box heads' losses and gradients, the RPN's anchors and normaliser against
+detectron2's, the RPN and box losses against torchvision's and L1, the pooler, the targets torchvision's heads see,
+eval output, a short run."""
 
 import json
 import math
@@ -7,8 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss as torchvision_fastrcnn_loss
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import MultiScaleRoIAlign, roi_align
@@ -91,6 +94,8 @@ def _rpn(rpn_class, **kwargs):
 
 
 def test_rpn_loss_is_torchvisions_at_beta_one_ninth_and_l1_at_zero():
+    """With ``batch_size_per_image`` labelled anchors sampled in every image, detectron2's normaliser (that
+    count x images) is torchvision's (the anchors sampled)."""
     g = torch.Generator().manual_seed(0)
     labels = [torch.randint(-1, 2, (n,), generator=g).float() for n in (40, 30)]  # fg 1, bg 0, ignored -1
     targets = [torch.randn(n, 4, generator=g) for n in (40, 30)]
@@ -113,6 +118,59 @@ def test_rpn_loss_is_torchvisions_at_beta_one_ninth_and_l1_at_zero():
     torch.testing.assert_close(box_loss, l1)
     torch.testing.assert_close(objectness_loss, torchvision_loss[0], rtol=0, atol=0)
     assert box_loss > torchvision_loss[1]  # every |x| >= beta loses beta / 2 in smooth L1
+
+
+def test_rpn_loss_divides_sums_by_batch_size_per_image_times_images():
+    """detectron2's RPN normaliser: the first image has 6 labelled anchors, fewer than batch_size_per_image (16),
+    and still counts 16; torchvision's would be the 22 anchors sampled."""
+    labels = [torch.full((40,), -1.0), torch.full((30,), -1.0)]
+    labels[0][[3, 17]] = 1.0
+    labels[0][[0, 5, 9, 20]] = 0.0
+    labels[1][:3] = 1.0
+    labels[1][3:16] = 0.0  # 3 + 13: exactly a full sample
+    g = torch.Generator().manual_seed(0)
+    targets = [torch.randn(n, 4, generator=g) for n in (40, 30)]
+    objectness, deltas = torch.randn(70, 1, generator=g), torch.randn(70, 4, generator=g)
+    rpn = _rpn(SmoothL1RPN, smooth_l1_beta=0.0)
+    objectness_loss, box_loss = rpn.compute_loss(objectness, deltas, labels, targets)
+
+    # every labelled anchor is sampled (at most 8 positives, negatives up to 16): nothing random is left
+    y, logits = torch.cat(labels), objectness[:, 0]
+    sampled, pos = y >= 0, y == 1
+    bce = -(y * F.logsigmoid(logits) + (1 - y) * F.logsigmoid(-logits))[sampled].sum()
+    l1 = (deltas[pos] - torch.cat(targets)[pos]).abs().sum()
+    torch.testing.assert_close(objectness_loss, bce / (16 * 2))
+    torch.testing.assert_close(box_loss, l1 / (16 * 2))
+    torchvision_objectness, _ = _rpn(RegionProposalNetwork).compute_loss(objectness, deltas, labels, targets)
+    torch.testing.assert_close(torchvision_objectness, bce / 22)
+
+
+def test_rpn_anchors_are_detectron2s_unrounded_on_fixed_strides():
+    """detectron2's DefaultAnchorGenerator with the release's sizes 32-512, ratios (h / w) 0.5, 1, 2 and offset 0,
+    here on 96 x 160 pixels (padded to 32 only): P6 is 2 x 3, where torchvision would take a stride of 96 // 2."""
+    generator = _model().rpn.anchor_generator
+    grid = [(24, 40), (12, 20), (6, 10), (3, 5), (2, 3)]
+    features = [torch.zeros(1, 1, h, w) for h, w in grid]
+    batch = ImageList(torch.zeros(2, 3, 96, 160), [(96, 160), (90, 150)])
+    anchors = generator(batch, features)
+    expected = []
+    for level, (h, w) in enumerate(grid):
+        stride, side = 4 * 2**level, 32 * 2**level
+        for y in range(h):
+            for x in range(w):
+                for ratio in (0.5, 1.0, 2.0):
+                    width = math.sqrt(side**2 / ratio)
+                    height = ratio * width
+                    cx, cy = x * stride, y * stride
+                    expected.append([cx - width / 2, cy - height / 2, cx + width / 2, cy + height / 2])
+    assert len(anchors) == 2 and generator.num_anchors_per_location() == [3] * 5
+    for image_anchors in anchors:
+        torch.testing.assert_close(image_anchors, torch.tensor(expected))
+    torchvision_anchors = AnchorGenerator(tuple((32 * 2**level,) for level in range(5)), ((0.5, 1.0, 2.0),) * 5)
+    theirs = torchvision_anchors(batch, features)[0]
+    torch.testing.assert_close(theirs[0], torch.tensor([-23.0, -11.0, 23.0, 11.0]))  # 45.25 x 22.63, rounded
+    p6 = slice(len(expected) - 2 * 3 * 3, None)
+    assert (theirs[p6] - anchors[0][p6]).abs().max() > 16  # a third of P6's 64-pixel stride off at x = 2
 
 
 def _roi_heads_inputs():
@@ -269,7 +327,7 @@ def test_r50_config_loads():
     assert cfg.model.meta_architecture == "faster_rcnn" and cfg.model.backbone.name == "resnet50"
     assert cfg.model.nms_thresh == 0.5 and cfg.model.rcnn.pooler_resolution == 7
     assert (cfg.solver.base_lr, cfg.solver.ims_per_batch, cfg.solver.max_iter) == (0.02, 16, 90000)
-    assert cfg.data.input.size_divisibility == 128
+    assert cfg.data.input.size_divisibility == 64  # P6's stride, as the release pads
 
 
 @pytest.mark.slow

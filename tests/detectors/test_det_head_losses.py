@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from detectors.atss import ATSSHead, centerness_targets, make_anchors
 
@@ -105,6 +106,23 @@ def test_postprocess_scores_threshold_nms_and_clipping():
     assert top1["scores"].tolist() == pytest.approx([0.45])
     (pre1,) = head.postprocess(outputs, anchors, [(55, 100)], pre_nms_topk=1)
     assert pre1["scores"].tolist() == pytest.approx([0.45])
+
+
+def test_postprocess_clips_after_nms_and_drops_empty_boxes_as_the_release():
+    """The release's ATSS inference: NMS on the unclipped boxes, then detectron2's detector_postprocess clips and
+    drops what is left empty."""
+    # IoU 5000 / 10000 = 0.5 unclipped, 1 once clipped to the 100 x 100 image; the third lies right of it
+    anchors = [torch.tensor([[-50.0, 0.0, 50.0, 100.0], [0.0, 0.0, 50.0, 100.0], [120.0, 10.0, 150.0, 40.0]])]
+    cls = torch.full((1, 3, 2), -10.0)
+    cls[0, 0, 0], cls[0, 1, 0], cls[0, 2, 1] = _logit(0.9), _logit(0.8), _logit(0.7)
+    outputs = {"cls_logits": cls, "bbox_deltas": torch.zeros(1, 3, 4), "centerness": torch.zeros(1, 3)}
+    (det,) = _head().postprocess(outputs, anchors, [(100, 100)], nms_thresh=0.6)
+    torch.testing.assert_close(det["boxes"], torch.tensor([[0.0, 0.0, 50.0, 100.0]] * 2))
+    torch.testing.assert_close(det["scores"], torch.tensor([0.45, 0.4]))  # times sigmoid(0) centerness
+    assert det["labels"].tolist() == [0, 0]
+    # clipping before NMS would keep the first box and the empty one instead
+    clipped = clip_boxes_to_image(anchors[0], (100, 100))
+    assert batched_nms(clipped, torch.tensor([0.45, 0.4, 0.35]), torch.tensor([0, 0, 1]), 0.6).tolist() == [0, 2]
 
 
 def test_detector_maps_boxes_back_to_original_size():
