@@ -19,6 +19,7 @@ from .data.transforms import DetectionTransform, pad_batch
 from .engine.checkpoint import load_model_weights
 from .engine.evaluate import autocast, evaluate
 from .engine.logger import setup_logging
+from .engine.stop import TrainingInterrupted
 from .engine.train import setup_runtime, train
 
 __all__ = ["main", "build_parser"]
@@ -201,7 +202,8 @@ def _convert_detector(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs ``dyhead``; returns the exit status (2 for configuration and data errors, reported in one line)."""
+    """Runs ``dyhead``; returns the exit status (2 for configuration and data errors, reported in one line;
+    128 + the signal's number for a training stopped by SIGINT/SIGTERM, after its checkpoint)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:
         # The benchmarks own their options; a package that detectors do not otherwise depend on.
@@ -219,7 +221,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "train":
-            train(cfg, args.output_dir, resume=args.resume)
+            try:
+                train(cfg, args.output_dir, resume=args.resume)
+            except TrainingInterrupted as stop:
+                sys.stderr.write(f"dyhead train: {stop}\n")
+                return 128 + stop.signum  # the shell's code for a process ended by that signal
             return 0
         setup_logging(args.output_dir if args.command == "eval" else None, main_process=True)
         if args.command == "eval":

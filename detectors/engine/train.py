@@ -33,6 +33,7 @@ from .distributed import (
 )
 from .evaluate import BadImageLog, autocast, evaluate
 from .logger import MetricsWriter, setup_logging
+from .stop import StopSignals, TrainingInterrupted
 
 __all__ = ["setup_runtime", "build_optimizer", "lr_factor", "train"]
 
@@ -132,6 +133,17 @@ def _checkpoint_state(
     }
 
 
+def _save(output_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, done: int, cfg: Config,
+          meta: dict) -> Path:
+    """Writes the checkpoint of iteration ``done`` from the main process (every process takes part); its path."""
+    state = _checkpoint_state(_unwrap(model), optimizer, scheduler, done, cfg, meta)
+    name = "model_final.pth" if done == cfg.solver.max_iter else f"model_{done:07d}.pth"
+    if is_main_process():
+        save_checkpoint(output_dir, name, state)
+    barrier()
+    return output_dir / name
+
+
 def _resume(output_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg: Config) -> int:
     """Restores the last checkpoint of ``output_dir`` in place; returns its iteration (0 when there is none)."""
     checkpoint = last_checkpoint(output_dir)
@@ -155,10 +167,14 @@ def train(cfg: Config, output_dir: Path, resume: bool = False) -> dict:
     Writes to ``output_dir``: ``config.yaml``, ``log.txt``, ``metrics.jsonl`` (losses and lr every
     ``log_period`` iterations, evaluations), ``model_XXXXXXX.pth`` every ``checkpoint_period`` iterations and
     ``model_final.pth``, ``metrics.json`` and ``coco_instances_results.json``. With ``resume`` it continues
-    from ``last_checkpoint`` with the same results as an uninterrupted run.
+    from ``last_checkpoint`` with the same results as an uninterrupted run. A first SIGINT or SIGTERM (on any
+    process) stops it after the current iteration with a checkpoint (`stop.StopSignals`).
 
     Returns:
         The final metrics on the main process (``{"bbox": {...}}``), an empty dict on the others.
+
+    Raises:
+        TrainingInterrupted: stopped on a signal; no final evaluation.
     """
     output_dir = Path(output_dir)
     device = setup_runtime(cfg)
@@ -200,56 +216,61 @@ def train(cfg: Config, output_dir: Path, resume: bool = False) -> dict:
     running: dict[str, torch.Tensor] = {}
     window_start, window_iters = time.perf_counter(), 0
     batches = iter(loader)
-    for iteration in range(start_iter, solver.max_iter):
-        batch = next(batches)
-        bad_images.update(batch["skipped"])
-        if batch["images"] is None:
-            raise DatasetError(f"every image of the batch at iteration {iteration} failed to load")
-        with autocast(device, solver.amp):
-            losses = model(batch["images"].to(device), batch["image_sizes"], _to_device(batch["targets"], device))
-        loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at iteration {iteration}: {losses}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if solver.clip_grad_norm > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), solver.clip_grad_norm)
-        optimizer.step()
-        scheduler.step()
+    with StopSignals() as stop:
+        for iteration in range(start_iter, solver.max_iter):
+            batch = next(batches)
+            bad_images.update(batch["skipped"])
+            if batch["images"] is None:
+                raise DatasetError(f"every image of the batch at iteration {iteration} failed to load")
+            with autocast(device, solver.amp):
+                losses = model(batch["images"].to(device), batch["image_sizes"], _to_device(batch["targets"], device))
+            loss = sum(losses.values())
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at iteration {iteration}: {losses}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if solver.clip_grad_norm > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), solver.clip_grad_norm)
+            optimizer.step()
+            scheduler.step()
 
-        for name, value in losses.items():
-            running[name] = running.get(name, 0.0) + value.detach()  # no host sync until the next log line
-        window_iters += 1
-        done = iteration + 1
-        progress.update(1)
-        if done % solver.log_period == 0 or done == solver.max_iter:
-            stats = torch.stack([running[k] / window_iters for k in sorted(running)])
-            stats = (sum_across_processes(stats) / get_world_size()).tolist()
-            record = dict(zip(sorted(running), stats))
-            record["loss"] = sum(stats)
-            seconds = (time.perf_counter() - window_start) / window_iters
-            record.update(iter=done, lr=optimizer.param_groups[0]["lr"], time=seconds)
-            progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2g}")
-            if main:
-                metrics_log.write(record)
-                eta = seconds * (solver.max_iter - done)
-                logger.info(
-                    "iter %d/%d  loss %.4f (%s)  lr %.3g  %.3fs/it  eta %s",
-                    done, solver.max_iter, record["loss"],
-                    ", ".join(f"{k} {record[k]:.3f}" for k in sorted(running)),
-                    record["lr"], seconds, time.strftime("%H:%M:%S", time.gmtime(eta)),
-                )
-            running, window_start, window_iters = {}, time.perf_counter(), 0
-        if done % solver.checkpoint_period == 0 or done == solver.max_iter:
-            state = _checkpoint_state(_unwrap(model), optimizer, scheduler, done, cfg, meta)
-            if main:
-                name = "model_final.pth" if done == solver.max_iter else f"model_{done:07d}.pth"
-                save_checkpoint(output_dir, name, state)
-            barrier()
-        if solver.eval_period > 0 and done % solver.eval_period == 0 and done < solver.max_iter:
-            metrics = evaluate(_unwrap(model), test_set, cfg, device, None)
-            if main:
-                metrics_log.write({"iter": done, **metrics})
+            for name, value in losses.items():
+                running[name] = running.get(name, 0.0) + value.detach()  # no host sync until the next log line
+            window_iters += 1
+            done = iteration + 1
+            progress.update(1)
+            if done % solver.log_period == 0 or done == solver.max_iter:
+                stats = torch.stack([running[k] / window_iters for k in sorted(running)])
+                stats = (sum_across_processes(stats) / get_world_size()).tolist()
+                record = dict(zip(sorted(running), stats))
+                record["loss"] = sum(stats)
+                seconds = (time.perf_counter() - window_start) / window_iters
+                record.update(iter=done, lr=optimizer.param_groups[0]["lr"], time=seconds)
+                progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2g}")
+                if main:
+                    metrics_log.write(record)
+                    eta = seconds * (solver.max_iter - done)
+                    logger.info(
+                        "iter %d/%d  loss %.4f (%s)  lr %.3g  %.3fs/it  eta %s",
+                        done, solver.max_iter, record["loss"],
+                        ", ".join(f"{k} {record[k]:.3f}" for k in sorted(running)),
+                        record["lr"], seconds, time.strftime("%H:%M:%S", time.gmtime(eta)),
+                    )
+                running, window_start, window_iters = {}, time.perf_counter(), 0
+            saved = None
+            if done % solver.checkpoint_period == 0 or done == solver.max_iter:
+                saved = _save(output_dir, model, optimizer, scheduler, done, cfg, meta)
+            if solver.eval_period > 0 and done % solver.eval_period == 0 and done < solver.max_iter:
+                metrics = evaluate(_unwrap(model), test_set, cfg, device, None)
+                if main:
+                    metrics_log.write({"iter": done, **metrics})
+            signum = stop.requested(device)
+            if signum is not None:
+                saved = saved or _save(output_dir, model, optimizer, scheduler, done, cfg, meta)
+                progress.close()
+                logger.warning("stopped after iteration %d/%d; %s holds it: continue with --resume", done,
+                               solver.max_iter, saved)
+                raise TrainingInterrupted(done, signum, saved)
     progress.close()
     metrics = evaluate(_unwrap(model), test_set, cfg, device, output_dir)
     if main:

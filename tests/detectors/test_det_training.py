@@ -1,18 +1,24 @@
-"""End-to-end training on a tiny shapes set: a short run, bit-identical resume and 2-process DDP (gloo)."""
+"""End-to-end training on a tiny shapes set: a short run, bit-identical resume, 2-process DDP (gloo), and stopping
+on a signal with a checkpoint."""
 
 import json
 import os
-from collections import Counter
+import signal
 import subprocess
 import sys
+import textwrap
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 
 from detectors.config import load_config
+import detectors.engine.train as engine
 from detectors.engine.checkpoint import load_checkpoint
+from detectors.engine.stop import StopSignals, TrainingInterrupted
 from detectors.engine.train import train
+from signal_hooks import signalling_builder
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "shapes_tiny.yaml"
@@ -138,3 +144,65 @@ def test_cli_reports_config_errors(tmp_path, capsys):
     code = main(["train", "--config", str(CONFIG), "--output-dir", str(tmp_path), "--set", "solver.lr=1"])
     assert code == 2
     assert "unknown config key 'solver.lr'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sigterm_stops_after_the_iteration_with_a_checkpoint_and_resume_is_bit_identical(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    train(load_config(CONFIG, _tiny_overrides(data, 6)), tmp_path / "straight")
+    before = signal.getsignal(signal.SIGTERM)
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "build_detector", signalling_builder(3))
+        with pytest.raises(TrainingInterrupted) as stopped:
+            train(load_config(CONFIG, _tiny_overrides(data, 6)), tmp_path / "resumed")
+    assert (stopped.value.iteration, stopped.value.signum) == (3, signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
+    out = tmp_path / "resumed"
+    assert stopped.value.checkpoint == out / "model_0000003.pth"
+    assert (out / "last_checkpoint").read_text() == "model_0000003.pth"
+    assert load_checkpoint(out / "model_0000003.pth")["iteration"] == 3
+    assert not (out / "metrics.json").exists()  # no final evaluation
+
+    train(load_config(CONFIG, _tiny_overrides(data, 6)), out, resume=True)
+    a = load_checkpoint(tmp_path / "straight" / "model_final.pth")["model"]
+    b = load_checkpoint(out / "model_final.pth")["model"]
+    for name, tensor in a.items():
+        assert torch.equal(tensor, b[name]), name
+
+
+def test_a_second_signal_acts_at_once():
+    with StopSignals() as stop:
+        assert stop.requested(torch.device("cpu")) is None
+        signal.raise_signal(signal.SIGINT)
+        assert stop.requested(torch.device("cpu")) == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_ddp_process_stops_both_at_the_same_iteration(tmp_path):
+    """Only rank 0 gets SIGTERM (during iteration 2): both processes must agree to stop after it, write one
+    checkpoint together and exit, rather than hang in a collective the other never joins."""
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import detectors.engine.train as engine
+        from detectors.cli import main
+        from signal_hooks import signalling_builder
+
+        engine.build_detector = signalling_builder(2, rank=0)
+        sys.exit(main(sys.argv[1:]))
+    """))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(launcher),
+           "train", "--config", str(CONFIG), "--output-dir", str(tmp_path / "out")]
+    for item in _tiny_overrides(tmp_path / "data", 5):
+        cmd += ["--set", item]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("stopped by SIGTERM after iteration 2") == 2, proc.stderr[-3000:]
+    state = load_checkpoint(tmp_path / "out" / "model_0000002.pth")
+    assert state["iteration"] == 2 and len(state["rng"]) == 2
+    assert (tmp_path / "out" / "last_checkpoint").read_text() == "model_0000002.pth"
