@@ -5,7 +5,7 @@ and a DyHead block on the triton backend (grouped convs and the fused level pass
 kernel launch they make is turned into a compile for the target instead, through Triton's own binder, so every
 specialization and every autotune config the pruners keep is compiled as a GPU run would compile it. Nothing
 runs: the outputs are garbage and the run proves only that the kernels build, and what they cost in registers,
-stack (spills) and shared memory.
+stack (spills), shared memory and the width of their global loads and stores (in the JSON).
 
     python -m benchmarks.compile_check                              # sm_90, every dtype, COCO shapes
     python -m benchmarks.compile_check --dtypes bfloat16 --shapes small --first-config --json out.json
@@ -58,6 +58,7 @@ class Compiled:
     stack_bytes: int | None = None
     shared_bytes: int | None = None
     compile_s: float = 0.0
+    global_ops: dict = field(default_factory=dict)
     error: str | None = None
 
 
@@ -130,6 +131,21 @@ def defined_kernels() -> set[str]:
     return names
 
 
+# A global memory instruction of the PTX, with the byte count of a cp.async (its third operand, often in hex).
+_GLOBAL_OP = re.compile(r"^\s*(?:@!?%p\d+\s+)?((?:ld|st|atom|red)\.global[\w.]*|cp\.async\.c[ag]\.shared\.global[\w.]*)"
+                        r"(?:\s+\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+))?", re.M)
+
+
+def global_ops(ptx: str) -> dict[str, int]:
+    """Counts of the PTX's global memory instructions by opcode (with width), a cp.async keyed ``op/bytes``:
+    how wide the kernel's loads and stores came out, e.g. ``{"cp.async.cg.shared.global/16": 24}``."""
+    counts: dict[str, int] = {}
+    for op, size in _GLOBAL_OP.findall(ptx):
+        key = f"{op}/{int(size, 0)}" if size else op
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def _constexprs(jit_fn, kwargs: dict) -> dict:
     names = {p.name for p in jit_fn.params if p.is_constexpr}
     return {k: (v if isinstance(v, (int, float, bool, str)) else str(v)) for k, v in kwargs.items() if k in names}
@@ -163,6 +179,7 @@ def intercept_launches(session: Session) -> Iterator[None]:
             kernel = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
             record.registers, record.stack_bytes = _resources(kernel.asm["cubin"])
             record.shared_bytes = kernel.metadata.shared
+            record.global_ops = global_ops(kernel.asm["ptx"])
         except Exception as error:  # every failure is reported; the wrapper goes on with the next launch
             record.error = f"{type(error).__name__}: {error}"[:2000]
         record.compile_s = time.perf_counter() - start

@@ -36,7 +36,8 @@ class TrainingInterrupted(Exception):
 class StopSignals:
     """Context manager: within it, the first SIGINT/SIGTERM is recorded instead of acted on.
 
-    Handlers are installed only in the main thread (Python delivers signals there) and restored on exit.
+    Handlers are installed only in the main thread (Python delivers signals there), not for a signal the process
+    ignores, and restored on exit.
     ``requested(device)`` tells whether to stop; in a distributed run it is a collective, so every process
     must call it at the same point and all of them get the same answer.
     """
@@ -47,7 +48,10 @@ class StopSignals:
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
-            self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
+            # An ignored signal stays ignored: a job started in the background or under a launcher that ignores
+            # SIGINT must not start obeying it.
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS
+                              if signal.getsignal(signum) is not signal.SIG_IGN}
         return self
 
     def __exit__(self, *exc) -> None:

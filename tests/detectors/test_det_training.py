@@ -170,14 +170,29 @@ def test_sigterm_stops_after_the_iteration_with_a_checkpoint_and_resume_is_bit_i
         assert torch.equal(tensor, b[name]), name
 
 
-def test_a_second_signal_acts_at_once():
+@pytest.fixture
+def signal_handlers():
+    """Python's default SIGINT handler and SIGTERM ignored for the test, whatever the runner set; restored after."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    yield
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
+def test_a_second_signal_acts_at_once_and_an_ignored_one_stays_ignored(signal_handlers):
+    cpu = torch.device("cpu")
     with StopSignals() as stop:
-        assert stop.requested(torch.device("cpu")) is None
+        assert stop.requested(cpu) is None
+        signal.raise_signal(signal.SIGTERM)  # ignored before, so ignored now
+        assert stop.requested(cpu) is None
         signal.raise_signal(signal.SIGINT)
-        assert stop.requested(torch.device("cpu")) == signal.SIGINT
+        assert stop.requested(cpu) == signal.SIGINT
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
 
 
 @pytest.mark.slow

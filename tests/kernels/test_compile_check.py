@@ -85,3 +85,25 @@ def test_a_kernel_that_cannot_build_is_reported_and_the_run_goes_on(tmp_path):
     assert (block12, block16) == (12, 16)
     assert error12 and "power of 2" in error12
     assert error16 is None and registers16 > 0
+
+
+def test_the_conv_kernels_keep_their_wide_memory_accesses(sm90):
+    """The DCN kernels' speed rests on vectorized global memory access (kernels/PERF_NOTES.md): the bilinear corner
+    gathers as 16-byte cp.async into shared memory, grad input as 4-wide fp32 atomics, the one-level y as 16-byte
+    stores. A change that loses an alignment proof makes Triton fall back to 2-byte accesses, still correct and
+    several times slower (once: 224 ld.global.b16 per thread in the forward, under triton 3.6); only the PTX
+    shows it."""
+    def ops(kernel, **constexprs):
+        (record,) = [r for r in sm90["records"] if r["kernel"] == kernel and r["dtype"] == "bfloat16"
+                     and all(r["constexprs"][k] == v for k, v in constexprs.items())]
+        return record["global_ops"]
+
+    for grouped in (False, True):
+        forward = ops("_fwd_kernel", GROUPED=grouped)
+        backward = ops("_bwd_kernel", GROUPED=grouped, DETERMINISTIC=False)
+        for kernel in (forward, backward):
+            assert kernel.get("cp.async.cg.shared.global/16", 0) >= 16, kernel
+            # The per-pixel offset and mask values of a tap are the only 2-byte loads.
+            assert kernel.get("ld.global.b16", 0) <= 32, kernel
+        assert backward.get("atom.global.gpu.relaxed.add.v4.f32", 0) >= 16, backward
+    assert ops("_fwd_kernel", GROUPED=False).get("st.global.v4.b32", 0) >= 16
