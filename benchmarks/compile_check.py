@@ -33,6 +33,8 @@ from typing import Iterator
 
 import torch
 
+from .run import name_list
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 # (channels, batch, level sizes finest first): the COCO pyramid of the benchmarks, or a few pixels per level.
 # Triton specializes integer arguments on divisibility by 16, so the COCO sizes compile what a COCO run compiles.
@@ -255,7 +257,8 @@ def table(session: Session) -> str:
     rows = ["| kernel | dtype | constexprs | warps | stages | registers | stack B | shared KiB | compile s |",
             "|---|---|---|---|---|---|---|---|---|"]
     for r in session.records:
-        consts = ", ".join(f"{k}={v}" for k, v in r.constexprs.items() if k not in ("ACC",))
+        # ACC, the accumulator dtype, follows from the row's dtype.
+        consts = ", ".join(f"{k}={v}" for k, v in r.constexprs.items() if k != "ACC")
         if r.error:
             rows.append(f"| {r.kernel} | {r.dtype} | {consts} | {r.num_warps} | {r.num_stages} | FAILED: "
                         f"{r.error.splitlines()[0][:120]} | | | |")
@@ -270,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.compile_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100/H200)")
-    p.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated, default all")
+    p.add_argument("--dtypes", type=lambda t: name_list(t, DTYPES), default=list(DTYPES),
+                   help="comma-separated, default all")
     p.add_argument("--shapes", choices=sorted(SHAPES), default="coco",
                    help="coco: the benchmarks' P3-P7 pyramid (default); small: a few pixels per level")
     p.add_argument("--first-config", action="store_true", help="only the first autotune config each pruner keeps")
@@ -278,11 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         p.error("unset TRITON_INTERPRET: the interpreter has nothing to compile")
-    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    unknown = [d for d in dtypes if d not in DTYPES]
-    if unknown:
-        p.error(f"unknown dtypes {unknown}, expected some of {list(DTYPES)}")
-    session = check(args.arch, dtypes, args.shapes, args.first_config)
+    session = check(args.arch, args.dtypes, args.shapes, args.first_config)
     print(table(session))
     failed = [r for r in session.records if r.error]
     uncovered = sorted(defined_kernels() - {r.kernel for r in session.records})

@@ -35,7 +35,8 @@ ERROR_CHARS = 500
 GPU_BUDGET_S = 480.0  # leaves ~2 minutes of a 10-minute slot for start-up, the profiles and the chart
 
 
-def _names(text: str, known) -> list[str]:
+def name_list(text: str, known) -> list[str]:
+    """A comma-separated option as a list of names, each one of ``known`` (else argparse's type error)."""
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -50,9 +51,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--shapes", choices=sorted(SHAPE_SETS),
                    help="coco: batch 2 of 800x1333 at P3-P7, 256 ch (default on cuda); medium: 2x64 ch from 32x48, "
                         "for CPU figures (minutes); small: seconds on a CPU (default on cpu)")
-    p.add_argument("--ops", type=lambda t: _names(t, OPS), default=list(OPS), help="comma-separated, default all")
-    p.add_argument("--impls", type=lambda t: _names(t, IMPLS), default=list(IMPLS), help="comma-separated")
-    p.add_argument("--dtypes", type=lambda t: _names(t, DTYPES), default=list(DTYPES),
+    p.add_argument("--ops", type=lambda t: name_list(t, OPS), default=list(OPS), help="comma-separated, default all")
+    p.add_argument("--impls", type=lambda t: name_list(t, IMPLS), default=list(IMPLS), help="comma-separated")
+    p.add_argument("--dtypes", type=lambda t: name_list(t, DTYPES), default=list(DTYPES),
                    help="comma-separated, run in this order (the first is also the profile's)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="results folder (default benchmarks/results)")
     p.add_argument("--quick", action="store_true", help="a fifth of the timing effort")
