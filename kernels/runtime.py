@@ -9,12 +9,13 @@ machine without a GPU.
 import contextlib
 import functools
 import os
+import re
 from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["INTERPRET", "check_runnable", "compile_only", "sm_count"]
+__all__ = ["INTERPRET", "check_runnable", "compile_only", "interpreter_problem", "sm_count"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -39,17 +40,45 @@ def compile_only(sms: int) -> Iterator[None]:
         _compile_only_sms = previous
 
 
+def _release(version: str) -> tuple[int, int]:
+    major, minor = re.findall(r"\d+", version)[:2]
+    return int(major), int(minor)
+
+
+def interpreter_problem(triton_version: str, numpy_version: str) -> Optional[str]:
+    """Why Triton's interpreter of ``triton_version`` cannot run these kernels with ``numpy_version``, or None.
+
+    Before 3.7 the interpreter turns a loop bound or index held in a one-element array into an int with
+    ``int(array)``, which numpy made an error in 2.4.
+    """
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter cannot run with numpy {numpy_version} (it converts "
+                "one-element arrays to int, an error since numpy 2.4): install 'numpy<2.4' or triton>=3.7")
+    return None
+
+
+@functools.cache
+def _installed_interpreter_problem() -> Optional[str]:
+    import numpy
+    import triton
+
+    return interpreter_problem(triton.__version__, numpy.__version__)
+
+
 def check_runnable(t: Tensor, op: str, reference: str) -> None:
-    """Raise RuntimeError unless the kernels can take ``t``'s device.
+    """Raise RuntimeError unless the kernels can take ``t``'s device (and, on the CPU, the interpreter can run).
 
     Args:
         t: any tensor of the call.
         op: the public name of the op, for the message.
         reference: what to use instead on that device, for the message.
     """
-    if t.device.type == "cuda":
+    if t.device.type == "cuda" or (t.device.type == "cpu" and _compile_only_sms is not None):
         return
-    if t.device.type == "cpu" and (INTERPRET or _compile_only_sms is not None):
+    if t.device.type == "cpu" and INTERPRET:
+        problem = _installed_interpreter_problem()
+        if problem:
+            raise RuntimeError(f"{op}: {problem}")
         return
     raise RuntimeError(
         f"{op} runs Triton kernels on CUDA tensors; got a {t.device.type} tensor. Use {reference} or set "
