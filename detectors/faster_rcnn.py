@@ -108,7 +108,8 @@ class FixedStrideAnchorGenerator(AnchorGenerator):
     def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
         device = feature_maps[0].device
         grid_sizes = [list(level.shape[-2:]) for level in feature_maps]
-        strides = [[torch.tensor(s, device=device)] * 2 for s in self.strides]
+        # Filled on the device, as torchvision does: a tensor from a host value would be a copy per call.
+        strides = [[torch.full((), s, dtype=torch.int64, device=device)] * 2 for s in self.strides]
         self.set_cell_anchors(feature_maps[0].dtype, device)
         anchors = torch.cat(self.grid_anchors(grid_sizes, strides))
         return [anchors for _ in image_list.image_sizes]
