@@ -142,25 +142,29 @@ def deform_conv2d(
     return fn(input, offset, mask, weight, bias, stride, padding, dilation)
 
 
-def deform_conv2d_pyramid(
+def deform_conv2d_sets(
     backend: str,
     inputs: Sequence[Tensor],
-    offsets: Sequence[Tensor],
-    masks: Sequence[Tensor],
-    weight: Tensor,
-    bias: Tensor | None = None,
-    stride: int | tuple[int, int] = 1,
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor | None],
+    levels: Sequence[Sequence[int]],
+    offsets: Sequence[Sequence[Tensor]],
+    masks: Sequence[Sequence[Tensor]],
+    strides: Sequence[int | tuple[int, int]],
     padding: int | tuple[int, int] = 1,
     dilation: int | tuple[int, int] = 1,
-) -> list[Tensor]:
-    """:func:`deform_conv2d` of one weight on each level of a list (levels of any size, one N and Cin): one
-    launch for all levels on triton (``kernels.modulated_deform_conv2d_pyramid``), a loop elsewhere.
-    Returns the L outputs (N, Cout, Hout_l, Wout_l)."""
+) -> list[list[Tensor]]:
+    """:func:`deform_conv2d` of several weight sets, each on some of one list of inputs:
+    ``out[s][j] = deform_conv2d(backend, inputs[levels[s][j]], offsets[s][j], masks[s][j], weights[s], biases[s],
+    strides[s], padding, dilation)``. One launch for all convs on triton (``kernels.modulated_deform_conv2d_sets``),
+    a loop elsewhere. inputs: (N, Cin, H_i, W_i) of one N and Cin; weights: S of one shape (Cout, Cin, kh, kw)."""
     if resolve_backend(backend, inputs[0].device) == "triton":
-        return kernels.modulated_deform_conv2d_pyramid(inputs, offsets, masks, weight, bias, stride, padding,
-                                                       dilation)
-    return [deform_conv2d(backend, x, o, m, weight, bias, stride, padding, dilation)
-            for x, o, m in zip(inputs, offsets, masks)]
+        return kernels.modulated_deform_conv2d_sets(inputs, weights, biases, levels, offsets, masks, strides,
+                                                    padding, dilation)
+    return [[deform_conv2d(backend, inputs[i], o, m, weight, bias, stride, padding, dilation)
+             for i, o, m in zip(indices, set_offsets, set_masks)]
+            for weight, bias, stride, indices, set_offsets, set_masks in zip(weights, biases, strides, levels,
+                                                                              offsets, masks)]
 
 
 class ModulatedDeformConv2d(nn.Module):
@@ -176,7 +180,7 @@ class ModulatedDeformConv2d(nn.Module):
 
     Initialised as the official release: weight U(-1/sqrt(Cin*k*k), +1/sqrt(Cin*k*k)), bias zero.
     forward(x: (N, Cin, H, W), offset: (N, 2*k*k, Hout, Wout), mask: (N, k*k, Hout, Wout), backend) ->
-    (N, Cout, Hout, Wout); ``pyramid`` takes lists of those (levels of any size) and returns the list of outputs.
+    (N, Cout, Hout, Wout).
     """
 
     def __init__(
@@ -199,11 +203,6 @@ class ModulatedDeformConv2d(nn.Module):
 
     def forward(self, x: Tensor, offset: Tensor, mask: Tensor, backend: str = "auto") -> Tensor:
         return deform_conv2d(backend, x, offset, mask, self.weight, self.bias, self.stride, self.padding)
-
-    def pyramid(self, xs: Sequence[Tensor], offsets: Sequence[Tensor], masks: Sequence[Tensor],
-                backend: str = "auto") -> list[Tensor]:
-        """forward on each level of a list, in one launch on triton (see :func:`deform_conv2d_pyramid`)."""
-        return deform_conv2d_pyramid(backend, xs, offsets, masks, self.weight, self.bias, self.stride, self.padding)
 
     def extra_repr(self) -> str:
         cout, cin, k, _ = self.weight.shape

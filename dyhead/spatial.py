@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .deform import ModulatedDeformConv2d, check_backend
+from .deform import ModulatedDeformConv2d, check_backend, deform_conv2d_sets
 
 HIGH_OFFSETS = ("official", "crop")
 
@@ -82,21 +82,26 @@ class SpatialAttention(nn.Module):
     def convolve(self, levels: Sequence[Tensor]) -> list[list[tuple[Tensor, nn.GroupNorm]]]:
         """Every level's branches before their GroupNorm, in forward's order: (deformable conv output, its
         GroupNorm). A coarser branch's output is at x[l+1]'s size; forward normalises it, then upsamples it.
-        Each weight set runs over the pyramid in one call (one launch on triton)."""
+        All the block's deformable convs run in one call (one launch on triton)."""
         # split, not two slices: its backward is one concatenation, where each slice's backward pads with zeros.
         offsets, logits = zip(*(self.offset(x).split([18, 9], dim=1) for x in levels))  # (N, 18 | 9, H_l, W_l)
         offsets, masks = list(offsets), [t.sigmoid() for t in logits]
-        same = self.same.conv.pyramid(levels, offsets, masks, self.backend)
-        finer = coarser = []
-        if len(levels) > 1:
-            finer = self.finer.conv.pyramid(levels[:-1], offsets[1:], masks[1:], self.backend)
+        last = len(levels) - 1
+        sets = [(self.same, range(last + 1), offsets, masks)]
+        if last:
             sizes = [coarse.shape[-2:] for coarse in levels[1:]]
-            coarser = self.coarser.conv.pyramid(
-                levels[1:], [coarser_view(t, *size, self.high_offsets) for t, size in zip(offsets, sizes)],
-                [coarser_view(t, *size, self.high_offsets) for t, size in zip(masks, sizes)], self.backend)
+            sets += [(self.finer, range(last), offsets[1:], masks[1:]),
+                     (self.coarser, range(1, last + 1),
+                      [coarser_view(t, *size, self.high_offsets) for t, size in zip(offsets, sizes)],
+                      [coarser_view(t, *size, self.high_offsets) for t, size in zip(masks, sizes)])]
+        branches, indices, set_offsets, set_masks = zip(*sets)
+        outs = deform_conv2d_sets(self.backend, levels, [b.conv.weight for b in branches],
+                                  [b.conv.bias for b in branches], indices, set_offsets, set_masks,
+                                  [b.conv.stride for b in branches], self.same.conv.padding)
+        same, finer, coarser = outs if last else (outs[0], [], [])
         return [[(same[l], self.same.norm)]
                 + ([(finer[l - 1], self.finer.norm)] if l > 0 else [])
-                + ([(coarser[l], self.coarser.norm)] if l < len(levels) - 1 else [])
+                + ([(coarser[l], self.coarser.norm)] if l < last else [])
                 for l in range(len(levels))]
 
     def forward(self, levels: Sequence[Tensor]) -> list[list[Tensor]]:

@@ -1,6 +1,7 @@
 """Triton kernels for DyHead. Each op has a PyTorch reference twin in ``dyhead``."""
 
-from .deform_conv_op import modulated_deform_conv2d, modulated_deform_conv2d_pyramid
+from .deform_conv_op import modulated_deform_conv2d, modulated_deform_conv2d_pyramid, modulated_deform_conv2d_sets
 from .level_pass import channel_moments, level_combine
 
-__all__ = ["channel_moments", "level_combine", "modulated_deform_conv2d", "modulated_deform_conv2d_pyramid"]
+__all__ = ["channel_moments", "level_combine", "modulated_deform_conv2d", "modulated_deform_conv2d_pyramid",
+           "modulated_deform_conv2d_sets"]

@@ -14,13 +14,15 @@ y and the output gradient are contiguous NCHW, and a pixel tile never spans two 
 contiguous in memory. Reference twin: `torchvision.ops.deform_conv2d` with one offset group.
 `deform_conv_backward` holds the backward.
 
-Grouped launch: one launch serves a list of levels (a feature pyramid) that share the weight, N and Cin but
-differ in H, W. The levels' channels-last inputs are packed into one (sum_l N*H_l*W_l, Cin) buffer and their
-outputs into one flat buffer (level after level, each (N, Cout, H_out, W_out)); level l owns the next
-N * cdiv(H_out*W_out, BLOCK_P) programs, and each program finds its level (`find_level`) and reads the level's
-sizes, buffer starts and offset/mask pointers and strides from an int64 table (`LEVEL_FIELDS`; written per call by
-a kernel, `device_table`, so that CUDA graphs can capture the launch). With one level
-(GROUPED False) the same values come as kernel arguments instead: no table, and the compiler keeps its
+Grouped launch: one launch serves a list of convs over a list of inputs (a feature pyramid) that share N, Cin,
+the kernel size and the weights' shape, but differ in H, W, stride and weight set (DyHead's block: 13 convs of 3
+weight sets over 5 levels). The inputs are packed channels-last into one (sum_i N*H_i*W_i, Cin) buffer, once
+however many convs read them, the weight sets into one [S*kh*kw*Cin, Cout] buffer, and the outputs into one
+flat buffer (conv after conv, each (N, Cout, H_out, W_out)). Conv k owns the next N * cdiv(H_out*W_out,
+BLOCK_P) programs; each program finds its conv (`find_level`: a table row is called a level) and reads its sizes,
+buffer starts, offset/mask pointers and strides, weight set and stride from an int64 table (`LEVEL_FIELDS`;
+written per call by a kernel, `device_table`, so that CUDA graphs can capture the launch). With one conv on one
+input (GROUPED False) the same values come as kernel arguments instead: no table, and the compiler keeps its
 divisibility knowledge of them.
 """
 
@@ -127,12 +129,13 @@ def load_corners(ptr, cmask, ok00, ok01, ok10, ok11, stride_xh, stride_xw, ACC: 
     return v00, v01, v10, v11
 
 
-# A grouped launch's int64 level table: one row per level, these fields in this order (`grouped_input` writes
-# the rows, `level_args` reads them). x_start and o_start: the level's first pixel in the packed input and in
-# the flat output, counted over all images of the earlier levels.
+# A grouped launch's int64 level table: one row per conv, these fields in this order (`grouped_input` writes
+# the rows, `level_args` reads them). x_start and o_start: the first pixel of the conv's input in the packed
+# input and of its output in the flat output, counted over all images; set: its weight set.
 LEVEL_FIELDS = ("H", "W", "Ho", "Wo", "HoWo", "x_start", "o_start",
                 "offset", "stride_on", "stride_oc", "stride_oh", "stride_ow",
-                "mask", "stride_mn", "stride_mc", "stride_mh", "stride_mw")
+                "mask", "stride_mn", "stride_mc", "stride_mh", "stride_mw",
+                "set", "conv_stride_h", "conv_stride_w")
 _FIELDS = tl.constexpr(len(LEVEL_FIELDS))
 _HOWO = tl.constexpr(LEVEL_FIELDS.index("HoWo"))
 
@@ -154,8 +157,8 @@ def find_level(pid, table_ptr, LEVELS, FIELDS: tl.constexpr, COUNT: tl.constexpr
 
 @triton.jit
 def level_args(table_ptr, level, off_ptr, msk_ptr):
-    """The level's row of the table (`LEVEL_FIELDS`): sizes as int32, pixel starts and strides as int64, and
-    its offset and mask pointers, typed like off_ptr and msk_ptr."""
+    """The level's row of the table (`LEVEL_FIELDS`): sizes, weight set and conv stride as int32, pixel starts
+    and strides as int64, and its offset and mask pointers, typed like off_ptr and msk_ptr."""
     row = table_ptr + level * _FIELDS
     H = tl.load(row).to(tl.int32)
     W = tl.load(row + 1).to(tl.int32)
@@ -168,7 +171,8 @@ def level_args(table_ptr, level, off_ptr, msk_ptr):
     msk = tl.load(row + 12).to(tl.pointer_type(msk_ptr.dtype.element_ty))
     return (H, W, Ho, Wo, HoWo, x_start, o_start,
             off, tl.load(row + 8), tl.load(row + 9), tl.load(row + 10), tl.load(row + 11),
-            msk, tl.load(row + 13), tl.load(row + 14), tl.load(row + 15), tl.load(row + 16))
+            msk, tl.load(row + 13), tl.load(row + 14), tl.load(row + 15), tl.load(row + 16),
+            tl.load(row + 17).to(tl.int32), tl.load(row + 18).to(tl.int32), tl.load(row + 19).to(tl.int32))
 
 
 # (meta, num_warps, num_stages). BLOCK_N = 256 covers DyHead's 256 output channels, so every sampled tile is
@@ -219,13 +223,14 @@ def _fwd_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, b_ptr, y_ptr, table_ptr,
                 GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, Y_INT64: tl.constexpr, FP64: tl.constexpr,
                 DOT: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr):
-    """y[n, co, hw] = sum_{tap, c} sample(x, n, hw, tap)[c] * w[tap * C + c, co] (+ bias[co]), per level.
+    """y[n, co, hw] = sum_{tap, c} sample(x, n, hw, tap)[c] * w[tap * C + c, co] (+ bias[co]), per conv.
 
-    Grid: (sum over levels of N * cdiv(Ho*Wo, BLOCK_P), cdiv(Cout, BLOCK_N)). x: the packed NHWC input
-    (sum_l N*H_l*W_l, C); w: the packed [KK*C, Cout] weight (contiguous); y: the flat output, level after level
-    (N, Cout, Ho, Wo) contiguous. GROUPED: the level sizes, starts, offset/mask pointers and strides come from
-    the LEVELS rows of table_ptr (`level_args`) instead of the arguments H ... stride_mw (one level). Y_INT64:
-    an image's Cout*Ho*Wo outputs may pass 2**31.
+    Grid: (sum over convs of N * cdiv(Ho*Wo, BLOCK_P), cdiv(Cout, BLOCK_N)). x: the packed NHWC input
+    (sum_i N*H_i*W_i, C); w: the packed weight sets [S*KK*C, Cout] (contiguous); b: the biases (S, Cout); y: the
+    flat output, conv after conv (N, Cout, Ho, Wo) contiguous. GROUPED: each conv's sizes, starts, offset/mask
+    pointers and strides, weight set and conv stride come from the LEVELS rows of table_ptr (`level_args`)
+    instead of the arguments H ... conv_stride_w (one conv, set 0). Y_INT64: an image's Cout*Ho*Wo outputs
+    may pass 2**31.
     """
     pid = tl.program_id(0)
     x_start = 0
@@ -234,7 +239,10 @@ def _fwd_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, b_ptr, y_ptr, table_ptr,
         level, pid = find_level(pid, table_ptr, LEVELS, _FIELDS, _HOWO, N, BLOCK_P)
         (H, W, Ho, Wo, HoWo, x_start, o_start,
          off_ptr, stride_on, stride_oc, stride_oh, stride_ow,
-         msk_ptr, stride_mn, stride_mc, stride_mh, stride_mw) = level_args(table_ptr, level, off_ptr, msk_ptr)
+         msk_ptr, stride_mn, stride_mc, stride_mh, stride_mw,
+         wset, conv_stride_h, conv_stride_w) = level_args(table_ptr, level, off_ptr, msk_ptr)
+        w_ptr += wset.to(tl.int64) * KK * C * Cout
+        b_ptr += wset * Cout
     tiles = tl.cdiv(HoWo, BLOCK_P)
     n = (pid // tiles).to(tl.int64)
     hw = (pid % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -381,18 +389,32 @@ def channels_last(x):
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def pack_weight(weight):
-    """(Cout, Cin, kh, kw) -> (kh*kw*Cin, Cout): row tap * Cin + c holds the tap's weights of channel c."""
-    cout, cin, kh, kw = weight.shape
-    return weight.permute(2, 3, 1, 0).reshape(kh * kw * cin, cout).contiguous()
+def pack_weights(weights):
+    """S weights (Cout, Cin, kh, kw) -> one (S*kh*kw*Cin, Cout) buffer (one copy): row (s*kh*kw + tap)*Cin + c
+    holds set s's weights of channel c at the tap."""
+    cout, cin, kh, kw = weights[0].shape
+    return torch.cat([w.permute(2, 3, 1, 0).reshape(kh * kw * cin, cout) for w in weights])
+
+
+def stack_biases(biases, bias_sets, num_sets):
+    """The (S, Cout) biases of a launch from the biases of the sets bias_sets (zeros for the others), or None
+    when no set has one."""
+    if not biases:
+        return None
+    if list(bias_sets) == list(range(num_sets)):
+        return torch.stack(biases)
+    zeros = biases[0].new_zeros(biases[0].shape)
+    return torch.stack([biases[bias_sets.index(s)] if s in bias_sets else zeros for s in range(num_sets)])
 
 
 @dataclass
 class Levels:
-    """Sizes of a launch over levels that share N, Cin and the weight.
+    """Sizes of a launch: convs over a list of inputs that share N, Cin and the weights' shape.
 
-    sizes: (H, W, H_out, W_out) per level; x_starts / o_starts: each level's first pixel in the packed input /
-    the flat output, counted over all images of the earlier levels; x_pixels / o_pixels: the totals.
+    Per conv (a row of the level table), in set order: sizes (H, W, H_out, W_out), strides (sh, sw), sets (its
+    weight set), x_starts / o_starts (the first pixel of its input in the packed input / of its output in the
+    flat output, counted over all images). Per input: input_sizes (H, W) and input_starts (first pixel in the
+    packed input). x_pixels / o_pixels: the totals; set_convs: each set's (first, end) conv indices.
     """
     n: int
     c: int
@@ -400,87 +422,103 @@ class Levels:
     kh: int
     kw: int
     sizes: list
+    strides: list
+    sets: list
     x_starts: list
     o_starts: list
+    input_sizes: list
+    input_starts: list
     x_pixels: int
     o_pixels: int
+    set_convs: list
+
+    @property
+    def grouped(self):
+        """Whether the launch needs the level table: anything but one conv on one input."""
+        return len(self.sizes) > 1 or len(self.input_sizes) > 1
 
 
-def levels_of(xs, weight, stride, padding, dilation):
-    """The `Levels` of inputs xs, each (N, Cin, H_l, W_l), under weight (Cout, Cin, kh, kw)."""
-    cout, _, kh, kw = weight.shape
-    sizes, x_starts, o_starts, x_pixels, o_pixels = [], [], [], 0, 0
-    for x in xs:
-        n, c, h, w = x.shape
-        ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-        wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+def plan_convs(inputs, weight_shape, conv_inputs, set_sizes, strides, padding, dilation):
+    """The `Levels` of convs over inputs (each (N, Cin, H_i, W_i)): conv k reads inputs[conv_inputs[k]]; the
+    first set_sizes[0] convs use weight set 0 and strides[0], the next set_sizes[1] set 1, and so on."""
+    cout, _, kh, kw = weight_shape
+    n, c = inputs[0].shape[:2]
+    input_sizes, input_starts, x_pixels = [], [], 0
+    for x in inputs:
+        input_sizes.append(tuple(x.shape[-2:]))
+        input_starts.append(x_pixels)
+        x_pixels += n * x.shape[-2] * x.shape[-1]
+    sets = [s for s, size in enumerate(set_sizes) for _ in range(size)]
+    sizes, conv_strides, o_starts, o_pixels = [], [], [], 0
+    for i, s in zip(conv_inputs, sets):
+        h, w = input_sizes[i]
+        ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // strides[s][0] + 1
+        wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // strides[s][1] + 1
         sizes.append((h, w, ho, wo))
-        x_starts.append(x_pixels)
+        conv_strides.append(tuple(strides[s]))
         o_starts.append(o_pixels)
-        x_pixels += n * h * w
         o_pixels += n * ho * wo
-    return Levels(n, c, cout, kh, kw, sizes, x_starts, o_starts, x_pixels, o_pixels)
+    bounds = [sum(set_sizes[:s]) for s in range(len(set_sizes) + 1)]
+    return Levels(n, c, cout, kh, kw, sizes, conv_strides, sets, [input_starts[i] for i in conv_inputs], o_starts,
+                  input_sizes, input_starts, x_pixels, o_pixels, list(zip(bounds[:-1], bounds[1:])))
 
 
-def level_arguments(levels, offset, mask):
-    """The kernels' per-level arguments H ... stride_mw: a one-level launch's values; placeholders when the
-    kernels read them from the level table (GROUPED)."""
-    if len(levels.sizes) > 1:
-        return (0,) * 13
+def level_arguments(levels, offset, mask, padding, dilation):
+    """The kernels' per-conv arguments H ... conv_stride_w, then padding and dilation: a one-conv launch's
+    values; placeholders for what the kernels read from the level table (GROUPED)."""
+    if levels.grouped:
+        return (0,) * 15 + (*padding, *dilation)
     h, w, ho, wo = levels.sizes[0]
-    return (h, w, ho, wo, ho * wo, *offset.stride(), *mask.stride())
+    return (h, w, ho, wo, ho * wo, *offset.stride(), *mask.stride(), *levels.strides[0], *padding, *dilation)
 
 
 def grouped_input(xs, offsets, masks, levels, extra_rows=()):
-    """The inputs of a grouped launch: the levels' inputs packed channels-last into one (x_pixels, Cin) buffer
-    (one grouped transpose), the level table (rows of `LEVEL_FIELDS`) and, written by the same `device_tables`
-    launch, the tables of extra_rows (lists of `transpose_row`s). Returns (packed, table, *extra tables)."""
+    """The inputs of a grouped launch: the inputs packed channels-last into one (x_pixels, Cin) buffer (one
+    grouped transpose), the level table (rows of `LEVEL_FIELDS`, one per conv) and, written by the same
+    `device_tables` launch, the tables of extra_rows (lists of `transpose_row`s). Returns (packed, table, *extra
+    tables)."""
     x0 = xs[0]
     packed = x0.new_empty((levels.x_pixels, levels.c))
     # Each (N, C, H, W) input read as (N, C, H*W): a view for NCHW and channels-last memory alike.
     flat = [x.flatten(2) for x in xs]
     pack_rows = [transpose_row(levels.c, h * w, v.data_ptr(), v.stride(),
                                packed.data_ptr() + start * levels.c * packed.element_size())
-                 for v, (h, w, _, _), start in zip(flat, levels.sizes, levels.x_starts)]
+                 for v, (h, w), start in zip(flat, levels.input_sizes, levels.input_starts)]
     table_rows = []
-    for (h, w, ho, wo), x_start, o_start, offset, mask in zip(levels.sizes, levels.x_starts, levels.o_starts,
-                                                              offsets, masks):
+    for (h, w, ho, wo), x_start, o_start, offset, mask, wset, stride in zip(
+            levels.sizes, levels.x_starts, levels.o_starts, offsets, masks, levels.sets, levels.strides):
         table_rows += [h, w, ho, wo, ho * wo, x_start, o_start,
-                       offset.data_ptr(), *offset.stride(), mask.data_ptr(), *mask.stride()]
+                       offset.data_ptr(), *offset.stride(), mask.data_ptr(), *mask.stride(), wset, *stride]
     table, pack_table, *extra = device_tables(x0.device, table_rows, sum(pack_rows, []),
                                               *(sum(rows, []) for rows in extra_rows))
     transpose_levels(x0, packed, pack_table, pack_rows, levels.n)
     return (packed, table, *extra)
 
 
-def conv_args(stride, padding, dilation):
-    return (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
+def deform_conv_forward(xs, offsets, masks, weights, biases, bias_sets, levels, padding, dilation):
+    """Forward launch of the convs `levels` plans (`plan_convs`) over the inputs xs (one launch for all; one
+    conv on one input is the plain op). offsets, masks: per conv, shapes as `kernels.modulated_deform_conv2d`;
+    weights: per set (Cout, Cin, kh, kw); biases: (Cout,) each, of the sets bias_sets (the others have none);
+    all sharing N, Cin, dtype and device; padding/dilation are pairs.
 
-
-def deform_conv_forward(xs, offsets, masks, weight, bias, stride, padding, dilation):
-    """Forward launch over a list of levels (one launch for all; one level is the plain op). xs, offsets, masks:
-    per level, shapes as `kernels.modulated_deform_conv2d`, sharing N, Cin, dtype and device; stride/padding/
-    dilation are pairs.
-
-    Returns y: flat (sum_l N*Cout*H_out_l*W_out_l,), level after level each (N, Cout, H_out, W_out)
+    Returns y: flat (sum over convs of N*Cout*H_out*W_out,), conv after conv each (N, Cout, H_out, W_out)
     contiguous, in the inputs' dtype.
     """
-    levels = levels_of(xs, weight, stride, padding, dilation)
     n, c, cout = levels.n, levels.c, levels.cout
     y = xs[0].new_empty((levels.o_pixels * cout,))
     if levels.o_pixels == 0 or cout == 0:
         return y
+    bias = stack_biases(biases, bias_sets, len(weights))
     if c == 0:
-        for (_, _, ho, wo), start in zip(levels.sizes, levels.o_starts):
+        for (_, _, ho, wo), start, wset in zip(levels.sizes, levels.o_starts, levels.sets):
             level = y[start * cout:(start + n * ho * wo) * cout].view(n, cout, ho * wo)
             if bias is not None:
-                level.copy_(bias[None, :, None].expand_as(level))
+                level.copy_(bias[wset, :, None].expand_as(level))
             else:
                 level.zero_()
         return y
-    wp = pack_weight(weight)
-    grouped = len(xs) > 1
-    if grouped:
+    wp = pack_weights(weights)
+    if levels.grouped:
         xl, table = grouped_input(xs, offsets, masks, levels)
     else:
         xl = channels_last(xs[0])
@@ -489,8 +527,8 @@ def deform_conv_forward(xs, offsets, masks, weight, bias, stride, padding, dilat
                          triton.cdiv(cout, meta["BLOCK_N"]))
     _fwd_kernel[grid](
         xl, offsets[0], masks[0], wp, bias if bias is not None else wp, y, table,
-        n, c, cout, levels.kh * levels.kw, levels.kw, triton.next_power_of_2(levels.o_pixels), len(xs),
-        *level_arguments(levels, offsets[0], masks[0]), *conv_args(stride, padding, dilation),
-        GROUPED=grouped, HAS_BIAS=bias is not None,
+        n, c, cout, levels.kh * levels.kw, levels.kw, triton.next_power_of_2(levels.o_pixels), len(levels.sizes),
+        *level_arguments(levels, offsets[0], masks[0], padding, dilation),
+        GROUPED=levels.grouped, HAS_BIAS=bias is not None,
         Y_INT64=cout * max(ho * wo for _, _, ho, wo in levels.sizes) >= 2**31, **launch_flags(xs[0]))
     return y

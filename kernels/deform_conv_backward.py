@@ -21,10 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .deform_conv import (_FIELDS, _HOWO, acc_dtype, autotune_configs, channels_last, conv_args,
-                          find_level, grouped_input, launch_flags, level_args, level_arguments, levels_of,
-                          load_corners, mma, pack_weight, tap_sample, transpose_last, transpose_levels,
-                          transpose_row)
+from .deform_conv import (_FIELDS, _HOWO, acc_dtype, autotune_configs, channels_last, find_level,
+                          grouped_input, launch_flags, level_args, level_arguments, load_corners, mma, pack_weights,
+                          tap_sample, transpose_last, transpose_levels, transpose_row)
 from .runtime import INTERPRET, sm_count
 
 # Only BLOCK_P is tuned: the wrapper fixes BLOCK_K and BLOCK_N (`_bwd_blocks`), because the partial buffers
@@ -84,12 +83,14 @@ def _bwd_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, gy_ptr,
                 ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """All gradients but the bias's, for one (tap, channel chunk, output chunk, pixel run).
 
-    Grid: (KK * cdiv(C, BLOCK_K), cdiv(Cout, BLOCK_N), sum over levels of N * cdiv(Ho*Wo, PIX)). x, w, table
+    Grid: (KK * cdiv(C, BLOCK_K), cdiv(Cout, BLOCK_N), sum over convs of N * cdiv(Ho*Wo, PIX)). x, w, table
     and GROUPED as in `_fwd_kernel`; gy: the output gradient, laid out as y, or when GROUPED channels-last
-    (O_PIXELS, Cout); X_PIXELS / O_PIXELS: input / output pixels of all levels and images. Outputs (fp32; R = 1 with atomics, else one row per partial):
-    gs [R, 3*KK*O_PIXELS]: the offset gradients of every level, each (N, 2*KK, Ho, Wo) ((dy, dx) per tap),
+    (O_PIXELS, Cout); X_PIXELS / O_PIXELS: pixels of all packed inputs / outputs of all convs and images.
+    Outputs (fp32; with atomics R = 1, else one row per partial):
+    gs [R, 3*KK*O_PIXELS]: the offset gradients of every conv, each (N, 2*KK, Ho, Wo) ((dy, dx) per tap),
     then the mask gradients, each (N, KK, Ho, Wo); R = cdiv(C, BLOCK_K) * cdiv(Cout, BLOCK_N);
-    gw [R, KK*C, Cout] (R = the pixel runs); gx: the packed NHWC grad input (atomics) or, when DETERMINISTIC,
+    gw [S, KK*C, Cout] per weight set with atomics, else [runs, KK*C, Cout] per pixel run; gx: the packed NHWC
+    grad input (atomics; convs reading the same input add into the same rows) or, when DETERMINISTIC,
     gcol [cdiv(Cout, BLOCK_N), O_PIXELS*KK, C] and the corner entries tgt, coef [O_PIXELS*KK*4] for
     `_grad_input_gather_kernel`. GRAD_INPUT / GRAD_SAMPLE (offset and mask) / GRAD_WEIGHT switch off what
     autograd does not need.
@@ -100,11 +101,14 @@ def _bwd_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, gy_ptr,
     run = pid_s
     x_start = 0
     o_start = 0
+    wset = 0
     if GROUPED:
         level, run = find_level(pid_s, table_ptr, LEVELS, _FIELDS, _HOWO, N, PIX)
         (H, W, Ho, Wo, HoWo, x_start, o_start,
          off_ptr, stride_on, stride_oc, stride_oh, stride_ow,
-         msk_ptr, stride_mn, stride_mc, stride_mh, stride_mw) = level_args(table_ptr, level, off_ptr, msk_ptr)
+         msk_ptr, stride_mn, stride_mc, stride_mh, stride_mw,
+         wset, conv_stride_h, conv_stride_w) = level_args(table_ptr, level, off_ptr, msk_ptr)
+        w_ptr += wset.to(tl.int64) * KK * C * Cout
     c_blocks = tl.cdiv(C, BLOCK_K)
     tap = pid_kc // c_blocks
     cb = pid_kc % c_blocks
@@ -193,7 +197,7 @@ def _bwd_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, gy_ptr,
         if DETERMINISTIC:
             row = pid_s
         else:
-            row = 0
+            row = wset
         gw = gw_ptr + ((row * KK + tap) * C + c.to(tl.int64))[None, :] * Cout + co[:, None]
         _accumulate(gw, gwt_acc, comask[:, None] & cmask[None, :], DETERMINISTIC)
 
@@ -292,52 +296,55 @@ def _pixels_per_program(x, n, howos, programs_per_run):
 
 
 def backward_shapes(x, offset, mask, weight, needs):
-    """Shapes of a one-level backward's results; a gradient autograd does not need is an empty (0,) tensor."""
+    """Shapes of a one-conv backward's results; a gradient autograd does not need is an empty (0,) tensor."""
     need_input, need_sample, need_weight = needs
     shapes = (x.shape, offset.shape, mask.shape, weight.shape)
     return [shape if need else (0,) for shape, need in zip(shapes, (need_input, need_sample, need_sample,
                                                                      need_weight))] + [(weight.shape[0],)]
 
 
-def flat_backward_shapes(levels, weight, needs):
-    """Shapes of deform_conv_backward's results for `Levels` levels: flat grad input, offset and mask (all
-    levels, each level's block in its tensor's NCHW layout), grad weight and bias; (0,) where not needed."""
+def flat_backward_shapes(levels, needs):
+    """Shapes of deform_conv_backward's results for `Levels` levels: flat grad input (the packed inputs, each
+    input's block in its NCHW layout), grad offset and mask (conv after conv), grad weights (S, Cout, Cin, kh,
+    kw) and biases (S, Cout); (0,) where not needed."""
     need_input, need_sample, need_weight = needs
-    kk = levels.kh * levels.kw
-    shapes = ((levels.x_pixels * levels.c,), (levels.o_pixels * 2 * kk,), (levels.o_pixels * kk,), weight.shape)
+    kk, sets = levels.kh * levels.kw, len(levels.set_convs)
+    shapes = ((levels.x_pixels * levels.c,), (levels.o_pixels * 2 * kk,), (levels.o_pixels * kk,),
+              (sets, levels.cout, levels.c, levels.kh, levels.kw))
     return [shape if need else (0,) for shape, need in zip(shapes, (need_input, need_sample, need_sample,
-                                                                     need_weight))] + [(weight.shape[0],)]
+                                                                     need_weight))] + [(sets, levels.cout)]
 
 
-def deform_conv_backward(grad_out, xs, offsets, masks, weight, stride, padding, dilation, deterministic,
+def deform_conv_backward(grad_out, xs, offsets, masks, weights, levels, padding, dilation, deterministic,
                          needs=(True, True, True)):
-    """Backward launch over a list of levels, as `deform_conv.deform_conv_forward`. grad_out: the flat output
-    gradient (sum_l N*Cout*H_out_l*W_out_l,) laid out as the forward's y, any strides.
+    """Backward launch of the convs `levels` plans, as `deform_conv.deform_conv_forward`. grad_out: the flat
+    output gradient (sum over convs of N*Cout*H_out*W_out,) laid out as the forward's y, any strides.
 
     needs: whether grad input, grad offset and mask, and grad weight are wanted.
     Returns (grad_input, grad_offset, grad_mask, grad_weight, grad_bias) shaped as `flat_backward_shapes` says
-    (all contiguous; the first three flat, level after level), in the inputs' dtype; accumulation in fp32 (fp64
-    for fp64).
+    (all contiguous; the first three flat), in the inputs' dtype; an input read by several convs gets the sum
+    of their gradients, a weight set the sum over its convs; accumulation in fp32 (fp64 for fp64).
     """
-    levels = levels_of(xs, weight, stride, padding, dilation)
     n, c, cout, kk = levels.n, levels.c, levels.cout, levels.kh * levels.kw
     x = xs[0]
     acc = acc_dtype(x)
+    sets = len(levels.set_convs)
     need_input, need_sample, need_weight = needs
     grad_out = grad_out.contiguous()
-    shapes = flat_backward_shapes(levels, weight, needs)[:4]
+    shapes = flat_backward_shapes(levels, needs)[:4]
     if levels.o_pixels == 0 or c == 0 or cout == 0 or not any(needs):
         return (*(x.new_zeros(shape) for shape in shapes), _bias_gradient(grad_out, levels))
     block_n, block_k = _bwd_blocks(x, cout)
     c_blocks, n_blocks = triton.cdiv(c, block_k), triton.cdiv(cout, block_n)
     howos = [ho * wo for _, _, ho, wo in levels.sizes]
     pix = _pixels_per_program(x, n, howos, kk * c_blocks * n_blocks)
-    runs = n * sum(triton.cdiv(howo, pix) for howo in howos)
+    conv_runs = [n * triton.cdiv(howo, pix) for howo in howos]
+    runs = sum(conv_runs)
     deterministic = bool(deterministic)
-    # With atomics the sums over programs land in one row each, all in one zeroed buffer (one memset);
-    # deterministically every program writes its own row of partials.
+    # With atomics the sums over programs land in one row each (one per weight set for the grad weight), all in
+    # one zeroed buffer (one memset); deterministically every program writes its own row of partials.
     gs_shape = ((c_blocks * n_blocks if deterministic else 1), 3 * kk * levels.o_pixels) if need_sample else (0,)
-    gw_shape = ((runs if deterministic else 1), kk * c, cout) if need_weight else (0,)
+    gw_shape = ((runs if deterministic else sets), kk * c, cout) if need_weight else (0,)
     gx_shape = (levels.x_pixels, c) if need_input and not deterministic else (0,)
     gs, gw, gx = _accumulators(x, acc, (gs_shape, gw_shape, gx_shape), zero=not deterministic)
     empty = x.new_empty((0,), dtype=acc)
@@ -348,61 +355,70 @@ def deform_conv_backward(grad_out, xs, offsets, masks, weight, stride, padding, 
     if gathered:
         gx = x.new_empty((levels.x_pixels, c), dtype=acc)
     grad_input, grad_offset, grad_mask, grad_weight = (x.new_empty(shape) for shape in shapes)
-    grouped = len(xs) > 1
-    if grouped:
-        # dY of each level to channels-last, and the NHWC grad input back to its NCHW block: grouped transposes
-        # whose tables go up with the level table.
+    if levels.grouped:
+        # dY of each conv to channels-last, and the NHWC grad input back to each input's NCHW block: grouped
+        # transposes whose tables go up with the level table.
         gy = grad_out.new_empty((levels.o_pixels, cout))
         dy_rows = [transpose_row(cout, ho * wo, grad_out.data_ptr() + start * cout * gy.element_size(),
                                  (cout * ho * wo, ho * wo, 1), gy.data_ptr() + start * cout * gy.element_size())
                    for (_, _, ho, wo), start in zip(levels.sizes, levels.o_starts)]
         unpack = [transpose_row(h * w, c, gx.data_ptr() + start * c * gx.element_size(), (h * w * c, c, 1),
                                 grad_input.data_ptr() + start * c * grad_input.element_size())
-                  for (h, w, _, _), start in zip(levels.sizes, levels.x_starts)] if need_input else []
+                  for (h, w), start in zip(levels.input_sizes, levels.input_starts)] if need_input else []
         xl, table, gy_table, *unpack_table = grouped_input(xs, offsets, masks, levels,
                                                            [dy_rows, unpack] if unpack else [dy_rows])
         transpose_levels(grad_out, gy, gy_table, dy_rows, n)
-        grad_bias = gy.sum(dim=0)
+        o_bounds = [*levels.o_starts, levels.o_pixels]
+        grad_bias = _set_sums(gy, [(o_bounds[a], o_bounds[b]) for a, b in levels.set_convs])
     else:
         xl = channels_last(x)
         table, gy = xl, grad_out
         grad_bias = _bias_gradient(grad_out, levels)
     _bwd_kernel[(kk * c_blocks, n_blocks, runs)](
-        xl, offsets[0], masks[0], pack_weight(weight), gy, gs, gx, gw, gcol, tgt, coef, table,
-        n, c, cout, kk, levels.kw, triton.next_power_of_2(levels.o_pixels), pix, len(xs), levels.x_pixels,
-        levels.o_pixels, *level_arguments(levels, offsets[0], masks[0]), *conv_args(stride, padding, dilation),
-        GROUPED=grouped, GRAD_INPUT=need_input, GRAD_SAMPLE=need_sample, GRAD_WEIGHT=need_weight,
+        xl, offsets[0], masks[0], pack_weights(weights), gy, gs, gx, gw, gcol, tgt, coef, table,
+        n, c, cout, kk, levels.kw, triton.next_power_of_2(levels.o_pixels), pix, len(levels.sizes),
+        levels.x_pixels, levels.o_pixels, *level_arguments(levels, offsets[0], masks[0], padding, dilation),
+        GROUPED=levels.grouped, GRAD_INPUT=need_input, GRAD_SAMPLE=need_sample, GRAD_WEIGHT=need_weight,
         DETERMINISTIC=deterministic, BLOCK_N=block_n, BLOCK_K=block_k, **launch_flags(x))
 
     # Always a copy: a view of the accumulators would alias another output of the custom op.
     if need_input:
         if deterministic:
             _grad_input_deterministic(gcol.sum(dim=0) if n_blocks > 1 else gcol[0], tgt, coef, gx)
-        if grouped:
+        if levels.grouped:
             transpose_levels(gx, grad_input, unpack_table[0], unpack, n)
         else:
-            h, w, _, _ = levels.sizes[0]
+            h, w = levels.input_sizes[0]
             transpose_last(gx.view(n, h * w, c), grad_input.view(n, c, h * w))
     if need_sample:
         sample = gs.sum(dim=0) if gs.shape[0] > 1 else gs[0]
         grad_offset = sample[:2 * kk * levels.o_pixels].to(x.dtype, copy=True)
         grad_mask = sample[2 * kk * levels.o_pixels:].to(x.dtype, copy=True)
     if need_weight:
-        gw = gw.sum(dim=0) if gw.shape[0] > 1 else gw[0]
-        grad_weight = gw.view(levels.kh, levels.kw, c, cout).permute(3, 2, 0, 1).to(
-            weight.dtype, memory_format=torch.contiguous_format, copy=True)
+        if deterministic:
+            run_bounds = [sum(conv_runs[:k]) for k in range(len(conv_runs) + 1)]
+            gw = _set_sums(gw, [(run_bounds[a], run_bounds[b]) for a, b in levels.set_convs])
+        grad_weight = gw.view(sets, levels.kh, levels.kw, c, cout).permute(0, 4, 3, 1, 2).to(
+            x.dtype, memory_format=torch.contiguous_format, copy=True)
     return grad_input, grad_offset, grad_mask, grad_weight, grad_bias
 
 
+def _set_sums(rows, bounds):
+    """(S, ...) sums of rows[a:b] over each set's (a, b) row range: a fixed order (one reduction per set)."""
+    if len(bounds) == 1 and bounds[0] == (0, rows.shape[0]):
+        return rows.sum(dim=0, keepdim=True)
+    return torch.stack([rows[a:b].sum(dim=0) for a, b in bounds])
+
+
 def _bias_gradient(grad_out, levels):
-    """Sum over images and pixels of each level's block of the flat output gradient, summed over levels: one
-    reduction per level (a grouped launch reduces its channels-last copy of dY in one instead)."""
+    """(S, Cout): per weight set, the sum over images and pixels of its convs' blocks of the flat output
+    gradient: one reduction per conv (a grouped launch reduces its channels-last copy of dY per set instead)."""
     n, cout = levels.n, levels.cout
-    grad_bias = None
-    for (_, _, ho, wo), start in zip(levels.sizes, levels.o_starts):
-        level = grad_out[start * cout:(start + n * ho * wo) * cout].view(n, cout, ho * wo).sum(dim=(0, 2))
-        grad_bias = level if grad_bias is None else grad_bias + level
-    return grad_bias
+    sums = [grad_out[start * cout:(start + n * ho * wo) * cout].view(n, cout, ho * wo).sum(dim=(0, 2))
+            for (_, _, ho, wo), start in zip(levels.sizes, levels.o_starts)]
+    if len(sums) == 1:
+        return sums[0][None]
+    return torch.stack([torch.stack(sums[a:b]).sum(dim=0) for a, b in levels.set_convs])
 
 
 def _accumulators(x, dtype, shapes, zero):

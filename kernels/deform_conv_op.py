@@ -1,12 +1,13 @@
-"""`modulated_deform_conv2d` and `modulated_deform_conv2d_pyramid`: the public DCNv2 functions (one level; a
-list of levels sharing the weight, in one launch), their input checks and their torch.library custom ops.
+"""The public DCNv2 functions, their input checks and their torch.library custom ops:
+`modulated_deform_conv2d` (one conv), `modulated_deform_conv2d_sets` (several weight sets, each over some of one
+list of inputs, in one launch) and `modulated_deform_conv2d_pyramid` (one weight set over a list of levels).
 
 The forward and the backward are each a custom op (`dyhead_triton::modulated_deform_conv2d` and
-`dyhead_triton::modulated_deform_conv2d_backward`; `..._pyramid` and `..._pyramid_backward`) with a fake
+`dyhead_triton::modulated_deform_conv2d_backward`; `..._sets` and `..._sets_backward`) with a fake
 implementation, tied together by `register_autograd`, so `torch.compile(fullgraph=True)` traces through them
 without graph breaks. Eager calls on plain tensors run the same implementations through a
-`torch.autograd.Function` instead, which skips the custom op's dispatch overhead. The pyramid ops return one
-flat buffer per result (custom op outputs may not alias each other), split into the levels' views outside.
+`torch.autograd.Function` instead, which skips the custom op's dispatch overhead. The sets ops return one
+flat buffer per result (custom op outputs may not alias each other), split into the convs' views outside.
 """
 
 import contextlib
@@ -102,9 +103,11 @@ def _forward_impl(input: Tensor, offset: Tensor, mask: Tensor, weight: Tensor, b
                   stride_h: int, stride_w: int, pad_h: int, pad_w: int, dil_h: int, dil_w: int,
                   deterministic: bool) -> Tensor:
     _check_runnable(input)
+    levels = deform_conv.plan_convs([input], weight.shape, [0], [1], [(stride_h, stride_w)], (pad_h, pad_w),
+                                    (dil_h, dil_w))
     with _device_guard(input):
-        y = deform_conv.deform_conv_forward([input], [offset], [mask], weight, bias, (stride_h, stride_w),
-                                            (pad_h, pad_w), (dil_h, dil_w))
+        y = deform_conv.deform_conv_forward([input], [offset], [mask], [weight], [] if bias is None else [bias],
+                                            [] if bias is None else [0], levels, (pad_h, pad_w), (dil_h, dil_w))
     return y.view(input.shape[0], weight.shape[0], offset.shape[2], offset.shape[3])
 
 
@@ -123,10 +126,12 @@ def _backward_impl(grad_out: Tensor, input: Tensor, offset: Tensor, mask: Tensor
                    need_weight: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     _check_runnable(input)
     needs = (need_input, need_sample, need_weight)
+    levels = deform_conv.plan_convs([input], weight.shape, [0], [1], [(stride_h, stride_w)], (pad_h, pad_w),
+                                    (dil_h, dil_w))
     with _device_guard(input):
         grads = deform_conv_backward.deform_conv_backward(
-            grad_out.reshape(-1), [input], [offset], [mask], weight, (stride_h, stride_w), (pad_h, pad_w),
-            (dil_h, dil_w), deterministic, needs)
+            grad_out.reshape(-1), [input], [offset], [mask], [weight], levels, (pad_h, pad_w), (dil_h, dil_w),
+            deterministic, needs)
     shapes = deform_conv_backward.backward_shapes(input, offset, mask, weight, needs)
     return tuple(g.view(shape) for g, shape in zip(grads, shapes))
 
@@ -233,6 +238,11 @@ def modulated_deform_conv2d(input: Tensor, offset: Tensor, mask: Tensor, weight:
     return _forward_op(*args)
 
 
+def _check_list(name, seq):
+    if not isinstance(seq, Sequence):
+        raise TypeError(f"{name} must be a list or tuple, got {type(seq).__name__}")
+
+
 def _check_lists(inputs, offsets, masks):
     """Raise TypeError/ValueError unless inputs, offsets and masks are sequences with one entry per level."""
     for name, seq in (("inputs", inputs), ("offsets", offsets), ("masks", masks)):
@@ -258,122 +268,219 @@ def _check_levels(inputs, offsets, masks, weight, bias, stride, padding, dilatio
                              f"{inputs[0].shape[0]}: all levels need one N")
 
 
-def _pyramid_forward_impl(inputs: list[Tensor], offsets: list[Tensor], masks: list[Tensor], weight: Tensor,
-                          bias: Optional[Tensor], stride_h: int, stride_w: int, pad_h: int, pad_w: int, dil_h: int,
-                          dil_w: int, deterministic: bool) -> Tensor:
+def _check_set_lists(inputs, weights, biases, levels, offsets, masks, strides):
+    """Raise TypeError/ValueError unless the lists of a `modulated_deform_conv2d_sets` call have the structure
+    it needs: one entry per set, non-empty sets with one offset and mask per level, indices in range."""
+    for name, seq in (("inputs", inputs), ("weights", weights), ("biases", biases), ("levels", levels),
+                      ("offsets", offsets), ("masks", masks), ("strides", strides)):
+        _check_list(name, seq)
+    if len(inputs) == 0 or len(weights) == 0:
+        raise ValueError(f"need at least one input and one weight set, got {len(inputs)} and {len(weights)}")
+    counts = {"weights": len(weights), "biases": len(biases), "levels": len(levels), "offsets": len(offsets),
+              "masks": len(masks), "strides": len(strides)}
+    if len(set(counts.values())) > 1:
+        raise ValueError("need one entry per weight set in each of "
+                         + ", ".join(f"{name} ({count})" for name, count in counts.items()))
+    for s, (indices, set_offsets, set_masks) in enumerate(zip(levels, offsets, masks)):
+        for name, seq in (("levels", indices), ("offsets", set_offsets), ("masks", set_masks)):
+            _check_list(f"{name}[{s}]", seq)
+        if len(indices) == 0:
+            raise ValueError(f"set {s}: runs on no level (levels[{s}] is empty)")
+        if not len(indices) == len(set_offsets) == len(set_masks):
+            raise ValueError(f"set {s}: levels, offsets and masks need one entry per level, got {len(indices)}, "
+                             f"{len(set_offsets)} and {len(set_masks)}")
+        for i in indices:
+            if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(inputs):
+                raise ValueError(f"set {s}: level index {i!r} is out of range for {len(inputs)} inputs")
+
+
+def _check_set_tensors(inputs, weights, biases, levels, offsets, masks, strides, padding, dilation):
+    """`_check_inputs` for each conv of a `modulated_deform_conv2d_sets` call (the message naming the set and
+    level), one shape for the weights, and one N, Cin, dtype and device for all inputs, used or not."""
+    first = inputs[0]
+    for i, x in enumerate(inputs):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"inputs[{i}] must be a Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"inputs[{i}] must be (N, Cin, H, W), got shape {tuple(x.shape)}")
+        if x.dtype != first.dtype:
+            raise TypeError(f"inputs[{i}] has dtype {x.dtype} but inputs[0] has {first.dtype}: all tensors need "
+                            "one dtype")
+        if x.shape[:2] != first.shape[:2] or x.device != first.device:
+            raise ValueError(f"inputs[{i}] is ({x.shape[0]}, {x.shape[1]}, ...) on {x.device} but inputs[0] is "
+                             f"({first.shape[0]}, {first.shape[1]}, ...) on {first.device}: all inputs need one "
+                             "N (batch size), Cin and device")
+    for s, (weight, bias, indices, set_offsets, set_masks) in enumerate(zip(weights, biases, levels, offsets,
+                                                                           masks)):
+        for j, (i, offset, mask) in enumerate(zip(indices, set_offsets, set_masks)):
+            try:
+                _check_inputs(inputs[i], offset, mask, weight, bias, strides[s], padding, dilation)
+            except (TypeError, ValueError, NotImplementedError) as error:
+                raise type(error)(f"set {s}, level {j}: {error}") from None
+        if weight.shape != weights[0].shape:
+            raise ValueError(f"weights[{s}] has shape {tuple(weight.shape)} but weights[0] has "
+                             f"{tuple(weights[0].shape)}: the sets need one weight shape")
+
+
+def _sets_forward_impl(inputs: list[Tensor], offsets: list[Tensor], masks: list[Tensor], weights: list[Tensor],
+                       biases: list[Tensor], bias_sets: list[int], conv_inputs: list[int], set_sizes: list[int],
+                       strides: list[int], pad_h: int, pad_w: int, dil_h: int, dil_w: int,
+                       deterministic: bool) -> Tensor:
     _check_runnable(inputs[0])
+    levels = _plan(inputs, weights, conv_inputs, set_sizes, strides, pad_h, pad_w, dil_h, dil_w)
     with _device_guard(inputs[0]):
-        return deform_conv.deform_conv_forward(inputs, offsets, masks, weight, bias, (stride_h, stride_w),
+        return deform_conv.deform_conv_forward(inputs, offsets, masks, weights, biases, bias_sets, levels,
                                                (pad_h, pad_w), (dil_h, dil_w))
 
 
-_pyramid_forward_op = torch.library.custom_op("dyhead_triton::modulated_deform_conv2d_pyramid",
-                                              mutates_args=())(_pyramid_forward_impl)
+def _plan(inputs, weights, conv_inputs, set_sizes, strides, pad_h, pad_w, dil_h, dil_w):
+    pairs = [(strides[2 * s], strides[2 * s + 1]) for s in range(len(set_sizes))]
+    return deform_conv.plan_convs(inputs, weights[0].shape, conv_inputs, set_sizes, pairs, (pad_h, pad_w),
+                                  (dil_h, dil_w))
 
 
-@_pyramid_forward_op.register_fake
-def _pyramid_forward_fake(inputs, offsets, masks, weight, bias, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                          deterministic):
+_sets_forward_op = torch.library.custom_op("dyhead_triton::modulated_deform_conv2d_sets",
+                                           mutates_args=())(_sets_forward_impl)
+
+
+@_sets_forward_op.register_fake
+def _sets_forward_fake(inputs, offsets, masks, weights, biases, bias_sets, conv_inputs, set_sizes, strides, pad_h,
+                       pad_w, dil_h, dil_w, deterministic):
     pixels = sum(offset.shape[0] * offset.shape[2] * offset.shape[3] for offset in offsets)
-    return inputs[0].new_empty((pixels * weight.shape[0],))
+    return inputs[0].new_empty((pixels * weights[0].shape[0],))
 
 
-def _pyramid_backward_impl(grad_out: Tensor, inputs: list[Tensor], offsets: list[Tensor], masks: list[Tensor],
-                           weight: Tensor, stride_h: int, stride_w: int, pad_h: int, pad_w: int, dil_h: int,
-                           dil_w: int, deterministic: bool, need_input: bool, need_sample: bool,
-                           need_weight: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _sets_backward_impl(grad_out: Tensor, inputs: list[Tensor], offsets: list[Tensor], masks: list[Tensor],
+                        weights: list[Tensor], conv_inputs: list[int], set_sizes: list[int], strides: list[int],
+                        pad_h: int, pad_w: int, dil_h: int, dil_w: int, deterministic: bool, need_input: bool,
+                        need_sample: bool, need_weight: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     _check_runnable(inputs[0])
+    levels = _plan(inputs, weights, conv_inputs, set_sizes, strides, pad_h, pad_w, dil_h, dil_w)
     with _device_guard(inputs[0]):
         return deform_conv_backward.deform_conv_backward(
-            grad_out, inputs, offsets, masks, weight, (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w),
-            deterministic, (need_input, need_sample, need_weight))
+            grad_out, inputs, offsets, masks, weights, levels, (pad_h, pad_w), (dil_h, dil_w), deterministic,
+            (need_input, need_sample, need_weight))
 
 
-_pyramid_backward_op = torch.library.custom_op("dyhead_triton::modulated_deform_conv2d_pyramid_backward",
-                                               mutates_args=())(_pyramid_backward_impl)
+_sets_backward_op = torch.library.custom_op("dyhead_triton::modulated_deform_conv2d_sets_backward",
+                                            mutates_args=())(_sets_backward_impl)
 
 
-@_pyramid_backward_op.register_fake
-def _pyramid_backward_fake(grad_out, inputs, offsets, masks, weight, stride_h, stride_w, pad_h, pad_w, dil_h,
-                           dil_w, deterministic, need_input, need_sample, need_weight):
-    levels = deform_conv.levels_of(inputs, weight, (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w))
-    shapes = deform_conv_backward.flat_backward_shapes(levels, weight, (need_input, need_sample, need_weight))
+@_sets_backward_op.register_fake
+def _sets_backward_fake(grad_out, inputs, offsets, masks, weights, conv_inputs, set_sizes, strides, pad_h, pad_w,
+                        dil_h, dil_w, deterministic, need_input, need_sample, need_weight):
+    levels = _plan(inputs, weights, conv_inputs, set_sizes, strides, pad_h, pad_w, dil_h, dil_w)
+    shapes = deform_conv_backward.flat_backward_shapes(levels, (need_input, need_sample, need_weight))
     return tuple(inputs[0].new_empty(shape) for shape in shapes)
 
 
 def _split(flat, shapes):
-    """Views of the flat buffer, one per shape, level after level."""
+    """Views of the flat buffer, one per shape, one after the other."""
     return [part.view(shape) for part, shape in zip(flat.split([shape.numel() for shape in shapes]), shapes)]
 
 
-def _pyramid_setup_context(ctx, inputs, output):
-    xs, offsets, masks, weight, bias, *conv, deterministic = inputs
-    ctx.save_for_backward(*xs, *offsets, *masks, weight)
-    ctx.levels = len(xs)
-    ctx.conv = conv
-    ctx.has_bias = bias is not None
-    ctx.deterministic = deterministic
+def _sets_setup_context(ctx, inputs, output):
+    xs, offsets, masks, weights, biases, bias_sets, *plan = inputs
+    ctx.save_for_backward(*xs, *offsets, *masks, *weights)
+    ctx.counts = (len(xs), len(offsets), len(weights))
+    ctx.plan = plan
+    ctx.bias_sets = bias_sets
 
 
-def _pyramid_gradients(backward, ctx, grad_out, needs):
-    """The gradients of (inputs, offsets, masks, weight, bias) as lists of per-level views (None where autograd
-    does not need them) and tensors, and None for the 7 non-tensor arguments. needs: the needs_input_grad of
-    (inputs, offsets, masks, weight, bias), lists for the lists; backward: the custom backward op or its
-    implementation."""
-    saved, levels = ctx.saved_tensors, ctx.levels
-    xs, offsets, masks = (list(saved[i * levels:(i + 1) * levels]) for i in range(3))
-    need_x, need_offset, need_mask, need_weight, need_bias = needs[:5]
+def _sets_gradients(backward, ctx, grad_out, needs):
+    """The gradients of (inputs, offsets, masks, weights, biases) as lists (None where autograd does not need
+    them), and None for the 9 non-tensor arguments. needs: the needs_input_grad of those five lists; backward:
+    the custom backward op or its implementation."""
+    saved = ctx.saved_tensors
+    num_inputs, num_convs, num_sets = ctx.counts
+    bounds = [0, num_inputs, num_inputs + num_convs, num_inputs + 2 * num_convs, len(saved)]
+    xs, offsets, masks, weights = (list(saved[a:b]) for a, b in zip(bounds[:-1], bounds[1:]))
+    need_x, need_offset, need_mask, need_weight, need_bias = needs
+    if isinstance(need_bias, bool):  # the custom op's flag for an empty list
+        need_bias = [need_bias] * len(ctx.bias_sets)
     need_sample = any(need_offset) or any(need_mask)
     grad_x, grad_offset, grad_mask, grad_weight, grad_bias = backward(
-        grad_out, xs, offsets, masks, saved[3 * levels], *ctx.conv, ctx.deterministic, any(need_x), need_sample,
-        need_weight)
+        grad_out, xs, offsets, masks, weights, *ctx.plan, any(need_x), need_sample, any(need_weight))
     lists = []
     for flat, tensors, need in ((grad_x, xs, need_x), (grad_offset, offsets, need_offset),
                                 (grad_mask, masks, need_mask)):
         grads = _split(flat, [t.shape for t in tensors]) if any(need) else tensors
         lists.append([g if wanted else None for g, wanted in zip(grads, need)])
-    return (*lists, grad_weight if need_weight else None, grad_bias if ctx.has_bias and need_bias else None,
-            None, None, None, None, None, None, None)
+    grad_weights = grad_weight.unbind(0) if any(need_weight) else weights
+    lists.append([g if wanted else None for g, wanted in zip(grad_weights, need_weight)])
+    lists.append([grad_bias[s] if wanted else None for s, wanted in zip(ctx.bias_sets, need_bias)])
+    return (*lists, *(None,) * 9)
 
 
-def _pyramid_backward(ctx, grad_out):
-    return _pyramid_gradients(_pyramid_backward_op, ctx, grad_out, ctx.needs_input_grad)
+def _sets_backward(ctx, grad_out):
+    return _sets_gradients(_sets_backward_op, ctx, grad_out, ctx.needs_input_grad[:5])
 
 
-_pyramid_forward_op.register_autograd(_pyramid_backward, setup_context=_pyramid_setup_context)
+_sets_forward_op.register_autograd(_sets_backward, setup_context=_sets_setup_context)
 
 
-class _EagerPyramid(torch.autograd.Function):
-    """The pyramid custom ops without their dispatch, for eager calls (see `_EagerDeformConv`). Takes the
-    number of levels, then the levels' inputs, offsets and masks flattened, then the op's other arguments."""
+class _EagerSets(torch.autograd.Function):
+    """The sets custom ops without their dispatch, for eager calls (see `_EagerDeformConv`). Takes the numbers
+    of inputs, convs, sets and biases, then the inputs, the convs' offsets and masks, the weights and the
+    biases flattened, then the op's other arguments."""
 
     @staticmethod
-    def forward(ctx, levels, *args):
-        inputs = (list(args[:levels]), list(args[levels:2 * levels]), list(args[2 * levels:3 * levels]),
-                  *args[3 * levels:])
-        output = _pyramid_forward_impl(*inputs)
-        _pyramid_setup_context(ctx, inputs, output)
+    def forward(ctx, num_inputs, num_convs, num_sets, num_biases, *args):
+        sizes = (num_inputs, num_convs, num_convs, num_sets, num_biases)
+        bounds = [sum(sizes[:k]) for k in range(6)]
+        inputs = (*(list(args[a:b]) for a, b in zip(bounds[:-1], bounds[1:])), *args[bounds[-1]:])
+        output = _sets_forward_impl(*inputs)
+        _sets_setup_context(ctx, inputs, output)
         return output
 
     @staticmethod
     def backward(ctx, grad_out):
-        levels, need = ctx.levels, ctx.needs_input_grad[1:]
-        needs = (*(need[i * levels:(i + 1) * levels] for i in range(3)), *need[3 * levels:])
-        grad_x, grad_offset, grad_mask, *rest = _pyramid_gradients(_pyramid_backward_impl, ctx, grad_out, needs)
-        return (None, *grad_x, *grad_offset, *grad_mask, *rest)
+        num_inputs, num_convs, num_sets = ctx.counts
+        need = ctx.needs_input_grad[4:]
+        sizes = (num_inputs, num_convs, num_convs, num_sets, len(ctx.bias_sets))
+        bounds = [sum(sizes[:k]) for k in range(6)]
+        needs = [need[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        grads = _sets_gradients(_sets_backward_impl, ctx, grad_out, needs)
+        return (None, None, None, None, *(g for group in grads[:5] for g in group), *grads[5:])
+
+
+def _run_sets(inputs, offsets, masks, weights, biases, conv_inputs, set_sizes, strides, padding, dilation,
+              deterministic):
+    """The checked arguments of a sets launch (offsets and masks flat over the convs, biases per set or None,
+    strides pairs per set) through the eager Function or the custom op; returns every conv's output,
+    (N, Cout, H_out, W_out) views of one buffer."""
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    # The ops take the biases that exist and their sets: a list holding None would not be differentiable.
+    bias_sets = [s for s, b in enumerate(biases) if b is not None]
+    biases = [biases[s] for s in bias_sets]
+    plan = (list(conv_inputs), list(set_sizes), [v for pair in strides for v in pair], *padding, *dilation,
+            bool(deterministic))
+    tensors = (*inputs, *offsets, *masks, *weights, *biases)
+    if all(type(t) is Tensor for t in tensors) and not torch.compiler.is_compiling():
+        flat = _EagerSets.apply(len(inputs), len(offsets), len(weights), len(biases), *tensors, bias_sets, *plan)
+    else:
+        flat = _sets_forward_op(list(inputs), list(offsets), list(masks), list(weights), biases, bias_sets, *plan)
+    n, cout = inputs[0].shape[0], weights[0].shape[0]
+    return _split(flat, [torch.Size((n, cout, *offset.shape[2:])) for offset in offsets])
+
+
+def _autocast_all(inputs, offsets, masks, weights, biases):
+    device_type = inputs[0].device.type
+    return tuple(list(_autocast(device_type, *seq)) for seq in (inputs, offsets, masks, weights, biases))
 
 
 def modulated_deform_conv2d_pyramid(inputs: Sequence[Tensor], offsets: Sequence[Tensor], masks: Sequence[Tensor],
                                     weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=1,
                                     dilation=1, *, deterministic: Optional[bool] = None) -> list[Tensor]:
     """`modulated_deform_conv2d` on each level of a list that shares one weight, in one forward launch and one
-    backward launch for all levels (plus a constant number of packing launches) instead of one per level.
+    backward launch for all levels (plus a constant number of packing launches) instead of one per level:
+    `modulated_deform_conv2d_sets` with one weight set.
 
     Same result as ``[modulated_deform_conv2d(x, o, m, weight, bias, stride, padding, dilation,
     deterministic=deterministic) for x, o, m in zip(inputs, offsets, masks)]``: the same precision, autocast
     behaviour and determinism; differentiable in every tensor, the weight and bias gradients summed over the
-    levels. The launch cost is what it saves: a DyHead block makes 13 deformable convs with 3 weight sets,
-    most of them on levels of a few hundred pixels.
+    levels.
 
     Args:
         inputs: L >= 1 tensors (N, Cin, H_l, W_l): one N, Cin, dtype and device, any H_l, W_l.
@@ -395,18 +502,67 @@ def modulated_deform_conv2d_pyramid(inputs: Sequence[Tensor], offsets: Sequence[
     """
     _check_lists(inputs, offsets, masks)
     inputs, offsets, masks = list(inputs), list(offsets), list(masks)
+    weights, biases = [weight], [bias]
+    if isinstance(inputs[0], Tensor) and torch.is_autocast_enabled(inputs[0].device.type):
+        inputs, offsets, masks, weights, biases = _autocast_all(inputs, offsets, masks, weights, biases)
+    stride, padding, dilation = _conv_pairs(stride, padding, dilation)
+    _check_levels(inputs, offsets, masks, weights[0], biases[0], stride, padding, dilation)
+    return _run_sets(inputs, offsets, masks, weights, biases, range(len(inputs)), [len(inputs)], [stride],
+                     padding, dilation, deterministic)
+
+
+def modulated_deform_conv2d_sets(inputs: Sequence[Tensor], weights: Sequence[Tensor],
+                                 biases: Optional[Sequence[Optional[Tensor]]], levels: Sequence[Sequence[int]],
+                                 offsets: Sequence[Sequence[Tensor]], masks: Sequence[Sequence[Tensor]],
+                                 strides=None, padding=1, dilation=1, *,
+                                 deterministic: Optional[bool] = None) -> list[list[Tensor]]:
+    """Several weight sets, each `modulated_deform_conv2d` on some of one list of inputs, in one forward launch
+    and one backward launch for all (plus a constant number of packing launches).
+
+    ``out[s][j] = modulated_deform_conv2d(inputs[levels[s][j]], offsets[s][j], masks[s][j], weights[s],
+    biases[s], strides[s], padding, dilation)``: the same precision, autocast behaviour and determinism,
+    differentiable in every tensor. The inputs are packed channels-last once however many convs read them, and
+    an input's gradient sums those convs' in one buffer. A DyHead block is 13 convs of 3 weight sets over 5
+    levels: one launch each way instead of three (`modulated_deform_conv2d_pyramid` per set) or thirteen.
+
+    Args:
+        inputs: I >= 1 tensors (N, Cin, H_i, W_i): one N, Cin, dtype and device, any H_i, W_i.
+        weights: S >= 1 tensors (Cout, Cin, kh, kw) of one shape.
+        biases: S entries (Cout,) or None each, or None for no bias at all.
+        levels: S non-empty lists of indices into inputs: the inputs set s runs on.
+        offsets, masks: S lists, one (N, 2*kh*kw, H_out, W_out) / (N, kh*kw, H_out, W_out) tensor per entry of
+            levels[s], read through their strides (slices and ``as_strided`` views are used in place; one
+            tensor may feed several convs).
+        strides: S entries, an int or (h, w) pair each; or one int for every set (None: 1). padding,
+            dilation: int or (h, w) pair, shared by the sets.
+        deterministic: as in `modulated_deform_conv2d`.
+
+    Returns:
+        S lists of (N, Cout, H_out, W_out) tensors in the inputs' dtype, out[s][j] for levels[s][j]: views of
+        one buffer.
+
+    Raises:
+        TypeError / ValueError / NotImplementedError: as `modulated_deform_conv2d`, the message naming the set
+            and level; also lists of mismatched lengths, no set or input, an empty set, an index out of range,
+            weights of different shapes, inputs with different N or Cin.
+        RuntimeError: CPU tensors without ``TRITON_INTERPRET=1``.
+    """
+    _check_list("weights", weights)
+    if strides is None or isinstance(strides, int):
+        strides = [1 if strides is None else strides] * len(weights)
+    biases = [None] * len(weights) if biases is None else biases
+    _check_set_lists(inputs, weights, biases, levels, offsets, masks, strides)
+    strides = [_pair(stride, f"strides[{s}]") for s, stride in enumerate(strides)]
+    padding, dilation = _pair(padding, "padding"), _pair(dilation, "dilation")
+    inputs, weights, biases = list(inputs), list(weights), list(biases)
+    offsets, masks = [list(seq) for seq in offsets], [list(seq) for seq in masks]
     if isinstance(inputs[0], Tensor) and torch.is_autocast_enabled(inputs[0].device.type):
         device_type = inputs[0].device.type
-        inputs, offsets, masks = (list(_autocast(device_type, *seq)) for seq in (inputs, offsets, masks))
-        weight, bias = _autocast(device_type, weight, bias)
-    stride, padding, dilation = _conv_pairs(stride, padding, dilation)
-    _check_levels(inputs, offsets, masks, weight, bias, stride, padding, dilation)
-    if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
-    conv = (*stride, *padding, *dilation, bool(deterministic))
-    if all(type(x) is Tensor for x in inputs) and not torch.compiler.is_compiling():
-        flat = _EagerPyramid.apply(len(inputs), *inputs, *offsets, *masks, weight, bias, *conv)
-    else:
-        flat = _pyramid_forward_op(inputs, offsets, masks, weight, bias, *conv)
-    n, cout = inputs[0].shape[0], weight.shape[0]
-    return _split(flat, [torch.Size((n, cout, *offset.shape[2:])) for offset in offsets])
+        inputs, weights, biases = (list(_autocast(device_type, *seq)) for seq in (inputs, weights, biases))
+        offsets, masks = ([list(_autocast(device_type, *seq)) for seq in nested] for nested in (offsets, masks))
+    _check_set_tensors(inputs, weights, biases, levels, offsets, masks, strides, padding, dilation)
+    flat = _run_sets(inputs, [o for seq in offsets for o in seq], [m for seq in masks for m in seq], weights,
+                     biases, [i for seq in levels for i in seq], [len(seq) for seq in levels], strides, padding,
+                     dilation, deterministic)
+    bounds = [sum(len(seq) for seq in levels[:s]) for s in range(len(levels) + 1)]
+    return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]

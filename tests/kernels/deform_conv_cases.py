@@ -1,11 +1,21 @@
 """Shared inputs and references of the deformable conv kernel tests (CPU interpreter and CUDA)."""
 
+import os
+
+import pytest
 import torch
 import torchvision
 from torch.nn.modules.utils import _pair
 
 from kernels import modulated_deform_conv2d
 from kernels.deform_conv_op import modulated_deform_conv2d_pyramid
+
+# The kernels run in the CPU interpreter (TRITON_INTERPRET=1 set before pytest starts) or on a CUDA GPU.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRET else "cuda"
+needs_kernels = pytest.mark.skipif(
+    not INTERPRET and not torch.cuda.is_available(),
+    reason="the Triton kernels need a CUDA GPU or TRITON_INTERPRET=1 set before pytest starts")
 
 
 def rel_err(actual, expected):
@@ -125,3 +135,20 @@ class PyramidConvLike(torch.nn.Module):
         oms = [self.offset_conv(x) for x in xs]
         return modulated_deform_conv2d_pyramid(xs, [om[:, :18] for om in oms], [om[:, 18:].sigmoid() for om in oms],
                                                self.weight, self.bias)
+
+
+def check_compiled_matches_eager(module, xs, backend, outputs=list):
+    """torch.compile(module, fullgraph=True) (which fails on any graph break) computes what the eager module
+    computes: outputs, and the gradients of the inputs xs and the parameters. outputs: the module's result as a
+    flat list. Returns the number of outputs."""
+    compiled = torch.compile(module, fullgraph=True, backend=backend)
+    ys_eager = outputs(module(xs))
+    g_eager = torch.autograd.grad(sum(y.square().sum() for y in ys_eager), [*xs, *module.parameters()])
+    ys = outputs(compiled(xs))
+    g = torch.autograd.grad(sum(y.square().sum() for y in ys), [*xs, *module.parameters()])
+    assert len(ys) == len(ys_eager)
+    for y, y_eager in zip(ys, ys_eager):
+        torch.testing.assert_close(y, y_eager, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g, g_eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    return len(ys)

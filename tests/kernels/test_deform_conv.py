@@ -4,20 +4,13 @@ The kernel tests run the Triton kernels on the CPU under the interpreter (CI set
 pytest starts: triton reads it at import) or, without it, on a CUDA GPU. Input checks run everywhere.
 """
 
-import os
-
 import pytest
 import torch
 import torchvision
-from deform_conv_cases import DyConvLike, grad_out_like, grads, leaves, make_inputs, reference, rel_err, triton_op
+from deform_conv_cases import (DEVICE, INTERPRET, DyConvLike, grad_out_like, grads, leaves, make_inputs, needs_kernels,
+                               reference, rel_err, triton_op)
 
 from kernels import deform_conv, deform_conv_op, modulated_deform_conv2d
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cpu" if INTERPRET else "cuda"
-needs_kernels = pytest.mark.skipif(
-    not INTERPRET and not torch.cuda.is_available(),
-    reason="the Triton kernels need a CUDA GPU or TRITON_INTERPRET=1 set before pytest starts")
 
 
 def check(inputs, conv, dtype=torch.float32, tol=1e-5, deterministic=None):

@@ -6,22 +6,15 @@ test_deform_conv.py does; input checks run everywhere. Level sizes are odd and d
 pixels fill whole tiles and every level starts mid-buffer.
 """
 
-import os
-
 import pytest
 import torch
 import torchvision
-from deform_conv_cases import (PyramidConvLike, grad_out_like, make_pyramid, pyramid_args, pyramid_grads,
-                               pyramid_leaves, pyramid_op, pyramid_reference, rel_err)
+from deform_conv_cases import (DEVICE, INTERPRET, PyramidConvLike, check_compiled_matches_eager, grad_out_like,
+                               make_pyramid, needs_kernels, pyramid_args, pyramid_grads, pyramid_leaves, pyramid_op,
+                               pyramid_reference, rel_err)
 
 from kernels import deform_conv_op, modulated_deform_conv2d
 from kernels.deform_conv_op import modulated_deform_conv2d_pyramid
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cpu" if INTERPRET else "cuda"
-needs_kernels = pytest.mark.skipif(
-    not INTERPRET and not torch.cuda.is_available(),
-    reason="the Triton kernels need a CUDA GPU or TRITON_INTERPRET=1 set before pytest starts")
 
 SIZES = [(7, 9), (5, 3), (3, 5)]
 
@@ -163,7 +156,9 @@ def test_custom_op_matches_eager_path():
     conv = dict(stride=1, padding=1, dilation=1)
     t = pyramid_leaves(make_pyramid(1, 5, 4, SIZES[1:]), torch.float32, DEVICE)
     ys = pyramid_op(t, conv, deterministic=True)
-    flat = deform_conv_op._pyramid_forward_op(*pyramid_args(t), 1, 1, 1, 1, 1, 1, True)
+    inputs, offsets, masks, weight, bias = pyramid_args(t)
+    flat = deform_conv_op._sets_forward_op(inputs, offsets, masks, [weight], [bias], [0], [0, 1], [2], [1, 1], 1, 1,
+                                           1, 1, True)
     ys_op = [part.view(y.shape) for part, y in zip(flat.split([y.numel() for y in ys]), ys)]
     g_outs = [grad_out_like(y).to(DEVICE) for y in ys]
     g, g_op = pyramid_grads(ys, g_outs, t), pyramid_grads(ys_op, g_outs, t)
@@ -180,15 +175,7 @@ def test_torch_compile_fullgraph(backend):
     torch.manual_seed(0)
     module = PyramidConvLike(4).to(DEVICE)
     xs = [torch.randn(1, 4, h, w, device=DEVICE, requires_grad=True) for h, w in SIZES[:2]]
-    compiled = torch.compile(module, fullgraph=True, backend=backend)
-    ys_eager = module(xs)
-    g_eager = torch.autograd.grad(sum(y.square().sum() for y in ys_eager), [*xs, *module.parameters()])
-    ys = compiled(xs)
-    g = torch.autograd.grad(sum(y.square().sum() for y in ys), [*xs, *module.parameters()])
-    for y, y_eager in zip(ys, ys_eager):
-        torch.testing.assert_close(y, y_eager, rtol=1e-5, atol=1e-5)
-    for a, b in zip(g, g_eager):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert check_compiled_matches_eager(module, xs, backend) == 2
 
 
 @needs_kernels
