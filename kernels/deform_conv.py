@@ -401,6 +401,8 @@ def stack_biases(biases, bias_sets, num_sets):
     when no set has one."""
     if not biases:
         return None
+    if num_sets == 1:
+        return biases[0][None]
     if list(bias_sets) == list(range(num_sets)):
         return torch.stack(biases)
     zeros = biases[0].new_zeros(biases[0].shape)

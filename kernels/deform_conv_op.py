@@ -99,12 +99,17 @@ def _check_inputs(input, offset, mask, weight, bias, stride, padding, dilation):
                              f"got shape {tuple(t.shape)}")
 
 
+def _one_conv(input, weight, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w):
+    """The `deform_conv.Levels` of the one-conv op: one input, one weight set."""
+    return deform_conv.plan_convs([input], weight.shape, [0], [1], [(stride_h, stride_w)], (pad_h, pad_w),
+                                  (dil_h, dil_w))
+
+
 def _forward_impl(input: Tensor, offset: Tensor, mask: Tensor, weight: Tensor, bias: Optional[Tensor],
                   stride_h: int, stride_w: int, pad_h: int, pad_w: int, dil_h: int, dil_w: int,
                   deterministic: bool) -> Tensor:
     _check_runnable(input)
-    levels = deform_conv.plan_convs([input], weight.shape, [0], [1], [(stride_h, stride_w)], (pad_h, pad_w),
-                                    (dil_h, dil_w))
+    levels = _one_conv(input, weight, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w)
     with _device_guard(input):
         y = deform_conv.deform_conv_forward([input], [offset], [mask], [weight], [] if bias is None else [bias],
                                             [] if bias is None else [0], levels, (pad_h, pad_w), (dil_h, dil_w))
@@ -126,8 +131,7 @@ def _backward_impl(grad_out: Tensor, input: Tensor, offset: Tensor, mask: Tensor
                    need_weight: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     _check_runnable(input)
     needs = (need_input, need_sample, need_weight)
-    levels = deform_conv.plan_convs([input], weight.shape, [0], [1], [(stride_h, stride_w)], (pad_h, pad_w),
-                                    (dil_h, dil_w))
+    levels = _one_conv(input, weight, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w)
     with _device_guard(input):
         grads = deform_conv_backward.deform_conv_backward(
             grad_out.reshape(-1), [input], [offset], [mask], [weight], levels, (pad_h, pad_w), (dil_h, dil_w),
