@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .device_table import device_tables
-from .runtime import INTERPRET
+from .runtime import INTERPRET, first_config_unless_tuning
 
 
 def autotune_configs(space, interpret_config):
@@ -204,8 +204,8 @@ def _fwd_prune(configs, named_args, **kwargs):
     if kwargs.get("FP64"):
         return [triton.Config({"BLOCK_P": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
     if named_args["x_ptr"].dtype == torch.float32:
-        return autotune_configs(_FWD_SPACE_FP32, None)
-    return configs
+        configs = autotune_configs(_FWD_SPACE_FP32, None)
+    return first_config_unless_tuning(configs)
 
 
 # P_BUCKET (next power of two of the pixel count) keys the tuning on the problem size without retuning for

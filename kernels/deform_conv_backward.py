@@ -24,7 +24,7 @@ import triton.language as tl
 from .deform_conv import (_FIELDS, _HOWO, acc_dtype, autotune_configs, channels_last, find_level,
                           grouped_input, launch_flags, level_args, level_arguments, load_corners, mma, pack_weights,
                           tap_sample, transpose_last, transpose_levels, transpose_row)
-from .runtime import INTERPRET, sm_count
+from .runtime import INTERPRET, first_config_unless_tuning, sm_count
 
 # Only BLOCK_P is tuned: the wrapper fixes BLOCK_K and BLOCK_N (`_bwd_blocks`), because the partial buffers
 # are shaped by them. With BLOCK_N = 256 the fp32 accumulators need 8 warps to stay in registers.
@@ -50,8 +50,8 @@ def _bwd_prune(configs, named_args, **kwargs):
     if kwargs.get("FP64"):
         return [triton.Config({"BLOCK_P": 16}, num_warps=4, num_stages=1)]
     if named_args["x_ptr"].dtype == torch.float32:
-        return autotune_configs(_BWD_SPACE_FP32, None)
-    return configs
+        configs = autotune_configs(_BWD_SPACE_FP32, None)
+    return first_config_unless_tuning(configs)
 
 
 @triton.jit
@@ -228,7 +228,12 @@ _GATHER_SPACE = [
 ]
 
 
-@triton.autotune(configs=autotune_configs(_GATHER_SPACE, {"BLOCK_S": 16, "BLOCK_C": 16}), key=["C", "S"])
+def _gather_prune(configs, named_args, **kwargs):
+    return first_config_unless_tuning(configs)
+
+
+@triton.autotune(configs=autotune_configs(_GATHER_SPACE, {"BLOCK_S": 16, "BLOCK_C": 16}), key=["C", "S"],
+                 prune_configs_by={"early_config_prune": _gather_prune})
 @triton.jit
 def _grad_input_gather_kernel(rowptr_ptr, src_ptr, coef_ptr, gcol_ptr, gx_ptr, C, S,
                               BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):

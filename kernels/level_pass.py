@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .deform_conv import acc_dtype, autotune_configs
 from .deform_conv_op import _FLOAT_DTYPES, _device_guard
-from .runtime import INTERPRET, check_runnable, sm_count
+from .runtime import INTERPRET, check_runnable, first_config_unless_tuning, sm_count
 
 # A reduction's pixel run is a multiple of this, and so of every BLOCK_P of its configs (and of 16, see
 # `_aligned`).
@@ -69,9 +69,11 @@ _INTERPRET_CONFIG = {"BLOCK_C": 4, "BLOCK_P": 16}
 
 
 def _prune_by_layout(configs, named_args, **kwargs):
-    """Pixel-long tiles where pixels are contiguous (stride_p == 1), channel-long tiles otherwise."""
+    """Pixel-long tiles where pixels are contiguous (stride_p == 1), channel-long tiles otherwise (the first of
+    them only when autotuning is off)."""
     pixels = named_args["stride_p"] == 1
-    return [c for c in configs if (c.kwargs["BLOCK_P"] >= c.kwargs["BLOCK_C"]) == pixels] or configs
+    kept = [c for c in configs if (c.kwargs["BLOCK_P"] >= c.kwargs["BLOCK_C"]) == pixels] or configs
+    return first_config_unless_tuning(kept)
 
 
 def _autotune(space, key):

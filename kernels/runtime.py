@@ -1,6 +1,7 @@
 """Where the kernels may run: CUDA, Triton's CPU interpreter, or nowhere but a compiler.
 
-`INTERPRET` is read once at import, as Triton itself does when the kernels are defined. `compile_only` lets CPU
+`INTERPRET` is read once at import, as Triton itself does when the kernels are defined; so is `AUTOTUNE`
+(``DYHEAD_AUTOTUNE=0`` turns autotuning off). `compile_only` lets CPU
 tensors through the device checks and sizes launches for a GPU of a given SM count, so that a tool that turns
 every launch into a compile for a GPU target (`benchmarks/compile_check.py`) drives the real wrappers on a
 machine without a GPU.
@@ -15,9 +16,14 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["INTERPRET", "check_runnable", "compile_only", "interpreter_problem", "sm_count"]
+__all__ = ["AUTOTUNE", "INTERPRET", "check_runnable", "compile_only", "first_config_unless_tuning",
+           "interpreter_problem", "sm_count"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# With DYHEAD_AUTOTUNE=0 every autotuned kernel runs the first config of its space that suits its arguments,
+# without timing trials: for tests and short runs on a GPU, where tuning costs seconds per kernel and problem
+# size (10-20 s per DCN size on an H100) and the results do not depend on the config.
+AUTOTUNE = os.environ.get("DYHEAD_AUTOTUNE", "1") != "0"
 
 _compile_only_sms: Optional[int] = None
 
@@ -38,6 +44,12 @@ def compile_only(sms: int) -> Iterator[None]:
         yield
     finally:
         _compile_only_sms = previous
+
+
+def first_config_unless_tuning(configs: list) -> list:
+    """An early-config pruner's last step: ``configs``, or only the first of them when `AUTOTUNE` is off (a
+    single config left is run without a trial)."""
+    return configs if AUTOTUNE else configs[:1]
 
 
 def _release(version: str) -> tuple[int, int]:

@@ -35,3 +35,31 @@ def test_compile_only_refuses_the_interpreter():
     with pytest.raises(RuntimeError, match="unset TRITON_INTERPRET"):
         with runtime.compile_only(132):
             pass
+
+
+def _space_configs(space):
+    import triton
+    return [triton.Config(meta, num_warps=warps, num_stages=stages) for meta, warps, stages in space]
+
+
+@pytest.mark.parametrize("autotune", [True, False])
+def test_autotuning_off_leaves_each_pruner_the_first_config_that_suits(monkeypatch, autotune):
+    from kernels import deform_conv, deform_conv_backward, level_pass
+    monkeypatch.setattr(runtime, "AUTOTUNE", autotune)
+    monkeypatch.setattr(deform_conv, "INTERPRET", False)  # the GPU spaces (the interpreter has one config)
+    bf16, fp32 = torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1)
+    fwd = _space_configs(deform_conv._FWD_SPACE)
+    kept = deform_conv._fwd_prune(fwd, {"x_ptr": bf16})
+    assert [c.kwargs for c in kept] == [c.kwargs for c in (fwd if autotune else fwd[:1])]
+    # fp32 swaps in its own space before the cut.
+    kept = deform_conv_backward._bwd_prune(_space_configs(deform_conv_backward._BWD_SPACE), {"x_ptr": fp32})
+    fp32_space = deform_conv_backward._BWD_SPACE_FP32
+    assert len(kept) == (len(fp32_space) if autotune else 1)
+    assert (kept[0].kwargs, kept[0].num_warps) == (fp32_space[0][0], fp32_space[0][1])
+    # The layout filter runs first: a channels-last tensor gets a channel-long tile even when the cut is made.
+    reductions = _space_configs(level_pass._REDUCTION_SPACE)
+    kept = level_pass._prune_by_layout(reductions, {"stride_p": 256})
+    assert kept and all(c.kwargs["BLOCK_C"] > c.kwargs["BLOCK_P"] for c in kept)
+    assert len(kept) == (sum(c.kwargs["BLOCK_C"] > c.kwargs["BLOCK_P"] for c in reductions) if autotune else 1)
+    gather = _space_configs(deform_conv_backward._GATHER_SPACE)
+    assert len(deform_conv_backward._gather_prune(gather, {})) == (len(gather) if autotune else 1)
