@@ -1,0 +1,79 @@
+"""The host-cost proxy (`benchmarks.host_ops`): what it counts as a launch, and DyHead's triton path against the
+torchvision path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from benchmarks import host_ops
+from kernels.runtime import INTERPRET
+
+aten = torch.ops.aten
+
+
+@triton.jit
+def _double_kernel(x_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    keep = offs < n
+    tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=keep) * 2, mask=keep)
+
+
+@pytest.mark.parametrize("op, launches", [
+    (aten.add.Tensor, True), (aten.add_.Tensor, True), (aten.copy_.default, True), (aten.sum.default, True),
+    (aten.view.default, False), (aten.t.default, False), (aten.split_with_sizes.default, False),
+    (aten.empty.memory_format, False), (aten.empty_like.default, False), (aten.detach.default, False),
+])
+def test_views_and_allocations_are_not_launches(op, launches):
+    assert host_ops.launches_kernel(op) is launches
+
+
+def test_counts_aten_ops_by_name_without_views():
+    x = torch.randn(4, 6, requires_grad=True)
+    fwd, bwd = host_ops.count_step(lambda: [(x * 2).t().reshape(-1).sum()], [x])
+    # Flattening the transpose copies it (clone, then an unsafe view that is not counted).
+    assert fwd.aten == {"mul": 1, "clone": 1, "sum": 1} and not fwd.triton
+    # sum's backward expands (a view), the reshape and transpose go back as views, mul's backward multiplies.
+    assert bwd.aten == {"mul": 1} and not bwd.triton
+
+
+@pytest.mark.skipif(not INTERPRET, reason="launches a Triton kernel on CPU tensors")
+def test_counts_triton_launches_and_not_the_interpreters_own_work():
+    from triton.runtime.interpreter import InterpretedFunction
+    run = InterpretedFunction.run
+    x = torch.arange(8.0)
+    count = host_ops.HostCount()
+    with host_ops.counting(count):
+        y = x + 1
+        for _ in range(2):
+            _double_kernel[(1,)](y, 8, BLOCK=8)
+    assert count.triton == {"_double_kernel": 2}
+    assert count.aten == {"add": 1}  # the interpreter copies tensors in and out: not counted
+    assert torch.equal(y, (x + 1) * 4)
+    assert count.total == 3 and InterpretedFunction.run is run  # the launch hook is gone after the block
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the triton backend on CPU tensors runs in the interpreter")
+def test_dyhead_triton_step_asks_less_than_half_of_the_torchvision_steps():
+    totals = {}
+    for backend in ("triton", "torchvision"):
+        forward, inputs = host_ops.dyhead_step(backend, channels=16, batch=2, num_levels=5, num_blocks=1, size=8,
+                                               device="cpu", dtype=torch.float32)
+        host_ops.count_step(forward, inputs)
+        fwd, bwd = host_ops.count_step(forward, inputs)
+        totals[backend] = fwd.total + bwd.total
+        if backend == "triton":
+            # All deformable convs of the block in one forward and one backward launch.
+            assert fwd.triton["_fwd_kernel"] == 1 and bwd.triton["_bwd_kernel"] == 1
+            assert "deform_conv2d" not in fwd.aten
+        else:
+            assert fwd.aten["deform_conv2d"] == 13  # 5 same + 4 finer + 4 coarser
+    assert totals["triton"] < totals["torchvision"] / 2
+
+
+def test_main_prints_a_row_per_backend(capsys):
+    assert host_ops.main(["--backends", "torchvision", "--levels", "2", "--size", "4", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "\ntorchvision " in out and "torchvision forward: " in out and "deform_conv2d 4" in out
