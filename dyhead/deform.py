@@ -153,14 +153,22 @@ def deform_conv2d_sets(
     strides: Sequence[int | tuple[int, int]],
     padding: int | tuple[int, int] = 1,
     dilation: int | tuple[int, int] = 1,
+    *,
+    sample_bases: Sequence[Tensor] | None = None,
+    mask_logits: bool = False,
 ) -> list[list[Tensor]]:
     """:func:`deform_conv2d` of several weight sets, each on some of one list of inputs:
     ``out[s][j] = deform_conv2d(backend, inputs[levels[s][j]], offsets[s][j], masks[s][j], weights[s], biases[s],
     strides[s], padding, dilation)``. One launch for all convs on triton (``kernels.modulated_deform_conv2d_sets``),
-    a loop elsewhere. inputs: (N, Cin, H_i, W_i) of one N and Cin; weights: S of one shape (Cout, Cin, kh, kw)."""
+    a loop elsewhere. inputs: (N, Cin, H_i, W_i) of one N and Cin; weights: S of one shape (Cout, Cin, kh, kw).
+    mask_logits: the masks are logits (the modulation is their sigmoid); sample_bases: tensors the offsets and
+    masks are views of, where triton writes their gradients directly (see the kernel op; ignored elsewhere)."""
     if resolve_backend(backend, inputs[0].device) == "triton":
         return kernels.modulated_deform_conv2d_sets(inputs, weights, biases, levels, offsets, masks, strides,
-                                                    padding, dilation)
+                                                    padding, dilation, sample_bases=sample_bases,
+                                                    mask_logits=mask_logits)
+    if mask_logits:
+        masks = [[m.sigmoid() for m in set_masks] for set_masks in masks]
     return [[deform_conv2d(backend, inputs[i], o, m, weight, bias, stride, padding, dilation)
              for i, o, m in zip(indices, set_offsets, set_masks)]
             for weight, bias, stride, indices, set_offsets, set_masks in zip(weights, biases, strides, levels,

@@ -59,11 +59,12 @@ def tap_sample(off_ptr, msk_ptr, n, oh, ow, valid_p, tap, H, W, KW,
                stride_on, stride_oc, stride_oh, stride_ow,
                stride_mn, stride_mc, stride_mh, stride_mw,
                conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w,
-               ACC: tl.constexpr):
+               MASK_LOGITS: tl.constexpr, ACC: tl.constexpr):
     """Sample point of one tap for a tile of output pixels of image n.
 
     Returns the top-left corner y0, x0 (int32: offsets are clamped to +-2**30 pixels), the fractional parts
-    ly, lx and the mask m (all zero where the sample does not count: unless -1 < y < H and -1 < x < W), which
+    ly, lx and the mask m (MASK_LOGITS: the sigmoid of what msk_ptr holds) (all zero where the sample does not
+    count: unless -1 < y < H and -1 < x < W), which
     of the corners (y0, x0), (y0, x0+1), (y0+1, x0), (y0+1, x0+1) lie in the image, and their bilinear weights
     times the mask.
     """
@@ -72,6 +73,8 @@ def tap_sample(off_ptr, msk_ptr, n, oh, ow, valid_p, tap, H, W, KW,
     dx = tl.load(off + stride_oc, mask=valid_p, other=0.0).to(ACC)
     m = tl.load(msk_ptr + n * stride_mn + tap.to(tl.int64) * stride_mc + oh * stride_mh + ow * stride_mw,
                 mask=valid_p, other=0.0).to(ACC)
+    if MASK_LOGITS:
+        m = tl.sigmoid(m)
     y0, ly, in_y = _split_coordinate(dy, oh * conv_stride_h - pad_h + (tap // KW) * dil_h, H)
     x0, lx, in_x = _split_coordinate(dx, ow * conv_stride_w - pad_w + (tap % KW) * dil_w, W)
     inside = valid_p & in_y & in_x
@@ -130,14 +133,19 @@ def load_corners(ptr, cmask, ok00, ok01, ok10, ok11, stride_xh, stride_xw, ACC: 
 
 
 # A grouped launch's int64 level table: one row per conv, these fields in this order (`grouped_input` writes
-# the rows, `level_args` reads them). x_start and o_start: the first pixel of the conv's input in the packed
-# input and of its output in the flat output, counted over all images; set: its weight set.
+# the rows, `level_args` and `sample_grad_args` read them). x_start and o_start: the first pixel of the conv's
+# input in the packed input and of its output in the flat output, counted over all images; set: its weight set;
+# grad_offset, grad_mask and their strides: where the backward puts the conv's offset and mask gradients in its
+# flat buffer (`SampleGrads`).
 LEVEL_FIELDS = ("H", "W", "Ho", "Wo", "HoWo", "x_start", "o_start",
                 "offset", "stride_on", "stride_oc", "stride_oh", "stride_ow",
                 "mask", "stride_mn", "stride_mc", "stride_mh", "stride_mw",
-                "set", "conv_stride_h", "conv_stride_w")
+                "set", "conv_stride_h", "conv_stride_w",
+                "grad_offset", "stride_gon", "stride_goc", "stride_goh", "stride_gow",
+                "grad_mask", "stride_gmn", "stride_gmc", "stride_gmh", "stride_gmw")
 _FIELDS = tl.constexpr(len(LEVEL_FIELDS))
 _HOWO = tl.constexpr(LEVEL_FIELDS.index("HoWo"))
+_GRAD_OFFSET = tl.constexpr(LEVEL_FIELDS.index("grad_offset"))
 
 
 @triton.jit
@@ -208,6 +216,15 @@ def _fwd_prune(configs, named_args, **kwargs):
     return first_config_unless_tuning(configs)
 
 
+@triton.jit
+def sample_grad_args(table_ptr, level):
+    """The level's gradient fields (`LEVEL_FIELDS`, from grad_offset): the first element and (n, c, h, w)
+    strides of its offset gradient, then of its mask gradient, all int64."""
+    row = table_ptr + level * _FIELDS + _GRAD_OFFSET
+    return (tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4),
+            tl.load(row + 5), tl.load(row + 6), tl.load(row + 7), tl.load(row + 8), tl.load(row + 9))
+
+
 # P_BUCKET (next power of two of the pixel count) keys the tuning on the problem size without retuning for
 # every image size.
 @triton.autotune(configs=autotune_configs(_FWD_SPACE, {"BLOCK_P": 32, "BLOCK_N": 16, "BLOCK_K": 16}),
@@ -220,9 +237,9 @@ def _fwd_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, b_ptr, y_ptr, table_ptr,
                 stride_on, stride_oc, stride_oh, stride_ow,
                 stride_mn, stride_mc, stride_mh, stride_mw,
                 conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w,
-                GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, Y_INT64: tl.constexpr, FP64: tl.constexpr,
-                DOT: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr):
+                GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, Y_INT64: tl.constexpr, MASK_LOGITS: tl.constexpr,
+                FP64: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[n, co, hw] = sum_{tap, c} sample(x, n, hw, tap)[c] * w[tap * C + c, co] (+ bias[co]), per conv.
 
     Grid: (sum over convs of N * cdiv(Ho*Wo, BLOCK_P), cdiv(Cout, BLOCK_N)). x: the packed NHWC input
@@ -230,7 +247,7 @@ def _fwd_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, b_ptr, y_ptr, table_ptr,
     flat output, conv after conv (N, Cout, Ho, Wo) contiguous. GROUPED: each conv's sizes, starts, offset/mask
     pointers and strides, weight set and conv stride come from the LEVELS rows of table_ptr (`level_args`)
     instead of the arguments H ... conv_stride_w (one conv, set 0). Y_INT64: an image's Cout*Ho*Wo outputs
-    may pass 2**31.
+    may pass 2**31. MASK_LOGITS: the masks hold logits, whose sigmoid is the modulation.
     """
     pid = tl.program_id(0)
     x_start = 0
@@ -277,7 +294,7 @@ def _fwd_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, b_ptr, y_ptr, table_ptr,
             y0, x0, ly, lx, m, ok00, ok01, ok10, ok11, w00, w01, w10, w11 = tap_sample(
                 off_ptr, msk_ptr, n, oh, ow, valid_p, tap, H, W, KW,
                 stride_on, stride_oc, stride_oh, stride_ow, stride_mn, stride_mc, stride_mh, stride_mw,
-                conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w, ACC)
+                conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w, MASK_LOGITS, ACC)
         c = c0 + offs_k
         cmask = c < C
         # The corner offsets are formed here, not carried: the compiler then sees that they are multiples of
@@ -390,10 +407,12 @@ def channels_last(x):
 
 
 def pack_weights(weights):
-    """S weights (Cout, Cin, kh, kw) -> one (S*kh*kw*Cin, Cout) buffer (one copy): row (s*kh*kw + tap)*Cin + c
-    holds set s's weights of channel c at the tap."""
+    """S weights (Cout, Cin, kh, kw) -> one (S*kh*kw*Cin, Cout) buffer (a stack and a copy): row
+    (s*kh*kw + tap)*Cin + c holds set s's weights of channel c at the tap."""
     cout, cin, kh, kw = weights[0].shape
-    return torch.cat([w.permute(2, 3, 1, 0).reshape(kh * kw * cin, cout) for w in weights])
+    stacked = weights[0][None] if len(weights) == 1 else torch.stack(weights)
+    # contiguous(), not reshape: a channels-last weight would reshape to a strided view.
+    return stacked.permute(0, 3, 4, 2, 1).contiguous().view(len(weights) * kh * kw * cin, cout)
 
 
 def stack_biases(biases, bias_sets, num_sets):
@@ -465,6 +484,27 @@ def plan_convs(inputs, weight_shape, conv_inputs, set_sizes, strides, padding, d
                   input_sizes, input_starts, x_pixels, o_pixels, list(zip(bounds[:-1], bounds[1:])))
 
 
+@dataclass
+class SampleGrads:
+    """Where a backward launch puts the convs' offset and mask gradients: one flat buffer of `numel` elements;
+    per conv, offsets[k] / masks[k] = (first element, n, c, h, w element strides) of its offset's / mask's
+    gradient. Convs whose gradients share elements add into them (atomics only: see `deform_conv_backward`)."""
+    offsets: list
+    masks: list
+    numel: int
+
+
+def stacked_sample_grads(levels):
+    """The `SampleGrads` that give each conv its own contiguous gradients: every conv's offset gradient (N,
+    2*kh*kw, H_out, W_out), conv after conv, then every conv's mask gradient (N, kh*kw, H_out, W_out)."""
+    kk = levels.kh * levels.kw
+    offsets, masks = [], []
+    for (_, _, ho, wo), start in zip(levels.sizes, levels.o_starts):
+        offsets.append((start * 2 * kk, 2 * kk * ho * wo, ho * wo, wo, 1))
+        masks.append((2 * kk * levels.o_pixels + start * kk, kk * ho * wo, ho * wo, wo, 1))
+    return SampleGrads(offsets, masks, 3 * kk * levels.o_pixels)
+
+
 def level_arguments(levels, offset, mask, padding, dilation):
     """The kernels' per-conv arguments H ... conv_stride_w, then padding and dilation: a one-conv launch's
     values; placeholders for what the kernels read from the level table (GROUPED)."""
@@ -474,11 +514,11 @@ def level_arguments(levels, offset, mask, padding, dilation):
     return (h, w, ho, wo, ho * wo, *offset.stride(), *mask.stride(), *levels.strides[0], *padding, *dilation)
 
 
-def grouped_input(xs, offsets, masks, levels, extra_rows=()):
+def grouped_input(xs, offsets, masks, levels, extra_rows=(), sample_grads=None):
     """The inputs of a grouped launch: the inputs packed channels-last into one (x_pixels, Cin) buffer (one
-    grouped transpose), the level table (rows of `LEVEL_FIELDS`, one per conv) and, written by the same
-    `device_tables` launch, the tables of extra_rows (lists of `transpose_row`s). Returns (packed, table, *extra
-    tables)."""
+    grouped transpose), the level table (rows of `LEVEL_FIELDS`, one per conv; the gradient fields from
+    sample_grads, zero without) and, written by the same `device_tables` launch, the tables of extra_rows (lists
+    of `transpose_row`s). Returns (packed, table, *extra tables)."""
     x0 = xs[0]
     packed = x0.new_empty((levels.x_pixels, levels.c))
     # Each (N, C, H, W) input read as (N, C, H*W): a view for NCHW and channels-last memory alike.
@@ -487,21 +527,27 @@ def grouped_input(xs, offsets, masks, levels, extra_rows=()):
                                packed.data_ptr() + start * levels.c * packed.element_size())
                  for v, (h, w), start in zip(flat, levels.input_sizes, levels.input_starts)]
     table_rows = []
-    for (h, w, ho, wo), x_start, o_start, offset, mask, wset, stride in zip(
-            levels.sizes, levels.x_starts, levels.o_starts, offsets, masks, levels.sets, levels.strides):
+    no_grads = [(0,) * 5] * len(levels.sizes)
+    grad_offsets, grad_masks = (sample_grads.offsets, sample_grads.masks) if sample_grads else (no_grads, no_grads)
+    for (h, w, ho, wo), x_start, o_start, offset, mask, wset, stride, grad_offset, grad_mask in zip(
+            levels.sizes, levels.x_starts, levels.o_starts, offsets, masks, levels.sets, levels.strides,
+            grad_offsets, grad_masks):
         table_rows += [h, w, ho, wo, ho * wo, x_start, o_start,
-                       offset.data_ptr(), *offset.stride(), mask.data_ptr(), *mask.stride(), wset, *stride]
+                       offset.data_ptr(), *offset.stride(), mask.data_ptr(), *mask.stride(), wset, *stride,
+                       *grad_offset, *grad_mask]
     table, pack_table, *extra = device_tables(x0.device, table_rows, sum(pack_rows, []),
                                               *(sum(rows, []) for rows in extra_rows))
     transpose_levels(x0, packed, pack_table, pack_rows, levels.n)
     return (packed, table, *extra)
 
 
-def deform_conv_forward(xs, offsets, masks, weights, biases, bias_sets, levels, padding, dilation):
+def deform_conv_forward(xs, offsets, masks, weights, biases, bias_sets, levels, padding, dilation,
+                        mask_logits=False):
     """Forward launch of the convs `levels` plans (`plan_convs`) over the inputs xs (one launch for all; one
-    conv on one input is the plain op). offsets, masks: per conv, shapes as `kernels.modulated_deform_conv2d`;
-    weights: per set (Cout, Cin, kh, kw); biases: (Cout,) each, of the sets bias_sets (the others have none);
-    all sharing N, Cin, dtype and device; padding/dilation are pairs.
+    conv on one input is the plain op). offsets, masks: per conv, shapes as `kernels.modulated_deform_conv2d`
+    (mask_logits: the masks hold logits, modulation = their sigmoid); weights: per set (Cout, Cin, kh, kw);
+    biases: (Cout,) each, of the sets bias_sets (the others have none); all sharing N, Cin, dtype and device;
+    padding/dilation are pairs.
 
     Returns y: flat (sum over convs of N*Cout*H_out*W_out,), conv after conv each (N, Cout, H_out, W_out)
     contiguous, in the inputs' dtype.
@@ -532,5 +578,6 @@ def deform_conv_forward(xs, offsets, masks, weights, biases, bias_sets, levels, 
         n, c, cout, levels.kh * levels.kw, levels.kw, triton.next_power_of_2(levels.o_pixels), len(levels.sizes),
         *level_arguments(levels, offsets[0], masks[0], padding, dilation),
         GROUPED=levels.grouped, HAS_BIAS=bias is not None,
-        Y_INT64=cout * max(ho * wo for _, _, ho, wo in levels.sizes) >= 2**31, **launch_flags(xs[0]))
+        Y_INT64=cout * max(ho * wo for _, _, ho, wo in levels.sizes) >= 2**31, MASK_LOGITS=mask_logits,
+        **launch_flags(xs[0]))
     return y

@@ -23,7 +23,8 @@ import triton.language as tl
 
 from .deform_conv import (_FIELDS, _HOWO, acc_dtype, autotune_configs, channels_last, find_level,
                           grouped_input, launch_flags, level_args, level_arguments, load_corners, mma, pack_weights,
-                          tap_sample, transpose_last, transpose_levels, transpose_row)
+                          sample_grad_args, stacked_sample_grads, tap_sample, transpose_last, transpose_levels,
+                          transpose_row)
 from .runtime import INTERPRET, first_config_unless_tuning, sm_count
 
 # Only BLOCK_P is tuned: the wrapper fixes BLOCK_K and BLOCK_N (`_bwd_blocks`), because the partial buffers
@@ -73,22 +74,27 @@ def _accumulate(ptrs, val, mask, DETERMINISTIC: tl.constexpr):
 @triton.jit
 def _bwd_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, gy_ptr,
                 gs_ptr, gx_ptr, gw_ptr, gcol_ptr, tgt_ptr, coef_ptr, table_ptr,
-                N, C, Cout, KK, KW, P_BUCKET, PIX, LEVELS, X_PIXELS, O_PIXELS,
+                N, C, Cout, KK, KW, P_BUCKET, PIX, LEVELS, X_PIXELS, O_PIXELS, GS_NUMEL,
                 H, W, Ho, Wo, HoWo,
                 stride_on, stride_oc, stride_oh, stride_ow,
                 stride_mn, stride_mc, stride_mh, stride_mw,
                 conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w,
+                gos, stride_gon, stride_goc, stride_goh, stride_gow,
+                gms, stride_gmn, stride_gmc, stride_gmh, stride_gmw,
                 GROUPED: tl.constexpr, GRAD_INPUT: tl.constexpr, GRAD_SAMPLE: tl.constexpr,
-                GRAD_WEIGHT: tl.constexpr, DETERMINISTIC: tl.constexpr, FP64: tl.constexpr, DOT: tl.constexpr,
-                ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                GRAD_WEIGHT: tl.constexpr, DETERMINISTIC: tl.constexpr, MASK_LOGITS: tl.constexpr,
+                FP64: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """All gradients but the bias's, for one (tap, channel chunk, output chunk, pixel run).
 
     Grid: (KK * cdiv(C, BLOCK_K), cdiv(Cout, BLOCK_N), sum over convs of N * cdiv(Ho*Wo, PIX)). x, w, table
     and GROUPED as in `_fwd_kernel`; gy: the output gradient, laid out as y, or when GROUPED channels-last
     (O_PIXELS, Cout); X_PIXELS / O_PIXELS: pixels of all packed inputs / outputs of all convs and images.
     Outputs (fp32; with atomics R = 1, else one row per partial):
-    gs [R, 3*KK*O_PIXELS]: the offset gradients of every conv, each (N, 2*KK, Ho, Wo) ((dy, dx) per tap),
-    then the mask gradients, each (N, KK, Ho, Wo); R = cdiv(C, BLOCK_K) * cdiv(Cout, BLOCK_N);
+    gs [R, GS_NUMEL]: the offset gradient of each conv, (N, 2*KK, Ho, Wo) ((dy, dx) per tap) from element gos
+    with strides stride_gon ... stride_gow, and its mask gradient (N, KK, Ho, Wo) from gms with stride_gmn ...
+    (`SampleGrads`; GROUPED: from the table); R = cdiv(C, BLOCK_K) * cdiv(Cout, BLOCK_N); MASK_LOGITS: the
+    masks hold logits (the modulation is their sigmoid) and get the logits' gradient;
     gw [S, KK*C, Cout] per weight set with atomics, else [runs, KK*C, Cout] per pixel run; gx: the packed NHWC
     grad input (atomics; convs reading the same input add into the same rows) or, when DETERMINISTIC,
     gcol [cdiv(Cout, BLOCK_N), O_PIXELS*KK, C] and the corner entries tgt, coef [O_PIXELS*KK*4] for
@@ -109,6 +115,9 @@ def _bwd_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, gy_ptr,
          msk_ptr, stride_mn, stride_mc, stride_mh, stride_mw,
          wset, conv_stride_h, conv_stride_w) = level_args(table_ptr, level, off_ptr, msk_ptr)
         w_ptr += wset.to(tl.int64) * KK * C * Cout
+        if GRAD_SAMPLE:
+            (gos, stride_gon, stride_goc, stride_goh, stride_gow,
+             gms, stride_gmn, stride_gmc, stride_gmh, stride_gmw) = sample_grad_args(table_ptr, level)
     c_blocks = tl.cdiv(C, BLOCK_K)
     tap = pid_kc // c_blocks
     cb = pid_kc % c_blocks
@@ -146,7 +155,7 @@ def _bwd_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, gy_ptr,
         y0, x0, ly, lx, m, ok00, ok01, ok10, ok11, w00, w01, w10, w11 = tap_sample(
             off_ptr, msk_ptr, n, oh, ow, valid_p, tap, H, W, KW,
             stride_on, stride_oc, stride_oh, stride_ow, stride_mn, stride_mc, stride_mh, stride_mw,
-            conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w, ACC)
+            conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w, MASK_LOGITS, ACC)
         if GROUPED:
             gy_tile = gy_rows + (hw.to(tl.int64) * Cout)[:, None]
         else:
@@ -169,12 +178,16 @@ def _bwd_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, gy_ptr,
                 row = (cb * tl.num_programs(1) + nb).to(tl.int64)
             else:
                 row = 0
-            gs = gs_ptr + row * 3 * KK * O_PIXELS
-            goff = gs + pixel0 * 2 * KK + (2 * tap).to(tl.int64) * HoWo + hw
+            gs = gs_ptr + row * GS_NUMEL
+            goff = (gs + gos + n * stride_gon + (2 * tap).to(tl.int64) * stride_goc + oh * stride_goh
+                    + ow * stride_gow)
             _accumulate(goff, m * (hx * (a10 - a00) + lx * (a11 - a01)), valid_p, DETERMINISTIC)
-            _accumulate(goff + HoWo, m * (hy * (a01 - a00) + ly * (a11 - a10)), valid_p, DETERMINISTIC)
+            _accumulate(goff + stride_goc, m * (hy * (a01 - a00) + ly * (a11 - a10)), valid_p, DETERMINISTIC)
             g_mask = hy * (hx * a00 + lx * a01) + ly * (hx * a10 + lx * a11)
-            gmask = gs + 2 * KK * O_PIXELS + pixel0 * KK + tap.to(tl.int64) * HoWo + hw
+            if MASK_LOGITS:
+                g_mask = g_mask * m * (1 - m)  # m is zero where the sample does not count, and so is g_mask
+            gmask = (gs + gms + n * stride_gmn + tap.to(tl.int64) * stride_gmc + oh * stride_gmh
+                     + ow * stride_gmw)
             _accumulate(gmask, g_mask, valid_p, DETERMINISTIC)
         if GRAD_INPUT and DETERMINISTIC:
             entry = (pixel0 + hw) * KK + tap
@@ -301,34 +314,33 @@ def _pixels_per_program(x, n, howos, programs_per_run):
 
 
 def backward_shapes(x, offset, mask, weight, needs):
-    """Shapes of a one-conv backward's results; a gradient autograd does not need is an empty (0,) tensor."""
-    need_input, need_sample, need_weight = needs
-    shapes = (x.shape, offset.shape, mask.shape, weight.shape)
-    return [shape if need else (0,) for shape, need in zip(shapes, (need_input, need_sample, need_sample,
-                                                                     need_weight))] + [(weight.shape[0],)]
+    """Shapes of a one-conv backward's results: grad input, the offset and mask gradients flat one after the
+    other, grad weight and bias; a gradient autograd does not need is an empty (0,) tensor."""
+    shapes = (x.shape, (offset.numel() + mask.numel(),), weight.shape)
+    return [shape if need else (0,) for shape, need in zip(shapes, needs)] + [(weight.shape[0],)]
 
 
-def flat_backward_shapes(levels, needs):
+def flat_backward_shapes(levels, needs, sample_numel):
     """Shapes of deform_conv_backward's results for `Levels` levels: flat grad input (the packed inputs, each
-    input's block in its NCHW layout), grad offset and mask (conv after conv), grad weights (S, Cout, Cin, kh,
-    kw) and biases (S, Cout); (0,) where not needed."""
-    need_input, need_sample, need_weight = needs
-    kk, sets = levels.kh * levels.kw, len(levels.set_convs)
-    shapes = ((levels.x_pixels * levels.c,), (levels.o_pixels * 2 * kk,), (levels.o_pixels * kk,),
-              (sets, levels.cout, levels.c, levels.kh, levels.kw))
-    return [shape if need else (0,) for shape, need in zip(shapes, (need_input, need_sample, need_sample,
-                                                                     need_weight))] + [(sets, levels.cout)]
+    input's block in its NCHW layout), flat offset and mask gradients (sample_numel elements, laid out as a
+    `SampleGrads` says), grad weights (S, Cout, Cin, kh, kw) and biases (S, Cout); (0,) where not needed."""
+    sets = len(levels.set_convs)
+    shapes = ((levels.x_pixels * levels.c,), (sample_numel,), (sets, levels.cout, levels.c, levels.kh, levels.kw))
+    return [shape if need else (0,) for shape, need in zip(shapes, needs)] + [(sets, levels.cout)]
 
 
 def deform_conv_backward(grad_out, xs, offsets, masks, weights, levels, padding, dilation, deterministic,
-                         needs=(True, True, True)):
+                         needs=(True, True, True), sample_grads=None, mask_logits=False):
     """Backward launch of the convs `levels` plans, as `deform_conv.deform_conv_forward`. grad_out: the flat
     output gradient (sum over convs of N*Cout*H_out*W_out,) laid out as the forward's y, any strides.
 
-    needs: whether grad input, grad offset and mask, and grad weight are wanted.
-    Returns (grad_input, grad_offset, grad_mask, grad_weight, grad_bias) shaped as `flat_backward_shapes` says
-    (all contiguous; the first three flat), in the inputs' dtype; an input read by several convs gets the sum
-    of their gradients, a weight set the sum over its convs; accumulation in fp32 (fp64 for fp64).
+    needs: whether grad input, grad offset and mask, and grad weight are wanted. sample_grads: where the offset
+    and mask gradients go (`SampleGrads`; None: `stacked_sample_grads`, each conv its own). mask_logits: the
+    masks hold logits (as in the forward); their gradient is the logits'.
+    Returns (grad_input, grad_sample, grad_weight, grad_bias) shaped as `flat_backward_shapes` says (all
+    contiguous; the first two flat), in the inputs' dtype; an input read by several convs gets the sum of
+    their gradients, a weight set the sum over its convs, a gradient element of sample_grads the sum of the
+    convs that share it; accumulation in fp32 (fp64 for fp64).
     """
     n, c, cout, kk = levels.n, levels.c, levels.cout, levels.kh * levels.kw
     x = xs[0]
@@ -336,9 +348,13 @@ def deform_conv_backward(grad_out, xs, offsets, masks, weights, levels, padding,
     sets = len(levels.set_convs)
     need_input, need_sample, need_weight = needs
     grad_out = grad_out.contiguous()
-    shapes = flat_backward_shapes(levels, needs)[:4]
+    layout = sample_grads or stacked_sample_grads(levels)
+    shapes = flat_backward_shapes(levels, needs, layout.numel)[:3]
     if levels.o_pixels == 0 or c == 0 or cout == 0 or not any(needs):
         return (*(x.new_zeros(shape) for shape in shapes), _bias_gradient(grad_out, levels))
+    # Deterministic partials are stored, not added: there each conv gets its own gradient elements, and convs
+    # that share elements of `layout` are summed into them afterwards, in conv order.
+    kernel_layout = stacked_sample_grads(levels) if deterministic and sample_grads is not None else layout
     block_n, block_k = _bwd_blocks(x, cout)
     c_blocks, n_blocks = triton.cdiv(c, block_k), triton.cdiv(cout, block_n)
     howos = [ho * wo for _, _, ho, wo in levels.sizes]
@@ -348,7 +364,7 @@ def deform_conv_backward(grad_out, xs, offsets, masks, weights, levels, padding,
     deterministic = bool(deterministic)
     # With atomics the sums over programs land in one row each (one per weight set for the grad weight), all in
     # one zeroed buffer (one memset); deterministically every program writes its own row of partials.
-    gs_shape = ((c_blocks * n_blocks if deterministic else 1), 3 * kk * levels.o_pixels) if need_sample else (0,)
+    gs_shape = ((c_blocks * n_blocks if deterministic else 1), kernel_layout.numel) if need_sample else (0,)
     gw_shape = ((runs if deterministic else sets), kk * c, cout) if need_weight else (0,)
     gx_shape = (levels.x_pixels, c) if need_input and not deterministic else (0,)
     gs, gw, gx = _accumulators(x, acc, (gs_shape, gw_shape, gx_shape), zero=not deterministic)
@@ -359,7 +375,7 @@ def deform_conv_backward(grad_out, xs, offsets, masks, weights, levels, padding,
     coef = x.new_empty((levels.o_pixels * kk * 4,), dtype=acc) if gathered else empty
     if gathered:
         gx = x.new_empty((levels.x_pixels, c), dtype=acc)
-    grad_input, grad_offset, grad_mask, grad_weight = (x.new_empty(shape) for shape in shapes)
+    grad_input, grad_sample, grad_weight = (x.new_empty(shape) for shape in shapes)
     if levels.grouped:
         # dY of each conv to channels-last, and the NHWC grad input back to each input's NCHW block: grouped
         # transposes whose tables go up with the level table.
@@ -371,7 +387,8 @@ def deform_conv_backward(grad_out, xs, offsets, masks, weights, levels, padding,
                                 grad_input.data_ptr() + start * c * grad_input.element_size())
                   for (h, w), start in zip(levels.input_sizes, levels.input_starts)] if need_input else []
         xl, table, gy_table, *unpack_table = grouped_input(xs, offsets, masks, levels,
-                                                           [dy_rows, unpack] if unpack else [dy_rows])
+                                                           [dy_rows, unpack] if unpack else [dy_rows],
+                                                           kernel_layout)
         transpose_levels(grad_out, gy, gy_table, dy_rows, n)
         o_bounds = [*levels.o_starts, levels.o_pixels]
         grad_bias = _set_sums(gy, [(o_bounds[a], o_bounds[b]) for a, b in levels.set_convs])
@@ -382,9 +399,11 @@ def deform_conv_backward(grad_out, xs, offsets, masks, weights, levels, padding,
     _bwd_kernel[(kk * c_blocks, n_blocks, runs)](
         xl, offsets[0], masks[0], pack_weights(weights), gy, gs, gx, gw, gcol, tgt, coef, table,
         n, c, cout, kk, levels.kw, triton.next_power_of_2(levels.o_pixels), pix, len(levels.sizes),
-        levels.x_pixels, levels.o_pixels, *level_arguments(levels, offsets[0], masks[0], padding, dilation),
+        levels.x_pixels, levels.o_pixels, kernel_layout.numel,
+        *level_arguments(levels, offsets[0], masks[0], padding, dilation),
+        *((0,) * 10 if levels.grouped else (*kernel_layout.offsets[0], *kernel_layout.masks[0])),
         GROUPED=levels.grouped, GRAD_INPUT=need_input, GRAD_SAMPLE=need_sample, GRAD_WEIGHT=need_weight,
-        DETERMINISTIC=deterministic, BLOCK_N=block_n, BLOCK_K=block_k, **launch_flags(x))
+        DETERMINISTIC=deterministic, MASK_LOGITS=mask_logits, BLOCK_N=block_n, BLOCK_K=block_k, **launch_flags(x))
 
     # Always a copy: a view of the accumulators would alias another output of the custom op.
     if need_input:
@@ -397,15 +416,30 @@ def deform_conv_backward(grad_out, xs, offsets, masks, weights, levels, padding,
             transpose_last(gx.view(n, h * w, c), grad_input.view(n, c, h * w))
     if need_sample:
         sample = gs.sum(dim=0) if gs.shape[0] > 1 else gs[0]
-        grad_offset = sample[:2 * kk * levels.o_pixels].to(x.dtype, copy=True)
-        grad_mask = sample[2 * kk * levels.o_pixels:].to(x.dtype, copy=True)
+        if kernel_layout is not layout:
+            sample = _relayout(sample, kernel_layout, layout, levels)
+        grad_sample = sample.to(x.dtype, copy=True)
     if need_weight:
         if deterministic:
             run_bounds = [sum(conv_runs[:k]) for k in range(len(conv_runs) + 1)]
             gw = _set_sums(gw, [(run_bounds[a], run_bounds[b]) for a, b in levels.set_convs])
         grad_weight = gw.view(sets, levels.kh, levels.kw, c, cout).permute(0, 4, 3, 1, 2).to(
             x.dtype, memory_format=torch.contiguous_format, copy=True)
-    return grad_input, grad_offset, grad_mask, grad_weight, grad_bias
+    return grad_input, grad_sample, grad_weight, grad_bias
+
+
+def _relayout(src, src_layout, dst_layout, levels):
+    """The offset and mask gradients of src (laid out as src_layout) laid out as dst_layout, each conv's added
+    in conv order (a fixed order: deterministic where convs share elements)."""
+    dst = src.new_zeros((dst_layout.numel,))
+    n, kk = levels.n, levels.kh * levels.kw
+    for k, (_, _, ho, wo) in enumerate(levels.sizes):
+        for src_views, dst_views, channels in ((src_layout.offsets, dst_layout.offsets, 2 * kk),
+                                               (src_layout.masks, dst_layout.masks, kk)):
+            (s0, *s_strides), (d0, *d_strides) = src_views[k], dst_views[k]
+            size = (n, channels, ho, wo)
+            dst.as_strided(size, d_strides, d0).add_(src.as_strided(size, s_strides, src.storage_offset() + s0))
+    return dst
 
 
 def _set_sums(rows, bounds):

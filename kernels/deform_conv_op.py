@@ -12,6 +12,7 @@ flat buffer per result (custom op outputs may not alias each other), split into 
 
 import contextlib
 from collections.abc import Sequence
+from math import prod
 from typing import Optional
 
 import torch
@@ -21,6 +22,13 @@ from . import deform_conv, deform_conv_backward
 from .runtime import check_runnable
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def eager_call(*tensors) -> bool:
+    """Whether a call takes the autograd.Function path, which skips the custom op's dispatch: plain tensors
+    (a module's weights are Parameters) outside tracing. Tensor subclasses (fake and functional tensors among
+    them) and traced code go through the custom op."""
+    return all(type(t) in (Tensor, torch.nn.Parameter) for t in tensors) and not torch.compiler.is_compiling()
 
 
 def _pair(value, name):
@@ -128,7 +136,7 @@ def _forward_fake(input, offset, mask, weight, bias, stride_h, stride_w, pad_h, 
 def _backward_impl(grad_out: Tensor, input: Tensor, offset: Tensor, mask: Tensor, weight: Tensor,
                    stride_h: int, stride_w: int, pad_h: int, pad_w: int, dil_h: int, dil_w: int,
                    deterministic: bool, need_input: bool, need_sample: bool,
-                   need_weight: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                   need_weight: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _check_runnable(input)
     needs = (need_input, need_sample, need_weight)
     levels = _one_conv(input, weight, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w)
@@ -165,8 +173,14 @@ def _gradients(backward, ctx, grad_out):
     for the 7 non-tensor arguments; backward is the custom backward op or its implementation."""
     input, offset, mask, weight = ctx.saved_tensors
     need = ctx.needs_input_grad
-    grads = backward(grad_out, input, offset, mask, weight, *ctx.conv, ctx.deterministic,
-                     need[0], need[1] or need[2], need[3])
+    grad_input, grad_sample, grad_weight, grad_bias = backward(grad_out, input, offset, mask, weight, *ctx.conv,
+                                                               ctx.deterministic, need[0], need[1] or need[2],
+                                                               need[3])
+    if need[1] or need[2]:
+        grad_offset, grad_mask = _split(grad_sample, [offset.shape, mask.shape])
+    else:
+        grad_offset = grad_mask = grad_sample
+    grads = (grad_input, grad_offset, grad_mask, grad_weight, grad_bias)
     wanted = (*need[:4], ctx.has_bias and need[4])
     return (*(g if w else None for g, w in zip(grads, wanted)), None, None, None, None, None, None, None)
 
@@ -237,7 +251,7 @@ def modulated_deform_conv2d(input: Tensor, offset: Tensor, mask: Tensor, weight:
     args = (input, offset, mask, weight, bias, *stride, *padding, *dilation, bool(deterministic))
     # Traced code (torch.compile, fake tensors, tensor subclasses) goes through the custom op; plain eager
     # tensors take the same implementation without its dispatch cost.
-    if type(input) is Tensor and not torch.compiler.is_compiling():
+    if eager_call(input, offset, mask, weight, *([] if bias is None else [bias])):
         return _EagerDeformConv.apply(*args)
     return _forward_op(*args)
 
@@ -326,15 +340,56 @@ def _check_set_tensors(inputs, weights, biases, levels, offsets, masks, strides,
                              f"{tuple(weights[0].shape)}: the sets need one weight shape")
 
 
-def _sets_forward_impl(inputs: list[Tensor], offsets: list[Tensor], masks: list[Tensor], weights: list[Tensor],
-                       biases: list[Tensor], bias_sets: list[int], conv_inputs: list[int], set_sizes: list[int],
-                       strides: list[int], pad_h: int, pad_w: int, dil_h: int, dil_w: int,
+# Per conv, where it reads its offsets and mask in the op's sample bases: (base index, first element relative to
+# the base's, n, c, h, w element strides) for the offset, then the same for the mask.
+_VIEW_INTS = 12
+
+
+def _sample_views(bases, views, levels):
+    """The offsets and masks the convs read, as tensors: a base itself where a view is all of it (no new
+    view), else an `as_strided` view of it."""
+    kk = levels.kh * levels.kw
+    offsets, masks = [], []
+    for k, (_, _, ho, wo) in enumerate(levels.sizes):
+        row = views[k * _VIEW_INTS:(k + 1) * _VIEW_INTS]
+        for out, (b, start, *strides), channels in ((offsets, row[:6], 2 * kk), (masks, row[6:], kk)):
+            base, shape = bases[b], (levels.n, channels, ho, wo)
+            if start == 0 and tuple(base.shape) == shape and tuple(base.stride()) == tuple(strides):
+                out.append(base)
+            else:
+                out.append(base.as_strided(shape, strides, base.storage_offset() + start))
+    return offsets, masks
+
+
+def _sample_grads(bases, views, levels):
+    """The `deform_conv.SampleGrads` that put each base's gradient in the flat buffer, base after base, each
+    contiguous: a view of a contiguous base lands where it reads; a tensor that is its own (non-contiguous)
+    base gets a contiguous gradient."""
+    kk = levels.kh * levels.kw
+    starts = [0]
+    for base in bases:
+        starts.append(starts[-1] + base.numel())
+    offsets, masks = [], []
+    for k, (_, _, ho, wo) in enumerate(levels.sizes):
+        row = views[k * _VIEW_INTS:(k + 1) * _VIEW_INTS]
+        for out, (b, start, *strides), channels in ((offsets, row[:6], 2 * kk), (masks, row[6:], kk)):
+            if bases[b].is_contiguous():
+                out.append((starts[b] + start, *strides))
+            else:
+                out.append((starts[b], channels * ho * wo, ho * wo, wo, 1))
+    return deform_conv.SampleGrads(offsets, masks, starts[-1])
+
+
+def _sets_forward_impl(inputs: list[Tensor], bases: list[Tensor], weights: list[Tensor], biases: list[Tensor],
+                       bias_sets: list[int], views: list[int], conv_inputs: list[int], set_sizes: list[int],
+                       strides: list[int], pad_h: int, pad_w: int, dil_h: int, dil_w: int, mask_logits: bool,
                        deterministic: bool) -> Tensor:
     _check_runnable(inputs[0])
     levels = _plan(inputs, weights, conv_inputs, set_sizes, strides, pad_h, pad_w, dil_h, dil_w)
+    offsets, masks = _sample_views(bases, views, levels)
     with _device_guard(inputs[0]):
         return deform_conv.deform_conv_forward(inputs, offsets, masks, weights, biases, bias_sets, levels,
-                                               (pad_h, pad_w), (dil_h, dil_w))
+                                               (pad_h, pad_w), (dil_h, dil_w), mask_logits)
 
 
 def _plan(inputs, weights, conv_inputs, set_sizes, strides, pad_h, pad_w, dil_h, dil_w):
@@ -348,22 +403,24 @@ _sets_forward_op = torch.library.custom_op("dyhead_triton::modulated_deform_conv
 
 
 @_sets_forward_op.register_fake
-def _sets_forward_fake(inputs, offsets, masks, weights, biases, bias_sets, conv_inputs, set_sizes, strides, pad_h,
-                       pad_w, dil_h, dil_w, deterministic):
-    pixels = sum(offset.shape[0] * offset.shape[2] * offset.shape[3] for offset in offsets)
-    return inputs[0].new_empty((pixels * weights[0].shape[0],))
+def _sets_forward_fake(inputs, bases, weights, biases, bias_sets, views, conv_inputs, set_sizes, strides, pad_h,
+                       pad_w, dil_h, dil_w, mask_logits, deterministic):
+    levels = _plan(inputs, weights, conv_inputs, set_sizes, strides, pad_h, pad_w, dil_h, dil_w)
+    return inputs[0].new_empty((levels.o_pixels * levels.cout,))
 
 
-def _sets_backward_impl(grad_out: Tensor, inputs: list[Tensor], offsets: list[Tensor], masks: list[Tensor],
-                        weights: list[Tensor], conv_inputs: list[int], set_sizes: list[int], strides: list[int],
-                        pad_h: int, pad_w: int, dil_h: int, dil_w: int, deterministic: bool, need_input: bool,
-                        need_sample: bool, need_weight: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _sets_backward_impl(grad_out: Tensor, inputs: list[Tensor], bases: list[Tensor], weights: list[Tensor],
+                        views: list[int], conv_inputs: list[int], set_sizes: list[int], strides: list[int],
+                        pad_h: int, pad_w: int, dil_h: int, dil_w: int, mask_logits: bool, deterministic: bool,
+                        need_input: bool, need_sample: bool, need_weight: bool
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _check_runnable(inputs[0])
     levels = _plan(inputs, weights, conv_inputs, set_sizes, strides, pad_h, pad_w, dil_h, dil_w)
+    offsets, masks = _sample_views(bases, views, levels)
     with _device_guard(inputs[0]):
         return deform_conv_backward.deform_conv_backward(
             grad_out, inputs, offsets, masks, weights, levels, (pad_h, pad_w), (dil_h, dil_w), deterministic,
-            (need_input, need_sample, need_weight))
+            (need_input, need_sample, need_weight), _sample_grads(bases, views, levels), mask_logits)
 
 
 _sets_backward_op = torch.library.custom_op("dyhead_triton::modulated_deform_conv2d_sets_backward",
@@ -371,53 +428,53 @@ _sets_backward_op = torch.library.custom_op("dyhead_triton::modulated_deform_con
 
 
 @_sets_backward_op.register_fake
-def _sets_backward_fake(grad_out, inputs, offsets, masks, weights, conv_inputs, set_sizes, strides, pad_h, pad_w,
-                        dil_h, dil_w, deterministic, need_input, need_sample, need_weight):
+def _sets_backward_fake(grad_out, inputs, bases, weights, views, conv_inputs, set_sizes, strides, pad_h, pad_w,
+                        dil_h, dil_w, mask_logits, deterministic, need_input, need_sample, need_weight):
     levels = _plan(inputs, weights, conv_inputs, set_sizes, strides, pad_h, pad_w, dil_h, dil_w)
-    shapes = deform_conv_backward.flat_backward_shapes(levels, (need_input, need_sample, need_weight))
+    shapes = deform_conv_backward.flat_backward_shapes(levels, (need_input, need_sample, need_weight),
+                                                       sum(base.numel() for base in bases))
     return tuple(inputs[0].new_empty(shape) for shape in shapes)
 
 
 def _split(flat, shapes):
     """Views of the flat buffer, one per shape, one after the other."""
-    return [part.view(shape) for part, shape in zip(flat.split([shape.numel() for shape in shapes]), shapes)]
+    return [part.view(shape) for part, shape in zip(flat.split([prod(shape) for shape in shapes]), shapes)]
 
 
 def _sets_setup_context(ctx, inputs, output):
-    xs, offsets, masks, weights, biases, bias_sets, *plan = inputs
-    ctx.save_for_backward(*xs, *offsets, *masks, *weights)
-    ctx.counts = (len(xs), len(offsets), len(weights))
+    xs, bases, weights, biases, bias_sets, *plan = inputs
+    ctx.save_for_backward(*xs, *bases, *weights)
+    ctx.counts = (len(xs), len(bases), len(weights))
     ctx.plan = plan
     ctx.bias_sets = bias_sets
 
 
 def _sets_gradients(backward, ctx, grad_out, needs):
-    """The gradients of (inputs, offsets, masks, weights, biases) as lists (None where autograd does not need
-    them), and None for the 9 non-tensor arguments. needs: the needs_input_grad of those five lists; backward:
-    the custom backward op or its implementation."""
+    """The gradients of (inputs, bases, weights, biases) as lists (None where autograd does not need them), and
+    None for the 11 non-tensor arguments. needs: the needs_input_grad of those four lists; backward: the
+    custom backward op or its implementation."""
     saved = ctx.saved_tensors
-    num_inputs, num_convs, num_sets = ctx.counts
-    bounds = [0, num_inputs, num_inputs + num_convs, num_inputs + 2 * num_convs, len(saved)]
-    xs, offsets, masks, weights = (list(saved[a:b]) for a, b in zip(bounds[:-1], bounds[1:]))
-    need_x, need_offset, need_mask, need_weight, need_bias = needs
+    num_inputs, num_bases, num_sets = ctx.counts
+    xs, bases, weights = (list(saved[:num_inputs]), list(saved[num_inputs:num_inputs + num_bases]),
+                          list(saved[num_inputs + num_bases:]))
+    need_x, need_base, need_weight, need_bias = needs
     if isinstance(need_bias, bool):  # the custom op's flag for an empty list
         need_bias = [need_bias] * len(ctx.bias_sets)
-    need_sample = any(need_offset) or any(need_mask)
-    grad_x, grad_offset, grad_mask, grad_weight, grad_bias = backward(
-        grad_out, xs, offsets, masks, weights, *ctx.plan, any(need_x), need_sample, any(need_weight))
+    grad_x, grad_sample, grad_weight, grad_bias = backward(
+        grad_out, xs, bases, weights, *ctx.plan, any(need_x), any(need_base), any(need_weight))
     lists = []
-    for flat, tensors, need in ((grad_x, xs, need_x), (grad_offset, offsets, need_offset),
-                                (grad_mask, masks, need_mask)):
+    for flat, tensors, need in ((grad_x, xs, need_x), (grad_sample, bases, need_base)):
         grads = _split(flat, [t.shape for t in tensors]) if any(need) else tensors
         lists.append([g if wanted else None for g, wanted in zip(grads, need)])
     grad_weights = grad_weight.unbind(0) if any(need_weight) else weights
     lists.append([g if wanted else None for g, wanted in zip(grad_weights, need_weight)])
     lists.append([grad_bias[s] if wanted else None for s, wanted in zip(ctx.bias_sets, need_bias)])
-    return (*lists, *(None,) * 9)
+    # An empty bias_sets reads as an empty list of tensors to torch.library: its "gradient" must be one too.
+    return (*lists, [] if not ctx.bias_sets else None, *(None,) * 10)
 
 
 def _sets_backward(ctx, grad_out):
-    return _sets_gradients(_sets_backward_op, ctx, grad_out, ctx.needs_input_grad[:5])
+    return _sets_gradients(_sets_backward_op, ctx, grad_out, ctx.needs_input_grad[:4])
 
 
 _sets_forward_op.register_autograd(_sets_backward, setup_context=_sets_setup_context)
@@ -425,13 +482,12 @@ _sets_forward_op.register_autograd(_sets_backward, setup_context=_sets_setup_con
 
 class _EagerSets(torch.autograd.Function):
     """The sets custom ops without their dispatch, for eager calls (see `_EagerDeformConv`). Takes the numbers
-    of inputs, convs, sets and biases, then the inputs, the convs' offsets and masks, the weights and the
-    biases flattened, then the op's other arguments."""
+    of inputs, sample bases, sets and biases, then those tensors flattened, then the op's other arguments."""
 
     @staticmethod
-    def forward(ctx, num_inputs, num_convs, num_sets, num_biases, *args):
-        sizes = (num_inputs, num_convs, num_convs, num_sets, num_biases)
-        bounds = [sum(sizes[:k]) for k in range(6)]
+    def forward(ctx, num_inputs, num_bases, num_sets, num_biases, *args):
+        sizes = (num_inputs, num_bases, num_sets, num_biases)
+        bounds = [sum(sizes[:k]) for k in range(5)]
         inputs = (*(list(args[a:b]) for a, b in zip(bounds[:-1], bounds[1:])), *args[bounds[-1]:])
         output = _sets_forward_impl(*inputs)
         _sets_setup_context(ctx, inputs, output)
@@ -439,32 +495,93 @@ class _EagerSets(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        num_inputs, num_convs, num_sets = ctx.counts
+        num_inputs, num_bases, num_sets = ctx.counts
         need = ctx.needs_input_grad[4:]
-        sizes = (num_inputs, num_convs, num_convs, num_sets, len(ctx.bias_sets))
-        bounds = [sum(sizes[:k]) for k in range(6)]
+        sizes = (num_inputs, num_bases, num_sets, len(ctx.bias_sets))
+        bounds = [sum(sizes[:k]) for k in range(5)]
         needs = [need[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
         grads = _sets_gradients(_sets_backward_impl, ctx, grad_out, needs)
-        return (None, None, None, None, *(g for group in grads[:5] for g in group), *grads[5:])
+        return (None, None, None, None, *(g for group in grads[:4] for g in group), *(None,) * 11)
+
+
+def _non_overlapping(t: Tensor) -> bool:
+    """Whether no two elements of t share memory (strides, in increasing order, each past the previous span)."""
+    span = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride < span:
+            return False
+        span = stride * size
+    return True
+
+
+def _find_views(sample_bases, named):
+    """Per (name, tensor) of named, (index of the sample base it is a view of, first element relative to the
+    base's); ValueError for a tensor in no base, or one whose elements overlap (gradients would collide)."""
+    places = []
+    for b, base in enumerate(sample_bases):
+        if not isinstance(base, Tensor):
+            raise TypeError(f"sample_bases[{b}] must be a Tensor, got {type(base).__name__}")
+        if not base.is_contiguous():
+            raise ValueError(f"sample_bases[{b}] must be contiguous (its gradient is laid out as it is)")
+    storages = [base.untyped_storage().data_ptr() for base in sample_bases]
+    for name, t in named:
+        start = None
+        for b, (base, storage) in enumerate(zip(sample_bases, storages)):
+            if t.untyped_storage().data_ptr() != storage or t.dtype != base.dtype:
+                continue
+            first = t.storage_offset() - base.storage_offset()
+            last = first + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+            if min(t.stride()) >= 0 and 0 <= first and last < base.numel():
+                start = (b, first)
+                break
+        if start is None:
+            raise ValueError(f"{name} is not a view inside any of sample_bases")
+        if not _non_overlapping(t):
+            raise ValueError(f"{name} has elements that share memory: its gradient would collide with itself")
+        places.append(start)
+    return places
+
+
+def _sample_args(offsets, masks, sample_bases=None):
+    """The sets ops' (bases, views) arguments for the convs' offsets and masks (flat over the convs): the
+    sample_bases they are views of, or without, the offsets and masks themselves."""
+    num_convs = len(offsets)
+    named = [(f"offsets, conv {k}", t) for k, t in enumerate(offsets)] + [(f"masks, conv {k}", t)
+                                                                          for k, t in enumerate(masks)]
+    if sample_bases is not None:
+        bases = list(sample_bases)
+        places = _find_views(bases, named)
+    else:
+        bases = [t for _, t in named]
+        places = [(k, 0) for k in range(2 * num_convs)]
+    views = []
+    for k in range(num_convs):
+        for (b, start), t in ((places[k], offsets[k]), (places[num_convs + k], masks[k])):
+            views += [b, start, *t.stride()]
+    return bases, views
 
 
 def _run_sets(inputs, offsets, masks, weights, biases, conv_inputs, set_sizes, strides, padding, dilation,
-              deterministic):
+              deterministic, sample_bases=None, mask_logits=False):
     """The checked arguments of a sets launch (offsets and masks flat over the convs, biases per set or None,
     strides pairs per set) through the eager Function or the custom op; returns every conv's output,
-    (N, Cout, H_out, W_out) views of one buffer."""
+    (N, Cout, H_out, W_out) views of one buffer. sample_bases: see `modulated_deform_conv2d_sets` (eager calls
+    only: traced calls differentiate the offsets and masks themselves, as without)."""
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     # The ops take the biases that exist and their sets: a list holding None would not be differentiable.
     bias_sets = [s for s, b in enumerate(biases) if b is not None]
     biases = [biases[s] for s in bias_sets]
-    plan = (list(conv_inputs), list(set_sizes), [v for pair in strides for v in pair], *padding, *dilation,
-            bool(deterministic))
     tensors = (*inputs, *offsets, *masks, *weights, *biases)
-    if all(type(t) is Tensor for t in tensors) and not torch.compiler.is_compiling():
-        flat = _EagerSets.apply(len(inputs), len(offsets), len(weights), len(biases), *tensors, bias_sets, *plan)
+    eager = eager_call(*tensors)
+    bases, views = _sample_args(offsets, masks, sample_bases if eager else None)
+    plan = (views, list(conv_inputs), list(set_sizes), [v for pair in strides for v in pair], *padding, *dilation,
+            bool(mask_logits), bool(deterministic))
+    if eager:
+        flat = _EagerSets.apply(len(inputs), len(bases), len(weights), len(biases), *inputs, *bases, *weights,
+                                *biases, bias_sets, *plan)
     else:
-        flat = _sets_forward_op(list(inputs), list(offsets), list(masks), list(weights), biases, bias_sets, *plan)
+        flat = _sets_forward_op(list(inputs), bases, list(weights), biases, bias_sets, *plan)
     n, cout = inputs[0].shape[0], weights[0].shape[0]
     return _split(flat, [torch.Size((n, cout, *offset.shape[2:])) for offset in offsets])
 
@@ -518,8 +635,9 @@ def modulated_deform_conv2d_pyramid(inputs: Sequence[Tensor], offsets: Sequence[
 def modulated_deform_conv2d_sets(inputs: Sequence[Tensor], weights: Sequence[Tensor],
                                  biases: Optional[Sequence[Optional[Tensor]]], levels: Sequence[Sequence[int]],
                                  offsets: Sequence[Sequence[Tensor]], masks: Sequence[Sequence[Tensor]],
-                                 strides=None, padding=1, dilation=1, *,
-                                 deterministic: Optional[bool] = None) -> list[list[Tensor]]:
+                                 strides=None, padding=1, dilation=1, *, deterministic: Optional[bool] = None,
+                                 sample_bases: Optional[Sequence[Tensor]] = None,
+                                 mask_logits: bool = False) -> list[list[Tensor]]:
     """Several weight sets, each `modulated_deform_conv2d` on some of one list of inputs, in one forward launch
     and one backward launch for all (plus a constant number of packing launches).
 
@@ -540,6 +658,14 @@ def modulated_deform_conv2d_sets(inputs: Sequence[Tensor], weights: Sequence[Ten
         strides: S entries, an int or (h, w) pair each; or one int for every set (None: 1). padding,
             dilation: int or (h, w) pair, shared by the sets.
         deterministic: as in `modulated_deform_conv2d`.
+        sample_bases: contiguous tensors that every offset and mask is a view of (say each level's offset-conv
+            output, of which DyHead's offsets, masks and coarser-level views are all views). The backward then
+            writes their gradients straight into the bases' gradients, convs that share elements adding into
+            them, instead of one gradient per view that autograd pads and sums: the gradients go to the bases,
+            none to the views. Used by eager calls; traced calls (and offsets or masks that autocast had to
+            cast) differentiate the offsets and masks as without.
+        mask_logits: the masks hold logits; the modulation is their sigmoid, applied while sampling (their
+            gradient is the logits').
 
     Returns:
         S lists of (N, Cout, H_out, W_out) tensors in the inputs' dtype, out[s][j] for levels[s][j]: views of
@@ -548,7 +674,8 @@ def modulated_deform_conv2d_sets(inputs: Sequence[Tensor], weights: Sequence[Ten
     Raises:
         TypeError / ValueError / NotImplementedError: as `modulated_deform_conv2d`, the message naming the set
             and level; also lists of mismatched lengths, no set or input, an empty set, an index out of range,
-            weights of different shapes, inputs with different N or Cin.
+            weights of different shapes, inputs with different N or Cin; an offset or mask that is no view inside
+            sample_bases, or whose elements overlap.
         RuntimeError: CPU tensors without ``TRITON_INTERPRET=1``.
     """
     _check_list("weights", weights)
@@ -563,10 +690,14 @@ def modulated_deform_conv2d_sets(inputs: Sequence[Tensor], weights: Sequence[Ten
     if isinstance(inputs[0], Tensor) and torch.is_autocast_enabled(inputs[0].device.type):
         device_type = inputs[0].device.type
         inputs, weights, biases = (list(_autocast(device_type, *seq)) for seq in (inputs, weights, biases))
-        offsets, masks = ([list(_autocast(device_type, *seq)) for seq in nested] for nested in (offsets, masks))
+        cast = [[list(_autocast(device_type, *seq)) for seq in nested] for nested in (offsets, masks)]
+        if any(a is not b for nested, new in zip((offsets, masks), cast) for seq, new_seq in zip(nested, new)
+               for a, b in zip(seq, new_seq)):
+            sample_bases = None  # copies are no views of the bases
+        offsets, masks = cast
     _check_set_tensors(inputs, weights, biases, levels, offsets, masks, strides, padding, dilation)
     flat = _run_sets(inputs, [o for seq in offsets for o in seq], [m for seq in masks for m in seq], weights,
                      biases, [i for seq in levels for i in seq], [len(seq) for seq in levels], strides, padding,
-                     dilation, deterministic)
+                     dilation, deterministic, sample_bases, mask_logits)
     bounds = [sum(len(seq) for seq in levels[:s]) for s in range(len(levels) + 1)]
     return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]

@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .deform_conv import acc_dtype, autotune_configs
-from .deform_conv_op import _FLOAT_DTYPES, _device_guard
+from .deform_conv_op import _FLOAT_DTYPES, _device_guard, eager_call
 from .runtime import INTERPRET, check_runnable, first_config_unless_tuning, sm_count
 
 # A reduction's pixel run is a multiple of this, and so of every BLOCK_P of its configs (and of 16, see
@@ -547,12 +547,6 @@ def _autocast_combine(branches, scale, shift, coef):
     return [b.to(dtype) for b in branches], *params
 
 
-def _eager(*tensors):
-    """Plain tensors (or parameters) outside tracing take the autograd.Function path, skipping the custom op's
-    dispatch; tensor subclasses and traced code go through the custom op."""
-    return all(type(t) in (Tensor, torch.nn.Parameter) for t in tensors) and not torch.compiler.is_compiling()
-
-
 def _moments_impl(x: Tensor) -> Tensor:
     _check_runnable(x, "channel_moments")
     with _device_guard(x):
@@ -629,7 +623,7 @@ def channel_moments(x: Tensor) -> Tensor:
         RuntimeError: CPU tensors without ``TRITON_INTERPRET=1``.
     """
     _check_moments_input(x)
-    if _eager(x):
+    if eager_call(x):
         return _EagerMoments.apply(x)
     return _moments_op(x)
 
@@ -742,6 +736,6 @@ def level_combine(branches: Sequence[Tensor], scale: Tensor, shift: Tensor, coef
             and torch.is_autocast_enabled(branches[0].device.type)):
         branches, scale, shift, coef = _autocast_combine(branches, scale, shift, coef)
     _check_combine_inputs(branches, scale, shift, coef)
-    if _eager(*branches, scale, shift, coef):
+    if eager_call(*branches, scale, shift, coef):
         return _EagerCombine.apply(scale, shift, coef, *branches)
     return _combine_op(list(branches), scale, shift, coef)

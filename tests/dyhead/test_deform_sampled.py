@@ -149,3 +149,21 @@ def test_torch_compile_inductor_forward_and_backward():
     ref_grads = torch.autograd.grad(ref.square().sum(), (x, offset, mask, weight, bias))
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["sampled", "torchvision"])
+def test_sets_with_mask_logits_take_their_sigmoid(backend):
+    """The reference backends of deform_conv2d_sets read mask logits as the triton kernels do: sigmoid first
+    (sample_bases only steer triton's gradients: the views' own autograd reaches the same leaves)."""
+    from dyhead.deform import deform_conv2d_sets
+    x, offset, logits, weight, bias = make_case()
+    logits = (logits - 0.5) * 6
+    om = torch.cat([offset, logits], 1).requires_grad_()
+    args = dict(backend=backend, inputs=[x], weights=[weight], biases=[bias], levels=[[0]], strides=[1])
+    (got,), = deform_conv2d_sets(**args, offsets=[[om[:, :18]]], masks=[[om[:, 18:]]], sample_bases=[om],
+                                 mask_logits=True)
+    expected = tv_deform_conv2d(x, om[:, :18], weight, bias, padding=1, mask=om[:, 18:].sigmoid())
+    assert rel_err(got, expected) < 1e-12
+    g, = torch.autograd.grad(got.square().sum(), om)
+    g_expected, = torch.autograd.grad(expected.square().sum(), om)
+    assert rel_err(g, g_expected) < 1e-9

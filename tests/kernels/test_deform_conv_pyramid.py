@@ -157,8 +157,9 @@ def test_custom_op_matches_eager_path():
     t = pyramid_leaves(make_pyramid(1, 5, 4, SIZES[1:]), torch.float32, DEVICE)
     ys = pyramid_op(t, conv, deterministic=True)
     inputs, offsets, masks, weight, bias = pyramid_args(t)
-    flat = deform_conv_op._sets_forward_op(inputs, offsets, masks, [weight], [bias], [0], [0, 1], [2], [1, 1], 1, 1,
-                                           1, 1, True)
+    bases, views = deform_conv_op._sample_args(offsets, masks)
+    flat = deform_conv_op._sets_forward_op(inputs, bases, [weight], [bias], [0], views, [0, 1], [2], [1, 1], 1, 1,
+                                           1, 1, False, True)
     ys_op = [part.view(y.shape) for part, y in zip(flat.split([y.numel() for y in ys]), ys)]
     g_outs = [grad_out_like(y).to(DEVICE) for y in ys]
     g, g_op = pyramid_grads(ys, g_outs, t), pyramid_grads(ys_op, g_outs, t)

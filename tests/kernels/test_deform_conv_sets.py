@@ -309,10 +309,10 @@ def test_custom_op_matches_eager_path():
     inputs, weights, biases, offsets, masks = sets_args(t)
     ys = flat(sets_op(t, levels, strides, deterministic=True))
     bias_sets = [s for s, b in enumerate(biases) if b is not None]
-    buffer = deform_conv_op._sets_forward_op(inputs, flat(offsets), flat(masks), weights,
-                                             [biases[s] for s in bias_sets], bias_sets, flat(levels),
-                                             [len(indices) for indices in levels], [1, 1, 2, 2, 1, 1], 1, 1, 1, 1,
-                                             True)
+    bases, views = deform_conv_op._sample_args(flat(offsets), flat(masks))
+    buffer = deform_conv_op._sets_forward_op(inputs, bases, weights, [biases[s] for s in bias_sets], bias_sets,
+                                             views, flat(levels), [len(indices) for indices in levels],
+                                             [1, 1, 2, 2, 1, 1], 1, 1, 1, 1, False, True)
     assert buffer.shape == (sum(y.numel() for y in ys),)
     ys_op = [part.view(y.shape) for part, y in zip(buffer.split([y.numel() for y in ys]), ys)]
     g_outs = [g.to(DEVICE) for g in grad_outs_like(ys)]
