@@ -345,19 +345,25 @@ def _check_set_tensors(inputs, weights, biases, levels, offsets, masks, strides,
 _VIEW_INTS = 12
 
 
+def _each_view(views, levels):
+    """(is an offset, base index, first element, strides, shape) of each view, conv after conv, each conv's
+    offset before its mask."""
+    kk = levels.kh * levels.kw
+    for k, (_, _, ho, wo) in enumerate(levels.sizes):
+        row = views[k * _VIEW_INTS:(k + 1) * _VIEW_INTS]
+        for is_offset, (b, start, *strides), channels in ((True, row[:6], 2 * kk), (False, row[6:], kk)):
+            yield is_offset, b, start, tuple(strides), (levels.n, channels, ho, wo)
+
+
 def _sample_views(bases, views, levels):
     """The offsets and masks the convs read, as tensors: a base itself where a view is all of it (no new
     view), else an `as_strided` view of it."""
-    kk = levels.kh * levels.kw
     offsets, masks = [], []
-    for k, (_, _, ho, wo) in enumerate(levels.sizes):
-        row = views[k * _VIEW_INTS:(k + 1) * _VIEW_INTS]
-        for out, (b, start, *strides), channels in ((offsets, row[:6], 2 * kk), (masks, row[6:], kk)):
-            base, shape = bases[b], (levels.n, channels, ho, wo)
-            if start == 0 and tuple(base.shape) == shape and tuple(base.stride()) == tuple(strides):
-                out.append(base)
-            else:
-                out.append(base.as_strided(shape, strides, base.storage_offset() + start))
+    for is_offset, b, start, strides, shape in _each_view(views, levels):
+        base = bases[b]
+        whole = start == 0 and tuple(base.shape) == shape and tuple(base.stride()) == strides
+        (offsets if is_offset else masks).append(
+            base if whole else base.as_strided(shape, strides, base.storage_offset() + start))
     return offsets, masks
 
 
@@ -365,18 +371,14 @@ def _sample_grads(bases, views, levels):
     """The `deform_conv.SampleGrads` that put each base's gradient in the flat buffer, base after base, each
     contiguous: a view of a contiguous base lands where it reads; a tensor that is its own (non-contiguous)
     base gets a contiguous gradient."""
-    kk = levels.kh * levels.kw
     starts = [0]
     for base in bases:
         starts.append(starts[-1] + base.numel())
     offsets, masks = [], []
-    for k, (_, _, ho, wo) in enumerate(levels.sizes):
-        row = views[k * _VIEW_INTS:(k + 1) * _VIEW_INTS]
-        for out, (b, start, *strides), channels in ((offsets, row[:6], 2 * kk), (masks, row[6:], kk)):
-            if bases[b].is_contiguous():
-                out.append((starts[b] + start, *strides))
-            else:
-                out.append((starts[b], channels * ho * wo, ho * wo, wo, 1))
+    for is_offset, b, start, strides, (_, channels, ho, wo) in _each_view(views, levels):
+        place = ((starts[b] + start, *strides) if bases[b].is_contiguous()
+                 else (starts[b], channels * ho * wo, ho * wo, wo, 1))
+        (offsets if is_offset else masks).append(place)
     return deform_conv.SampleGrads(offsets, masks, starts[-1])
 
 
@@ -690,11 +692,11 @@ def modulated_deform_conv2d_sets(inputs: Sequence[Tensor], weights: Sequence[Ten
     if isinstance(inputs[0], Tensor) and torch.is_autocast_enabled(inputs[0].device.type):
         device_type = inputs[0].device.type
         inputs, weights, biases = (list(_autocast(device_type, *seq)) for seq in (inputs, weights, biases))
-        cast = [[list(_autocast(device_type, *seq)) for seq in nested] for nested in (offsets, masks)]
-        if any(a is not b for nested, new in zip((offsets, masks), cast) for seq, new_seq in zip(nested, new)
-               for a, b in zip(seq, new_seq)):
-            sample_bases = None  # copies are no views of the bases
-        offsets, masks = cast
+        before = [t for nested in (offsets, masks) for seq in nested for t in seq]
+        offsets, masks = ([list(_autocast(device_type, *seq)) for seq in nested] for nested in (offsets, masks))
+        after = [t for nested in (offsets, masks) for seq in nested for t in seq]
+        if any(a is not b for a, b in zip(before, after)):
+            sample_bases = None  # the cast copies are no views of the bases
     _check_set_tensors(inputs, weights, biases, levels, offsets, masks, strides, padding, dilation)
     flat = _run_sets(inputs, [o for seq in offsets for o in seq], [m for seq in masks for m in seq], weights,
                      biases, [i for seq in levels for i in seq], [len(seq) for seq in levels], strides, padding,

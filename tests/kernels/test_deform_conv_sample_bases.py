@@ -164,3 +164,19 @@ def test_torch_compile_fullgraph_differentiates_the_views():
     xs = [torch.randn(1, 4, h, w, device=DEVICE, requires_grad=True) for h, w in [(5, 6), (3, 3)]]
     assert check_compiled_matches_eager(module, xs, "aot_eager") == 4
 
+
+
+@needs_kernels
+def test_autocast_copies_leave_the_bases_aside():
+    """Under autocast float32 offsets and masks are cast to copies, which are no views of the bases: the call
+    then differentiates the copies, and the bases get the same gradients as without sample_bases."""
+    case = make_case()
+    results = []
+    for bases in (True, False):
+        t = leaves_of(case, torch.float32)
+        with torch.autocast(DEVICE, dtype=torch.float16):
+            ys = triton(t, bases)
+        assert all(y.dtype == torch.float16 for y in ys)
+        results.append(gradients(ys, t))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
