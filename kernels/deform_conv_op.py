@@ -527,9 +527,9 @@ def _find_views(sample_bases, named):
             raise ValueError(f"sample_bases[{b}] must be contiguous (its gradient is laid out as it is)")
     storages = [base.untyped_storage().data_ptr() for base in sample_bases]
     for name, t in named:
-        start = None
+        start, storage_of_t = None, t.untyped_storage().data_ptr()
         for b, (base, storage) in enumerate(zip(sample_bases, storages)):
-            if t.untyped_storage().data_ptr() != storage or t.dtype != base.dtype:
+            if storage_of_t != storage or t.dtype != base.dtype:
                 continue
             first = t.storage_offset() - base.storage_offset()
             last = first + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
