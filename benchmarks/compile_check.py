@@ -1,7 +1,8 @@
 """python -m benchmarks.compile_check: compile every Triton kernel of the triton path for a GPU, without one.
 
-The real wrappers run on CPU tensors: the deformable conv alone (forward and backward, atomic and deterministic)
-and a DyHead block on the triton backend (grouped convs and the fused level pass, forward and backward). Each
+The real wrappers run on CPU tensors: the deformable conv alone (forward and backward, atomic and deterministic),
+a DyHead block on the triton backend (grouped convs and the fused level pass, forward and backward) and the
+one-map moments. Each
 kernel launch they make is turned into a compile for the target instead, through Triton's own binder, so every
 specialization and every autotune config the pruners keep is compiled as a GPU run would compile it. Nothing
 runs: the outputs are garbage and the run proves only that the kernels build, and what they cost in registers,
@@ -233,7 +234,18 @@ def _dyhead_workload(dtype: torch.dtype, shape) -> None:
     torch.autograd.backward(outputs, [torch.ones_like(o) for o in outputs])
 
 
-WORKLOADS = {"dcn": _dcn_workload, "dyhead_block": _dyhead_workload}
+def _moments_workload(dtype: torch.dtype, shape) -> None:
+    """channel_moments of the first level on its own (the block takes its moments grouped), NCHW and
+    channels-last, forward and backward."""
+    from kernels import channel_moments
+
+    channels, batch, levels = shape
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(batch, channels, *levels[0], dtype=dtype).to(memory_format=memory_format)
+        channel_moments(x.requires_grad_()).sum().backward()
+
+
+WORKLOADS = {"dcn": _dcn_workload, "dyhead_block": _dyhead_workload, "moments": _moments_workload}
 
 
 def check(arch: int, dtypes: list[str], shapes: str, first_config: bool, log=print) -> Session:

@@ -4,10 +4,12 @@ After the deformable convs, the reference path runs GroupNorm on each branch, up
 the scale attention and the dynamic ReLU: some fifty small ops per level. All of it is affine per (image,
 channel) once a few spatial means are known: GroupNorm is ``y * a + d`` given its group statistics, bilinear
 upsampling (weights summing to one) commutes with that, and both attentions read only spatial means of affine
-maps of the raw conv outputs. So a level costs per-channel moments of each raw branch, some arithmetic on
-(N, B, C) tensors (batched over the block's levels), and one elementwise pass (`kernels.level_combine`). The
-attention and coefficient math is the modules' own (`ScaleAttention.attention`, `TaskAttention.coefficients`):
-it lives there once.
+maps of the raw conv outputs; the mean of an upsampled map is a weighted mean of the map itself
+(`upsampled_mean_weights`). So a block costs per-channel moments of every raw branch (all in one launch each
+way, `kernels.channel_moments_grouped`, the branches being views of the convs' one output buffer), some
+arithmetic on (N, B, C) tensors batched over the block's levels, and one elementwise pass per level
+(`kernels.level_combine`). The attention and coefficient math is the modules' own (`ScaleAttention.attention`,
+`TaskAttention.coefficients`): it lives there once.
 """
 
 from __future__ import annotations
@@ -18,22 +20,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels import channel_moments, level_combine
+from kernels import channel_moments_grouped, level_combine
 
 from .scale import ScaleAttention
 from .task import TaskAttention
 
 
-def group_norm_affine(moments: Tensor, pixels: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float
-                      ) -> tuple[Tensor, Tensor]:
+def group_norm_affine(mean: Tensor, m2: Tensor, pixels: Tensor, weight: Tensor, bias: Tensor, groups: int,
+                      eps: float) -> tuple[Tensor, Tensor]:
     """GroupNorm of maps as ``y * a + d`` per (map, image, channel).
 
-    moments: (..., N, C, 2) per-channel (mean, M2) of each map y over its pixels, float32/float64;
-    pixels: (..., 1, 1) the maps' pixel counts; weight, bias: (..., 1, C) the GroupNorm affine of each map.
-    Returns (a, d), each (..., N, C) in the moments' dtype.
+    mean, m2: (..., N, C) per-channel mean and M2 (sum of squared deviations) of each map y over its pixels,
+    float32/float64; pixels: (..., 1, 1) the maps' pixel counts; weight, bias: (..., 1, C) the GroupNorm affine
+    of each map. Returns (a, d), each (..., N, C) in the moments' dtype.
     """
-    *batch, n, c, _ = moments.shape
-    mean, m2 = moments.view(*batch, n, groups, c // groups, 2).unbind(-1)
+    *batch, n, c = mean.shape
+    mean, m2 = mean.view(*batch, n, groups, c // groups), m2.view(*batch, n, groups, c // groups)
     mu = mean.mean(-1, keepdim=True)  # every channel counts the same pixels
     pixels = pixels[..., None]
     # Chan's merge of the channels' moments into their group's.
@@ -70,6 +72,43 @@ def shape_constants(values: Sequence[float], dtype: torch.dtype, device: torch.d
     return constants
 
 
+def upsampled_mean_weights(size_in: int, size_out: int) -> tuple[float, ...]:
+    """w (size_in,) such that the mean of a bilinear resize (align_corners=True) of x from size_in to size_out
+    along one axis is sum_i w[i] x[i]: each output's two interpolation weights, as torch computes them, summed at
+    the inputs they read and divided by size_out. The mean of a 2-D resize is then sum_ij row[i] col[j] x[i, j].
+    """
+    scale = (size_in - 1) / (size_out - 1) if size_out > 1 else 0.0
+    weights = [0.0] * size_in
+    for o in range(size_out):
+        src = scale * o
+        i = int(src)
+        step = 1 if i < size_in - 1 else 0
+        frac = src - i
+        weights[i] += (1.0 - frac) / size_out
+        weights[i + step] += frac / size_out
+    return tuple(weights)
+
+
+# upsampling_pool_weights' (row, col) views by (resizes, dtype, device); never evicted, see _SHAPE_CONSTANTS.
+_POOL_WEIGHTS: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
+
+
+def upsampling_pool_weights(resizes: Sequence[tuple[tuple[int, int], tuple[int, int]]], dtype: torch.dtype,
+                            device: torch.device) -> list[tuple[Tensor, Tensor]]:
+    """Per resize ((H_in, W_in), (H_out, W_out)) the `upsampled_mean_weights` (row (H_in,), col (W_in,)) on
+    device in dtype: views of one `shape_constants` tensor, made once per content."""
+    key = (tuple(resizes), dtype, device)
+    pairs = None if torch.compiler.is_compiling() else _POOL_WEIGHTS.get(key)
+    if pairs is None:
+        axes = [upsampled_mean_weights(size_in, size_out) for sizes_in, sizes_out in resizes
+                for size_in, size_out in zip(sizes_in, sizes_out)]
+        views = shape_constants([w for axis in axes for w in axis], dtype, device).split([len(a) for a in axes])
+        pairs = list(zip(views[0::2], views[1::2]))
+        if not torch.compiler.is_compiling():
+            _POOL_WEIGHTS[key] = pairs
+    return pairs
+
+
 def block_forward(levels: Sequence[Sequence[tuple[Tensor, nn.GroupNorm]]], scale: ScaleAttention,
                   task: TaskAttention | None) -> list[Tensor]:
     """A block's output from every level's branches before GroupNorm; same result as the reference
@@ -87,46 +126,48 @@ def block_forward(levels: Sequence[Sequence[tuple[Tensor, nn.GroupNorm]]], scale
     identity coefficients a1 = a2 = 1, b1 = b2 = 0 (max(u, u) = u; the kernel splits a tie's gradient half/half,
     which sums to 1), so the same fused kernels run.
     """
-    maps, moments, pooled_moments, norm_slots, pixels, inv_branches = [], [], [], [], [], []
+    maps, slot_maps, resized, norm_slots, pixels, inv_branches = [], [], {}, [], [], []
     norms = list(dict.fromkeys(norm for branches in levels for _, norm in branches))  # the block's GroupNorms
-    zero_moments = None
     for branches in levels:
         size = branches[0][0].shape[-2:]
         level_maps = []
         for y, norm in branches:
-            m = channel_moments(y)
             pixels.append(y.shape[-2] * y.shape[-1])
-            moments.append(m)
-            if y.shape[-2:] != size:
-                y = F.interpolate(y, size=size, mode="bilinear", align_corners=True)
-                m = channel_moments(y)  # the attentions pool the upsampled map
-            pooled_moments.append(m)
-            level_maps.append(y)
+            slot_maps.append(y)
             norm_slots.append(norms.index(norm))
+            if y.shape[-2:] != size:
+                # The attentions pool the upsampled map: a weighted mean of y, taken with y's moments.
+                resized[len(slot_maps) - 1] = (tuple(y.shape[-2:]), tuple(size))
+                y = F.interpolate(y, size=size, mode="bilinear", align_corners=True)
+            level_maps.append(y)
         missing = 3 - len(branches)
-        if missing and zero_moments is None:
-            zero_moments = torch.zeros_like(moments[-1])
-        moments += [zero_moments] * missing
-        pooled_moments += [zero_moments] * missing
+        slot_maps += [None] * missing  # zero moments
         norm_slots += [len(norms)] * missing  # the zero row appended to the norms' parameters
         pixels += [1] * missing
         inv_branches.append(1.0 / len(branches))
         maps.append(level_maps)
     num, groups, eps = len(levels), norms[0].num_groups, norms[0].eps
-    n, c, _ = moments[0].shape
-    acc, device = moments[0].dtype, moments[0].device
+    n, c = slot_maps[0].shape[:2]
+    acc = torch.float64 if slot_maps[0].dtype == torch.float64 else torch.float32
+    device = slot_maps[0].device
+    pool_weights = [None] * len(slot_maps)
+    for k, pair in zip(resized, upsampling_pool_weights(list(resized.values()), acc, device)):
+        pool_weights[k] = pair
+    # One launch each way for the block's conv outputs (views of one buffer): (3L, N, C, 3).
+    moments = channel_moments_grouped(slot_maps, pool_weights)
     counts, inv_b, slots = shape_constants(pixels + inv_branches + norm_slots, acc, device).split(
         [3 * num, num, 3 * num])
     slots = slots.long()
     # Gathered from one stacked copy: each parameter then gets one gradient, not one per level to accumulate.
     norm_weight = F.pad(torch.stack([norm.weight for norm in norms]), (0, 0, 0, 1))[slots]  # (3L, C)
     norm_bias = F.pad(torch.stack([norm.bias for norm in norms]), (0, 0, 0, 1))[slots]
-    a, d = group_norm_affine(torch.stack(moments).view(num, 3, n, c, 2), counts.view(num, 3, 1, 1),
+    # One unbind: its backward is one stack, where slicing the columns would pad each column's gradient.
+    mean, m2, pooled_mean = moments.view(num, 3, n, c, 3).unbind(-1)
+    a, d = group_norm_affine(mean, m2, counts.view(num, 3, 1, 1),
                              norm_weight.view(num, 3, 1, c), norm_bias.view(num, 3, 1, c), groups,
                              eps)  # (L, 3, N, C)
     inv_b = inv_b.view(num, 1, 1, 1)
-    mean = torch.stack(pooled_moments).view(num, 3, n, c, 2)[..., 0]
-    pooled = a * mean + d  # spatial means of the normalised branches
+    pooled = a * pooled_mean + d  # spatial means of the normalised branches
     param = scale.conv.weight.dtype
     att = scale.attention(pooled.view(-1, c, 1, 1).to(param)).view(num, 3, n, 1).to(acc)
     weight = att * a * inv_b  # u = sum_b weight_b * y_b + shift is the scale attention's mean
@@ -135,7 +176,7 @@ def block_forward(levels: Sequence[Sequence[tuple[Tensor, nn.GroupNorm]]], scale
         one, zero = torch.ones_like(shift), torch.zeros_like(shift)
         coef = torch.stack((one, zero, one, zero), 2)  # (L, N, 4, C)
     else:
-        pooled_u = (weight * mean).sum(1) + shift
+        pooled_u = (weight * pooled_mean).sum(1) + shift
         coef = torch.stack(task.coefficients(pooled_u.view(-1, c).to(param)), 1).to(acc).view(num, n, 4, c)
     # unbind, not indexing per level: its backward is one stack, not L zero-padded copies to accumulate.
     weights = weight.transpose(1, 2).contiguous().unbind(0)  # L x (N, 3, C)

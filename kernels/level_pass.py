@@ -68,17 +68,22 @@ _REDUCTION_SPACE = [
 _INTERPRET_CONFIG = {"BLOCK_C": 4, "BLOCK_P": 16}
 
 
-def _prune_by_layout(configs, named_args, **kwargs):
-    """Pixel-long tiles where pixels are contiguous (stride_p == 1), channel-long tiles otherwise (the first of
-    them only when autotuning is off)."""
-    pixels = named_args["stride_p"] == 1
+def keep_tiles(configs, pixels: bool):
+    """Pixel-long tiles (BLOCK_P >= BLOCK_C) if pixels, channel-long ones otherwise (the first of them only when
+    autotuning is off)."""
     kept = [c for c in configs if (c.kwargs["BLOCK_P"] >= c.kwargs["BLOCK_C"]) == pixels] or configs
     return first_config_unless_tuning(kept)
 
 
-def _autotune(space, key):
+def _prune_by_layout(configs, named_args, **kwargs):
+    """Pixel-long tiles where pixels are contiguous (stride_p == 1), channel-long tiles otherwise."""
+    return keep_tiles(configs, named_args["stride_p"] == 1)
+
+
+def level_autotune(space, key, prune=_prune_by_layout):
+    """triton.autotune over space (or the interpreter's one config) with an early pruner by layout."""
     return triton.autotune(configs=autotune_configs(space, _INTERPRET_CONFIG), key=key,
-                           prune_configs_by={"early_config_prune": _prune_by_layout})
+                           prune_configs_by={"early_config_prune": prune})
 
 
 @triton.jit
@@ -105,21 +110,14 @@ def _chan_merge(mean, m2, count_a, delta, m2_b, count_b):
     return mean + delta * (count_b / count), m2 + m2_b + delta * delta * (count_a * (count_b / count))
 
 
-@_autotune(_REDUCTION_SPACE, key=["C", "P_BUCKET", "stride_p"])
 @triton.jit
-def _moments_kernel(x_ptr, part_ptr, C, HW, P_BUCKET, RUN, stride_n, stride_c, stride_p,
-                    ALIGN: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """(mean, M2) of x over pixel run s (pixels [s*RUN, min((s+1)*RUN, HW))) per channel of image n.
+def run_moments(x_ptr, n, c, C, start, end, stride_n, stride_c, stride_p,
+                 ALIGN: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """(mean, M2) per channel c of image n over pixels [start, end) of x, in ACC ([BLOCK_C] each).
 
-    Grid (S, cdiv(C, BLOCK_C), N). x: (N, C, HW) through its strides; part: (N, S, C, 2) contiguous, ACC.
     Tiles are merged in pixel order, each from its exact two-pass moments about the running mean: centred
     values keep their precision where the mean is large against the spread.
     """
-    s = tl.program_id(0)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    n = tl.program_id(2)
-    start = s * RUN
-    end = tl.minimum(start + RUN, HW)
     mean = tl.zeros((BLOCK_C,), dtype=ACC)
     m2 = tl.zeros((BLOCK_C,), dtype=ACC)
     for p0 in range(start, end, BLOCK_P):
@@ -129,9 +127,43 @@ def _moments_kernel(x_ptr, part_ptr, C, HW, P_BUCKET, RUN, stride_n, stride_c, s
         delta = tl.sum(x, axis=1) / count
         d = tl.where(mask, x - delta[:, None], 0.0)
         mean, m2 = _chan_merge(mean, m2, (p0 - start).to(ACC), delta, tl.sum(d * d, axis=1), count)
+    return mean, m2
+
+
+@level_autotune(_REDUCTION_SPACE, key=["C", "P_BUCKET", "stride_p"])
+@triton.jit
+def _moments_kernel(x_ptr, part_ptr, C, HW, P_BUCKET, RUN, stride_n, stride_c, stride_p,
+                    ALIGN: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """(mean, M2) of x over pixel run s (pixels [s*RUN, min((s+1)*RUN, HW))) per channel of image n.
+
+    Grid (S, cdiv(C, BLOCK_C), N). x: (N, C, HW) through its strides; part: (N, S, C, 2) contiguous, ACC.
+    """
+    s = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    n = tl.program_id(2)
+    start = s * RUN
+    mean, m2 = run_moments(x_ptr, n, c, C, start, tl.minimum(start + RUN, HW), stride_n, stride_c, stride_p,
+                            ALIGN, ACC, BLOCK_C, BLOCK_P)
     out = part_ptr + ((n.to(tl.int64) * tl.num_programs(0) + s) * C + c) * 2
     tl.store(out, mean, mask=c < C)
     tl.store(out + 1, m2, mask=c < C)
+
+
+@triton.jit
+def merge_runs(run, step, valid, S, RUN, HW):
+    """(mean, M2) of S >= 0 runs' (mean, M2), merged in run order: the first at run (a [BLOCK_C] pointer block
+    to each channel's mean, M2 next to it), the others step elements apart; run s counts
+    min(RUN, HW - s*RUN) pixels. Zero where not valid or S == 0."""
+    valid = valid & (S > 0)
+    mean = tl.load(run, mask=valid, other=0.0)
+    m2 = tl.load(run + 1, mask=valid, other=0.0)
+    for s in range(1, S):
+        run += step
+        count_a = (s * RUN).to(mean.dtype)
+        count_b = tl.minimum(RUN, HW - s * RUN).to(mean.dtype)
+        mean, m2 = _chan_merge(mean, m2, count_a, tl.load(run, mask=valid, other=0.0) - mean,
+                               tl.load(run + 1, mask=valid, other=0.0), count_b)
+    return mean, m2
 
 
 @triton.jit
@@ -143,21 +175,20 @@ def _moments_merge_kernel(part_ptr, out_ptr, C, HW, RUN, S, BLOCK_C: tl.constexp
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     n = tl.program_id(1).to(tl.int64)
     valid = c < C
-    run = part_ptr + n * S * C * 2 + c * 2
-    mean = tl.load(run, mask=valid, other=0.0)
-    m2 = tl.load(run + 1, mask=valid, other=0.0)
-    for s in range(1, S):
-        run += C * 2
-        count_a = (s * RUN).to(mean.dtype)
-        count_b = tl.minimum(RUN, HW - s * RUN).to(mean.dtype)
-        mean, m2 = _chan_merge(mean, m2, count_a, tl.load(run, mask=valid, other=0.0) - mean,
-                               tl.load(run + 1, mask=valid, other=0.0), count_b)
+    mean, m2 = merge_runs(part_ptr + n * S * C * 2 + c * 2, C * 2, valid, S, RUN, HW)
     out = out_ptr + (n * C + c) * 2
     tl.store(out, mean, mask=valid)
     tl.store(out + 1, m2, mask=valid)
 
 
-@_autotune(_ELEMENTWISE_SPACE, key=["C", "P_BUCKET", "stride_p"])
+@triton.jit
+def moments_grad(x, mean, g_mean_per_pixel, two_g_m2):
+    """d x on a tile x (ACC) from the per-channel gradients of its (mean, M2): g_mean / HW + 2 g_M2 (x - mean),
+    given g_mean / HW and 2 g_M2."""
+    return g_mean_per_pixel[:, None] + two_g_m2[:, None] * (x - mean[:, None])
+
+
+@level_autotune(_ELEMENTWISE_SPACE, key=["C", "P_BUCKET", "stride_p"])
 @triton.jit
 def _moments_backward_kernel(x_ptr, mom_ptr, g_ptr, dx_ptr, C, HW, P_BUCKET,
                              stride_n, stride_c, stride_p, stride_dn, stride_dc, stride_dp,
@@ -177,8 +208,7 @@ def _moments_backward_kernel(x_ptr, mom_ptr, g_ptr, dx_ptr, C, HW, P_BUCKET,
     g_mean = tl.load(g, mask=valid, other=0.0).to(ACC) / HW
     g_m2 = 2 * tl.load(g + stride_gk, mask=valid, other=0.0).to(ACC)
     offs, mask = _tile(n, c, p, C, HW, stride_n, stride_c, stride_p, ALIGN)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-    dx = g_mean[:, None] + g_m2[:, None] * (x - mean[:, None])
+    dx = moments_grad(tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC), mean, g_mean, g_m2)
     d_offs, _ = _tile(n, c, p, C, HW, stride_dn, stride_dc, stride_dp, ALIGN)
     tl.store(dx_ptr + d_offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -227,7 +257,7 @@ def _lines(u, a1, b1, a2, b2):
     return a1[:, None] * u + b1[:, None], a2[:, None] * u + b2[:, None]
 
 
-@_autotune(_ELEMENTWISE_SPACE, key=["C", "P_BUCKET", "stride_p", "B"])
+@level_autotune(_ELEMENTWISE_SPACE, key=["C", "P_BUCKET", "stride_p", "B"])
 @triton.jit
 def _combine_kernel(y0_ptr, y1_ptr, y2_ptr, scale_ptr, shift_ptr, coef_ptr, out_ptr, C, HW, P_BUCKET,
                     stride_n, stride_c, stride_p,
@@ -276,7 +306,7 @@ def _store_sums(part_ptr, n, s, c, C, d0, d1, d2, d_shift, d_a1, d_b1, d_a2, d_b
     tl.store(row + 4 * C, d_b2, mask=valid)
 
 
-@_autotune(_REDUCTION_SPACE, key=["C", "P_BUCKET", "stride_p", "B", "WRITE_DY", "WRITE_SUMS"])
+@level_autotune(_REDUCTION_SPACE, key=["C", "P_BUCKET", "stride_p", "B", "WRITE_DY", "WRITE_SUMS"])
 @triton.jit
 def _combine_backward_kernel(g_ptr, y0_ptr, y1_ptr, y2_ptr, scale_ptr, shift_ptr, coef_ptr,
                              dy0_ptr, dy1_ptr, dy2_ptr, part_ptr, C, HW, P_BUCKET, RUN,

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dyhead import ScaleAttention, TaskAttention
-from dyhead.fused import block_forward, group_norm_affine, shape_constants
+from dyhead.fused import (block_forward, group_norm_affine, shape_constants, upsampled_mean_weights,
+                          upsampling_pool_weights)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -44,7 +45,8 @@ def test_group_norm_affine_is_group_norm():
     y = torch.randn(3, 32, 5, 7, dtype=torch.float64) * torch.rand(1, 32, 1, 1, dtype=torch.float64) * 4 + 3
     norm = random_norm(32)
     pixels = torch.full((1, 1, 1), 35.0, dtype=torch.float64)
-    a, d = group_norm_affine(moments(y)[None], pixels, norm.weight[None, None], norm.bias[None, None], 16, norm.eps)
+    mean, m2 = moments(y)[None].unbind(-1)
+    a, d = group_norm_affine(mean, m2, pixels, norm.weight[None, None], norm.bias[None, None], 16, norm.eps)
     torch.testing.assert_close(y * a[0, ..., None, None] + d[0, ..., None, None], norm(y), rtol=1e-12, atol=1e-12)
 
 
@@ -56,10 +58,34 @@ PYRAMIDS = {
 }
 
 
+@pytest.mark.parametrize("size_in, size_out", [(5, 9), (4, 7), (1, 3), (3, 1), (6, 6), (25, 50)])
+def test_upsampled_mean_weights_give_the_mean_of_the_upsampled_map(size_in, size_out):
+    x = torch.randn(2, 3, size_in, 4, dtype=torch.float64)
+    rows = torch.tensor(upsampled_mean_weights(size_in, size_out), dtype=torch.float64)
+    cols = torch.tensor(upsampled_mean_weights(4, 7), dtype=torch.float64)
+    up = F.interpolate(x, size=(size_out, 7), mode="bilinear", align_corners=True)
+    torch.testing.assert_close(torch.einsum("nchw,h,w->nc", x, rows, cols), up.mean(dim=(2, 3)),
+                               rtol=1e-14, atol=1e-14)
+
+
+def test_upsampling_pool_weights_are_made_once_per_pyramid():
+    cpu = torch.device("cpu")
+    resizes = [((4, 5), (7, 9)), ((2, 3), (4, 5))]
+    pairs = upsampling_pool_weights(resizes, torch.float32, cpu)
+    assert [tuple(t.shape) for pair in pairs for t in pair] == [(4,), (5,), (2,), (3,)]
+    assert pairs[1][0]._base is pairs[0][0]._base  # one tensor, as the grouped moments need
+    assert torch.equal(pairs[0][1], torch.tensor(upsampled_mean_weights(5, 9), dtype=torch.float32))
+    again = upsampling_pool_weights(resizes, torch.float32, cpu)
+    assert all(a is b for pair, other in zip(pairs, again) for a, b in zip(pair, other))
+
+
 @needs_kernels
+@pytest.mark.parametrize("shared", [False, True], ids=["separate", "one_buffer"])
 @pytest.mark.parametrize("pyramid", PYRAMIDS.values(), ids=PYRAMIDS.keys())
-def test_block_forward_matches_the_reference_modules(pyramid):
-    """Output and every gradient (branches, GroupNorm, scale attention and MLP parameters) in float64."""
+def test_block_forward_matches_the_reference_modules(pyramid, shared):
+    """Output and every gradient (branches, GroupNorm, scale attention and MLP parameters) in float64; the
+    branches as separate tensors or as views of one buffer (as the deformable convs return them: the moments
+    then take one launch)."""
     torch.manual_seed(1)
     c = 32
     scale, task = ScaleAttention(c).double(), TaskAttention(c).double()
@@ -67,7 +93,20 @@ def test_block_forward_matches_the_reference_modules(pyramid):
         scale.conv.weight.normal_(0, 0.3)  # attention weights off the hard sigmoid's flat parts
         scale.conv.bias.fill_(0.5)
     norms = [random_norm(c) for _ in range(3)]  # same, finer, coarser: shared by the levels, as in a block
-    ys = [[torch.randn(2, c, h, w, dtype=torch.float64, requires_grad=True) for h, w in sizes] for sizes in pyramid]
+    sizes = [size for level in pyramid for size in level]
+
+    def branches_of(buffer):
+        views = iter(buffer.split([2 * c * h * w for h, w in sizes]))
+        return [[next(views).view(2, c, h, w) for h, w in level] for level in pyramid]
+
+    if shared:
+        flat = torch.randn(sum(2 * c * h * w for h, w in sizes), dtype=torch.float64, requires_grad=True)
+        flat_on_device = flat.detach().to(DEVICE).requires_grad_()
+        ys, ys_on_device = branches_of(flat), branches_of(flat_on_device)
+    else:
+        ys = [[torch.randn(2, c, h, w, dtype=torch.float64, requires_grad=True) for h, w in level]
+              for level in pyramid]
+        ys_on_device = [[y.to(DEVICE) for y in level] for level in ys]
 
     def reference():
         out = []
@@ -79,14 +118,17 @@ def test_block_forward_matches_the_reference_modules(pyramid):
                                    for b in branches])))
         return out
 
-    leaves = [*(y for level in ys for y in level), *(p for m in (*norms, scale, task) for p in m.parameters())]
+    params = [p for m in (*norms, scale, task) for p in m.parameters()]
+    leaves = [flat, *params] if shared else [*(y for level in ys for y in level), *params]
     weights = [torch.randn(2, c, *level[0].shape[-2:], dtype=torch.float64) for level in ys]
     expected = reference()
     expected_grads = torch.autograd.grad(sum((o * w).sum() for o, w in zip(expected, weights)), leaves,
                                          allow_unused=True)  # a one-level pyramid has no finer branch
-    out = block_forward([[(y.to(DEVICE), norm.to(DEVICE)) for y, norm in zip(level, norms)] for level in ys],
+    out = block_forward([[(y, norm.to(DEVICE)) for y, norm in zip(level, norms)] for level in ys_on_device],
                         scale.to(DEVICE), task.to(DEVICE))
-    grads = torch.autograd.grad(sum((o * w.to(DEVICE)).sum() for o, w in zip(out, weights)), leaves, allow_unused=True)
+    leaves_on_device = [flat_on_device, *params] if shared else leaves
+    grads = torch.autograd.grad(sum((o * w.to(DEVICE)).sum() for o, w in zip(out, weights)), leaves_on_device,
+                                allow_unused=True)
     for o, e in zip(out, expected):
         torch.testing.assert_close(o.cpu(), e, rtol=1e-11, atol=1e-11)
     for g, e in zip(grads, expected_grads):

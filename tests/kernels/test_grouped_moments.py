@@ -1,0 +1,193 @@
+"""kernels.channel_moments_grouped against plain torch expressions in float64.
+
+Under the interpreter a reduction run is a multiple of 32 pixels and, for these batch and channel counts, the
+largest map is cut into two runs: the cases cover maps of one run and of several, maps whose pixel count and
+start are multiples of the kernels' ALIGN (the wide-load path) and maps that are not, None rows, and pooling
+weights.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from deform_conv_cases import DEVICE, needs_kernels, rel_err
+
+from kernels import channel_moments_grouped
+from kernels.grouped_moments import ALIGN
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+N, C = 2, 6
+# (H, W) per map; None: a zero row. 8x12 and 10x10 are cut into two runs; 8x12 is the one whose start and
+# pixel count are multiples of ALIGN.
+SIZES = [(8, 12), None, (10, 10), (3, 5), None, (4, 2), (7, 9)]
+
+
+def reference(maps, pool_weights):
+    """(K, N, C, 3) [mean, M2, pooled] of float64 maps (None: zeros)."""
+    rows = []
+    for m, pair in zip(maps, pool_weights):
+        if m is None:
+            rows.append(torch.zeros(N, C, 3, dtype=torch.float64))
+            continue
+        mean = m.mean(dim=(2, 3))
+        m2 = (m - mean[..., None, None]).square().sum(dim=(2, 3))
+        pooled = mean if pair is None else torch.einsum("nchw,h,w->nc", m, *pair)
+        rows.append(torch.stack([mean, m2, pooled], -1))
+    return torch.stack(rows)
+
+
+def buffer_and_maps(sizes, dtype, device, extra=0, seed=0, offset=0.0):
+    """A flat buffer (requiring grad) and the maps as consecutive NCHW views of it, `extra` elements left over
+    at its end."""
+    gen = torch.Generator().manual_seed(seed)
+    counts = [0 if s is None else N * C * s[0] * s[1] for s in sizes]
+    flat64 = (torch.randn(sum(counts) + extra, generator=gen, dtype=torch.float64) + offset).to(dtype).double()
+    flat = flat64.to(device, dtype).requires_grad_()
+
+    def views(t):
+        parts = t.split([*counts, extra])
+        return [None if s is None else p.view(N, C, *s) for p, s in zip(parts, sizes)]
+
+    return flat, views, flat64
+
+
+def weights_for(sizes, dtype, device, upsampled_to):
+    """Pool weights: those of a bilinear upsampling (align_corners=True) to the given size, for the maps named
+    in upsampled_to (index -> size), views of one tensor; None for the others."""
+    from dyhead.fused import upsampled_mean_weights
+
+    axes = []
+    for k, size in upsampled_to.items():
+        axes += [upsampled_mean_weights(sizes[k][0], size[0]), upsampled_mean_weights(sizes[k][1], size[1])]
+    flat = torch.tensor([w for axis in axes for w in axis], dtype=dtype, device=device)
+    views = flat.split([len(a) for a in axes])
+    pairs = [None] * len(sizes)
+    for i, k in enumerate(upsampled_to):
+        pairs[k] = (views[2 * i], views[2 * i + 1])
+    return pairs
+
+
+@needs_kernels
+@pytest.mark.parametrize("weighted", [False, True], ids=["means", "pooled"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_matches_float64(dtype, weighted):
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    upsampled_to = {2: (19, 20), 3: (5, 9), 6: (13, 17)} if weighted else {}
+    pairs = weights_for(SIZES, acc, DEVICE, upsampled_to)
+    flat, views, flat64 = buffer_and_maps(SIZES, dtype, DEVICE, offset=20.0)
+    ref_flat = flat64.clone().requires_grad_()
+    pairs64 = [None if p is None else tuple(t.cpu().double() for t in p) for p in pairs]
+    expected = reference(views(ref_flat), pairs64)
+    g_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    (g_ref,) = torch.autograd.grad(expected, ref_flat, g_out)
+
+    out = channel_moments_grouped(views(flat), pairs if weighted else None)
+    assert type(out.grad_fn).__name__ == "_GroupedMomentsBackward", "the one-launch path was not taken"
+    assert out.shape == (len(SIZES), N, C, 3) and out.dtype == acc and out.is_contiguous()
+    (g,) = torch.autograd.grad(out, flat, g_out.to(DEVICE, acc))
+    for k in range(3):
+        assert rel_err(out[..., k], expected[..., k].detach()) < TOL[dtype], k
+    assert g.dtype == dtype and rel_err(g, g_ref) < TOL[dtype]
+
+
+@needs_kernels
+def test_a_weighted_mean_is_the_mean_of_the_upsampled_map():
+    """What DyHead relies on: the pooled column of a map with upsampling weights is the mean of
+    F.interpolate(map, size, bilinear, align_corners=True), and so are its gradients."""
+    sizes = [(4, 6), (3, 3)]
+    flat, views, flat64 = buffer_and_maps(sizes, torch.float64, DEVICE)
+    pairs = weights_for(sizes, torch.float64, DEVICE, {1: (5, 6)})
+    out = channel_moments_grouped(views(flat), pairs)
+    ref_flat = flat64.clone().requires_grad_()
+    up = F.interpolate(views(ref_flat)[1], size=(5, 6), mode="bilinear", align_corners=True).mean(dim=(2, 3))
+    torch.testing.assert_close(out[1, ..., 2].cpu(), up.detach(), rtol=1e-12, atol=1e-12)
+    (g,) = torch.autograd.grad(out[1, ..., 2].sum(), flat)
+    (g_ref,) = torch.autograd.grad(up.sum(), ref_flat)
+    torch.testing.assert_close(g.cpu(), g_ref, rtol=1e-12, atol=1e-12)
+
+
+@needs_kernels
+def test_uncovered_elements_get_zero_gradient():
+    flat, views, _ = buffer_and_maps([(3, 4), (2, 2)], torch.float32, DEVICE, extra=5)
+    out = channel_moments_grouped(views(flat))
+    (g,) = torch.autograd.grad(out.sum(), flat)
+    assert torch.equal(g[-5:], torch.zeros(5, device=DEVICE))
+    assert g[:-5].abs().sum() > 0
+
+
+@needs_kernels
+def test_maps_that_share_no_buffer_take_the_per_map_path():
+    """Separate tensors, overlapping views and strided views: each map on its own, with the same results."""
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(N, C, 9, 9, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
+    cases = {
+        "separate": [torch.randn(N, C, 3, 4, generator=gen, dtype=torch.float64).to(DEVICE), base],
+        "overlapping": [base.flatten()[:N * C * 16].view(N, C, 4, 4),
+                        base.flatten()[8:8 + N * C * 16].view(N, C, 4, 4)],
+        "strided": [base[..., :4, :5], base[..., 4:, :]],
+    }
+    for name, maps in cases.items():
+        out = channel_moments_grouped(maps)
+        assert type(out.grad_fn).__name__ != "_GroupedMomentsBackward", name
+        expected = reference([m.detach().cpu() for m in maps], [None] * len(maps))
+        assert rel_err(out.detach().cpu(), expected) < 1e-12, name
+
+
+@needs_kernels
+def test_gradcheck_float64():
+    sizes = [(2, 3), None, (3, 2)]
+    gen = torch.Generator().manual_seed(4)
+    flat = torch.randn(N * C * 12, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
+    pairs = weights_for(sizes, torch.float64, DEVICE, {2: (4, 3)})
+
+    def fn(t):
+        a, b = t.split(N * C * 6)
+        return channel_moments_grouped([a.view(N, C, 2, 3), None, b.view(N, C, 3, 2)], pairs)
+
+    assert torch.autograd.gradcheck(fn, (flat,))
+
+
+@needs_kernels
+def test_backward_is_bitwise_deterministic():
+    def run():
+        flat, views, _ = buffer_and_maps(SIZES, torch.float32, DEVICE)
+        out = channel_moments_grouped(views(flat))
+        return out, torch.autograd.grad((out * out).sum(), flat)[0]
+
+    for a, b in zip(run(), run()):
+        assert torch.equal(a, b)
+
+
+@needs_kernels
+def test_aligned_and_unaligned_maps_are_both_present():
+    """The cases above exercise both of the kernels' load paths (a guard on the test data, not the op)."""
+    starts, first = [], 0
+    for s in SIZES:
+        if s is not None:
+            starts.append((first, s[0] * s[1]))
+            first += N * C * s[0] * s[1]
+    aligned = [start % ALIGN == 0 and hw % ALIGN == 0 for start, hw in starts]
+    assert any(aligned) and not all(aligned)
+
+
+def test_bad_inputs_raise():
+    x = torch.randn(2, 3, 4, 5)
+    row, col = torch.ones(4), torch.ones(5)
+    cases = [
+        (x, {}, TypeError, "maps must be a list or tuple"),
+        ([None, None], {}, ValueError, "at least one tensor"),
+        ([x, torch.ones(2, 3, 4, 5, dtype=torch.int32)], {}, TypeError, r"maps\[1\] must be float32"),
+        ([x, torch.randn(2, 3, 4)], {}, ValueError, r"maps\[1\] must be \(N, C, H, W\)"),
+        ([x, torch.randn(2, 4, 4, 5)], {}, ValueError, r"maps\[1\] has \(N, C\) = \(2, 4\)"),
+        ([x, x.double()], {}, TypeError, r"maps\[1\] has dtype torch.float64"),
+        ([x, torch.randn(2, 3, 0, 5)], {}, ValueError, r"H\*W > 0"),
+        ([x, torch.randn(2, 3, 4, 5, device="meta")], {}, ValueError, r"maps\[1\] is on meta"),
+        ([x], {"pool_weights": []}, ValueError, "1 entries"),
+        ([x, None], {"pool_weights": [None, (row, col)]}, ValueError, r"maps\[1\] is None"),
+        ([x], {"pool_weights": [(row, torch.ones(4))]}, ValueError, r"column weights must be \(5,\)"),
+        ([x], {"pool_weights": [(row.double(), col)]}, TypeError, "row weights must be torch.float32"),
+        ([x], {"pool_weights": [row]}, ValueError, "must be None or a pair"),
+    ]
+    for maps, kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            channel_moments_grouped(maps, **kwargs)
