@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels import channel_moments_grouped, level_combine
+from kernels import channel_moments_grouped, level_combine, upsample_bilinear
 
 from .scale import ScaleAttention
 from .task import TaskAttention
@@ -138,7 +138,7 @@ def block_forward(levels: Sequence[Sequence[tuple[Tensor, nn.GroupNorm]]], scale
             if y.shape[-2:] != size:
                 # The attentions pool the upsampled map: a weighted mean of y, taken with y's moments.
                 resized[len(slot_maps) - 1] = (tuple(y.shape[-2:]), tuple(size))
-                y = F.interpolate(y, size=size, mode="bilinear", align_corners=True)
+                y = upsample_bilinear(y, size)  # F.interpolate's, with a deterministic backward
             level_maps.append(y)
         missing = 3 - len(branches)
         slot_maps += [None] * missing  # zero moments

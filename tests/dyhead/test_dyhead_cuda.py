@@ -129,3 +129,30 @@ def test_triton_forward_under_reduce_overhead_compile(reference):
     for o, e in zip(out, expected):
         # cuDNN may pick another TF32 algorithm for the compiled offset conv: close, not equal
         assert rel_err(o, e.double().cpu()) < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_trains_under_deterministic_algorithms_bitwise(reference, dtype):
+    """Under torch.use_deterministic_algorithms(True) torch's CUDA backward of bilinear upsampling raises (every
+    reference backend's DyHead does); the triton backend upsamples with kernels.upsample_bilinear, and its whole
+    step gives bitwise-equal gradients twice."""
+    model, levels, _ = reference
+    gpu = DyHead(64, 64, 2, backend="triton").to("cuda", dtype)
+    gpu.load_state_dict(model.state_dict())
+    xs = [t.to("cuda", dtype).requires_grad_() for t in levels]
+    params = list(gpu.parameters())
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = []
+        for _ in range(2):
+            out = gpu(xs)
+            runs.append(torch.autograd.grad(sum(o.float().square().mean() for o in out), xs + params))
+        coarse = xs[1].detach().requires_grad_()
+        up = torch.nn.functional.interpolate(coarse, size=xs[0].shape[-2:], mode="bilinear", align_corners=True)
+        with pytest.raises(RuntimeError, match="deterministic"):
+            up.sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
