@@ -24,10 +24,11 @@ SIZES = [(8, 12), None, (10, 10), (3, 5), None, (4, 2), (7, 9)]
 
 def reference(maps, pool_weights):
     """(K, N, C, 3) [mean, M2, pooled] of float64 maps (None: zeros)."""
+    n, c = next(m for m in maps if m is not None).shape[:2]
     rows = []
     for m, pair in zip(maps, pool_weights):
         if m is None:
-            rows.append(torch.zeros(N, C, 3, dtype=torch.float64))
+            rows.append(torch.zeros(n, c, 3, dtype=torch.float64))
             continue
         mean = m.mean(dim=(2, 3))
         m2 = (m - mean[..., None, None]).square().sum(dim=(2, 3))
