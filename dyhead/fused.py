@@ -8,7 +8,7 @@ maps of the raw conv outputs; the mean of an upsampled map is a weighted mean of
 (`upsampled_mean_weights`). So a block costs per-channel moments of every raw branch (all in one launch each
 way, `kernels.channel_moments_grouped`, the branches being views of the convs' one output buffer), some
 arithmetic on (N, B, C) tensors batched over the block's levels, and one elementwise pass per level
-(`kernels.level_combine`). The attention and coefficient math is the modules' own (`ScaleAttention.attention`,
+(`kernels.level_combine`, which reads the coarser branch upsampled: the upsampled map is never stored). The attention and coefficient math is the modules' own (`ScaleAttention.attention`,
 `TaskAttention.coefficients`): it lives there once.
 """
 
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels import channel_moments_grouped, level_combine, upsample_bilinear
+from kernels import channel_moments_grouped, level_combine
 
 from .scale import ScaleAttention
 from .task import TaskAttention
@@ -116,7 +116,7 @@ def block_forward(levels: Sequence[Sequence[tuple[Tensor, nn.GroupNorm]]], scale
     when task is None (a block without task attention).
 
     levels: per level 1 to 3 (y, norm) pairs as `SpatialAttention.convolve` returns them, y (N, C, H_b, W_b) in
-        the model's dtype; the first has the level's size, a branch of another size (the coarser one) is
+        the model's dtype; the first has the level's size, a branch of another size (the coarser one, last) is
         normalised and upsampled to it (bilinear, align_corners=True).
     Returns L tensors (N, C, H_l, W_l) in y's dtype.
 
@@ -136,9 +136,9 @@ def block_forward(levels: Sequence[Sequence[tuple[Tensor, nn.GroupNorm]]], scale
             slot_maps.append(y)
             norm_slots.append(norms.index(norm))
             if y.shape[-2:] != size:
-                # The attentions pool the upsampled map: a weighted mean of y, taken with y's moments.
+                # The attentions pool the upsampled map: a weighted mean of y, taken with y's moments; the
+                # combine reads y upsampled.
                 resized[len(slot_maps) - 1] = (tuple(y.shape[-2:]), tuple(size))
-                y = upsample_bilinear(y, size)  # F.interpolate's, with a deterministic backward
             level_maps.append(y)
         missing = 3 - len(branches)
         slot_maps += [None] * missing  # zero moments

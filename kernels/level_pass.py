@@ -5,7 +5,7 @@ are per-(image, branch, channel) affine maps whose coefficients follow from per-
 outputs. A level then needs two ops:
 - `channel_moments(y)`: mean and M2 (sum of squared deviations from the mean) over H*W per (image, channel);
 - `level_combine(branches, scale, shift, coef)`: one pass forming u = sum_b scale_b * y_b + shift and the
-  dynamic ReLU max(a1 * u + b1, a2 * u + b2).
+  dynamic ReLU max(a1 * u + b1, a2 * u + b2), a last branch of another size read resized (bilinear).
 Reference twins: `dyhead.ScaleAttention` and `dyhead.TaskAttention` after GroupNorm (`dyhead.fused` builds
 scale, shift and coef from the moments).
 
@@ -33,6 +33,7 @@ from torch import Tensor
 from .deform_conv import acc_dtype, autotune_configs
 from .deform_conv_op import _FLOAT_DTYPES, _device_guard, eager_call
 from .runtime import INTERPRET, check_runnable, first_config_unless_tuning, sm_count
+from .upsample import axis_scale, bilinear_tile, float32_scale, upsample_backward
 
 # A reduction's pixel run is a multiple of this, and so of every BLOCK_P of its configs (and of 16, see
 # `_aligned`).
@@ -236,17 +237,29 @@ def _coefficients(scale_ptr, shift_ptr, coef_ptr, n, c, C, B: tl.constexpr):
 
 
 @triton.jit
-def _mix(y0_ptr, y1_ptr, y2_ptr, offs, mask, s0, s1, s2, shift, B: tl.constexpr, ACC: tl.constexpr):
-    """u = sum_b scale_b * y_b + shift on a tile, and the branch tiles y_b in ACC (zero past B)."""
+def _branch(y_ptr, offs, mask, n, c, p, resize, RESIZE: tl.constexpr, ACC: tl.constexpr):
+    """A branch's tile in ACC: read at offs, or (RESIZE) resized bilinearly from its own size, resize being
+    `bilinear_tile`'s (W_OUT, H_IN, W_IN, scale_h, scale_w, strides)."""
+    if RESIZE:
+        return bilinear_tile(y_ptr, n, c, p, mask, *resize, ACC)
+    else:
+        return tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def _mix(y0_ptr, y1_ptr, y2_ptr, offs, mask, n, c, p, resize, s0, s1, s2, shift,
+         B: tl.constexpr, RESIZED: tl.constexpr, ACC: tl.constexpr):
+    """u = sum_b scale_b * y_b + shift on a tile, and the branch tiles y_b in ACC (zero past B); with
+    RESIZED, branch B - 1 is read resized (see `_branch`)."""
     y0 = tl.load(y0_ptr + offs, mask=mask, other=0.0).to(ACC)
     y1 = tl.zeros_like(y0)
     y2 = tl.zeros_like(y0)
     u = s0[:, None] * y0 + shift[:, None]
     if B > 1:
-        y1 = tl.load(y1_ptr + offs, mask=mask, other=0.0).to(ACC)
+        y1 = _branch(y1_ptr, offs, mask, n, c, p, resize, RESIZED and B == 2, ACC)
         u += s1[:, None] * y1
     if B > 2:
-        y2 = tl.load(y2_ptr + offs, mask=mask, other=0.0).to(ACC)
+        y2 = _branch(y2_ptr, offs, mask, n, c, p, resize, RESIZED, ACC)
         u += s2[:, None] * y2
     return u, y0, y1, y2
 
@@ -257,23 +270,28 @@ def _lines(u, a1, b1, a2, b2):
     return a1[:, None] * u + b1[:, None], a2[:, None] * u + b2[:, None]
 
 
-@level_autotune(_ELEMENTWISE_SPACE, key=["C", "P_BUCKET", "stride_p", "B"])
+@level_autotune(_ELEMENTWISE_SPACE, key=["C", "P_BUCKET", "stride_p", "B", "RESIZED"])
 @triton.jit
 def _combine_kernel(y0_ptr, y1_ptr, y2_ptr, scale_ptr, shift_ptr, coef_ptr, out_ptr, C, HW, P_BUCKET,
-                    stride_n, stride_c, stride_p,
-                    B: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr,
+                    stride_n, stride_c, stride_p, W_OUT, H_IN, W_IN, scale_h, scale_w,
+                    stride_rn, stride_rc, stride_rh, stride_rw,
+                    B: tl.constexpr, RESIZED: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr,
                     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """out = max(a1 * u + b1, a2 * u + b2), u = sum_{b < B} scale_b * y_b + shift, per (image, channel).
 
     Grid (cdiv(HW, BLOCK_P), cdiv(C, BLOCK_C), N). The branches y_b and out: (N, C, HW) with one set of
-    strides; scale, shift, coef as `_coefficients` reads them, in ACC.
+    strides, except with RESIZED the last branch: (N, C, H_IN, W_IN) through its strides stride_r*, resized
+    bilinearly to the output's rows of W_OUT (scale_h, scale_w: float32 source scales); scale, shift, coef as
+    `_coefficients` reads them, in ACC.
     """
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     n = tl.program_id(2)
     s0, s1, s2, shift, a1, b1, a2, b2 = _coefficients(scale_ptr, shift_ptr, coef_ptr, n, c, C, B)
     offs, mask = _tile(n, c, p, C, HW, stride_n, stride_c, stride_p, ALIGN)
-    u, _, _, _ = _mix(y0_ptr, y1_ptr, y2_ptr, offs, mask, s0, s1, s2, shift, B, ACC)
+    resize = (W_OUT, H_IN, W_IN, axis_scale(H_IN, HW // W_OUT, scale_h, ACC), axis_scale(W_IN, W_OUT, scale_w, ACC),
+              stride_rn, stride_rc, stride_rh, stride_rw)
+    u, _, _, _ = _mix(y0_ptr, y1_ptr, y2_ptr, offs, mask, n, c, p, resize, s0, s1, s2, shift, B, RESIZED, ACC)
     line1, line2 = _lines(u, a1, b1, a2, b2)
     out = tl.maximum(line1, line2, propagate_nan=tl.PropagateNan.ALL)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -306,19 +324,23 @@ def _store_sums(part_ptr, n, s, c, C, d0, d1, d2, d_shift, d_a1, d_b1, d_a2, d_b
     tl.store(row + 4 * C, d_b2, mask=valid)
 
 
-@level_autotune(_REDUCTION_SPACE, key=["C", "P_BUCKET", "stride_p", "B", "WRITE_DY", "WRITE_SUMS"])
+@level_autotune(_REDUCTION_SPACE, key=["C", "P_BUCKET", "stride_p", "B", "RESIZED", "WRITE_DY", "WRITE_SUMS"])
 @triton.jit
 def _combine_backward_kernel(g_ptr, y0_ptr, y1_ptr, y2_ptr, scale_ptr, shift_ptr, coef_ptr,
                              dy0_ptr, dy1_ptr, dy2_ptr, part_ptr, C, HW, P_BUCKET, RUN,
                              stride_n, stride_c, stride_p, stride_gn, stride_gc, stride_gp,
-                             B: tl.constexpr, WRITE_DY: tl.constexpr, WRITE_SUMS: tl.constexpr,
-                             ALIGN: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+                             W_OUT, H_IN, W_IN, scale_h, scale_w, stride_rn, stride_rc, stride_rh, stride_rw,
+                             B: tl.constexpr, RESIZED: tl.constexpr, WRITE_DY: tl.constexpr,
+                             WRITE_SUMS: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr,
+                             BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """`_combine_kernel`'s gradients on pixel run s of image n, from the output gradient g.
 
     With du = g * (a1 where line 1 wins, a2 where line 2 wins; half each on ties): d y_b = du * scale_b
     (WRITE_DY) and the run's sums per channel (WRITE_SUMS) of du * y_b (d scale_b), du (d shift),
     g * u and g on line 1 (d a1, d b1) and on line 2 (d a2, d b2), stored as `_store_sums` says.
-    Grid (S, cdiv(C, BLOCK_C), N). Branches and d y_b: (N, C, HW) with one set of strides, g through its own.
+    Grid (S, cdiv(C, BLOCK_C), N). Branches and d y_b: (N, C, HW) with one set of strides, g through its own;
+    with RESIZED the last branch is read as `_combine_kernel` reads it and its d y_b, at the output's size,
+    is the gradient of its resized map.
     """
     s = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -334,12 +356,15 @@ def _combine_backward_kernel(g_ptr, y0_ptr, y1_ptr, y2_ptr, scale_ptr, shift_ptr
     d_b2 = d0
     start = s * RUN
     end = tl.minimum(start + RUN, HW)
+    resize = (W_OUT, H_IN, W_IN, axis_scale(H_IN, HW // W_OUT, scale_h, ACC), axis_scale(W_IN, W_OUT, scale_w, ACC),
+              stride_rn, stride_rc, stride_rh, stride_rw)
     for p0 in range(start, end, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         offs, mask = _tile(n, c, p, C, end, stride_n, stride_c, stride_p, ALIGN)
         g_offs, _ = _tile(n, c, p, C, end, stride_gn, stride_gc, stride_gp, ALIGN)
         g = tl.load(g_ptr + g_offs, mask=mask, other=0.0).to(ACC)
-        u, y0, y1, y2 = _mix(y0_ptr, y1_ptr, y2_ptr, offs, mask, s0, s1, s2, shift, B, ACC)
+        u, y0, y1, y2 = _mix(y0_ptr, y1_ptr, y2_ptr, offs, mask, n, c, p, resize, s0, s1, s2, shift, B, RESIZED,
+                             ACC)
         line1, line2 = _lines(u, a1, b1, a2, b2)
         g1, g2 = _split_max_grad(g, line1, line2)
         du = g1 * a1[:, None] + g2 * a2[:, None]
@@ -461,10 +486,23 @@ def _three(ts):
     return [*ts, *[ts[0]] * (3 - len(ts))]
 
 
+def resized(branches: Sequence[Tensor]) -> bool:
+    """Whether the last of the branches has another size than the first: the kernels resize it."""
+    return len(branches) > 1 and branches[-1].shape[-2:] != branches[0].shape[-2:]
+
+
+def _resize_args(ys: Sequence[Tensor]):
+    """The kernels' (W_OUT, H_IN, W_IN, scale_h, scale_w, and the 4 strides) for reading the last branch
+    resized to the first's size (values the kernels ignore when it is not resized)."""
+    _, _, h, w = ys[0].shape
+    h_in, w_in = ys[-1].shape[-2:]
+    return (w, h_in, w_in, float32_scale(h_in, h), float32_scale(w_in, w), *ys[-1].stride())
+
+
 def combine_forward(branches: Sequence[Tensor], scale: Tensor, shift: Tensor, coef: Tensor) -> Tensor:
-    """The level combine: 1 to 3 branches (N, C, H, W) of one dtype, scale (N, B, C), shift (N, C),
-    coef (N, 4, C) in float32 (float64) -> (N, C, H, W) in the branches' dtype (channels-last if branches[0]
-    is)."""
+    """The level combine: 1 to 3 branches (N, C, H, W) of one dtype (the last may have another H, W: it is
+    resized), scale (N, B, C), shift (N, C), coef (N, 4, C) in float32 (float64) -> (N, C, H, W) in the
+    branches' dtype (channels-last if branches[0] is)."""
     ys, strides = _like_output(branches)
     out = torch.empty_like(ys[0])
     if out.numel() == 0:
@@ -473,8 +511,8 @@ def combine_forward(branches: Sequence[Tensor], scale: Tensor, shift: Tensor, co
     hw = h * w
     grid = lambda meta: (triton.cdiv(hw, meta["BLOCK_P"]), triton.cdiv(c, meta["BLOCK_C"]), n)
     _combine_kernel[grid](*_three(ys), scale.contiguous(), shift.contiguous(), coef.contiguous(), out,
-                          c, hw, triton.next_power_of_2(hw), *strides, B=len(ys),
-                          ALIGN=_align(hw, *strides[:2]), ACC=_acc(out))
+                          c, hw, triton.next_power_of_2(hw), *strides, *_resize_args(ys), B=len(ys),
+                          RESIZED=resized(ys), ALIGN=_align(hw, *strides[:2]), ACC=_acc(out))
     return out
 
 
@@ -482,30 +520,39 @@ def combine_backward(grad: Tensor, branches: Sequence[Tensor], scale: Tensor, sh
                      need_branches: bool, need_params: bool) -> tuple[list[Tensor], Tensor]:
     """Gradients of `combine_forward` from grad (N, C, H, W), any strides.
 
-    Returns (d branches: B tensors like the output, or [] unless need_branches; d params: (N, B + 5, C) in
-    float32 (float64), rows d scale_0..B-1, d shift, d a1, d b1, d a2, d b2, or an empty (0,) tensor unless
-    need_params).
+    Returns (d branches: B tensors like the output, a resized last branch's at its own size and contiguous,
+    or [] unless need_branches; d params: (N, B + 5, C) in float32 (float64), rows d scale_0..B-1, d shift,
+    d a1, d b1, d a2, d b2, or an empty (0,) tensor unless need_params).
     """
     ys, strides = _like_output(branches)
     n, c, h, w = ys[0].shape
     hw, nb = h * w, len(ys)
-    d_ys = [torch.empty_like(y) for y in ys] if need_branches else []
+    # A resized branch's gradient is first its resized map's, at the output's size.
+    d_ys = [torch.empty_like(ys[0]) for _ in ys] if need_branches else []
     d_params = scale.new_empty((n, nb + 5, c) if need_params else (0,))
     if not (need_branches or need_params) or n * c == 0:
-        return d_ys, d_params
+        return _resized_gradient(d_ys, ys), d_params
     if hw == 0:
-        return d_ys, d_params.zero_()
+        return _resized_gradient([d.zero_() for d in d_ys], ys), d_params.zero_()
     grad, g_strides = _flat(grad)
     run, splits = _pixel_runs(n, c, hw, grad.device)
     part = d_params if splits == 1 or not need_params else scale.new_empty((n, splits, nb + 5, c))
     grid = lambda meta: (splits, triton.cdiv(c, meta["BLOCK_C"]), n)
     _combine_backward_kernel[grid](
         grad, *_three(ys), scale.contiguous(), shift.contiguous(), coef.contiguous(), *_three(d_ys or ys), part,
-        c, hw, triton.next_power_of_2(hw), run, *strides, *g_strides, B=nb, WRITE_DY=need_branches,
-        WRITE_SUMS=need_params, ALIGN=_align(hw, *strides[:2], *g_strides[:2]), ACC=_acc(d_params))
+        c, hw, triton.next_power_of_2(hw), run, *strides, *g_strides, *_resize_args(ys), B=nb,
+        RESIZED=resized(ys), WRITE_DY=need_branches, WRITE_SUMS=need_params,
+        ALIGN=_align(hw, *strides[:2], *g_strides[:2]), ACC=_acc(d_params))
     if part is not d_params:
         torch.sum(part, dim=1, out=d_params)
-    return d_ys, d_params
+    return _resized_gradient(d_ys, ys), d_params
+
+
+def _resized_gradient(d_ys: list[Tensor], ys: Sequence[Tensor]) -> list[Tensor]:
+    """d_ys with a resized last branch's gradient taken from its resized map's to its own size."""
+    if d_ys and resized(ys):
+        d_ys[-1] = upsample_backward(d_ys[-1], tuple(ys[-1].shape[-2:]))
+    return d_ys
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -543,9 +590,14 @@ def _check_combine_inputs(branches, scale, shift, coef):
     first = branches[0]
     if first.dim() != 4:
         raise ValueError(f"branches[0] must be (N, C, H, W), got shape {tuple(first.shape)}")
+    last = len(branches) - 1
     for i, b in enumerate(branches[1:], 1):
-        if b.shape != first.shape:
-            raise ValueError(f"branches[{i}] must be {tuple(first.shape)} like branches[0], got shape {tuple(b.shape)}")
+        if i == last and b.dim() == 4 and b.shape[:2] == first.shape[:2] and b.shape[2] * b.shape[3] > 0:
+            pass  # the last branch may have another size: it is resized
+        elif b.shape != first.shape:
+            expected = (f"(N, C, H', W') = {tuple(first.shape[:2])} + (H', W') with H'*W' > 0 (the last branch is "
+                        "resized to branches[0]'s size)" if i == last else f"{tuple(first.shape)} like branches[0]")
+            raise ValueError(f"branches[{i}] must be {expected}, got shape {tuple(b.shape)}")
         if b.dtype != first.dtype:
             raise TypeError(f"branches[{i}] has dtype {b.dtype} but branches[0] has {first.dtype}: the branches "
                             "need one dtype")
@@ -687,6 +739,8 @@ _combine_backward_op = torch.library.custom_op("dyhead_triton::level_combine_bac
 def _combine_backward_fake(grad, branches, scale, shift, coef, need_branches, need_params):
     fmt = _memory_format(branches[0])
     d_branches = [torch.empty_like(b, memory_format=fmt) for b in branches] if need_branches else []
+    if d_branches and resized(branches):
+        d_branches[-1] = torch.empty_like(branches[-1], memory_format=torch.contiguous_format)
     n, c = branches[0].shape[:2]
     return d_branches, scale.new_empty((n, len(branches) + 5, c) if need_params else (0,))
 
@@ -745,10 +799,15 @@ def level_combine(branches: Sequence[Tensor], scale: Tensor, shift: Tensor, coef
     order (deterministic, no atomics). On ties of the two lines the gradient is split half/half, as
     ``torch.maximum``'s.
 
+    A last branch (of B >= 2) of another size than branches[0] is resized to it inside the kernels, bilinearly
+    with ``align_corners=True``: ``F.interpolate(branches[-1], branches[0].shape[-2:], mode="bilinear",
+    align_corners=True)`` in torch's arithmetic, without the resized map in memory; its gradient goes through
+    the gather of `kernels.upsample_bilinear` (deterministic). DyHead's coarser branch is read so.
+
     Args:
-        branches: list or tuple of B = 1 to 3 tensors (N, C, H, W) of one shape, dtype
-            (float32/float16/bfloat16/float64) and device (CUDA, or CPU under ``TRITON_INTERPRET=1``). NCHW or
-            channels-last (as branches[0]) are read in place, other layouts copied.
+        branches: list or tuple of B = 1 to 3 tensors (N, C, H, W) of one shape (but for a resized last one),
+            dtype (float32/float16/bfloat16/float64) and device (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+            NCHW or channels-last (as branches[0]) are read in place, other layouts copied.
         scale: (N, B, C), shift: (N, C), coef: (N, 4, C): float32 (float64 with float64 branches).
 
     Under autocast the branches are used as they come (promoted to the widest dtype if they differ) and

@@ -12,6 +12,9 @@ output's source rows, columns and interpolation weights with torch's arithmetic:
 ``int(src)``, the upper one the next unless at the border, and the weights ``1 - (src - int(src))`` and
 ``src - int(src)``. An input row i is read by the outputs o with i - 1 < src(o) < i + 1: the kernel scans a
 window of candidates that holds all of them and weighs the others zero.
+
+The same arithmetic as device functions (`axis_scale`, `axis_source`, `bilinear_tile`) lets `level_combine`
+read a branch resized without storing the resized map; its backward ends in `upsample_backward`.
 """
 
 from __future__ import annotations
@@ -23,53 +26,92 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .deform_conv_op import _device_guard, eager_call
-from .level_pass import _acc, _check_float_tensor, _check_runnable, level_autotune
+from .deform_conv import autotune_configs
+from .deform_conv_op import _FLOAT_DTYPES, _device_guard, eager_call
+from .runtime import check_runnable, first_config_unless_tuning
 
-# (meta, num_warps, num_stages): input pixels x channels; NCHW tiles long along pixels.
+# (meta, num_warps, num_stages): input pixels x channels, long along pixels (the maps are NCHW).
 _GATHER_SPACE = [
     ({"BLOCK_C": 4, "BLOCK_P": 128}, 4, 1),
     ({"BLOCK_C": 8, "BLOCK_P": 128}, 4, 1),
     ({"BLOCK_C": 4, "BLOCK_P": 256}, 8, 1),
 ]
+_INTERPRET_CONFIG = {"BLOCK_C": 4, "BLOCK_P": 16}
 
 
 @triton.jit
-def _axis_window(i, size_in, size_out, scale, ACC: tl.constexpr):
-    """For input indices i: the first output index of the window that holds every output reading i (int32),
-    and the window's length (a scalar)."""
+def axis_scale(size_in, size_out, scale, ACC: tl.constexpr):
+    """torch's source scale of an align_corners=True resize along one axis in ACC: the float32 argument, or
+    for float64 (size_in - 1) / (size_out - 1) computed here (0 for one output)."""
     if ACC == tl.float64:
         scale = tl.where(size_out > 1, (size_in - 1).to(tl.float64) / tl.maximum(size_out - 1, 1).to(tl.float64),
                          0.0)
+    return scale
+
+
+@triton.jit
+def axis_source(o, size_in, scale, ACC: tl.constexpr):
+    """torch's source of output indices o along one axis: (lower input index, upper one, the upper one's
+    weight); the lower one's weight is 1 minus it."""
+    src = o.to(ACC) * scale
+    low = src.to(tl.int32)
+    return low, low + (low < size_in - 1).to(tl.int32), src - low.to(ACC)
+
+
+@triton.jit
+def bilinear_tile(x_ptr, n, c, p, mask, W_OUT, H_IN, W_IN, scale_h, scale_w,
+                  stride_n, stride_c, stride_h, stride_w, ACC: tl.constexpr):
+    """x (N, C, H_IN, W_IN, through its strides) resized bilinearly (align_corners=True) at output pixels p
+    (flattened over rows of W_OUT) of image n, channels c: a [BLOCK_C, BLOCK_P] tile in ACC, torch's formula
+    (zero where not mask). scale_h, scale_w: `axis_scale`'s."""
+    h0, h1, fh = axis_source(p // W_OUT, H_IN, scale_h, ACC)
+    w0, w1, fw = axis_source(p % W_OUT, W_IN, scale_w, ACC)
+    rows = x_ptr + n.to(tl.int64) * stride_n + c.to(tl.int64)[:, None] * stride_c
+    top = rows + (h0.to(tl.int64) * stride_h)[None, :]
+    bottom = rows + (h1.to(tl.int64) * stride_h)[None, :]
+    left = (w0.to(tl.int64) * stride_w)[None, :]
+    right = (w1.to(tl.int64) * stride_w)[None, :]
+    fw = fw[None, :]
+    upper = ((1.0 - fw) * tl.load(top + left, mask=mask, other=0.0).to(ACC)
+             + fw * tl.load(top + right, mask=mask, other=0.0).to(ACC))
+    lower = ((1.0 - fw) * tl.load(bottom + left, mask=mask, other=0.0).to(ACC)
+             + fw * tl.load(bottom + right, mask=mask, other=0.0).to(ACC))
+    return (1.0 - fh)[None, :] * upper + fh[None, :] * lower
+
+
+@triton.jit
+def _axis_window(i, size_in, size_out):
+    """For input indices i: the first output index of the window that holds every output reading i (int32),
+    and the window's length (a scalar)."""
     # The outputs reading i have src = scale * o in (i - 1, i + 1), o in ((i - 1) / scale, (i + 1) / scale):
     # integer bounds past each side cover the rounding of scale and src.
     first = tl.maximum(((i - 1) * (size_out - 1)) // tl.maximum(size_in - 1, 1) - 1, 0)
     length = 2 * (size_out - 1) // tl.maximum(size_in - 1, 1) + 5
-    return first, tl.where(size_in == 1, size_out, length), scale
+    return first, tl.where(size_in == 1, size_out, length)
 
 
 @triton.jit
 def _axis_weight(o, i, size_in, size_out, scale, ACC: tl.constexpr):
     """The weight with which output index o reads input index i along one axis (zero if it does not, or if o
     is past the output), torch's arithmetic."""
-    src = o.to(ACC) * scale
-    low = src.to(tl.int32)
-    high = low + (low < size_in - 1).to(tl.int32)
-    frac = src - low.to(ACC)
+    low, high, frac = axis_source(o, size_in, scale, ACC)
     weight = tl.where(low == i, 1.0 - frac, 0.0) + tl.where(high == i, frac, 0.0)
     return tl.where(o < size_out, weight, 0.0)
 
 
-@level_autotune(_GATHER_SPACE, key=["C", "H_IN", "W_IN", "H_OUT", "W_OUT"])
+@triton.autotune(configs=autotune_configs(_GATHER_SPACE, _INTERPRET_CONFIG),
+                 key=["C", "H_IN", "W_IN", "H_OUT", "W_OUT"],
+                 prune_configs_by={"early_config_prune": lambda configs, *args, **kwargs:
+                                   first_config_unless_tuning(configs)})
 @triton.jit
 def _upsample_backward_kernel(g_ptr, dx_ptr, C, H_IN, W_IN, H_OUT, W_OUT, scale_h, scale_w,
-                              stride_gn, stride_gc, stride_gh, stride_gw, stride_p,
+                              stride_gn, stride_gc, stride_gh, stride_gw,
                               ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """dx[n, c, i, j] = sum over outputs (h, w) of weight_h(h, i) * weight_w(w, j) * g[n, c, h, w], summed in
     a fixed order.
 
     Grid (cdiv(H_IN * W_IN, BLOCK_P), cdiv(C, BLOCK_C), N). g: (N, C, H_OUT, W_OUT) through its strides;
-    dx: (N, C, H_IN, W_IN) contiguous (stride_p is 1, a named argument for the layout pruner).
+    dx: (N, C, H_IN, W_IN) contiguous.
     """
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -77,8 +119,10 @@ def _upsample_backward_kernel(g_ptr, dx_ptr, C, H_IN, W_IN, H_OUT, W_OUT, scale_
     i = p // W_IN
     j = p % W_IN
     valid = (c < C)[:, None] & (p < H_IN * W_IN)[None, :]
-    first_h, rows, scale_h = _axis_window(i, H_IN, H_OUT, scale_h, ACC)
-    first_w, cols, scale_w = _axis_window(j, W_IN, W_OUT, scale_w, ACC)
+    scale_h = axis_scale(H_IN, H_OUT, scale_h, ACC)
+    scale_w = axis_scale(W_IN, W_OUT, scale_w, ACC)
+    first_h, rows = _axis_window(i, H_IN, H_OUT)
+    first_w, cols = _axis_window(j, W_IN, W_OUT)
     g_rows = g_ptr + n * stride_gn + c.to(tl.int64)[:, None] * stride_gc
     total = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC)
     for a in range(rows):
@@ -90,13 +134,13 @@ def _upsample_backward_kernel(g_ptr, dx_ptr, C, H_IN, W_IN, H_OUT, W_OUT, scale_
             read = valid & (weight != 0.0)[None, :]
             g = tl.load(g_rows + (h.to(tl.int64) * stride_gh + w * stride_gw)[None, :], mask=read, other=0.0)
             total += g.to(ACC) * weight[None, :]
-    out = dx_ptr + (n * C + c.to(tl.int64)[:, None]) * (H_IN * W_IN) + p[None, :] * stride_p
+    out = dx_ptr + (n * C + c.to(tl.int64)[:, None]) * (H_IN * W_IN) + p[None, :]
     tl.store(out, total.to(dx_ptr.dtype.element_ty), mask=valid)
 
 
-def _float32_scale(size_in: int, size_out: int) -> float:
-    """torch's float32 source scale of an align_corners=True resize (a Triton float argument is float32, so
-    the value must be one exactly)."""
+def float32_scale(size_in: int, size_out: int) -> float:
+    """torch's float32 source scale of an align_corners=True resize along one axis (a Triton float argument
+    is float32, so the value must be one exactly); `axis_scale` recomputes it for float64."""
     if size_out <= 1:
         return 0.0
     return float(np.float32(size_in - 1) / np.float32(size_out - 1))
@@ -113,8 +157,9 @@ def upsample_backward(grad: Tensor, input_size: tuple[int, int]) -> Tensor:
     if h_out * w_out == 0:
         return dx.zero_()
     grid = lambda meta: (triton.cdiv(h_in * w_in, meta["BLOCK_P"]), triton.cdiv(c, meta["BLOCK_C"]), n)
-    _upsample_backward_kernel[grid](grad, dx, c, h_in, w_in, h_out, w_out, _float32_scale(h_in, h_out),
-                                    _float32_scale(w_in, w_out), *grad.stride(), 1, ACC=_acc(grad))
+    _upsample_backward_kernel[grid](grad, dx, c, h_in, w_in, h_out, w_out, float32_scale(h_in, h_out),
+                                    float32_scale(w_in, w_out), *grad.stride(),
+                                    ACC=tl.float64 if grad.dtype == torch.float64 else tl.float32)
     return dx
 
 
@@ -129,7 +174,7 @@ class _Upsample(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        _check_runnable(grad, "upsample_bilinear")
+        check_runnable(grad, "kernels.upsample_bilinear", "F.interpolate")
         with _device_guard(grad):
             return upsample_backward(grad, ctx.input_size), None
 
@@ -154,7 +199,10 @@ def upsample_bilinear(x: Tensor, size: tuple[int, int]) -> Tensor:
         TypeError / ValueError: x not a floating 4-d tensor, size not two positive ints.
         RuntimeError (backward): CPU tensors without ``TRITON_INTERPRET=1``.
     """
-    _check_float_tensor("x", x)
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
     if x.dim() != 4:
         raise ValueError(f"x must be (N, C, H, W), got shape {tuple(x.shape)}")
     size = tuple(size)

@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from deform_conv_cases import rel_err
 
 from kernels import level_pass
@@ -30,15 +31,20 @@ def moments_reference(x):
 
 
 def combine_reference(branches, scale, shift, coef):
+    size = branches[0].shape[-2:]
+    branches = [y if y.shape[-2:] == size else F.interpolate(y, size=size, mode="bilinear", align_corners=True)
+                for y in branches]
     u = shift[..., None, None] + sum(scale[:, b, :, None, None] * y for b, y in enumerate(branches))
     a1, b1, a2, b2 = coef[..., None, None].unbind(1)
     return torch.maximum(a1 * u + b1, a2 * u + b2)
 
 
-def combine_inputs(n, nb, c, h, w, seed=0):
-    """float64 branches (list), scale, shift, coef: both lines of the max win on many pixels."""
+def combine_inputs(n, nb, c, h, w, seed=0, last_size=None):
+    """float64 branches (list; the last of size last_size if given), scale, shift, coef: both lines of the max
+    win on many pixels."""
     gen = torch.Generator().manual_seed(seed)
-    branches = [torch.randn(n, c, h, w, generator=gen, dtype=torch.float64) for _ in range(nb)]
+    sizes = [(h, w)] * (nb - 1) + [last_size or (h, w)]
+    branches = [torch.randn(n, c, *size, generator=gen, dtype=torch.float64) for size in sizes]
     scale = torch.rand(n, nb, c, generator=gen, dtype=torch.float64) + 0.5
     shift = torch.randn(n, c, generator=gen, dtype=torch.float64) * 0.5
     coef = torch.randn(n, 4, c, generator=gen, dtype=torch.float64)
@@ -96,6 +102,22 @@ def test_combine_shapes_and_layouts(case, shape, memory_format):
     (y, g), expected = run_combine(combine_inputs(*shape), torch.float32, memory_format)
     assert y.is_contiguous(memory_format=memory_format)
     assert_close((y, g), expected, TOL[torch.float32])
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("nb, size, last_size, memory_format", [
+    (2, (9, 13), (5, 7), torch.contiguous_format),  # DyHead's coarser branch: about half the size
+    (3, (9, 13), (5, 7), torch.channels_last),
+    (3, (7, 20), (7, 3), torch.contiguous_format),  # up along one axis only, several runs
+    (2, (4, 6), (1, 9), torch.contiguous_format)])  # one row; down along the other axis
+def test_combine_resizes_a_last_branch_of_another_size(nb, size, last_size, memory_format, dtype):
+    """The last branch is read as F.interpolate(bilinear, align_corners=True) of it, differentiably."""
+    inputs = combine_inputs(2, nb, 5, *size, last_size=last_size)
+    (y, g), expected = run_combine(inputs, dtype, memory_format)
+    assert y.shape == expected[0].shape and y.is_contiguous(memory_format=memory_format)
+    assert g[nb - 1].shape == (2, 5, *last_size) and g[nb - 1].dtype == dtype
+    assert_close((y, g), expected, TOL[dtype])
 
 
 @needs_kernels
@@ -204,11 +226,11 @@ def test_backward_is_bitwise_deterministic():
 @needs_kernels
 def test_custom_op_matches_eager_path():
     """The custom ops (what torch.compile traces) compute what the eager autograd.Functions compute."""
-    inputs = combine_inputs(2, 2, 5, 3, 7)
     ops = lambda ys, *p: level_pass._combine_op(ys, *p)
-    (y, g), _ = run_combine(inputs, torch.float32)
-    (y_op, g_op), _ = run_combine(inputs, torch.float32, fn=ops)
-    assert torch.equal(y, y_op) and all(torch.equal(a, b) for a, b in zip(g, g_op))
+    for inputs in (combine_inputs(2, 2, 5, 3, 7), combine_inputs(2, 3, 5, 7, 9, last_size=(4, 5))):
+        (y, g), _ = run_combine(inputs, torch.float32)
+        (y_op, g_op), _ = run_combine(inputs, torch.float32, fn=ops)
+        assert torch.equal(y, y_op) and all(torch.equal(a, b) for a, b in zip(g, g_op))
     x = leaves(inputs[0][0], torch.float32)
     m, m_op = channel_moments(x), level_pass._moments_op(x)
     assert torch.equal(m, m_op)
@@ -263,9 +285,13 @@ def test_fake_impl_shapes_and_layouts():
                                    mode.from_tensor(torch.ones(2, 6)), mode.from_tensor(torch.ones(2, 4, 6)))
         d_branches, d_params = level_pass._combine_backward_op(fake, [fake, fake], *(
             mode.from_tensor(t) for t in (torch.ones(2, 2, 6), torch.ones(2, 6), torch.ones(2, 4, 6))), True, True)
+        coarse = mode.from_tensor(torch.randn(2, 6, 3, 4).to(memory_format=torch.channels_last))
+        d_resized, _ = level_pass._combine_backward_op(fake, [fake, coarse], *(
+            mode.from_tensor(t) for t in (torch.ones(2, 2, 6), torch.ones(2, 6), torch.ones(2, 4, 6))), True, True)
     assert tuple(m.shape) == (2, 6, 2) and m.dtype == torch.float32
     assert tuple(y.shape) == (2, 6, 5, 7) and y.is_contiguous(memory_format=torch.channels_last)
     assert len(d_branches) == 2 and tuple(d_params.shape) == (2, 7, 6)
+    assert tuple(d_resized[1].shape) == (2, 6, 3, 4) and d_resized[1].is_contiguous()
 
 
 @needs_kernels
@@ -303,8 +329,12 @@ BAD_COMBINE = {
     "four_branches": (_bad(branches=[torch.randn(2, 3, 4, 5)] * 4), ValueError,
                       r"1 to 3 tensors \(N, C, H, W\), got 4"),
     "branch_rank": (_bad(branches=[torch.randn(3, 4, 5)] * 2), ValueError, r"branches\[0\] must be \(N, C, H, W\)"),
-    "branch_shape": (_bad(branches=[torch.randn(2, 3, 4, 5), torch.randn(2, 3, 5, 4)]), ValueError,
-                     r"branches\[1\] must be \(2, 3, 4, 5\)"),
+    "branch_shape": (_bad(branches=[torch.randn(2, 3, 4, 5), torch.randn(2, 3, 5, 4), torch.randn(2, 3, 4, 5)]),
+                     ValueError, r"branches\[1\] must be \(2, 3, 4, 5\)"),
+    "resized_channels": (_bad(branches=[torch.randn(2, 3, 4, 5), torch.randn(2, 4, 2, 3)]), ValueError,
+                         r"branches\[1\] must be \(N, C, H', W'\) = \(2, 3\)"),
+    "resized_empty": (_bad(branches=[torch.randn(2, 3, 4, 5), torch.randn(2, 3, 0, 3)]), ValueError,
+                      r"H'\*W' > 0"),
     "branch_dtype": (_bad(branches=[torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5).half()]), TypeError,
                      r"branches\[1\] has dtype torch.float16"),
     "int_branch": (_bad(branches=[torch.ones(2, 3, 4, 5, dtype=torch.int32)] * 2), TypeError,
