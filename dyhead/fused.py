@@ -8,8 +8,9 @@ maps of the raw conv outputs; the mean of an upsampled map is a weighted mean of
 (`upsampled_mean_weights`). So a block costs per-channel moments of every raw branch (all in one launch each
 way, `kernels.channel_moments_grouped`, the branches being views of the convs' one output buffer), some
 arithmetic on (N, B, C) tensors batched over the block's levels, and one elementwise pass per level
-(`kernels.level_combine`, which reads the coarser branch upsampled: the upsampled map is never stored). The attention and coefficient math is the modules' own (`ScaleAttention.attention`,
-`TaskAttention.coefficients`): it lives there once.
+(`kernels.level_combine`, which reads the coarser branch upsampled: the upsampled map is never stored). The
+attention and coefficient math is the modules' own (`ScaleAttention.attention`, `TaskAttention.coefficients`):
+it lives there once.
 """
 
 from __future__ import annotations
@@ -126,11 +127,10 @@ def block_forward(levels: Sequence[Sequence[tuple[Tensor, nn.GroupNorm]]], scale
     identity coefficients a1 = a2 = 1, b1 = b2 = 0 (max(u, u) = u; the kernel splits a tie's gradient half/half,
     which sums to 1), so the same fused kernels run.
     """
-    maps, slot_maps, resized, norm_slots, pixels, inv_branches = [], [], {}, [], [], []
+    slot_maps, resized, norm_slots, pixels, inv_branches = [], {}, [], [], []
     norms = list(dict.fromkeys(norm for branches in levels for _, norm in branches))  # the block's GroupNorms
     for branches in levels:
         size = branches[0][0].shape[-2:]
-        level_maps = []
         for y, norm in branches:
             pixels.append(y.shape[-2] * y.shape[-1])
             slot_maps.append(y)
@@ -139,13 +139,11 @@ def block_forward(levels: Sequence[Sequence[tuple[Tensor, nn.GroupNorm]]], scale
                 # The attentions pool the upsampled map: a weighted mean of y, taken with y's moments; the
                 # combine reads y upsampled.
                 resized[len(slot_maps) - 1] = (tuple(y.shape[-2:]), tuple(size))
-            level_maps.append(y)
         missing = 3 - len(branches)
         slot_maps += [None] * missing  # zero moments
         norm_slots += [len(norms)] * missing  # the zero row appended to the norms' parameters
         pixels += [1] * missing
         inv_branches.append(1.0 / len(branches))
-        maps.append(level_maps)
     num, groups, eps = len(levels), norms[0].num_groups, norms[0].eps
     n, c = slot_maps[0].shape[:2]
     acc = torch.float64 if slot_maps[0].dtype == torch.float64 else torch.float32
@@ -180,5 +178,5 @@ def block_forward(levels: Sequence[Sequence[tuple[Tensor, nn.GroupNorm]]], scale
         coef = torch.stack(task.coefficients(pooled_u.view(-1, c).to(param)), 1).to(acc).view(num, n, 4, c)
     # unbind, not indexing per level: its backward is one stack, not L zero-padded copies to accumulate.
     weights = weight.transpose(1, 2).contiguous().unbind(0)  # L x (N, 3, C)
-    return [level_combine(level_maps, w[:, :len(level_maps)], t, k)
-            for level_maps, w, t, k in zip(maps, weights, shift.unbind(0), coef.unbind(0))]
+    return [level_combine([y for y, _ in branches], w[:, :len(branches)], t, k)
+            for branches, w, t, k in zip(levels, weights, shift.unbind(0), coef.unbind(0))]
