@@ -14,7 +14,7 @@ from deform_conv_cases import DEVICE, needs_kernels, rel_err
 
 from kernels import upsample_bilinear
 
-SIZES = [((5, 7), (9, 13)), ((13, 21), (25, 42)), ((7, 11), (13, 21)), ((1, 3), (4, 5)), ((4, 4), (7, 8)),
+SIZES = [((5, 7), (9, 13)), ((7, 11), (13, 21)), ((1, 3), (4, 5)), ((4, 4), (7, 8)),
          ((6, 5), (3, 1)), ((3, 2), (3, 2)), ((2, 3), (1, 1))]
 
 
@@ -64,8 +64,8 @@ def test_expanded_gradient_and_bitwise_repeatable():
 
 @needs_kernels
 def test_gradcheck_float64():
-    x = torch.randn(1, 2, 3, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: upsample_bilinear(t, (5, 6)), (x,))
+    x = torch.randn(1, 1, 2, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: upsample_bilinear(t, (3, 5)), (x,))
 
 
 @pytest.mark.parametrize("x, size, error, message", [
