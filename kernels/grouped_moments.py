@@ -202,38 +202,39 @@ def _map_table(places, run):
 
 
 def _plan(base: Tensor, places, n: int, c: int):
+    """(device table, RUN, runs in all, pixel bucket) of the maps: made by the forward, reused by the backward."""
     hws = [place[1] * place[2] for place in places if place is not None]
     run, _ = _pixel_runs(n, c, max(hws), base.device)
     values, total = _map_table(places, run)
     return device_table(values, base.device), run, total, triton.next_power_of_2(max(hws))
 
 
-def grouped_moments_forward(base: Tensor, weights: Tensor, places, n: int, c: int) -> Tensor:
-    """(K, N, C, 3) contiguous (mean, M2, pooled) in float32 (float64) of the K maps (N, C, H, W) at places in
-    base (contiguous), pooled with weights (1-D, float32/float64) where a place has them; zeros for a None
-    place."""
+def grouped_moments_forward(base: Tensor, weights: Tensor, places, n: int, c: int):
+    """(out, plan): out (K, N, C, 3) contiguous (mean, M2, pooled) in float32 (float64) of the K maps (N, C, H, W)
+    at places in base (contiguous), pooled with weights (1-D, float32/float64) where a place has them; zeros for
+    a None place. plan: `_plan`'s, for the backward (None where there was nothing to launch)."""
     out = base.new_empty((len(places), n, c, 3), dtype=acc_dtype(base))
     if n * c == 0 or all(place is None for place in places):
-        return out.zero_()
-    table, run, total, bucket = _plan(base, places, n, c)
+        return out.zero_(), None
+    plan = table, run, total, bucket = _plan(base, places, n, c)
     part = base.new_empty((total, n, c, 3), dtype=out.dtype)
     grid = lambda meta: (total, triton.cdiv(c, meta["BLOCK_C"]), n)
     _grouped_moments_kernel[grid](base, weights, table, part, c, bucket, run, NUM_MAPS=len(places), ALIGN=ALIGN,
                                   ACC=_acc(base))
     _grouped_merge_kernel[(triton.cdiv(c, MERGE_BLOCK_C), n, len(places))](part, table, out, c, run,
                                                                           BLOCK_C=MERGE_BLOCK_C)
-    return out
+    return out, plan
 
 
-def grouped_moments_backward(grad: Tensor, base: Tensor, weights: Tensor, moments: Tensor, places,
+def grouped_moments_backward(grad: Tensor, base: Tensor, weights: Tensor, moments: Tensor, places, plan,
                              covered: bool) -> Tensor:
-    """d base (like base) from grad (K, N, C, 3) of `grouped_moments_forward`; zero outside the maps unless
-    covered (the maps tile the whole buffer)."""
+    """d base (like base) from grad (K, N, C, 3) of `grouped_moments_forward` and its plan; zero outside the
+    maps unless covered (the maps tile the whole buffer)."""
     d_base = torch.empty_like(base) if covered else torch.zeros_like(base)
-    _, n, c, _ = moments.shape
-    if n * c == 0 or all(place is None for place in places):
+    if plan is None:
         return d_base
-    table, run, total, bucket = _plan(base, places, n, c)
+    _, n, c, _ = moments.shape
+    table, run, total, bucket = plan
     grid = lambda meta: (total, triton.cdiv(c, meta["BLOCK_C"]), n)
     _grouped_moments_backward_kernel[grid](base, weights, table, moments, grad, d_base, c, bucket, run,
                                            *grad.stride(), NUM_MAPS=len(places), ALIGN=ALIGN, ACC=_acc(base))
@@ -338,9 +339,10 @@ class _GroupedMoments(torch.autograd.Function):
     def forward(ctx, base, weights, places, n, c, covered):
         _check_runnable(base, "channel_moments_grouped")
         with _device_guard(base):
-            out = grouped_moments_forward(base, weights, places, n, c)
+            out, plan = grouped_moments_forward(base, weights, places, n, c)
         ctx.save_for_backward(base, weights, out)
-        ctx.places, ctx.covered = places, covered
+        # The plan's device table too: the backward writes none of its own.
+        ctx.places, ctx.plan, ctx.covered = places, plan, covered
         return out
 
     @staticmethod
@@ -348,7 +350,7 @@ class _GroupedMoments(torch.autograd.Function):
     def backward(ctx, grad):
         base, weights, out = ctx.saved_tensors
         with _device_guard(base):
-            d_base = grouped_moments_backward(grad, base, weights, out, ctx.places, ctx.covered)
+            d_base = grouped_moments_backward(grad, base, weights, out, ctx.places, ctx.plan, ctx.covered)
         return d_base, None, None, None, None, None
 
 
