@@ -1,12 +1,11 @@
 """python -m benchmarks.compile_check: compile every Triton kernel of the triton path for a GPU, without one.
 
-The real wrappers run on CPU tensors: the deformable conv alone (forward and backward, atomic and deterministic),
-a DyHead block on the triton backend (grouped convs and the fused level pass, forward and backward) and the
-one-map moments. Each
-kernel launch they make is turned into a compile for the target instead, through Triton's own binder, so every
-specialization and every autotune config the pruners keep is compiled as a GPU run would compile it. Nothing
-runs: the outputs are garbage and the run proves only that the kernels build, and what they cost in registers,
-stack (spills), shared memory and the width of their global loads and stores (in the JSON).
+The real wrappers run on CPU tensors: the deformable conv alone (forward and backward, atomic and deterministic), a
+DyHead block on the triton backend (grouped convs and the fused level pass, forward and backward), the one-map
+moments and the one-level combine. Each kernel launch they make is turned into a compile for the target instead,
+through Triton's own binder, so every specialization and every autotune config the pruners keep is compiled as a GPU
+run would compile it. Nothing runs: the outputs are garbage and the run proves only that the kernels build, and what
+they cost in registers, stack (spills), shared memory and the width of their global loads and stores (in the JSON).
 
     python -m benchmarks.compile_check                              # sm_90, every dtype, COCO shapes
     python -m benchmarks.compile_check --dtypes bfloat16 --shapes small --first-config --json out.json
@@ -245,7 +244,25 @@ def _moments_workload(dtype: torch.dtype, shape) -> None:
         channel_moments(x.requires_grad_()).sum().backward()
 
 
-WORKLOADS = {"dcn": _dcn_workload, "dyhead_block": _dyhead_workload, "moments": _moments_workload}
+def _combine_workload(dtype: torch.dtype, shape) -> None:
+    """level_combine of the first level on its own (the block combines its levels grouped; one level at a time
+    is the op under torch.compile and for branches that share no buffer), NCHW and channels-last, with the
+    second level as the resized branch, forward and backward, and upsample_bilinear's backward."""
+    from kernels import level_combine, upsample_bilinear
+
+    channels, batch, levels = shape
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        branches = [torch.randn(batch, channels, *size, dtype=dtype).to(memory_format=memory_format).requires_grad_()
+                    for size in (levels[0], levels[0], levels[1])]
+        scale, shift, coef = (torch.randn(batch, rows, channels, dtype=acc, requires_grad=True) for rows in (3, 1, 4))
+        level_combine(branches, scale, shift[:, 0], coef).sum().backward()
+    x = torch.randn(batch, channels, *levels[1], dtype=dtype, requires_grad=True)
+    upsample_bilinear(x, levels[0]).sum().backward()
+
+
+WORKLOADS = {"dcn": _dcn_workload, "dyhead_block": _dyhead_workload, "moments": _moments_workload,
+             "combine": _combine_workload}
 
 
 def check(arch: int, dtypes: list[str], shapes: str, first_config: bool, log=print) -> Session:

@@ -7,8 +7,9 @@ upsampling (weights summing to one) commutes with that, and both attentions read
 maps of the raw conv outputs; the mean of an upsampled map is a weighted mean of the map itself
 (`upsampled_mean_weights`). So a block costs per-channel moments of every raw branch (all in one launch each
 way, `kernels.channel_moments_grouped`, the branches being views of the convs' one output buffer), some
-arithmetic on (N, B, C) tensors batched over the block's levels, and one elementwise pass per level
-(`kernels.level_combine`, which reads the coarser branch upsampled: the upsampled map is never stored). The
+arithmetic on (N, B, C) tensors batched over the block's levels, and one elementwise pass over all levels
+(`kernels.level_combine_grouped`, one launch each way, which reads the coarser branch upsampled: the upsampled
+map is never stored). The
 attention and coefficient math is the modules' own (`ScaleAttention.attention`, `TaskAttention.coefficients`):
 it lives there once.
 """
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels import channel_moments_grouped, level_combine
+from kernels import channel_moments_grouped, level_combine_grouped
 
 from .scale import ScaleAttention
 from .task import TaskAttention
@@ -176,7 +177,5 @@ def block_forward(levels: Sequence[Sequence[tuple[Tensor, nn.GroupNorm]]], scale
     else:
         pooled_u = (weight * pooled_mean).sum(1) + shift
         coef = torch.stack(task.coefficients(pooled_u.view(-1, c).to(param)), 1).to(acc).view(num, n, 4, c)
-    # unbind, not indexing per level: its backward is one stack, not L zero-padded copies to accumulate.
-    weights = weight.transpose(1, 2).contiguous().unbind(0)  # L x (N, 3, C)
-    return [level_combine([y for y, _ in branches], w[:, :len(branches)], t, k)
-            for branches, w, t, k in zip(levels, weights, shift.unbind(0), coef.unbind(0))]
+    return level_combine_grouped([[y for y, _ in branches] for branches in levels], weight.transpose(1, 2),
+                                 shift, coef)

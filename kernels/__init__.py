@@ -1,9 +1,11 @@
 """Triton kernels for DyHead. Each op has a PyTorch reference twin in ``dyhead``."""
 
 from .deform_conv_op import modulated_deform_conv2d, modulated_deform_conv2d_pyramid, modulated_deform_conv2d_sets
+from .grouped_combine import level_combine_grouped
 from .grouped_moments import channel_moments_grouped
 from .level_pass import channel_moments, level_combine
 from .upsample import upsample_bilinear
 
-__all__ = ["channel_moments", "channel_moments_grouped", "level_combine", "modulated_deform_conv2d",
-           "modulated_deform_conv2d_pyramid", "modulated_deform_conv2d_sets", "upsample_bilinear"]
+__all__ = ["channel_moments", "channel_moments_grouped", "level_combine", "level_combine_grouped",
+           "modulated_deform_conv2d", "modulated_deform_conv2d_pyramid", "modulated_deform_conv2d_sets",
+           "upsample_bilinear"]

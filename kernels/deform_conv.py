@@ -325,11 +325,17 @@ def launch_flags(x):
     ignore DOT."""
     fp64 = x.dtype == torch.float64
     dot = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    return {"FP64": fp64, "DOT": dot, "ACC": tl.float64 if fp64 else tl.float32}
+    return {"FP64": fp64, "DOT": dot, "ACC": acc_tl(x)}
 
 
 def acc_dtype(x):
+    """The math dtype of the kernels for x's dtype: float64 for float64, float32 otherwise."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def acc_tl(x):
+    """`acc_dtype` as the kernels' ACC constexpr (a Triton dtype)."""
+    return tl.float64 if x.dtype == torch.float64 else tl.float32
 
 
 # A grouped transpose's table: per level, its programs, sizes, source pointer and strides, and destination.

@@ -46,6 +46,27 @@ def device_table(values: Sequence[int], device: torch.device) -> torch.Tensor:
     return out
 
 
+# cached_device_table's tables by (values, device). Never evicted: a CUDA graph that read one must find it at
+# every replay. Only tables of shapes go here, so a run keeps as many as it sees pyramid sizes (a few KB each).
+_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def cached_device_table(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """`device_table(values, device)`, written once per content and device and then reused: no launch per call.
+
+    For tables that depend on shapes only (sizes, element offsets): data pointers would grow the cache without
+    end. Inside a CUDA graph capture an unseen table is written as `device_table` writes it and not kept (the
+    capture's memory pool owns it).
+    """
+    key = (tuple(values), device)
+    table = _CACHE.get(key)
+    if table is None:
+        table = device_table(values, device)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _CACHE[key] = table
+    return table
+
+
 def encode(values: Sequence[int]) -> tuple[int, ...]:
     """The kernel's arguments for values: each ``(v << 4) + 1 + 2**60``, in [2**59, 2**61) and 1 modulo 16.
 

@@ -6,11 +6,11 @@ to 13 merges and 13 backward launches per block, plus an addition per map where 
 gradient with the combine's. Over the shared buffer it is one moments launch, one merge and one backward
 launch, and the gradient of the whole buffer is one tensor.
 
-The maps are rows of a small int64 device table (`device_table`: CUDA-graph safe): each map's first element
-in the buffer, its pixel count, its first pixel run and its number of runs. Programs are (run, channel block,
-image), each run of one map; a program finds its map by a scan over the table. Rows of pixels of maps whose
-pixel count and start are multiples of `ALIGN` are read with wide loads, the others element by element: one
-kernel has both paths, chosen per map at run time.
+The maps are rows of a small int64 device table (`cached_device_table`: written once per layout, CUDA-graph safe):
+each map's first element in the buffer, its pixel count, its first pixel run and its number of runs. Programs are
+(run, channel block, image), each run of one map; a program finds its map by a scan over the table. Rows of pixels
+of maps whose pixel count and start are multiples of `ALIGN` are read with wide loads, the others element by
+element: one kernel has both paths, chosen per map at run time.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .deform_conv import acc_dtype
+from .deform_conv import acc_dtype, acc_tl
 from .deform_conv_op import _device_guard, eager_call
-from .device_table import device_table
-from .level_pass import (MERGE_BLOCK_C, _REDUCTION_SPACE, _acc, _aligned, _check_float_tensor, _check_runnable,
+from .device_table import cached_device_table
+from .level_pass import (MERGE_BLOCK_C, _REDUCTION_SPACE, _aligned, _check_float_tensor, _check_runnable,
                          _pixel_runs, _tile, channel_moments, keep_tiles, level_autotune, merge_runs,
                          moments_grad, run_moments)
 
@@ -42,23 +42,25 @@ def _prune_nchw(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _find_map(table_ptr, r, NUM_MAPS: tl.constexpr):
-    """(table row, index) of the map that owns pixel run r: the last one whose first run is <= r (maps without
-    runs share their first run with the next map, so they are passed over)."""
-    k = 0
+def find_map(table_ptr, r, NUM_MAPS: tl.constexpr, WIDTH: tl.constexpr, RUN_COLUMN: tl.constexpr):
+    """(table row, index) of the map that owns run r, in a table of NUM_MAPS rows of WIDTH values whose column
+    RUN_COLUMN holds each map's first run: the last map whose first run is <= r (maps without runs share their
+    first run with the next map, so they are passed over)."""
+    k = tl.full((), 0, tl.int32)
     for i in tl.static_range(1, NUM_MAPS):
-        k += (tl.load(table_ptr + i * FIELDS + 2) <= r).to(tl.int32)
-    return table_ptr + k * FIELDS, k
+        k += (tl.load(table_ptr + i * WIDTH + RUN_COLUMN) <= r).to(tl.int32)
+    return table_ptr + k * WIDTH, k
 
 
 @triton.jit
-def _program_run(table_ptr, RUN, NUM_MAPS: tl.constexpr, BLOCK_C: tl.constexpr):
+def program_run(table_ptr, RUN, NUM_MAPS: tl.constexpr, WIDTH: tl.constexpr, BLOCK_C: tl.constexpr):
     """This program's pixel run r, channels c and image n, and of its map: the table row, index k, first
-    element, H*W, and the run's pixels [start, end)."""
+    element, H*W, and the run's pixels [start, end). The table: NUM_MAPS rows of WIDTH values, each starting
+    (first element, H*W, first run)."""
     r = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     n = tl.program_id(2)
-    row, k = _find_map(table_ptr, r, NUM_MAPS)
+    row, k = find_map(table_ptr, r, NUM_MAPS, WIDTH, 2)
     first, hw = tl.load(row), tl.load(row + 1)
     start = (r - tl.load(row + 2)) * RUN
     return r, c, n, row, k, first, hw, start, tl.minimum(start + RUN, hw)
@@ -96,7 +98,7 @@ def _grouped_moments_kernel(x_ptr, w_ptr, table_ptr, part_ptr, C, P_BUCKET, RUN,
     first element; w: the pooling weights (ACC); table: (NUM_MAPS, FIELDS) int64; part: (R, N, C, 3)
     contiguous, ACC.
     """
-    r, c, n, row, _, first, hw, start, end = _program_run(table_ptr, RUN, NUM_MAPS, BLOCK_C)
+    r, c, n, row, _, first, hw, start, end = program_run(table_ptr, RUN, NUM_MAPS, FIELDS, BLOCK_C)
     if (first % ALIGN == 0) & (hw % ALIGN == 0):
         mean, m2 = run_moments(x_ptr + _aligned(first, ALIGN), n, c, C, start, end, C * hw, hw, 1,
                                ALIGN, ACC, BLOCK_C, BLOCK_P)
@@ -165,7 +167,7 @@ def _grouped_moments_backward_kernel(x_ptr, w_ptr, table_ptr, mom_ptr, g_ptr, dx
     Grid, x, w and table as `_grouped_moments_kernel`; dx laid out as x; mom: (K, N, C, 3) contiguous, ACC;
     g: (K, N, C, 3) through its strides (an expanded gradient is read in place).
     """
-    _, c, n, row, k, first, hw, start, end = _program_run(table_ptr, RUN, NUM_MAPS, BLOCK_C)
+    _, c, n, row, k, first, hw, start, end = program_run(table_ptr, RUN, NUM_MAPS, FIELDS, BLOCK_C)
     valid = c < C
     k = k.to(tl.int64)
     mean = tl.load(mom_ptr + ((k * tl.num_programs(2) + n) * C + c) * 3, mask=valid, other=0.0)
@@ -206,7 +208,7 @@ def _plan(base: Tensor, places, n: int, c: int):
     hws = [place[1] * place[2] for place in places if place is not None]
     run, _ = _pixel_runs(n, c, max(hws), base.device)
     values, total = _map_table(places, run)
-    return device_table(values, base.device), run, total, triton.next_power_of_2(max(hws))
+    return cached_device_table(values, base.device), run, total, triton.next_power_of_2(max(hws))
 
 
 def grouped_moments_forward(base: Tensor, weights: Tensor, places, n: int, c: int):
@@ -220,7 +222,7 @@ def grouped_moments_forward(base: Tensor, weights: Tensor, places, n: int, c: in
     part = base.new_empty((total, n, c, 3), dtype=out.dtype)
     grid = lambda meta: (total, triton.cdiv(c, meta["BLOCK_C"]), n)
     _grouped_moments_kernel[grid](base, weights, table, part, c, bucket, run, NUM_MAPS=len(places), ALIGN=ALIGN,
-                                  ACC=_acc(base))
+                                  ACC=acc_tl(base))
     _grouped_merge_kernel[(triton.cdiv(c, MERGE_BLOCK_C), n, len(places))](part, table, out, c, run,
                                                                           BLOCK_C=MERGE_BLOCK_C)
     return out, plan
@@ -237,7 +239,7 @@ def grouped_moments_backward(grad: Tensor, base: Tensor, weights: Tensor, moment
     table, run, total, bucket = plan
     grid = lambda meta: (total, triton.cdiv(c, meta["BLOCK_C"]), n)
     _grouped_moments_backward_kernel[grid](base, weights, table, moments, grad, d_base, c, bucket, run,
-                                           *grad.stride(), NUM_MAPS=len(places), ALIGN=ALIGN, ACC=_acc(base))
+                                           *grad.stride(), NUM_MAPS=len(places), ALIGN=ALIGN, ACC=acc_tl(base))
     return d_base
 
 

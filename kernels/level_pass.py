@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .deform_conv import acc_dtype, autotune_configs
+from .deform_conv import acc_dtype, acc_tl, autotune_configs
 from .deform_conv_op import _FLOAT_DTYPES, _device_guard, eager_call
 from .runtime import INTERPRET, check_runnable, first_config_unless_tuning, sm_count
 from .upsample import axis_scale, bilinear_tile, float32_scale, upsample_backward
@@ -307,8 +307,36 @@ def _split_max_grad(g, line1, line2):
 
 
 @triton.jit
-def _store_sums(part_ptr, n, s, c, C, d0, d1, d2, d_shift, d_a1, d_b1, d_a2, d_b2, B: tl.constexpr):
-    """Row block (n, s) of the (N, S, B + 5, C) partials: d scale_0..B-1, d shift, d a1, d b1, d a2, d b2."""
+def zero_sums(BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """The combine backward's 8 per-channel sums, zero: d scale_0, 1, 2, d shift, d a1, d b1, d a2, d b2."""
+    zero = tl.zeros((BLOCK_C,), dtype=ACC)
+    return zero, zero, zero, zero, zero, zero, zero, zero
+
+
+@triton.jit
+def combine_tile_backward(g, u, y0, y1, y2, sums, a1, b1, a2, b2, B: tl.constexpr, WRITE_SUMS: tl.constexpr):
+    """(du, sums): the gradient of the mix u on a tile from the output's g (g on the winning line times its
+    slope, half each on ties), and with WRITE_SUMS the tile's sums per channel added to sums (`zero_sums`'
+    order): du * y_b (d scale_b, b < B), du (d shift), g * u and g on line 1 (d a1, d b1) and line 2."""
+    line1, line2 = _lines(u, a1, b1, a2, b2)
+    g1, g2 = _split_max_grad(g, line1, line2)
+    du = g1 * a1[:, None] + g2 * a2[:, None]
+    if WRITE_SUMS:
+        d0, d1, d2, d_shift, d_a1, d_b1, d_a2, d_b2 = sums
+        d0 += tl.sum(du * y0, axis=1)
+        if B > 1:
+            d1 += tl.sum(du * y1, axis=1)
+        if B > 2:
+            d2 += tl.sum(du * y2, axis=1)
+        sums = (d0, d1, d2, d_shift + tl.sum(du, axis=1), d_a1 + tl.sum(g1 * u, axis=1), d_b1 + tl.sum(g1, axis=1),
+                d_a2 + tl.sum(g2 * u, axis=1), d_b2 + tl.sum(g2, axis=1))
+    return du, sums
+
+
+@triton.jit
+def _store_sums(part_ptr, n, s, c, C, sums, B: tl.constexpr):
+    """Row block (n, s) of the (N, S, B + 5, C) partials: sums in `zero_sums`' order, d scale_b for b < B."""
+    d0, d1, d2, d_shift, d_a1, d_b1, d_a2, d_b2 = sums
     valid = c < C
     row = part_ptr + (n.to(tl.int64) * tl.num_programs(0) + s) * (B + 5) * C + c
     tl.store(row, d0, mask=valid)
@@ -346,14 +374,7 @@ def _combine_backward_kernel(g_ptr, y0_ptr, y1_ptr, y2_ptr, scale_ptr, shift_ptr
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     n = tl.program_id(2)
     s0, s1, s2, shift, a1, b1, a2, b2 = _coefficients(scale_ptr, shift_ptr, coef_ptr, n, c, C, B)
-    d0 = tl.zeros((BLOCK_C,), dtype=ACC)
-    d1 = d0
-    d2 = d0
-    d_shift = d0
-    d_a1 = d0
-    d_b1 = d0
-    d_a2 = d0
-    d_b2 = d0
+    sums = zero_sums(BLOCK_C, ACC)
     start = s * RUN
     end = tl.minimum(start + RUN, HW)
     resize = (W_OUT, H_IN, W_IN, axis_scale(H_IN, HW // W_OUT, scale_h, ACC), axis_scale(W_IN, W_OUT, scale_w, ACC),
@@ -365,36 +386,19 @@ def _combine_backward_kernel(g_ptr, y0_ptr, y1_ptr, y2_ptr, scale_ptr, shift_ptr
         g = tl.load(g_ptr + g_offs, mask=mask, other=0.0).to(ACC)
         u, y0, y1, y2 = _mix(y0_ptr, y1_ptr, y2_ptr, offs, mask, n, c, p, resize, s0, s1, s2, shift, B, RESIZED,
                              ACC)
-        line1, line2 = _lines(u, a1, b1, a2, b2)
-        g1, g2 = _split_max_grad(g, line1, line2)
-        du = g1 * a1[:, None] + g2 * a2[:, None]
+        du, sums = combine_tile_backward(g, u, y0, y1, y2, sums, a1, b1, a2, b2, B, WRITE_SUMS)
         if WRITE_DY:
             tl.store(dy0_ptr + offs, (du * s0[:, None]).to(dy0_ptr.dtype.element_ty), mask=mask)
             if B > 1:
                 tl.store(dy1_ptr + offs, (du * s1[:, None]).to(dy1_ptr.dtype.element_ty), mask=mask)
             if B > 2:
                 tl.store(dy2_ptr + offs, (du * s2[:, None]).to(dy2_ptr.dtype.element_ty), mask=mask)
-        if WRITE_SUMS:
-            d0 += tl.sum(du * y0, axis=1)
-            if B > 1:
-                d1 += tl.sum(du * y1, axis=1)
-            if B > 2:
-                d2 += tl.sum(du * y2, axis=1)
-            d_shift += tl.sum(du, axis=1)
-            d_a1 += tl.sum(g1 * u, axis=1)
-            d_b1 += tl.sum(g1, axis=1)
-            d_a2 += tl.sum(g2 * u, axis=1)
-            d_b2 += tl.sum(g2, axis=1)
     if WRITE_SUMS:
-        _store_sums(part_ptr, n, s, c, C, d0, d1, d2, d_shift, d_a1, d_b1, d_a2, d_b2, B)
+        _store_sums(part_ptr, n, s, c, C, sums, B)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Launch wrappers: shapes and dtypes are checked by the public functions.
-
-
-def _acc(t: Tensor):
-    return tl.float64 if t.dtype == torch.float64 else tl.float32
 
 
 def _flat_strides(t: Tensor):
@@ -451,7 +455,7 @@ def moments_forward(x: Tensor) -> Tensor:
     part = out if splits == 1 else x.new_empty((n, splits, c, 2), dtype=out.dtype)
     grid = lambda meta: (splits, triton.cdiv(c, meta["BLOCK_C"]), n)
     _moments_kernel[grid](x, part, c, hw, triton.next_power_of_2(hw), run, *strides,
-                          ALIGN=_align(hw, *strides[:2]), ACC=_acc(x))
+                          ALIGN=_align(hw, *strides[:2]), ACC=acc_tl(x))
     if splits > 1:
         _moments_merge_kernel[(triton.cdiv(c, MERGE_BLOCK_C), n)](part, out, c, hw, run, splits,
                                                                   BLOCK_C=MERGE_BLOCK_C)
@@ -469,7 +473,7 @@ def moments_backward(grad: Tensor, x: Tensor, moments: Tensor) -> Tensor:
     hw = h * w
     grid = lambda meta: (triton.cdiv(hw, meta["BLOCK_P"]), triton.cdiv(c, meta["BLOCK_C"]), n)
     _moments_backward_kernel[grid](x, moments, grad, dx, c, hw, triton.next_power_of_2(hw), *strides, *d_strides,
-                                   *grad.stride(), ALIGN=_align(hw, *strides[:2], *d_strides[:2]), ACC=_acc(x))
+                                   *grad.stride(), ALIGN=_align(hw, *strides[:2], *d_strides[:2]), ACC=acc_tl(x))
     return dx
 
 
@@ -512,7 +516,7 @@ def combine_forward(branches: Sequence[Tensor], scale: Tensor, shift: Tensor, co
     grid = lambda meta: (triton.cdiv(hw, meta["BLOCK_P"]), triton.cdiv(c, meta["BLOCK_C"]), n)
     _combine_kernel[grid](*_three(ys), scale.contiguous(), shift.contiguous(), coef.contiguous(), out,
                           c, hw, triton.next_power_of_2(hw), *strides, *_resize_args(ys), B=len(ys),
-                          RESIZED=resized(ys), ALIGN=_align(hw, *strides[:2]), ACC=_acc(out))
+                          RESIZED=resized(ys), ALIGN=_align(hw, *strides[:2]), ACC=acc_tl(out))
     return out
 
 
@@ -542,7 +546,7 @@ def combine_backward(grad: Tensor, branches: Sequence[Tensor], scale: Tensor, sh
         grad, *_three(ys), scale.contiguous(), shift.contiguous(), coef.contiguous(), *_three(d_ys or ys), part,
         c, hw, triton.next_power_of_2(hw), run, *strides, *g_strides, *_resize_args(ys), B=nb,
         RESIZED=resized(ys), WRITE_DY=need_branches, WRITE_SUMS=need_params,
-        ALIGN=_align(hw, *strides[:2], *g_strides[:2]), ACC=_acc(d_params))
+        ALIGN=_align(hw, *strides[:2], *g_strides[:2]), ACC=acc_tl(d_params))
     if part is not d_params:
         torch.sum(part, dim=1, out=d_params)
     return _resized_gradient(d_ys, ys), d_params

@@ -26,12 +26,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .deform_conv import autotune_configs
+from .deform_conv import acc_tl, autotune_configs
 from .deform_conv_op import _FLOAT_DTYPES, _device_guard, eager_call
 from .runtime import check_runnable, first_config_unless_tuning
 
 # (meta, num_warps, num_stages): input pixels x channels, long along pixels (the maps are NCHW).
-_GATHER_SPACE = [
+GATHER_SPACE = [
     ({"BLOCK_C": 4, "BLOCK_P": 128}, 4, 1),
     ({"BLOCK_C": 8, "BLOCK_P": 128}, 4, 1),
     ({"BLOCK_C": 4, "BLOCK_P": 256}, 8, 1),
@@ -99,31 +99,21 @@ def _axis_weight(o, i, size_in, size_out, scale, ACC: tl.constexpr):
     return tl.where(o < size_out, weight, 0.0)
 
 
-@triton.autotune(configs=autotune_configs(_GATHER_SPACE, _INTERPRET_CONFIG),
-                 key=["C", "H_IN", "W_IN", "H_OUT", "W_OUT"],
-                 prune_configs_by={"early_config_prune": lambda configs, *args, **kwargs:
-                                   first_config_unless_tuning(configs)})
 @triton.jit
-def _upsample_backward_kernel(g_ptr, dx_ptr, C, H_IN, W_IN, H_OUT, W_OUT, scale_h, scale_w,
-                              stride_gn, stride_gc, stride_gh, stride_gw,
-                              ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """dx[n, c, i, j] = sum over outputs (h, w) of weight_h(h, i) * weight_w(w, j) * g[n, c, h, w], summed in
-    a fixed order.
-
-    Grid (cdiv(H_IN * W_IN, BLOCK_P), cdiv(C, BLOCK_C), N). g: (N, C, H_OUT, W_OUT) through its strides;
-    dx: (N, C, H_IN, W_IN) contiguous.
-    """
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    n = tl.program_id(2).to(tl.int64)
+def gather_tile(g_ptr, n, c, p, valid, H_IN, W_IN, H_OUT, W_OUT, scale_h, scale_w,
+                stride_gn, stride_gc, stride_gh, stride_gw, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+                BLOCK_P: tl.constexpr):
+    """The upsampling's adjoint at input pixels p (flattened over rows of W_IN) of image n, channels c: per
+    pixel the sum over outputs (h, w) of weight_h(h, i) * weight_w(w, j) * g[n, c, h, w] in a fixed order, a
+    [BLOCK_C, BLOCK_P] tile in ACC (zero where not valid). g: (N, C, H_OUT, W_OUT) through its strides;
+    scale_h, scale_w: the float32 scales (`float32_scale`)."""
     i = p // W_IN
     j = p % W_IN
-    valid = (c < C)[:, None] & (p < H_IN * W_IN)[None, :]
     scale_h = axis_scale(H_IN, H_OUT, scale_h, ACC)
     scale_w = axis_scale(W_IN, W_OUT, scale_w, ACC)
     first_h, rows = _axis_window(i, H_IN, H_OUT)
     first_w, cols = _axis_window(j, W_IN, W_OUT)
-    g_rows = g_ptr + n * stride_gn + c.to(tl.int64)[:, None] * stride_gc
+    g_rows = g_ptr + n.to(tl.int64) * stride_gn + c.to(tl.int64)[:, None] * stride_gc
     total = tl.zeros((BLOCK_C, BLOCK_P), dtype=ACC)
     for a in range(rows):
         h = first_h + a
@@ -134,6 +124,28 @@ def _upsample_backward_kernel(g_ptr, dx_ptr, C, H_IN, W_IN, H_OUT, W_OUT, scale_
             read = valid & (weight != 0.0)[None, :]
             g = tl.load(g_rows + (h.to(tl.int64) * stride_gh + w * stride_gw)[None, :], mask=read, other=0.0)
             total += g.to(ACC) * weight[None, :]
+    return total
+
+
+@triton.autotune(configs=autotune_configs(GATHER_SPACE, _INTERPRET_CONFIG),
+                 key=["C", "H_IN", "W_IN", "H_OUT", "W_OUT"],
+                 prune_configs_by={"early_config_prune": lambda configs, *args, **kwargs:
+                                   first_config_unless_tuning(configs)})
+@triton.jit
+def _upsample_backward_kernel(g_ptr, dx_ptr, C, H_IN, W_IN, H_OUT, W_OUT, scale_h, scale_w,
+                              stride_gn, stride_gc, stride_gh, stride_gw,
+                              ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """dx = `gather_tile` of g over every input pixel.
+
+    Grid (cdiv(H_IN * W_IN, BLOCK_P), cdiv(C, BLOCK_C), N). g: (N, C, H_OUT, W_OUT) through its strides;
+    dx: (N, C, H_IN, W_IN) contiguous.
+    """
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    n = tl.program_id(2).to(tl.int64)
+    valid = (c < C)[:, None] & (p < H_IN * W_IN)[None, :]
+    total = gather_tile(g_ptr, n, c, p, valid, H_IN, W_IN, H_OUT, W_OUT, scale_h, scale_w,
+                        stride_gn, stride_gc, stride_gh, stride_gw, ACC, BLOCK_C, BLOCK_P)
     out = dx_ptr + (n * C + c.to(tl.int64)[:, None]) * (H_IN * W_IN) + p[None, :]
     tl.store(out, total.to(dx_ptr.dtype.element_ty), mask=valid)
 
@@ -159,7 +171,7 @@ def upsample_backward(grad: Tensor, input_size: tuple[int, int]) -> Tensor:
     grid = lambda meta: (triton.cdiv(h_in * w_in, meta["BLOCK_P"]), triton.cdiv(c, meta["BLOCK_C"]), n)
     _upsample_backward_kernel[grid](grad, dx, c, h_in, w_in, h_out, w_out, float32_scale(h_in, h_out),
                                     float32_scale(w_in, w_out), *grad.stride(),
-                                    ACC=tl.float64 if grad.dtype == torch.float64 else tl.float32)
+                                    ACC=acc_tl(grad))
     return dx
 
 

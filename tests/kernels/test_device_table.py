@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from kernels.device_table import device_table, device_tables, encode
+from kernels.device_table import cached_device_table, device_table, device_tables, encode
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
@@ -34,6 +34,16 @@ def test_encoding_specializes_alike():
 def test_several_tables_in_one_launch():
     a, b, c = device_tables(torch.device(DEVICE), [3, 4], [], [5, 2**40, -7])
     assert a.tolist() == [3, 4] and b.tolist() == [] and c.tolist() == [5, 2**40, -7]
+
+
+def test_cached_table_written_once_per_content():
+    device = torch.device(DEVICE)
+    values = [7, 2**33 + 5, -3, 4096 + os.getpid()]  # the pid: contents no other test caches
+    first = cached_device_table(values, device)
+    assert torch.equal(first.cpu(), torch.tensor(values, dtype=torch.int64))
+    assert cached_device_table(tuple(values), device) is first  # the same table, not a new launch
+    other = cached_device_table(values[:-1] + [values[-1] + 1], device)
+    assert other is not first and other[-1].item() == values[-1] + 1
 
 
 def test_empty_table():

@@ -1,0 +1,187 @@
+"""kernels.level_combine_grouped against plain torch expressions (F.interpolate, torch.maximum) in float64.
+
+The branches are consecutive NCHW views of one flat buffer, in the order of a DyHead block's sets op (every
+level's same-size branch, then the finer ones, then the coarser ones). Under the interpreter a run is a multiple
+of 32 pixels and, for these batch and channel counts, the largest level is cut into two runs; levels 0 and 1 have
+pixel counts and places that are multiples of the kernels' ALIGN (the wide-load path), level 2 does not.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from deform_conv_cases import DEVICE, needs_kernels, rel_err
+
+from kernels import level_combine_grouped
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+N, C = 2, 6
+# A 3-level pyramid: per level its branches' sizes, (level, slot) of each map in buffer order.
+PYRAMID = [(8, 12), (4, 6), (2, 3)]
+DYHEAD_BRANCHES = [[(8, 12), (4, 6)], [(4, 6), (4, 6), (2, 3)], [(2, 3), (2, 3)]]
+DYHEAD_ORDER = [(0, 0), (1, 0), (2, 0), (1, 1), (2, 1), (0, 1), (1, 2)]
+
+
+def reference(levels, scale, shift, coef):
+    """Each level's max(a1 u + b1, a2 u + b2), u = sum_b scale_b * resize(y_b) + shift, in the inputs' dtype."""
+    outs = []
+    for l, branches in enumerate(levels):
+        size = branches[0].shape[-2:]
+        u = shift[l][..., None, None]
+        for b, y in enumerate(branches):
+            if y.shape[-2:] != size:
+                y = F.interpolate(y, size=size, mode="bilinear", align_corners=True)
+            u = u + scale[l, :, b][..., None, None] * y
+        a1, b1, a2, b2 = (t[..., None, None] for t in coef[l].unbind(1))
+        outs.append(torch.maximum(a1 * u + b1, a2 * u + b2))
+    return outs
+
+
+def make_inputs(branch_sizes, order, seed=0):
+    """float64 CPU leaves: the flat buffer, and scale (L, N, 3, C), shift, coef; a function mapping a buffer to
+    the levels' branches (views in `order`)."""
+    gen = torch.Generator().manual_seed(seed)
+    counts = [N * C * h * w for l, b in order for h, w in [branch_sizes[l][b]]]
+    flat = torch.randn(sum(counts), generator=gen, dtype=torch.float64)
+    num = len(branch_sizes)
+    scale = torch.rand(num, N, 3, C, generator=gen, dtype=torch.float64) + 0.5
+    shift = torch.randn(num, N, C, generator=gen, dtype=torch.float64)
+    coef = torch.randn(num, N, 4, C, generator=gen, dtype=torch.float64)
+
+    def levels_of(buffer):
+        parts = buffer.split(counts)
+        levels = [[None] * len(sizes) for sizes in branch_sizes]
+        for part, (l, b) in zip(parts, order):
+            levels[l][b] = part.view(N, C, *branch_sizes[l][b])
+        return levels
+
+    return flat, scale, shift, coef, levels_of
+
+
+def took_grouped_path(outs):
+    """Whether the outputs are views of one buffer written by the grouped kernels."""
+    base = outs[0]._base
+    return base is not None and type(base.grad_fn).__name__ == "_GroupedCombineBackward" and all(
+        o._base is base for o in outs)
+
+
+def check_against_reference(branch_sizes, order, dtype, grouped=True, seed=0):
+    flat64, *params64, levels_of = make_inputs(branch_sizes, order, seed)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    flat = flat64.to(DEVICE, dtype).requires_grad_()
+    params = [p.to(DEVICE, acc).requires_grad_() for p in params64]
+    ref_leaves = [flat.detach().cpu().double().requires_grad_()] + [p.detach().cpu().double().requires_grad_()
+                                                                    for p in params]
+    outs = level_combine_grouped(levels_of(flat), *params)
+    expected = reference(levels_of(ref_leaves[0]), *ref_leaves[1:])
+    gen = torch.Generator().manual_seed(seed + 1)
+    g_outs = [torch.randn(e.shape, generator=gen, dtype=torch.float64) for e in expected]
+    grads = torch.autograd.grad(outs, [flat, *params], [g.to(DEVICE, dtype) for g in g_outs])
+    grads_ref = torch.autograd.grad(expected, ref_leaves, g_outs)
+    assert took_grouped_path(outs) == grouped
+    for l, (out, e) in enumerate(zip(outs, expected)):
+        assert out.shape == e.shape and out.dtype == dtype, l
+        assert rel_err(out, e.detach()) < TOL[dtype], l
+    for name, g, g_ref in zip(["buffer", "scale", "shift", "coef"], grads, grads_ref):
+        assert g.dtype == (dtype if name == "buffer" else acc), name
+        assert rel_err(g, g_ref) < TOL[dtype], name
+    return outs, grads
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_dyhead_levels_match_float64(dtype):
+    check_against_reference(DYHEAD_BRANCHES, DYHEAD_ORDER, dtype)
+
+
+# Other level structures: one level of one branch; a last branch of the level's size (not resized) among three;
+# a resize down and a resize up along each axis; unaligned sizes only.
+STRUCTURES = {
+    "one_branch": ([[(5, 7)]], [(0, 0)]),
+    "same_size_last": ([[(4, 4), (4, 4), (4, 4)], [(3, 5), (6, 2)]], [(0, 0), (1, 0), (0, 1), (0, 2), (1, 1)]),
+    "down_and_up": ([[(3, 5), (5, 2)], [(5, 3), (5, 3), (2, 7)]], [(1, 2), (0, 0), (1, 0), (0, 1), (1, 1)]),
+}
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", list(STRUCTURES))
+def test_level_structures_match_float64(name):
+    check_against_reference(*STRUCTURES[name], torch.float64, seed=2)
+
+
+@needs_kernels
+def test_branches_that_share_no_buffer_take_the_per_level_path():
+    """Separate tensors and overlapping views: each level on its own, with the same results."""
+    flat64, scale, shift, coef, levels_of = make_inputs(DYHEAD_BRANCHES, DYHEAD_ORDER)
+    separate = [[y.clone().to(DEVICE) for y in branches] for branches in levels_of(flat64)]
+    overlapping = levels_of(flat64.to(DEVICE))
+    overlapping[2][1] = overlapping[2][0]
+    for name, levels in (("separate", separate), ("overlapping", overlapping)):
+        outs = level_combine_grouped(levels, *(t.to(DEVICE) for t in (scale, shift, coef)))
+        assert not took_grouped_path(outs), name
+        expected = reference([[y.cpu() for y in b] for b in levels], scale, shift, coef)
+        for out, e in zip(outs, expected):
+            assert rel_err(out, e) < 1e-12, name
+
+
+@needs_kernels
+def test_unused_slots_are_not_read_and_get_zero_gradient():
+    flat64, scale, shift, coef, levels_of = make_inputs(DYHEAD_BRANCHES, DYHEAD_ORDER)
+    scale[0, :, 2] = float("nan")  # level 0 has two branches, level 2 too
+    scale[2, :, 2] = float("nan")
+    flat = flat64.to(DEVICE).requires_grad_()
+    scale = scale.to(DEVICE).requires_grad_()
+    outs = level_combine_grouped(levels_of(flat), scale, shift.to(DEVICE), coef.to(DEVICE))
+    assert took_grouped_path(outs) and all(torch.isfinite(o).all() for o in outs)
+    (g,) = torch.autograd.grad(sum(o.sum() for o in outs), scale)
+    assert torch.equal(g[[0, 2], :, 2], torch.zeros_like(g[[0, 2], :, 2]))
+    assert g[1, :, 2].abs().sum() > 0
+
+
+@needs_kernels
+def test_gradients_are_bitwise_repeatable_and_partial_needs_agree():
+    flat64, scale, shift, coef, levels_of = make_inputs(DYHEAD_BRANCHES, DYHEAD_ORDER)
+    flat = flat64.to(DEVICE, torch.float32).requires_grad_()
+    params = [t.to(DEVICE, torch.float32).requires_grad_() for t in (scale, shift, coef)]
+    g_outs = [torch.randn(N, C, *size, generator=torch.Generator().manual_seed(l), device=DEVICE)
+              for l, size in enumerate(PYRAMID)]
+
+    def grads(inputs):
+        return torch.autograd.grad(level_combine_grouped(levels_of(flat), *params), inputs, g_outs)
+
+    first, second = grads([flat, *params]), grads([flat, *params])
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    (only_buffer,) = grads([flat])
+    assert torch.equal(only_buffer, first[0])
+    only_params = grads(params)
+    assert all(torch.equal(a, b) for a, b in zip(only_params, first[1:]))
+
+
+@needs_kernels
+def test_uncovered_elements_get_zero_gradient():
+    flat64, scale, shift, coef, levels_of = make_inputs(DYHEAD_BRANCHES, DYHEAD_ORDER)
+    flat = torch.cat([flat64, torch.randn(7, dtype=torch.float64)]).to(DEVICE).requires_grad_()
+    outs = level_combine_grouped(levels_of(flat[:-7]), scale.to(DEVICE), shift.to(DEVICE), coef.to(DEVICE))
+    assert took_grouped_path(outs)
+    (g,) = torch.autograd.grad(sum(o.sum() for o in outs), flat)
+    assert torch.equal(g[-7:], torch.zeros_like(g[-7:])) and g[:-7].abs().sum() > 0
+
+
+def test_bad_inputs_name_the_argument():
+    flat64, scale, shift, coef, levels_of = make_inputs(DYHEAD_BRANCHES, DYHEAD_ORDER)
+    levels = levels_of(flat64)
+    with pytest.raises(ValueError, match=r"scale must be \(L, N, 3, C\) = \(3, 2, 3, 6\)"):
+        level_combine_grouped(levels, scale[:, :, :2], shift, coef)
+    with pytest.raises(ValueError, match=r"coef must be \(L, N, 4, C\)"):
+        level_combine_grouped(levels, scale, shift, coef[:2])
+    with pytest.raises(TypeError, match=r"levels\[1\]: branches\[2\] has dtype torch.float32"):
+        level_combine_grouped([levels[0], [*levels[1][:2], levels[1][2].float()], levels[2]], scale, shift, coef)
+    with pytest.raises(ValueError, match=r"levels\[1\]: branches\[1\] must be"):
+        level_combine_grouped([levels[0], [levels[1][0], levels[1][2], levels[1][1]], levels[2]], scale, shift,
+                              coef)
+    with pytest.raises(ValueError, match=r"levels\[2\] has \(N, C\) = \(1, 6\)"):
+        level_combine_grouped([*levels[:2], [y[:1] for y in levels[2]]], scale, shift,
+                              coef)
+    with pytest.raises(TypeError, match="non-empty list"):
+        level_combine_grouped([], scale, shift, coef)
+    with pytest.raises(TypeError, match=r"levels\[1\] must be a list"):
+        level_combine_grouped([levels[0], levels[1][0], levels[2]], scale, shift, coef)
