@@ -36,22 +36,22 @@ def reference(levels, scale, shift, coef):
     return outs
 
 
-def make_inputs(branch_sizes, order, seed=0):
-    """float64 CPU leaves: the flat buffer, and scale (L, N, 3, C), shift, coef; a function mapping a buffer to
+def make_inputs(branch_sizes, order, seed=0, n=N, c=C):
+    """float64 CPU leaves: the flat buffer, and scale (L, n, 3, c), shift, coef; a function mapping a buffer to
     the levels' branches (views in `order`)."""
     gen = torch.Generator().manual_seed(seed)
-    counts = [N * C * h * w for l, b in order for h, w in [branch_sizes[l][b]]]
+    counts = [n * c * h * w for l, b in order for h, w in [branch_sizes[l][b]]]
     flat = torch.randn(sum(counts), generator=gen, dtype=torch.float64)
     num = len(branch_sizes)
-    scale = torch.rand(num, N, 3, C, generator=gen, dtype=torch.float64) + 0.5
-    shift = torch.randn(num, N, C, generator=gen, dtype=torch.float64)
-    coef = torch.randn(num, N, 4, C, generator=gen, dtype=torch.float64)
+    scale = torch.rand(num, n, 3, c, generator=gen, dtype=torch.float64) + 0.5
+    shift = torch.randn(num, n, c, generator=gen, dtype=torch.float64)
+    coef = torch.randn(num, n, 4, c, generator=gen, dtype=torch.float64)
 
     def levels_of(buffer):
         parts = buffer.split(counts)
         levels = [[None] * len(sizes) for sizes in branch_sizes]
         for part, (l, b) in zip(parts, order):
-            levels[l][b] = part.view(N, C, *branch_sizes[l][b])
+            levels[l][b] = part.view(n, c, *branch_sizes[l][b])
         return levels
 
     return flat, scale, shift, coef, levels_of
@@ -64,8 +64,10 @@ def took_grouped_path(outs):
         o._base is base for o in outs)
 
 
-def check_against_reference(branch_sizes, order, dtype, grouped=True, seed=0):
-    flat64, *params64, levels_of = make_inputs(branch_sizes, order, seed)
+def check_against_reference(branch_sizes, order, dtype, grouped=True, seed=0, n=N, c=C, tol=TOL):
+    """Outputs and gradients (buffer, scale, shift, coef) on DEVICE in dtype within tol[dtype] of float64 torch
+    fed the same rounded values; returns them."""
+    flat64, *params64, levels_of = make_inputs(branch_sizes, order, seed, n, c)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     flat = flat64.to(DEVICE, dtype).requires_grad_()
     params = [p.to(DEVICE, acc).requires_grad_() for p in params64]
@@ -74,16 +76,16 @@ def check_against_reference(branch_sizes, order, dtype, grouped=True, seed=0):
     outs = level_combine_grouped(levels_of(flat), *params)
     expected = reference(levels_of(ref_leaves[0]), *ref_leaves[1:])
     gen = torch.Generator().manual_seed(seed + 1)
-    g_outs = [torch.randn(e.shape, generator=gen, dtype=torch.float64) for e in expected]
+    g_outs = [torch.randn(e.shape, generator=gen, dtype=torch.float64).to(dtype).double() for e in expected]
     grads = torch.autograd.grad(outs, [flat, *params], [g.to(DEVICE, dtype) for g in g_outs])
     grads_ref = torch.autograd.grad(expected, ref_leaves, g_outs)
     assert took_grouped_path(outs) == grouped
     for l, (out, e) in enumerate(zip(outs, expected)):
         assert out.shape == e.shape and out.dtype == dtype, l
-        assert rel_err(out, e.detach()) < TOL[dtype], l
+        assert rel_err(out, e.detach()) < tol[dtype], l
     for name, g, g_ref in zip(["buffer", "scale", "shift", "coef"], grads, grads_ref):
         assert g.dtype == (dtype if name == "buffer" else acc), name
-        assert rel_err(g, g_ref) < TOL[dtype], name
+        assert rel_err(g, g_ref) < tol[dtype], name
     return outs, grads
 
 
