@@ -8,10 +8,9 @@ maps of the raw conv outputs; the mean of an upsampled map is a weighted mean of
 (`upsampled_mean_weights`). So a block costs per-channel moments of every raw branch (all in one launch each
 way, `kernels.channel_moments_grouped`, the branches being views of the convs' one output buffer), some
 arithmetic on (N, B, C) tensors batched over the block's levels, and one elementwise pass over all levels
-(`kernels.level_combine_grouped`, one launch each way, which reads the coarser branch upsampled: the upsampled
-map is never stored). The
-attention and coefficient math is the modules' own (`ScaleAttention.attention`, `TaskAttention.coefficients`):
-it lives there once.
+(`kernels.level_combine_grouped`: one launch forward, three backward; it reads the coarser branch upsampled, so
+the upsampled map is never stored). The attention and coefficient math is the modules' own
+(`ScaleAttention.attention`, `TaskAttention.coefficients`): it lives there once.
 """
 
 from __future__ import annotations
