@@ -214,4 +214,5 @@ class ModulatedDeformConv2d(nn.Module):
 
     def extra_repr(self) -> str:
         cout, cin, k, _ = self.weight.shape
-        return f"{cin}, {cout}, kernel_size={k}, stride={self.stride}, padding={self.padding}, bias={self.bias is not None}"
+        return (f"{cin}, {cout}, kernel_size={k}, stride={self.stride}, padding={self.padding}, "
+                f"bias={self.bias is not None}")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+import kernels
 
 from .deform import ModulatedDeformConv2d, check_backend, deform_conv2d_sets, resolve_backend
 
@@ -83,11 +86,17 @@ class SpatialAttention(nn.Module):
         """Every level's branches before their GroupNorm, in forward's order: (deformable conv output, its
         GroupNorm). A coarser branch's output is at x[l+1]'s size; forward normalises it, then upsamples it.
         All the block's deformable convs run in one call (one launch on triton)."""
-        oms = [self.offset(x) for x in levels]  # (N, 27, H_l, W_l)
-        # The triton kernels take the mask logits and every offset and mask as a view of its level's `om`,
-        # apply the sigmoid while sampling and write the gradients into the oms' directly: no sigmoid, no
-        # gradient per view to pad (the coarser views) and add up. The reference backends get the release's ops.
         triton = resolve_backend(self.backend, levels[0].device) == "triton"
+        if triton:
+            # All levels' offset convs as one (its weight's gradient comes out summed over the levels), into one
+            # buffer of the oms. The deformable kernels take the mask logits and every offset and mask as a
+            # view of that buffer, apply the sigmoid while sampling and write the gradients into the buffer's
+            # directly: no sigmoid, no gradient per view to pad (the coarser views) and add up.
+            om_buffer = kernels.pyramid_conv2d(levels, self.offset.weight, self.offset.bias)
+            shapes = [(x.shape[0], self.offset.out_channels, *x.shape[2:]) for x in levels]
+            oms = [part.view(shape) for part, shape in zip(om_buffer.split([math.prod(s) for s in shapes]), shapes)]
+        else:  # the release's ops
+            oms = [self.offset(x) for x in levels]  # (N, 27, H_l, W_l)
         # split, not two slices: its backward is one concatenation, where each slice's backward pads with zeros.
         offsets, logits = zip(*(om.split([18, 9], dim=1) for om in oms))  # (N, 18 | 9, H_l, W_l)
         offsets, masks = list(offsets), list(logits) if triton else [t.sigmoid() for t in logits]
@@ -103,7 +112,7 @@ class SpatialAttention(nn.Module):
         outs = deform_conv2d_sets(self.backend, levels, [b.conv.weight for b in branches],
                                   [b.conv.bias for b in branches], indices, set_offsets, set_masks,
                                   [b.conv.stride for b in branches], self.same.conv.padding,
-                                  sample_bases=oms if triton else None, mask_logits=triton)
+                                  sample_bases=[om_buffer] if triton else None, mask_logits=triton)
         same, finer, coarser = outs if last else (outs[0], [], [])
         return [[(same[l], self.same.norm)]
                 + ([(finer[l - 1], self.finer.norm)] if l > 0 else [])

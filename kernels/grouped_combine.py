@@ -64,13 +64,20 @@ def _level_coefficients(scale_ptr, shift_ptr, coef_ptr, l, n, c, C):
 
 
 @triton.jit
-def _resize_of(row, C, hw, width, ACC: tl.constexpr):
-    """`bilinear_tile`'s (W_OUT, H_IN, W_IN, scale_h, scale_w, strides) for the level's resized branch, an
-    NCHW map at its place."""
+def _resized_source(row):
+    """(H_IN, W_IN, float32 source scale of rows, of columns) of the level's resized branch (columns 9-12)."""
     h_in = tl.load(row + 9)
     w_in = tl.load(row + 10)
     scale_h = tl.load(row + 11).to(tl.int32).to(tl.float32, bitcast=True)
     scale_w = tl.load(row + 12).to(tl.int32).to(tl.float32, bitcast=True)
+    return h_in, w_in, scale_h, scale_w
+
+
+@triton.jit
+def _resize_of(row, C, hw, width, ACC: tl.constexpr):
+    """`bilinear_tile`'s (W_OUT, H_IN, W_IN, scale_h, scale_w, strides) for the level's resized branch, an
+    NCHW map at its place."""
+    h_in, w_in, scale_h, scale_w = _resized_source(row)
     return (width, h_in, w_in, axis_scale(h_in, hw // width, scale_h, ACC), axis_scale(w_in, width, scale_w, ACC),
             C * h_in * w_in, h_in * w_in, w_in, 1)
 
@@ -236,10 +243,7 @@ def _gather_resized_kernel(dres_ptr, dy_ptr, table_ptr, C, P_BUCKET, RUN, NUM_LE
     row, _ = find_map(table_ptr, r, NUM_LEVELS, WIDTH, 15)
     hw = tl.load(row + 1)
     width = tl.load(row + 4)
-    h_in = tl.load(row + 9)
-    w_in = tl.load(row + 10)
-    scale_h = tl.load(row + 11).to(tl.int32).to(tl.float32, bitcast=True)
-    scale_w = tl.load(row + 12).to(tl.int32).to(tl.float32, bitcast=True)
+    h_in, w_in, scale_h, scale_w = _resized_source(row)
     src = dres_ptr + tl.load(row + 13)
     dst = dy_ptr + tl.load(row + 5 + tl.load(row + 8))
     start = (r - tl.load(row + 15)) * RUN

@@ -120,7 +120,8 @@ def test_autocast_cpu_bf16():
 def test_torch_compile_fullgraph():
     x, offset, mask, weight, bias = (t.float() for t in make_case())
     compiled = torch.compile(deform_conv2d_sampled, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(x, offset, mask, weight, bias), deform_conv2d_sampled(x, offset, mask, weight, bias))
+    torch.testing.assert_close(compiled(x, offset, mask, weight, bias),
+                               deform_conv2d_sampled(x, offset, mask, weight, bias))
 
 
 def test_dyhead_sampled_matches_torchvision_with_gradients():

@@ -1,0 +1,131 @@
+"""kernels.pyramid_conv2d (one convolution of a canvas holding every level) against F.conv2d level by level,
+in float64 as the truth. Runs under TRITON_INTERPRET=1 on the CPU, compiled on a GPU (half precision there)."""
+
+import itertools
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import pyramid_conv2d
+from kernels.pyramid_conv import canvas_layout, canvas_to_levels, levels_to_canvas, plan_canvas
+
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+needs_kernels = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
+                                   reason="the kernels need a GPU or TRITON_INTERPRET=1")
+
+# A DyHead pyramid (each level ceil(previous / 2)), one of odd sizes in no order, and a single level.
+PYRAMID = [(9, 13), (5, 7), (3, 4), (2, 2), (1, 1)]
+ODD = [(3, 11), (7, 2), (1, 5)]
+COCO = [(100, 168), (50, 84), (25, 42), (13, 21), (7, 11)]
+
+
+def _reference(xs, weight, bias=None):
+    padding = (weight.shape[2] // 2, weight.shape[3] // 2)
+    return torch.cat([F.conv2d(x, weight, bias, padding=padding).reshape(-1) for x in xs])
+
+
+def _inputs(sizes, n=2, cin=5, cout=7, k=(3, 3), bias=True, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(n, cin, h, w, generator=g, dtype=dtype) for h, w in sizes]
+    weight = torch.randn(cout, cin, *k, generator=g, dtype=dtype)
+    b = torch.randn(cout, generator=g, dtype=dtype) if bias else None
+    return xs, weight, b
+
+
+@pytest.mark.parametrize("sizes", [PYRAMID, ODD, COCO, [(4, 6)]])
+@pytest.mark.parametrize("gaps", [(1, 1), (2, 0), (0, 3)])
+def test_layout_keeps_levels_apart_by_the_gaps(sizes, gaps):
+    origins, height, width = canvas_layout(tuple(sizes), *gaps)
+    boxes = [(y0, x0, y0 + h, x0 + w) for (y0, x0), (h, w) in zip(origins, sizes)]
+    for y0, x0, y1, x1 in boxes:
+        assert 0 <= y0 and 0 <= x0 and y1 <= height and x1 <= width
+    for (ay0, ax0, ay1, ax1), (by0, bx0, by1, bx1) in itertools.combinations(boxes, 2):
+        apart_rows = ay1 + gaps[0] <= by0 or by1 + gaps[0] <= ay0
+        apart_cols = ax1 + gaps[1] <= bx0 or bx1 + gaps[1] <= ax0
+        assert apart_rows or apart_cols
+
+
+def test_coco_canvas_wastes_little():
+    _, height, width = canvas_layout(tuple(COCO), 1, 1)
+    assert height * width <= 1.15 * sum(h * w for h, w in COCO)
+
+
+@needs_kernels
+def test_canvas_holds_the_levels_and_zeros_between():
+    n, c = 2, 3
+    plan = plan_canvas(PYRAMID, n, (1, 1), torch.device(DEVICE))
+    xs = [torch.rand(n, c, h, w, dtype=torch.float64, device=DEVICE) + 1 for h, w in PYRAMID]
+    flat = torch.cat([x.reshape(-1) for x in xs])
+    canvas = levels_to_canvas(flat, plan, c)
+    expected = torch.zeros(n, c, plan.height, plan.width, dtype=torch.float64, device=DEVICE)
+    for x, (y0, x0) in zip(xs, plan.origins):
+        expected[:, :, y0:y0 + x.shape[2], x0:x0 + x.shape[3]] = x
+    assert torch.equal(canvas, expected)
+    assert torch.equal(canvas_to_levels(canvas, plan), flat)
+    # Any strides on the canvas side (a convolution's gradient may come channels-last).
+    assert torch.equal(canvas_to_levels(canvas.contiguous(memory_format=torch.channels_last), plan), flat)
+
+
+@needs_kernels
+@pytest.mark.parametrize("sizes,k,bias", [(PYRAMID, (3, 3), True), (ODD, (3, 3), False), (PYRAMID, (1, 5), True),
+                                          ([(6, 5)], (3, 3), True)])
+def test_matches_conv2d_per_level_with_all_gradients(sizes, k, bias):
+    xs, weight, b = _inputs(sizes, k=k, bias=bias)
+    xs = [x.to(DEVICE).requires_grad_() for x in xs]
+    params = [t.to(DEVICE).requires_grad_() for t in (weight, b) if t is not None]
+    out = pyramid_conv2d(xs, *params)
+    expected = _reference(xs, *params)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, xs + params, grad)
+    want = torch.autograd.grad(expected, xs + params, grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+@needs_kernels
+def test_views_of_one_buffer_get_one_gradient():
+    # A DyHead block's output levels are views of one buffer: read in place, its gradient one tensor.
+    xs, weight, bias = _inputs(PYRAMID, dtype=torch.float32)
+    buffer = torch.cat([x.reshape(-1) for x in xs]).to(DEVICE).requires_grad_()
+    views = [part.view(x.shape) for part, x in zip(buffer.split([x.numel() for x in xs]), xs)]
+    weight, bias = weight.to(DEVICE), bias.to(DEVICE)
+    out = pyramid_conv2d(views, weight, bias)
+    grad = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, buffer, grad)
+    assert got.grad_fn is None and got.is_contiguous()
+    separate = [x.to(DEVICE).double().requires_grad_() for x in xs]
+    expected = _reference(separate, weight.double(), bias.double())
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    want = torch.cat([g.reshape(-1) for g in torch.autograd.grad(expected, separate, grad.double())])
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="half precision needs a GPU (the interpreter's is not trustworthy)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_on_the_gpu(dtype):
+    xs, weight, bias = _inputs(COCO, cin=32, cout=27, dtype=torch.float64)
+    out = pyramid_conv2d([x.to(DEVICE, dtype) for x in xs], weight.to(DEVICE, dtype), bias.to(DEVICE, dtype))
+    assert out.dtype == dtype
+    expected = _reference([x.to(DEVICE, dtype).double() for x in xs], weight.to(DEVICE, dtype).double(),
+                          bias.to(DEVICE, dtype).double())
+    error = (out.double() - expected).norm() / expected.norm()
+    assert error < (4e-3 if dtype == torch.float16 else 2e-2)
+
+
+@pytest.mark.parametrize("case,error", [
+    (lambda xs, w, b: ([], w, b), TypeError),
+    (lambda xs, w, b: (xs, w[:, :, :2], b), ValueError),  # even kernel height
+    (lambda xs, w, b: (xs, w[:, :3], b), ValueError),  # weight channels != input channels
+    (lambda xs, w, b: ([xs[0], xs[1][:1]], w, b), ValueError),  # batch sizes differ
+    (lambda xs, w, b: (xs, w, b[:3]), ValueError),
+    (lambda xs, w, b: ([xs[0].long()], w, b), TypeError),
+    (lambda xs, w, b: (xs, w.to("meta"), b), ValueError),  # devices differ
+    (lambda xs, w, b: (xs, "w", b), TypeError),
+])
+def test_bad_input_names_the_argument(case, error):
+    xs, weight, bias = _inputs(PYRAMID[:2], dtype=torch.float32)
+    with pytest.raises(error):
+        pyramid_conv2d(*case(xs, weight, bias))
