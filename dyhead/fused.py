@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import kernels
 from kernels import channel_moments_grouped, level_combine_grouped
 
 from .scale import ScaleAttention
@@ -145,15 +146,34 @@ def block_forward(levels: Sequence[Sequence[tuple[Tensor, nn.GroupNorm]]], scale
         pixels += [1] * missing
         inv_branches.append(1.0 / len(branches))
     num, groups, eps = len(levels), norms[0].num_groups, norms[0].eps
-    n, c = slot_maps[0].shape[:2]
     acc = torch.float64 if slot_maps[0].dtype == torch.float64 else torch.float32
-    device = slot_maps[0].device
     pool_weights = [None] * len(slot_maps)
-    for k, pair in zip(resized, upsampling_pool_weights(list(resized.values()), acc, device)):
+    for k, pair in zip(resized, upsampling_pool_weights(list(resized.values()), acc, slot_maps[0].device)):
         pool_weights[k] = pair
     # One launch each way for the block's conv outputs (views of one buffer): (3L, N, C, 3).
     moments = channel_moments_grouped(slot_maps, pool_weights)
-    counts, inv_b, slots = shape_constants(pixels + inv_branches + norm_slots, acc, device).split(
+    branches = [[y for y, _ in level] for level in levels]
+    if torch.compiler.is_compiling():
+        weight, shift, coef = _attention(moments, num, pixels, inv_branches, norm_slots, norms, groups, eps, scale,
+                                         task)
+        return level_combine_grouped(branches, weight, shift, coef)
+    task_params = None if task is None else (task.fc1.weight, task.fc1.bias, task.fc2.weight, task.fc2.bias)
+    weight, shift, coef = kernels.block_attention(
+        moments, pixels, [k if k < len(norms) else -1 for k in norm_slots],
+        torch.stack([norm.weight for norm in norms]), torch.stack([norm.bias for norm in norms]), groups, eps,
+        scale.conv.weight.view(-1), scale.conv.bias, task_params)
+    return level_combine_grouped(branches, weight, shift, coef)
+
+
+def _attention(moments: Tensor, num: int, pixels: list[int], inv_branches: list[float], norm_slots: list[int],
+               norms: list[nn.GroupNorm], groups: int, eps: float, scale: ScaleAttention,
+               task: TaskAttention | None) -> tuple[Tensor, Tensor, Tensor]:
+    """`kernels.block_attention` in torch ops, with the modules' own attention math: (weight (L, N, 3, C), shift
+    (L, N, C), coef (L, N, 4, C)) from the moments (3L, N, C, 3) of the block's (level, slot) grid, its slots'
+    pixel counts and GroupNorm indices (len(norms) for an empty slot) and its levels' 1 / branches."""
+    n, c = moments.shape[1:3]
+    acc = moments.dtype
+    counts, inv_b, slots = shape_constants(pixels + inv_branches + norm_slots, acc, moments.device).split(
         [3 * num, num, 3 * num])
     slots = slots.long()
     # Gathered from one stacked copy: each parameter then gets one gradient, not one per level to accumulate.
@@ -176,5 +196,4 @@ def block_forward(levels: Sequence[Sequence[tuple[Tensor, nn.GroupNorm]]], scale
     else:
         pooled_u = (weight * pooled_mean).sum(1) + shift
         coef = torch.stack(task.coefficients(pooled_u.view(-1, c).to(param)), 1).to(acc).view(num, n, 4, c)
-    return level_combine_grouped([[y for y, _ in branches] for branches in levels], weight.transpose(1, 2),
-                                 shift, coef)
+    return weight.transpose(1, 2), shift, coef

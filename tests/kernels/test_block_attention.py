@@ -1,0 +1,123 @@
+"""kernels.block_attention (a DyHead block's attention math in one launch each way) against dyhead.fused's torch
+path with the modules' own math, in float64 (and float32): outputs and the gradients of the moments and of
+every parameter. Runs under TRITON_INTERPRET=1 on the CPU, compiled on a GPU."""
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from dyhead.fused import _attention
+from dyhead.scale import ScaleAttention
+from dyhead.task import TaskAttention
+from kernels import block_attention
+
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="the kernels need a GPU or TRITON_INTERPRET=1")
+
+# A DyHead block's (level, slot) grid: slot 0 the level's own branch (norm 0), then finer (1) and coarser (2)
+# where they exist; an empty slot has norm -1 and one pixel.
+PYRAMID_NORMS = [0, 2, -1, 0, 1, 2, 0, 1, -1]
+PYRAMID_PIXELS = [30, 8, 1, 8, 30, 2, 2, 8, 1]
+
+
+def _modules(c, dtype, seed):
+    torch.manual_seed(seed)
+    norms = [nn.GroupNorm(16, c) for _ in range(3)]
+    scale, task = ScaleAttention(c), TaskAttention(c)
+    for module in (*norms, scale, task):
+        for p in module.parameters():
+            nn.init.normal_(p, 0.0, 0.5)
+    # The scale logit's bias near 0 so that the relu and the hard sigmoid's bends are both crossed.
+    return [m.to(DEVICE, dtype) for m in norms], scale.to(DEVICE, dtype), task.to(DEVICE, dtype)
+
+
+def _moments(norms_of_slots, pixels, n, c, dtype):
+    g = torch.Generator().manual_seed(1)
+    moments = torch.randn(len(norms_of_slots), n, c, 3, generator=g, dtype=torch.float64)
+    moments[..., 1] = moments[..., 1].abs() * torch.tensor(pixels, dtype=torch.float64).view(-1, 1, 1)
+    moments[torch.tensor(norms_of_slots) < 0] = 0  # an empty slot's moments
+    return moments.to(DEVICE, dtype)
+
+
+def _run_both(c, n, with_task, dtype, norms_of_slots=PYRAMID_NORMS, pixels=PYRAMID_PIXELS):
+    norms, scale, task = _modules(c, dtype, seed=c + n)
+    task = task if with_task else None
+    moments = _moments(norms_of_slots, pixels, n, c, dtype).requires_grad_()
+    num = len(norms_of_slots) // 3
+    branches = [sum(k >= 0 for k in norms_of_slots[3 * l:3 * l + 3]) for l in range(num)]
+    params = [p for m in (*norms, scale, *([task] if task else [])) for p in m.parameters()]
+    expected = _attention(moments, num, list(pixels), [1.0 / b for b in branches],
+                          [k if k >= 0 else 3 for k in norms_of_slots], norms, 16, norms[0].eps, scale, task)
+    got = block_attention(moments, pixels, norms_of_slots, torch.stack([m.weight for m in norms]),
+                          torch.stack([m.bias for m in norms]), 16, norms[0].eps, scale.conv.weight.view(-1),
+                          scale.conv.bias,
+                          None if task is None else (task.fc1.weight, task.fc1.bias, task.fc2.weight, task.fc2.bias))
+    g = torch.Generator().manual_seed(2)
+    grads = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(DEVICE, t.dtype) for t in expected]
+    # Without task attention the coefficients are constants: the torch path gives them no graph.
+    used = [k for k, e in enumerate(expected) if e.requires_grad]
+    want = torch.autograd.grad([expected[k] for k in used], [moments, *params], [grads[k] for k in used],
+                               allow_unused=True)
+    have = torch.autograd.grad([got[k] for k in used], [moments, *params], [grads[k] for k in used],
+                               allow_unused=True)
+    return expected, got, want, have
+
+
+@pytest.mark.parametrize("c,n", [(32, 2), (48, 1)])  # 2 and 3 channels per group (the tile pads the 3)
+@pytest.mark.parametrize("with_task", [True, False])
+def test_matches_the_torch_path_with_every_gradient_in_float64(c, n, with_task):
+    expected, got, want, have = _run_both(c, n, with_task, torch.float64)
+    for e, o in zip(expected, got):
+        assert o.shape == e.shape and o.dtype == torch.float64 and o.is_contiguous()
+        torch.testing.assert_close(o, e, rtol=1e-10, atol=1e-12)
+    for w, h in zip(want, have):
+        if w is None:
+            assert h is None or torch.count_nonzero(h) == 0
+        else:
+            torch.testing.assert_close(h, w, rtol=1e-9, atol=1e-11)
+
+
+def test_float32():
+    expected, got, want, have = _run_both(32, 2, True, torch.float32)
+    for e, o in zip(expected, got):
+        torch.testing.assert_close(o, e, rtol=2e-5, atol=2e-6)
+    for w, h in zip(want, have):
+        torch.testing.assert_close(h, w, rtol=1e-4, atol=1e-5)
+
+
+def test_single_level_without_neighbours():
+    expected, got, want, have = _run_both(32, 2, True, torch.float64, [0, -1, -1], [12, 1, 1])
+    for e, o in zip(expected, got):
+        torch.testing.assert_close(o, e, rtol=1e-10, atol=1e-12)
+    for w, h in zip(want, have):
+        if w is not None:
+            torch.testing.assert_close(h, w, rtol=1e-9, atol=1e-11)
+
+
+def _good_args(c=32):
+    norms, scale, task = _modules(c, torch.float32, seed=0)
+    moments = _moments([0, -1, -1], [4, 1, 1], 2, c, torch.float32)
+    return [moments, [4, 1, 1], [0, -1, -1], torch.stack([m.weight for m in norms]),
+            torch.stack([m.bias for m in norms]), 16, 1e-5, scale.conv.weight.view(-1), scale.conv.bias,
+            (task.fc1.weight, task.fc1.bias, task.fc2.weight, task.fc2.bias)]
+
+
+@pytest.mark.parametrize("index,bad,error", [
+    (0, lambda m: m[..., :2], ValueError),
+    (0, lambda m: m.half(), TypeError),
+    (1, lambda p: p[:2], ValueError),
+    (2, lambda k: [3, -1, -1], ValueError),
+    (3, lambda w: w[:, :5], ValueError),
+    (5, lambda g: 5, ValueError),
+    (7, lambda w: w[:3], ValueError),
+    (9, lambda t: (t[0][:, :3], *t[1:]), ValueError),
+    (8, lambda b: b.to("meta"), ValueError),
+])
+def test_bad_input_names_the_argument(index, bad, error):
+    args = _good_args()
+    args[index] = bad(args[index])
+    with pytest.raises(error):
+        block_attention(*args)
