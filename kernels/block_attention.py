@@ -61,10 +61,10 @@ def _row_forward(mom_ptr, nw_ptr, nb_ptr, sw_ptr, sb_ptr, table_ptr, l, n, N, C,
                  ACC: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr):
     """Row (level l, image n) up to the mix: the tiles and scalars both kernels need.
 
-    Returns (c, valid, in_c, b, count, norm, inv, mean, pm, mu, rstd, dev, gw, a, d, sw, z, r, att, weight,
+    Returns (c, valid, in_c, b, count, norm, inv, pm, mu, rstd, dev, gw, a, d, sw, z, r, att, weight,
     shift): c [1, BLOCK_G, BLOCK_CG] the channel index and in_c its mask, valid the mask of [SLOTS, BLOCK_G,
-    BLOCK_CG] (the 3 slots); b the slots; per slot count/norm [SLOTS]; mean and pooled mean
-    pm of the raw branch, its group mean mu and inverse std rstd [SLOTS, BLOCK_G], dev = mean - mu, GroupNorm
+    BLOCK_CG] (the 3 slots); b the slots; per slot count/norm [SLOTS]; the pooled mean
+    pm of the raw branch, its group mean mu and inverse std rstd [SLOTS, BLOCK_G], dev = channel mean - mu, GroupNorm
     weight gw, a and d (GroupNorm = y * a + d), the scale conv weight sw [1, BLOCK_G, BLOCK_CG], the attention
     logit z, r = relu(z), att = hard_sigmoid(r) [SLOTS], weight = att * a / B and shift [1, BLOCK_G, BLOCK_CG].
     """
@@ -102,7 +102,7 @@ def _row_forward(mom_ptr, nw_ptr, nb_ptr, sw_ptr, sb_ptr, table_ptr, l, n, N, C,
     att_b = tl.where(valid_b, att, 0.0)[:, None, None]
     weight = att_b * a * inv
     shift = tl.sum(att_b * d, axis=0)[None, :, :] * inv
-    return c, valid, in_c, b, count, norm, inv, mean, pm, mu, rstd, dev, gw, a, d, sw, z, r, att, weight, shift
+    return c, valid, in_c, b, count, norm, inv, pm, mu, rstd, dev, gw, a, d, sw, z, r, att, weight, shift
 
 
 @triton.jit
@@ -148,7 +148,7 @@ def _attention_fwd_kernel(mom_ptr, table_ptr, nw_ptr, nb_ptr, sw_ptr, sb_ptr, w1
     row = tl.program_id(0)
     l = row // N
     n = row % N
-    (c, valid, in_c, b, _, _, _, _, pm, _, _, _, _, _, _, _, _, _, _, weight,
+    (c, valid, in_c, b, _, _, _, pm, _, _, _, _, _, _, _, _, _, _, weight,
      shift) = _row_forward(mom_ptr, nw_ptr, nb_ptr, sw_ptr, sb_ptr, table_ptr, l, n, N, C, CG, eps, ACC,
                            BLOCK_G, BLOCK_CG)
     row64 = row.to(tl.int64)
@@ -200,7 +200,7 @@ def _attention_bwd_kernel(mom_ptr, table_ptr, nw_ptr, nb_ptr, sw_ptr, sb_ptr, w1
     row = tl.program_id(0)
     l = row // N
     n = row % N
-    (c, valid, in_c, b, count, norm, inv, mean, pm, mu, rstd, dev, gw, a, d, sw, z, r, att, weight,
+    (c, valid, in_c, b, count, norm, inv, pm, mu, rstd, dev, gw, a, d, sw, z, r, att, weight,
      _) = _row_forward(mom_ptr, nw_ptr, nb_ptr, sw_ptr, sb_ptr, table_ptr, l, n, N, C, CG, eps, ACC, BLOCK_G,
                        BLOCK_CG)
     row64 = row.to(tl.int64)

@@ -95,14 +95,13 @@ def _canvas_kernel(canvas_ptr, flat_ptr, table_ptr, C, HEIGHT, WIDTH,
 @dataclass(frozen=True)
 class CanvasPlan:
     """Where each of N images' levels lies on the canvas: origins (y0, x0) per level, the canvas's (height,
-    width), each level's first pixel in the flat buffers (of N*H*W pixels each, level after level), all levels'
-    pixels, and the device table of it all."""
+    width), all levels' pixels in the flat buffers (N*H*W each, level after level), and the device table of
+    it all (with each level's first pixel there)."""
 
     origins: tuple[tuple[int, int], ...]
     height: int
     width: int
     n: int
-    pixel_starts: tuple[int, ...]
     pixels: int
     table: Tensor
 
@@ -132,7 +131,7 @@ def plan_canvas(sizes: Sequence[tuple[int, int]], n: int, gaps: tuple[int, int],
         starts.append(total)
         total += n * h * w
     values = [v for (y0, x0), (h, w), start in zip(origins, sizes, starts) for v in (y0, x0, h, w, start)]
-    return CanvasPlan(origins, height, width, n, tuple(starts), total, cached_device_table(values, device))
+    return CanvasPlan(origins, height, width, n, total, cached_device_table(values, device))
 
 
 def _launch(canvas: Tensor, flat: Tensor, plan: CanvasPlan, to_canvas: bool) -> None:
@@ -226,7 +225,7 @@ def _levels_buffer(inputs: Sequence[Tensor]) -> Tensor:
         if not (base.is_contiguous() and base.dtype == x.dtype) or _start_in(x, base) != first:
             return torch.cat([x.reshape(-1) for x in inputs])
         first += x.numel()
-    return base.view(-1) if first == base.numel() else base.view(-1)[:first]
+    return base.view(-1)[:first]
 
 
 def pyramid_conv2d(inputs: Sequence[Tensor], weight: Tensor, bias: Tensor | None = None) -> Tensor:
