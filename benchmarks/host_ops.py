@@ -6,7 +6,12 @@ where the Triton kernels run in the interpreter (``TRITON_INTERPRET=1``). An ate
 kernels it launches (torchvision's deformable conv included); views, allocations and the interpreter's own
 work inside a Triton launch are left out.
 
+``--time`` also times the triton backend's step with every Triton launch made a no-op after a real warm-up:
+milliseconds of our Python, torch's dispatch and the small CPU aten ops per step, the part of the host cost
+that does not depend on the GPU (Triton's own launcher, tens of microseconds a launch on a GPU, is left out).
+
     TRITON_INTERPRET=1 python -m benchmarks.host_ops [--backends triton,torchvision] [--blocks 1] [--top 15]
+        [--time]
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ import argparse
 import contextlib
 import functools
 import os
+import statistics
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -111,6 +118,38 @@ def counting(count: HostCount) -> Iterator[None]:
             cls.run = run
 
 
+@contextlib.contextmanager
+def launches_stubbed() -> Iterator[None]:
+    """Within the block every Triton launch returns at once without running its kernel (outputs keep whatever
+    their allocations held): only the host's work around the launches is left."""
+    originals = {cls: cls.run for cls in _launch_classes()}
+    for cls in originals:
+        cls.run = lambda self, *args, **kwargs: None
+    try:
+        yield
+    finally:
+        for cls, run in originals.items():
+            cls.run = run
+
+
+def time_step(forward: Callable[[], list[torch.Tensor]], inputs: list[torch.Tensor], repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``forward`` plus the gradients of ``inputs``, Triton launches
+    stubbed (`launches_stubbed`). Call it on a warmed-up step: the launches it stubs would otherwise have
+    autotuned, compiled and filled caches."""
+    def step():
+        outputs = forward()
+        torch.autograd.grad(outputs, inputs, [torch.ones_like(y) for y in outputs])
+
+    seconds = []
+    with launches_stubbed():
+        step()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            step()
+            seconds.append(time.perf_counter() - start)
+    return seconds
+
+
 def count_step(forward: Callable[[], list[torch.Tensor]], inputs: list[torch.Tensor]) -> tuple[HostCount, HostCount]:
     """(forward, backward) counts of one call of ``forward`` and of the gradients of ``inputs`` given gradients
     of its outputs (made before counting, as a loss's backward would hand them in).
@@ -153,6 +192,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=16, help="the finest level's height and width")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--top", type=int, default=12, help="list this many most frequent ops per backend (0: none)")
+    p.add_argument("--time", action="store_true",
+                   help="also time the triton backend's step with Triton launches stubbed (host milliseconds)")
+    p.add_argument("--repeats", type=int, default=30, help="timed steps for --time")
     return p.parse_args(argv)
 
 
@@ -165,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"per step of {args.blocks} block(s), {args.levels} levels, batch {args.batch}, {args.channels} channels, "
           f"finest {args.size}x{args.size}, {args.device}: kernel-launching aten ops + Triton launches")
     print(f"{'backend':<12} {'fwd aten':>9} {'fwd triton':>11} {'bwd aten':>9} {'bwd triton':>11} {'total':>7}")
-    tops = []
+    tops, seconds = [], []
     for backend in backends:
         forward, params = dyhead_step(backend, channels=args.channels, batch=args.batch, num_levels=args.levels,
                                       num_blocks=args.blocks, size=args.size, device=args.device,
@@ -175,6 +217,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{backend:<12} {sum(fwd.aten.values()):>9} {sum(fwd.triton.values()):>11} "
               f"{sum(bwd.aten.values()):>9} {sum(bwd.triton.values()):>11} {fwd.total + bwd.total:>7}")
         tops.append((backend, fwd, bwd))
+        if args.time and backend == "triton":
+            seconds = time_step(forward, params, args.repeats)
+    if seconds:
+        print(f"\ntriton host time per step, Triton launches stubbed: median {statistics.median(seconds) * 1e3:.3f} "
+              f"ms (min {min(seconds) * 1e3:.3f}) of {args.repeats} steps on {torch.get_num_threads()} thread(s)")
     for backend, fwd, bwd in tops if args.top else []:
         for phase, count in (("forward", fwd), ("backward", bwd)):
             ops = (count.aten + Counter({f"triton:{k}": v for k, v in count.triton.items()})).most_common(args.top)

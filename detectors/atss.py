@@ -7,7 +7,6 @@ head is three 1x1 convolutions (class logits, box deltas, centerness) shared acr
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F

@@ -28,7 +28,7 @@ from torch import Tensor
 from .deform_conv import acc_tl
 from .deform_conv_op import _device_guard, eager_call
 from .device_table import cached_device_table
-from .runtime import check_runnable
+from .runtime import check_runnable, next_power_of_2
 
 # Table columns per level: its branch count B, then per slot b < 3: the slot's pixel count and the index of its
 # GroupNorm in the stacked parameters (-1: no branch in the slot).
@@ -311,7 +311,7 @@ def partial_layout(num_norms: int, c: int, hidden: int) -> list[int]:
 
 def _meta(c: int, groups: int) -> dict:
     cg = c // groups
-    return dict(BLOCK_G=triton.next_power_of_2(groups), BLOCK_CG=triton.next_power_of_2(cg), BLOCK_M=64,
+    return dict(BLOCK_G=next_power_of_2(groups), BLOCK_CG=next_power_of_2(cg), BLOCK_M=64,
                 num_warps=WARPS)
 
 

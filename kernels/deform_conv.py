@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .device_table import device_tables
-from .runtime import INTERPRET, first_config_unless_tuning
+from .runtime import INTERPRET, cdiv, first_config_unless_tuning, next_power_of_2
 
 
 def autotune_configs(space, interpret_config):
@@ -382,7 +382,7 @@ def transpose_last(src, dst):
     slower); returns dst."""
     n, a, b = src.shape
     block = TRANSPOSE_BLOCK
-    _transpose_kernel[(triton.cdiv(a, block) * triton.cdiv(b, block), n)](src, dst, src, a, b, 1, GROUPED=False,
+    _transpose_kernel[(cdiv(a, block) * cdiv(b, block), n)](src, dst, src, a, b, 1, GROUPED=False,
                                                                          BLOCK_A=block, BLOCK_B=block)
     return dst
 
@@ -390,7 +390,7 @@ def transpose_last(src, dst):
 def transpose_row(a, b, src, src_strides, dst):
     """One level's row of a grouped transpose (`TRANSPOSE_FIELDS`): dst (int address, contiguous (N, b, a))
     = src (int address, (N, a, b) with the given element strides) transposed."""
-    tiles = triton.cdiv(a, TRANSPOSE_BLOCK) * triton.cdiv(b, TRANSPOSE_BLOCK)
+    tiles = cdiv(a, TRANSPOSE_BLOCK) * cdiv(b, TRANSPOSE_BLOCK)
     return [tiles, a, b, src, *src_strides, dst]
 
 
@@ -577,11 +577,11 @@ def deform_conv_forward(xs, offsets, masks, weights, biases, bias_sets, levels, 
     else:
         xl = channels_last(xs[0])
         table = xl
-    grid = lambda meta: (sum(n * triton.cdiv(ho * wo, meta["BLOCK_P"]) for _, _, ho, wo in levels.sizes),
-                         triton.cdiv(cout, meta["BLOCK_N"]))
+    grid = lambda meta: (sum(n * cdiv(ho * wo, meta["BLOCK_P"]) for _, _, ho, wo in levels.sizes),
+                         cdiv(cout, meta["BLOCK_N"]))
     _fwd_kernel[grid](
         xl, offsets[0], masks[0], wp, bias if bias is not None else wp, y, table,
-        n, c, cout, levels.kh * levels.kw, levels.kw, triton.next_power_of_2(levels.o_pixels), len(levels.sizes),
+        n, c, cout, levels.kh * levels.kw, levels.kw, next_power_of_2(levels.o_pixels), len(levels.sizes),
         *level_arguments(levels, offsets[0], masks[0], padding, dilation),
         GROUPED=levels.grouped, HAS_BIAS=bias is not None,
         Y_INT64=cout * max(ho * wo for _, _, ho, wo in levels.sizes) >= 2**31, MASK_LOGITS=mask_logits,

@@ -25,7 +25,7 @@ from .deform_conv import (_FIELDS, _HOWO, acc_dtype, autotune_configs, channels_
                           grouped_input, launch_flags, level_args, level_arguments, load_corners, mma, pack_weights,
                           sample_grad_args, stacked_sample_grads, tap_sample, transpose_last, transpose_levels,
                           transpose_row)
-from .runtime import INTERPRET, first_config_unless_tuning, sm_count
+from .runtime import INTERPRET, cdiv, first_config_unless_tuning, next_power_of_2, sm_count
 
 # Only BLOCK_P is tuned: the wrapper fixes BLOCK_K and BLOCK_N (`_bwd_blocks`), because the partial buffers
 # are shaped by them. With BLOCK_N = 256 the fp32 accumulators need 8 warps to stay in registers.
@@ -282,7 +282,7 @@ def _grad_input_deterministic(gcol, tgt, coef, gx):
     s, c = gx.shape
     tgt_sorted, order = torch.sort(tgt, stable=True)
     rowptr = torch.searchsorted(tgt_sorted, torch.arange(s + 1, device=tgt.device, dtype=tgt.dtype))
-    grid = lambda meta: (triton.cdiv(s, meta["BLOCK_S"]), triton.cdiv(c, meta["BLOCK_C"]))
+    grid = lambda meta: (cdiv(s, meta["BLOCK_S"]), cdiv(c, meta["BLOCK_C"]))
     _grad_input_gather_kernel[grid](rowptr, order // 4, coef[order], gcol, gx, c, s)
 
 
@@ -292,8 +292,8 @@ def _bwd_blocks(x, cout):
     if INTERPRET or x.dtype == torch.float64:
         return 16, 16
     if x.dtype == torch.float32:
-        return min(128, max(16, triton.next_power_of_2(cout))), 32
-    return min(256, max(16, triton.next_power_of_2(cout))), 64
+        return min(128, max(16, next_power_of_2(cout))), 32
+    return min(256, max(16, next_power_of_2(cout))), 64
 
 
 def _pixels_per_program(x, n, howos, programs_per_run):
@@ -303,12 +303,12 @@ def _pixels_per_program(x, n, howos, programs_per_run):
     if INTERPRET:
         return PIXEL_ALIGN
     sms = sm_count(x.device)
-    runs_per_image = triton.cdiv(triton.cdiv(PROGRAMS_PER_SM * sms, programs_per_run), n)
-    pix = triton.cdiv(triton.cdiv(sum(howos), runs_per_image), PIXEL_ALIGN) * PIXEL_ALIGN
-    min_pix = triton.cdiv(triton.cdiv(sum(howos), MAX_GRID_Z // n), PIXEL_ALIGN) * PIXEL_ALIGN
+    runs_per_image = cdiv(cdiv(PROGRAMS_PER_SM * sms, programs_per_run), n)
+    pix = cdiv(cdiv(sum(howos), runs_per_image), PIXEL_ALIGN) * PIXEL_ALIGN
+    min_pix = cdiv(cdiv(sum(howos), MAX_GRID_Z // n), PIXEL_ALIGN) * PIXEL_ALIGN
     pix = max(pix, min_pix)
     # Each level rounds its runs up: with several levels min_pix may fall short.
-    while n * sum(triton.cdiv(howo, pix) for howo in howos) > MAX_GRID_Z:
+    while n * sum(cdiv(howo, pix) for howo in howos) > MAX_GRID_Z:
         pix += PIXEL_ALIGN
     return pix
 
@@ -356,10 +356,10 @@ def deform_conv_backward(grad_out, xs, offsets, masks, weights, levels, padding,
     # that share elements of `layout` are summed into them afterwards, in conv order.
     kernel_layout = stacked_sample_grads(levels) if deterministic and sample_grads is not None else layout
     block_n, block_k = _bwd_blocks(x, cout)
-    c_blocks, n_blocks = triton.cdiv(c, block_k), triton.cdiv(cout, block_n)
+    c_blocks, n_blocks = cdiv(c, block_k), cdiv(cout, block_n)
     howos = [ho * wo for _, _, ho, wo in levels.sizes]
     pix = _pixels_per_program(x, n, howos, kk * c_blocks * n_blocks)
-    conv_runs = [n * triton.cdiv(howo, pix) for howo in howos]
+    conv_runs = [n * cdiv(howo, pix) for howo in howos]
     runs = sum(conv_runs)
     deterministic = bool(deterministic)
     # With atomics the sums over programs land in one row each (one per weight set for the grad weight), all in
@@ -398,7 +398,7 @@ def deform_conv_backward(grad_out, xs, offsets, masks, weights, levels, padding,
         grad_bias = _bias_gradient(grad_out, levels)
     _bwd_kernel[(kk * c_blocks, n_blocks, runs)](
         xl, offsets[0], masks[0], pack_weights(weights), gy, gs, gx, gw, gcol, tgt, coef, table,
-        n, c, cout, kk, levels.kw, triton.next_power_of_2(levels.o_pixels), pix, len(levels.sizes),
+        n, c, cout, kk, levels.kw, next_power_of_2(levels.o_pixels), pix, len(levels.sizes),
         levels.x_pixels, levels.o_pixels, kernel_layout.numel,
         *level_arguments(levels, offsets[0], masks[0], padding, dilation),
         *((0,) * 10 if levels.grouped else (*kernel_layout.offsets[0], *kernel_layout.masks[0])),
@@ -463,7 +463,7 @@ def _bias_gradient(grad_out, levels):
 def _accumulators(x, dtype, shapes, zero):
     """Views of one buffer (one allocation, one memset when zero) with the given shapes; each view starts at a
     multiple of 64 elements, so the kernels' vectorized atomics stay aligned."""
-    sizes = [triton.cdiv(prod(shape), 64) * 64 for shape in shapes]
+    sizes = [cdiv(prod(shape), 64) * 64 for shape in shapes]
     buf = (x.new_zeros if zero else x.new_empty)((sum(sizes),), dtype=dtype)
     views, start = [], 0
     for shape, size in zip(shapes, sizes):

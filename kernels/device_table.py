@@ -74,7 +74,7 @@ def encode(values: Sequence[int]) -> tuple[int, ...]:
         ValueError: a value that is not an int or is out of range.
     """
     # Whole-list checks first: this runs at every grouped launch, and a per-value loop costs more than the launch.
-    if values and (not all(type(v) is int for v in values) or min(values) <= -_LIMIT or max(values) >= _LIMIT):
+    if values and (not set(map(type, values)) <= {int} or min(values) <= -_LIMIT or max(values) >= _LIMIT):
         bad = next(v for v in values if type(v) is not int or not -_LIMIT < v < _LIMIT)
         raise ValueError(f"device_table takes ints of magnitude below 2**55, got {bad!r}")
     offset = 1 + _BIAS.value

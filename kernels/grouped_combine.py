@@ -29,14 +29,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .deform_conv import acc_dtype, acc_tl, autotune_configs
+from .deform_conv import acc_tl, autotune_configs
 from .deform_conv_op import _device_guard, eager_call
 from .device_table import cached_device_table
 from .grouped_moments import ALIGN, _root, _start_in, find_map, program_run
 from .level_pass import (MERGE_BLOCK_C, _INTERPRET_CONFIG, _REDUCTION_SPACE, _aligned, _autocast_combine,
                          _check_combine_inputs, _check_runnable, _coefficients, _lines, _pixel_runs, _store_sums,
                          _tile, combine_tile_backward, keep_tiles, level_autotune, level_combine, zero_sums)
-from .runtime import first_config_unless_tuning
+from .runtime import cdiv, first_config_unless_tuning, next_power_of_2
 from .upsample import GATHER_SPACE, axis_scale, bilinear_tile, float32_scale, gather_tile
 
 # Table columns per level:
@@ -298,18 +298,18 @@ def plan_levels(places, n: int, c: int, device: torch.device) -> GroupedPlan:
         slot, d_first = (len(branches) - 1, scratch) if resized else (-1, -1)
         at_size = [hw, out_first, *(firsts[:-1] if resized else firsts)] + ([d_first] if resized else [])
         aligned = all(v % ALIGN == 0 for v in at_size if v >= 0)
-        level_gathers = triton.cdiv(h_in * w_in, gather_run) if resized else 0
-        values += [out_first, hw, runs, triton.cdiv(hw, run), w, *firsts, slot,
+        level_gathers = cdiv(h_in * w_in, gather_run) if resized else 0
+        values += [out_first, hw, runs, cdiv(hw, run), w, *firsts, slot,
                    *((h_in, w_in) if resized else (1, 1)),
                    _float32_bits(float32_scale(h_in, h)) if resized else 0,
                    _float32_bits(float32_scale(w_in, w)) if resized else 0,
                    d_first, int(aligned), gather_runs, level_gathers]
         out_first += n * c * hw
-        runs += triton.cdiv(hw, run)
+        runs += cdiv(hw, run)
         gather_runs += level_gathers
         scratch += n * c * hw if resized else 0
-    bucket = triton.next_power_of_2(max(h * w for (_, h, w), *_ in places))
-    gather_bucket = triton.next_power_of_2(max(coarse)) if coarse else 1
+    bucket = next_power_of_2(max(h * w for (_, h, w), *_ in places))
+    gather_bucket = next_power_of_2(max(coarse)) if coarse else 1
     return GroupedPlan(cached_device_table(values, device), len(places), run, runs, bucket, gather_run,
                        gather_runs, gather_bucket, out_first, scratch)
 
@@ -319,7 +319,7 @@ def grouped_combine_forward(base: Tensor, scale: Tensor, shift: Tensor, coef: Te
     """The output buffer (plan.out_numel,) in base's dtype: each level's (N, C, H, W) in turn. base: the
     branches' buffer; scale (L, N, 3, C), shift (L, N, C), coef (L, N, 4, C) contiguous in float32 (float64)."""
     out = base.new_empty((plan.out_numel,))
-    grid = lambda meta: (plan.runs, triton.cdiv(c, meta["BLOCK_C"]), n)
+    grid = lambda meta: (plan.runs, cdiv(c, meta["BLOCK_C"]), n)
     _grouped_combine_kernel[grid](base, scale, shift, coef, out, plan.table, c, plan.bucket, plan.run,
                                   NUM_LEVELS=plan.levels, ALIGN=ALIGN, ACC=acc_tl(base))
     return out
@@ -334,7 +334,7 @@ def grouped_combine_backward(grad: Tensor, base: Tensor, scale: Tensor, shift: T
     d_base = (torch.empty_like(base) if covered else torch.zeros_like(base)) if need_base else None
     scratch = base.new_empty((plan.scratch_numel if need_base else 0,))
     part = scale.new_empty((n, plan.runs, ROWS, c) if need_params else (0,))
-    grid = lambda meta: (plan.runs, triton.cdiv(c, meta["BLOCK_C"]), n)
+    grid = lambda meta: (plan.runs, cdiv(c, meta["BLOCK_C"]), n)
     acc = acc_tl(base)
     _grouped_combine_backward_kernel[grid](
         grad, base, scale, shift, coef, base if d_base is None else d_base, scratch, part, plan.table, c,
@@ -343,10 +343,10 @@ def grouped_combine_backward(grad: Tensor, base: Tensor, scale: Tensor, shift: T
     d_params = None
     if need_params:
         d_params = scale.new_empty((plan.levels, n, ROWS, c))
-        _sum_runs_kernel[(triton.cdiv(ROWS * c, MERGE_BLOCK_C), n, plan.levels)](part, plan.table, d_params, c,
+        _sum_runs_kernel[(cdiv(ROWS * c, MERGE_BLOCK_C), n, plan.levels)](part, plan.table, d_params, c,
                                                                                plan.runs, BLOCK=MERGE_BLOCK_C)
     if need_base and plan.gather_runs:
-        grid = lambda meta: (plan.gather_runs, triton.cdiv(c, meta["BLOCK_C"]), n)
+        grid = lambda meta: (plan.gather_runs, cdiv(c, meta["BLOCK_C"]), n)
         _gather_resized_kernel[grid](scratch, d_base, plan.table, c, plan.gather_bucket, plan.gather_run,
                                      NUM_LEVELS=plan.levels, ACC=acc)
     return d_base, d_params

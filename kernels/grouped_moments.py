@@ -28,6 +28,7 @@ from .device_table import cached_device_table
 from .level_pass import (MERGE_BLOCK_C, _REDUCTION_SPACE, _aligned, _check_float_tensor, _check_runnable,
                          _pixel_runs, _tile, channel_moments, keep_tiles, level_autotune, merge_runs,
                          moments_grad, run_moments)
+from .runtime import cdiv, next_power_of_2
 
 # Elements: 16 bytes of bf16/fp16, 32 of fp32. DyHead's two largest map sizes at COCO shapes (100x168, 50x84)
 # are multiples of it; the small maps read element by element cost little.
@@ -197,7 +198,7 @@ def _map_table(places, run):
     values, total = [], 0
     for place in places:
         first, h, w, row_w, col_w = place if place is not None else (0, 0, 1, -1, -1)
-        runs = triton.cdiv(h * w, run)
+        runs = cdiv(h * w, run)
         values += [first, h * w, total, runs, w, row_w, col_w]
         total += runs
     return values, total
@@ -208,7 +209,7 @@ def _plan(base: Tensor, places, n: int, c: int):
     hws = [place[1] * place[2] for place in places if place is not None]
     run, _ = _pixel_runs(n, c, max(hws), base.device)
     values, total = _map_table(places, run)
-    return cached_device_table(values, base.device), run, total, triton.next_power_of_2(max(hws))
+    return cached_device_table(values, base.device), run, total, next_power_of_2(max(hws))
 
 
 def grouped_moments_forward(base: Tensor, weights: Tensor, places, n: int, c: int):
@@ -220,10 +221,10 @@ def grouped_moments_forward(base: Tensor, weights: Tensor, places, n: int, c: in
         return out.zero_(), None
     plan = table, run, total, bucket = _plan(base, places, n, c)
     part = base.new_empty((total, n, c, 3), dtype=out.dtype)
-    grid = lambda meta: (total, triton.cdiv(c, meta["BLOCK_C"]), n)
+    grid = lambda meta: (total, cdiv(c, meta["BLOCK_C"]), n)
     _grouped_moments_kernel[grid](base, weights, table, part, c, bucket, run, NUM_MAPS=len(places), ALIGN=ALIGN,
                                   ACC=acc_tl(base))
-    _grouped_merge_kernel[(triton.cdiv(c, MERGE_BLOCK_C), n, len(places))](part, table, out, c, run,
+    _grouped_merge_kernel[(cdiv(c, MERGE_BLOCK_C), n, len(places))](part, table, out, c, run,
                                                                           BLOCK_C=MERGE_BLOCK_C)
     return out, plan
 
@@ -237,7 +238,7 @@ def grouped_moments_backward(grad: Tensor, base: Tensor, weights: Tensor, moment
         return d_base
     _, n, c, _ = moments.shape
     table, run, total, bucket = plan
-    grid = lambda meta: (total, triton.cdiv(c, meta["BLOCK_C"]), n)
+    grid = lambda meta: (total, cdiv(c, meta["BLOCK_C"]), n)
     _grouped_moments_backward_kernel[grid](base, weights, table, moments, grad, d_base, c, bucket, run,
                                            *grad.stride(), NUM_MAPS=len(places), ALIGN=ALIGN, ACC=acc_tl(base))
     return d_base

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .deform_conv import acc_dtype, acc_tl, autotune_configs
 from .deform_conv_op import _FLOAT_DTYPES, _device_guard, eager_call
-from .runtime import INTERPRET, check_runnable, first_config_unless_tuning, sm_count
+from .runtime import INTERPRET, cdiv, check_runnable, first_config_unless_tuning, next_power_of_2, sm_count
 from .upsample import axis_scale, bilinear_tile, float32_scale, upsample_backward
 
 # A reduction's pixel run is a multiple of this, and so of every BLOCK_P of its configs (and of 16, see
@@ -438,9 +438,9 @@ def _align(hw, *strides):
 def _pixel_runs(n, c, hw, device):
     """(RUN, S): the H*W pixels as S runs of RUN (a multiple of RUN_ALIGN), for the reductions' grids."""
     sms = 1 if INTERPRET else sm_count(device)
-    splits = max(1, PROGRAMS_PER_SM * sms // (n * triton.cdiv(c, 64)))
-    run = triton.cdiv(triton.cdiv(hw, splits), RUN_ALIGN) * RUN_ALIGN
-    return run, triton.cdiv(hw, run)
+    splits = max(1, PROGRAMS_PER_SM * sms // (n * cdiv(c, 64)))
+    run = cdiv(cdiv(hw, splits), RUN_ALIGN) * RUN_ALIGN
+    return run, cdiv(hw, run)
 
 
 def moments_forward(x: Tensor) -> Tensor:
@@ -453,11 +453,11 @@ def moments_forward(x: Tensor) -> Tensor:
     hw = h * w
     run, splits = _pixel_runs(n, c, hw, x.device)
     part = out if splits == 1 else x.new_empty((n, splits, c, 2), dtype=out.dtype)
-    grid = lambda meta: (splits, triton.cdiv(c, meta["BLOCK_C"]), n)
-    _moments_kernel[grid](x, part, c, hw, triton.next_power_of_2(hw), run, *strides,
+    grid = lambda meta: (splits, cdiv(c, meta["BLOCK_C"]), n)
+    _moments_kernel[grid](x, part, c, hw, next_power_of_2(hw), run, *strides,
                           ALIGN=_align(hw, *strides[:2]), ACC=acc_tl(x))
     if splits > 1:
-        _moments_merge_kernel[(triton.cdiv(c, MERGE_BLOCK_C), n)](part, out, c, hw, run, splits,
+        _moments_merge_kernel[(cdiv(c, MERGE_BLOCK_C), n)](part, out, c, hw, run, splits,
                                                                   BLOCK_C=MERGE_BLOCK_C)
     return out
 
@@ -471,8 +471,8 @@ def moments_backward(grad: Tensor, x: Tensor, moments: Tensor) -> Tensor:
     d_strides = _flat_strides(dx)
     n, c, h, w = x.shape
     hw = h * w
-    grid = lambda meta: (triton.cdiv(hw, meta["BLOCK_P"]), triton.cdiv(c, meta["BLOCK_C"]), n)
-    _moments_backward_kernel[grid](x, moments, grad, dx, c, hw, triton.next_power_of_2(hw), *strides, *d_strides,
+    grid = lambda meta: (cdiv(hw, meta["BLOCK_P"]), cdiv(c, meta["BLOCK_C"]), n)
+    _moments_backward_kernel[grid](x, moments, grad, dx, c, hw, next_power_of_2(hw), *strides, *d_strides,
                                    *grad.stride(), ALIGN=_align(hw, *strides[:2], *d_strides[:2]), ACC=acc_tl(x))
     return dx
 
@@ -513,9 +513,9 @@ def combine_forward(branches: Sequence[Tensor], scale: Tensor, shift: Tensor, co
         return out
     n, c, h, w = out.shape
     hw = h * w
-    grid = lambda meta: (triton.cdiv(hw, meta["BLOCK_P"]), triton.cdiv(c, meta["BLOCK_C"]), n)
+    grid = lambda meta: (cdiv(hw, meta["BLOCK_P"]), cdiv(c, meta["BLOCK_C"]), n)
     _combine_kernel[grid](*_three(ys), scale.contiguous(), shift.contiguous(), coef.contiguous(), out,
-                          c, hw, triton.next_power_of_2(hw), *strides, *_resize_args(ys), B=len(ys),
+                          c, hw, next_power_of_2(hw), *strides, *_resize_args(ys), B=len(ys),
                           RESIZED=resized(ys), ALIGN=_align(hw, *strides[:2]), ACC=acc_tl(out))
     return out
 
@@ -541,10 +541,10 @@ def combine_backward(grad: Tensor, branches: Sequence[Tensor], scale: Tensor, sh
     grad, g_strides = _flat(grad)
     run, splits = _pixel_runs(n, c, hw, grad.device)
     part = d_params if splits == 1 or not need_params else scale.new_empty((n, splits, nb + 5, c))
-    grid = lambda meta: (splits, triton.cdiv(c, meta["BLOCK_C"]), n)
+    grid = lambda meta: (splits, cdiv(c, meta["BLOCK_C"]), n)
     _combine_backward_kernel[grid](
         grad, *_three(ys), scale.contiguous(), shift.contiguous(), coef.contiguous(), *_three(d_ys or ys), part,
-        c, hw, triton.next_power_of_2(hw), run, *strides, *g_strides, *_resize_args(ys), B=nb,
+        c, hw, next_power_of_2(hw), run, *strides, *g_strides, *_resize_args(ys), B=nb,
         RESIZED=resized(ys), WRITE_DY=need_branches, WRITE_SUMS=need_params,
         ALIGN=_align(hw, *strides[:2], *g_strides[:2]), ACC=acc_tl(d_params))
     if part is not d_params:

@@ -29,7 +29,7 @@ from .deform_conv import autotune_configs
 from .deform_conv_op import _FLOAT_DTYPES, _device_guard, eager_call
 from .device_table import cached_device_table
 from .grouped_moments import _root, _start_in
-from .runtime import check_runnable, first_config_unless_tuning
+from .runtime import cdiv, check_runnable, first_config_unless_tuning
 
 # Table columns per level: its first canvas row, first canvas column, H, W, and its first pixel in the flat
 # buffers (element = pixel * C: one table for the input and output buffers whatever their channel counts).
@@ -136,7 +136,7 @@ def plan_canvas(sizes: Sequence[tuple[int, int]], n: int, gaps: tuple[int, int],
 
 def _launch(canvas: Tensor, flat: Tensor, plan: CanvasPlan, to_canvas: bool) -> None:
     n, c = canvas.shape[:2]
-    grid = lambda meta: (plan.height * triton.cdiv(plan.width, meta["BLOCK_W"]), triton.cdiv(c, meta["BLOCK_C"]), n)
+    grid = lambda meta: (plan.height * cdiv(plan.width, meta["BLOCK_W"]), cdiv(c, meta["BLOCK_C"]), n)
     with _device_guard(canvas):
         _canvas_kernel[grid](canvas, flat, plan.table, c, plan.height, plan.width, *canvas.stride(),
                              NUM_LEVELS=len(plan.origins), TO_CANVAS=to_canvas)

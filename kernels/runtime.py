@@ -16,8 +16,8 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["AUTOTUNE", "INTERPRET", "check_runnable", "compile_only", "first_config_unless_tuning",
-           "interpreter_problem", "sm_count"]
+__all__ = ["AUTOTUNE", "INTERPRET", "cdiv", "check_runnable", "compile_only", "first_config_unless_tuning",
+           "interpreter_problem", "next_power_of_2", "sm_count"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # With DYHEAD_AUTOTUNE=0 every autotuned kernel runs the first config of its space that suits its arguments,
@@ -26,6 +26,19 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 AUTOTUNE = os.environ.get("DYHEAD_AUTOTUNE", "1") != "0"
 
 _compile_only_sms: Optional[int] = None
+
+
+# Host-side integer helpers. `triton.cdiv` and `triton.next_power_of_2` are constexpr functions in Triton 3.6+:
+# called from Python they unwrap their arguments first, 2-3 us a call, and a DyHead block's launches make a
+# hundred such calls (grids, plans) on every step.
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) of Python ints (b > 0)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= n for n >= 1 (0 for 0), as `triton.next_power_of_2`."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .deform_conv import acc_tl, autotune_configs
 from .deform_conv_op import _FLOAT_DTYPES, _device_guard, eager_call
-from .runtime import check_runnable, first_config_unless_tuning
+from .runtime import cdiv, check_runnable, first_config_unless_tuning
 
 # (meta, num_warps, num_stages): input pixels x channels, long along pixels (the maps are NCHW).
 GATHER_SPACE = [
@@ -168,7 +168,7 @@ def upsample_backward(grad: Tensor, input_size: tuple[int, int]) -> Tensor:
         return dx
     if h_out * w_out == 0:
         return dx.zero_()
-    grid = lambda meta: (triton.cdiv(h_in * w_in, meta["BLOCK_P"]), triton.cdiv(c, meta["BLOCK_C"]), n)
+    grid = lambda meta: (cdiv(h_in * w_in, meta["BLOCK_P"]), cdiv(c, meta["BLOCK_C"]), n)
     _upsample_backward_kernel[grid](grad, dx, c, h_in, w_in, h_out, w_out, float32_scale(h_in, h_out),
                                     float32_scale(w_in, w_out), *grad.stride(),
                                     ACC=acc_tl(grad))

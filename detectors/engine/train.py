@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import bisect
 import logging
-import math
 import random
 import time
 from pathlib import Path

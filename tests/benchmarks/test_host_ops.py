@@ -55,6 +55,31 @@ def test_counts_triton_launches_and_not_the_interpreters_own_work():
     assert count.total == 3 and InterpretedFunction.run is run  # the launch hook is gone after the block
 
 
+@pytest.mark.skipif(not INTERPRET, reason="launches a Triton kernel on CPU tensors")
+def test_stubbed_launches_do_not_run_and_the_timer_times_each_step():
+    from triton.runtime.interpreter import InterpretedFunction
+    run = InterpretedFunction.run
+    x = torch.arange(8.0)
+    with host_ops.launches_stubbed():
+        _double_kernel[(1,)](x, 8, BLOCK=8)
+    assert torch.equal(x, torch.arange(8.0)) and InterpretedFunction.run is run
+    _double_kernel[(1,)](x, 8, BLOCK=8)
+    assert torch.equal(x, torch.arange(8.0) * 2)
+
+    w = torch.ones(3, requires_grad=True)
+    calls = []
+
+    def forward():
+        calls.append(1)
+        y = w * 2
+        _double_kernel[(1,)](y.detach(), 3, BLOCK=4)
+        return [y]
+
+    seconds = host_ops.time_step(forward, [w], repeats=4)
+    assert len(seconds) == 4 and all(s > 0 for s in seconds) and len(calls) == 5  # one untimed warm-up
+    assert InterpretedFunction.run is run
+
+
 @pytest.mark.skipif(not INTERPRET, reason="the triton backend on CPU tensors runs in the interpreter")
 def test_dyhead_triton_step_asks_less_than_half_of_the_torchvision_steps():
     totals = {}

@@ -63,3 +63,12 @@ def test_autotuning_off_leaves_each_pruner_the_first_config_that_suits(monkeypat
     assert len(kept) == (sum(c.kwargs["BLOCK_C"] > c.kwargs["BLOCK_P"] for c in reductions) if autotune else 1)
     gather = _space_configs(deform_conv_backward._GATHER_SPACE)
     assert len(deform_conv_backward._gather_prune(gather, {})) == (len(gather) if autotune else 1)
+
+
+def test_host_integer_helpers_match_triton():
+    import triton
+    for n in range(0, 300):
+        assert runtime.next_power_of_2(n) == triton.next_power_of_2(n)
+        for d in (1, 2, 7, 16, 64, 128):
+            assert runtime.cdiv(n, d) == triton.cdiv(n, d)
+    assert runtime.next_power_of_2(2**40 + 1) == 2**41
