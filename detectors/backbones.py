@@ -7,13 +7,13 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-import torch
 from torch import Tensor, nn
 from torchvision.models import resnet, swin_transformer
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FrozenBatchNorm2d
 
 from .config import BackboneConfig
+from .engine.checkpoint import CheckpointError, load_checkpoint
 from .swin_weights import load_swin_state_dict
 
 __all__ = ["SlimResNet", "ResNetBackbone", "SwinBackbone", "build_backbone", "move_stride_to_1x1"]
@@ -179,8 +179,10 @@ def _build_swin(cfg: BackboneConfig, first_level: int) -> SwinBackbone:
         torchvision_weights = swin_transformer.__dict__[f"Swin_{cfg.name[-1].upper()}_Weights"][cfg.weights]
     body = swin_transformer.__dict__[cfg.name](weights=torchvision_weights)
     if cfg.weights is not None and Path(cfg.weights).suffix:
-        state = torch.load(cfg.weights, map_location="cpu", weights_only=True)
-        load_swin_state_dict(body.features, state, source=cfg.weights)
+        try:
+            load_swin_state_dict(body.features, load_checkpoint(cfg.weights), source=cfg.weights)
+        except ValueError as exc:  # the message names the file
+            raise CheckpointError(str(exc)) from None
     return SwinBackbone(body, cfg.freeze_at, first_level)
 
 
@@ -207,8 +209,12 @@ def build_backbone(cfg: BackboneConfig, first_level: int = 3) -> ResNetBackbone 
     else:
         raise ValueError(f"unknown backbone {cfg.name!r}; expected slim, resnet18/34/50/101/152 or swin_t/s/b")
     if cfg.weights is not None and Path(cfg.weights).suffix:
-        state = torch.load(cfg.weights, map_location="cpu", weights_only=True)
-        missing, _ = body.load_state_dict(state, strict=False)
+        state = load_checkpoint(cfg.weights)
+        try:
+            missing, _ = body.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # tensors of other shapes: weights of another ResNet
+            raise CheckpointError(f"backbone weights {cfg.weights} do not fit {cfg.name}: "
+                                  f"{str(exc).strip().splitlines()[-1].strip()}") from None
         if missing:
-            raise ValueError(f"backbone weights {cfg.weights} lack {len(missing)} tensors, e.g. {missing[:3]}")
+            raise CheckpointError(f"backbone weights {cfg.weights} lack {len(missing)} tensors, e.g. {missing[:3]}")
     return ResNetBackbone(body, out_channels, cfg.freeze_at, first_level)

@@ -16,7 +16,7 @@ from .config import Config, ConfigError, load_config
 from .data.build import build_dataset
 from .data.coco import DatasetError, ImageLoadError
 from .data.transforms import DetectionTransform, pad_batch
-from .engine.checkpoint import load_model_weights
+from .engine.checkpoint import CheckpointError, load_matching_state, load_model_weights
 from .engine.evaluate import autocast, evaluate
 from .engine.logger import setup_logging
 from .engine.stop import TrainingInterrupted
@@ -85,14 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_model(cfg: Config, weights: Path, num_classes: int | None, device: torch.device):
-    state, meta = load_model_weights(weights)
+def _load_model(cfg: Config, weights: Path, num_classes: int | None, device: torch.device,
+                loaded: tuple[dict, dict] | None = None):
+    """The detector of cfg with the weights loaded, on device in eval mode, and the weights' metadata.
+    num_classes: the dataset's, where there is one (config and metadata come first); loaded: what
+    `load_model_weights(weights)` returned, when it was read already."""
+    state, meta = loaded or load_model_weights(weights)
     num_classes = cfg.model.num_classes or meta.get("num_classes") or num_classes
     if num_classes is None:
         raise ConfigError(f"{weights} does not record its class count; set model.num_classes")
     _warn_on_settings(cfg, meta.get("release_settings", {}), weights)
     model = build_detector(cfg.model, num_classes)
-    model.load_state_dict(state)
+    load_matching_state(model, state, weights)
     return model.to(device).eval(), meta
 
 
@@ -122,8 +126,9 @@ def _set_flags(settings: dict) -> str:
 
 def _eval(cfg: Config, args: argparse.Namespace) -> None:
     device = setup_runtime(cfg)
+    loaded = load_model_weights(args.weights)  # before the data, which may have to be generated first
     test_set = build_dataset(cfg, train=False)
-    model, _ = _load_model(cfg, args.weights, len(test_set.category_ids), device)
+    model, _ = _load_model(cfg, args.weights, len(test_set.category_ids), device, loaded)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     evaluate(model, test_set, cfg, device, args.output_dir)
 
@@ -232,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             _eval(cfg, args)
         else:
             _predict(cfg, args)
-    except (ConfigError, DatasetError, ImageLoadError, FileNotFoundError) as exc:
+    except (ConfigError, CheckpointError, DatasetError, ImageLoadError, FileNotFoundError) as exc:
         sys.stderr.write(f"dyhead {args.command}: error: {exc}\n")
         return 2
     return 0

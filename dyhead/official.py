@@ -81,11 +81,20 @@ def read_checkpoint(path: str | os.PathLike, kind: str = "DyHead checkpoint") ->
         raise FileNotFoundError(f"{kind} not found: {path}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {exc}") from exc
+    except Exception as exc:  # torch.load reports a bad file through many types (pickle, zip, key errors)
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {_load_failure(exc)}") from exc
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a state dict or checkpoint dict")
     return checkpoint
+
+
+def _load_failure(exc: Exception) -> str:
+    """The sentence of a torch.load error that says what went wrong, with the error's type."""
+    text, marker = str(exc), "WeightsUnpickler error:"
+    if marker in text:  # what weights_only refused, after a paragraph on loading with weights_only=False
+        text = text.split(marker, 1)[1]
+    line = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {line.split('. ', 1)[0]}" if line else type(exc).__name__
 
 
 def convert_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:

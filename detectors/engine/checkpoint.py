@@ -10,9 +10,17 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint", "last_checkpoint", "load_model_weights"]
+from dyhead.official import read_checkpoint
+
+__all__ = ["CheckpointError", "rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint", "last_checkpoint",
+           "load_model_weights", "load_matching_state"]
 
 _LAST = "last_checkpoint"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or weights file that is missing, cannot be read, or does not fit the model; the message names
+    the file."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -69,8 +77,37 @@ def last_checkpoint(output_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Reads a checkpoint on the CPU without unpickling arbitrary objects."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Reads a checkpoint on the CPU without unpickling arbitrary objects (`dyhead.official.read_checkpoint`).
+
+    Raises:
+        CheckpointError: the file is missing, or is not a dict that ``torch.load(weights_only=True)`` reads (not a
+            checkpoint, truncated, or holding objects other than tensors and plain containers).
+    """
+    try:
+        return read_checkpoint(path, "checkpoint")
+    except (FileNotFoundError, ValueError) as exc:
+        raise CheckpointError(str(exc)) from exc
+
+
+def load_matching_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """``model.load_state_dict(state)`` (strict), with a short error naming the source when the tensors do not
+    fit the model: how many are missing, unexpected or of another shape, with a few names of each.
+
+    Raises:
+        CheckpointError: the state dict does not fit the model.
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"{len(names)} {what} (e.g. {', '.join(names[:3])})"
+                 for names, what in ((missing, "missing"), (unexpected, "unexpected"), (shapes, "of another shape"))
+                 if names]
+        raise CheckpointError(f"{source} does not fit the model this config builds: tensors {'; '.join(parts)}. "
+                              "Check --config and the model.* settings the weights were trained with")
+    model.load_state_dict(state)
 
 
 def load_model_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -19,7 +19,8 @@ from ..build import build_detector
 from ..config import Config, SolverConfig, config_to_dict
 from ..data.build import build_dataset, build_train_loader
 from ..data.coco import DatasetError
-from .checkpoint import last_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (CheckpointError, last_checkpoint, load_checkpoint, load_matching_state, rng_state, save_checkpoint,
+                         set_rng_state)
 from .distributed import (
     all_gather_objects,
     barrier,
@@ -151,8 +152,9 @@ def _resume(output_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer
         return 0
     state = load_checkpoint(checkpoint)
     if state["data"] != _data_order(cfg):
-        raise ValueError(f"{checkpoint} was written with data order {state['data']}; resuming needs the same")
-    model.load_state_dict(state["model"])
+        raise CheckpointError(f"{checkpoint} was written with data order {state['data']}; resuming needs the "
+                              "same")
+    load_matching_state(model, state["model"], checkpoint)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"][get_rank()])

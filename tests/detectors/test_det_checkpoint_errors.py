@@ -1,0 +1,103 @@
+"""Bad checkpoint and weights files: a missing, unreadable or ill-fitting file is one clear error naming it, from
+the loaders and from the ``dyhead`` command, before any slow work."""
+
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from detectors.backbones import build_backbone
+from detectors.cli import main
+from detectors.config import BackboneConfig
+from detectors.engine.checkpoint import CheckpointError, load_checkpoint, load_matching_state
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "shapes_tiny.yaml"
+
+
+def _model():
+    return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+
+
+def test_a_missing_file_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match=f"checkpoint not found: {tmp_path / 'none.pth'}"):
+        load_checkpoint(tmp_path / "none.pth")
+
+
+def test_unreadable_files_are_named(tmp_path):
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint\n")
+    truncated = tmp_path / "truncated.pth"
+    torch.save({"w": torch.randn(100)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    pickled = tmp_path / "object.pth"
+    torch.save({"args": argparse.Namespace(lr=1)}, pickled)  # an object weights_only loading refuses
+    for path in (garbage, truncated, pickled):
+        with pytest.raises(CheckpointError, match=f"{path} is not a readable PyTorch checkpoint") as error:
+            load_checkpoint(path)
+        assert len(str(error.value).splitlines()) == 1
+    assert "argparse.Namespace" in str(error.value)  # names the refused object
+
+
+def test_a_good_checkpoint_round_trips(tmp_path):
+    state = {"model": _model().state_dict(), "iteration": 3}
+    torch.save(state, tmp_path / "ok.pth")
+    loaded = load_checkpoint(tmp_path / "ok.pth")
+    assert loaded["iteration"] == 3
+    assert all(torch.equal(loaded["model"][k], v) for k, v in state["model"].items())
+
+
+def test_a_state_dict_that_does_not_fit_says_how():
+    model, source = _model(), _model()
+    state = source.state_dict()
+    del state["0.bias"]
+    state["extra.weight"] = torch.zeros(1)
+    state["2.weight"] = torch.zeros(5, 4)
+    with pytest.raises(CheckpointError) as error:
+        load_matching_state(model, state, "w.pth")
+    message = str(error.value)
+    assert message.startswith("w.pth does not fit the model this config builds")
+    assert "1 missing (e.g. 0.bias)" in message and "1 unexpected (e.g. extra.weight)" in message
+    assert "1 of another shape (e.g. 2.weight (5, 4) vs (2, 4))" in message
+    load_matching_state(model, source.state_dict(), "good.pth")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))
+
+
+def test_backbone_weights_that_are_unreadable_or_do_not_fit(tmp_path):
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"\x00\x01")
+    with pytest.raises(CheckpointError, match="garbage.pth is not a readable PyTorch checkpoint"):
+        build_backbone(BackboneConfig(name="resnet18", weights=str(garbage)))
+    state = build_backbone(BackboneConfig(name="resnet18", weights=None)).body.state_dict()
+    state["conv1.weight"] = torch.zeros(64, 3, 5, 5)
+    wrong = tmp_path / "wrong.pth"
+    torch.save(state, wrong)
+    with pytest.raises(CheckpointError, match="wrong.pth do not fit resnet18: .*conv1.weight"):
+        build_backbone(BackboneConfig(name="resnet18", weights=str(wrong)))
+
+
+def _cli_args(tmp_path):
+    # A data root that eval would have to generate: it must fail on the weights first.
+    return ["--config", str(CONFIG), "--set", f"data.shapes.root={tmp_path / 'data'}", "--set", "device=cpu"]
+
+
+def test_cli_eval_names_an_unreadable_weights_file_before_making_data(tmp_path, capsys):
+    weights = tmp_path / "w.pth"
+    weights.write_text("hello\n")
+    code = main(["eval", "--weights", str(weights), "--output-dir", str(tmp_path / "out")] + _cli_args(tmp_path))
+    err = capsys.readouterr().err
+    assert code == 2 and f"dyhead eval: error: {weights} is not a readable PyTorch checkpoint" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "data").exists()
+
+
+def test_cli_predict_names_weights_of_another_model(tmp_path, capsys):
+    weights = tmp_path / "other.pth"
+    torch.save({"model": _model().state_dict(), "meta": {"num_classes": 4}}, weights)
+    image = tmp_path / "x.png"
+    code = main(["predict", "--weights", str(weights), "--output-dir", str(tmp_path / "out"), str(image)]
+                + _cli_args(tmp_path))
+    err = capsys.readouterr().err
+    assert code == 2 and f"dyhead predict: error: {weights} does not fit the model this config builds" in err
+    assert "4 unexpected (e.g. 0.weight, 0.bias, 2.weight)" in err and "Traceback" not in err
