@@ -17,10 +17,11 @@ Pyramid = TypeVar("Pyramid", list, tuple, Mapping)
 
 
 def check_pyramid(levels: Sequence[Tensor], in_channels: int, names: Sequence[str] | None = None) -> None:
-    """Raise ValueError, naming the level, unless ``levels`` is a DyHead-compatible pyramid.
+    """Raise ValueError (TypeError for a dtype that is not floating point), naming the level, unless ``levels``
+    is a DyHead-compatible pyramid.
 
-    levels: L >= 1 tensors (N, in_channels, H_l, W_l), finest first, all of one batch size, dtype and device,
-    each level ceil(previous / 2) in size so that the stride-2 branch lines up.
+    levels: L >= 1 tensors (N, in_channels, H_l, W_l), finest first, all of one batch size, floating dtype and
+    device, each level ceil(previous / 2) in size so that the stride-2 branch lines up.
     """
     if len(levels) == 0:
         raise ValueError("DyHead needs at least one pyramid level, got none")
@@ -34,6 +35,8 @@ def check_pyramid(levels: Sequence[Tensor], in_channels: int, names: Sequence[st
             raise ValueError(f"{where}: has {x.shape[1]} channels, expected in_channels={in_channels}")
         if x.shape[0] != first.shape[0]:
             raise ValueError(f"{where}: batch size {x.shape[0]} differs from the first level's {first.shape[0]}")
+        if not x.is_floating_point():
+            raise TypeError(f"{where}: dtype {x.dtype} is not floating point (float32/float16/bfloat16/float64)")
         if x.dtype != first.dtype:
             raise ValueError(f"{where}: dtype {x.dtype} differs from the first level's {first.dtype}")
         if x.device != first.device:

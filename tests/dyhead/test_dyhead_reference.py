@@ -185,6 +185,12 @@ def test_error_batch_dtype_device_mismatch():
         model([levels[0], levels[1].to("meta")])
 
 
+def test_error_integer_levels():
+    levels = [torch.zeros(1, 16, 8, 8, dtype=torch.int64), torch.zeros(1, 16, 4, 4, dtype=torch.int64)]
+    with pytest.raises(TypeError, match=r"level '0': dtype torch.int64 is not floating point"):
+        DyHead(16, 16, 1)(levels)
+
+
 def test_error_level_size_not_half():
     levels = pyramid(16, dtype=torch.float32, sizes=[(19, 25), (9, 13)])
     with pytest.raises(ValueError, match=r"level '1'.*ceil\(previous / 2\) = \(10, 13\)"):
