@@ -59,6 +59,7 @@ class OpSpec:
     backward: bool
 
     def flops(self, shapes: ShapeSet) -> int:
+        """FLOP of one step of the op at shapes (the deformable convs' multiply-adds x 2, `benchmarks.flops`)."""
         return flops.op_flops(self.num_blocks, self.backward, shapes)
 
     def tolerance(self, dtype: str) -> float:

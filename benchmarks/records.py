@@ -69,6 +69,7 @@ def make_record(op: str, impl: str, dtype: str, device: str, shape: str, **value
 
 
 def record_key(record: dict) -> tuple:
+    """What identifies a record across runs: its op, impl, dtype, device and shape."""
     return tuple(record[key] for key in RECORD_KEYS[:5])
 
 

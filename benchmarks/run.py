@@ -95,9 +95,11 @@ class Runner:
         self.start = time.perf_counter()
 
     def elapsed(self) -> float:
+        """Seconds since the runner started (the --budget clock)."""
         return time.perf_counter() - self.start
 
     def problem(self, op: str) -> Problem:
+        """The op's inputs and reference, made once per run and shared by its impls and dtypes."""
         if op not in self.problems:
             self.problems[op] = make_problem(op, self.args.shapes, self.device, self.args.seed)
         return self.problems[op]

@@ -64,6 +64,7 @@ def percentile(samples: list[float], q: float) -> float:
 
 
 def summarize(samples_ms: list[float]) -> Timing:
+    """Median, p20 and p80 (linear interpolation) of the samples in milliseconds, and their count."""
     return Timing(percentile(samples_ms, 0.5), percentile(samples_ms, 0.2), percentile(samples_ms, 0.8),
                   len(samples_ms))
 

@@ -19,8 +19,8 @@ from ..build import build_detector
 from ..config import Config, SolverConfig, config_to_dict
 from ..data.build import build_dataset, build_train_loader
 from ..data.coco import DatasetError
-from .checkpoint import (CheckpointError, last_checkpoint, load_checkpoint, load_matching_state, rng_state, save_checkpoint,
-                         set_rng_state)
+from .checkpoint import (CheckpointError, last_checkpoint, load_checkpoint, load_matching_state, rng_state,
+                         save_checkpoint, set_rng_state)
 from .distributed import (
     all_gather_objects,
     barrier,
