@@ -5,8 +5,9 @@ forward, five backward, and eight additions of the weight's and bias's per-level
 laid side by side on one canvas with zero gaps between them as wide as the conv's padding (the finest on the
 left, the others stacked in a column on its right), so that one `F.conv2d` of the canvas computes every level's
 output: in a gap the kernel reads the zeros that padding would give. The canvas is written by one Triton launch
-from the levels' buffer and read back by one into the outputs' buffer; backward, one launch each way around
-cuDNN's one convolution backward, and the weight's and bias's gradients come out summed.
+from the levels' buffer and read back by one into the outputs' buffer. Backward writes the canvas again from the
+inputs (it is not kept: a second copy of the input) and the output gradient's canvas, runs one convolution
+backward, and reads the input gradient back: the weight's and bias's gradients come out summed.
 
 The level table depends on shapes only and is written once per pyramid size (`cached_device_table`). Programs
 are (canvas row x column block, channel block, image): every canvas element is visited once, so the gaps are
@@ -158,32 +159,34 @@ def canvas_to_levels(canvas: Tensor, plan: CanvasPlan) -> Tensor:
     return flat
 
 
-class _ToCanvas(torch.autograd.Function):
-    """The levels' buffer -> the canvas; the buffer's gradient is one tensor."""
+class _CanvasConv(torch.autograd.Function):
+    """The levels' buffer -> canvas -> one convolution -> the outputs' buffer.
+
+    The canvas is not kept for the backward, which writes it again from the inputs: they are kept anyway by
+    what else reads them (a DyHead block's deformable convs), and a kept canvas would be a second copy of the
+    block's input (30% of what a block keeps for its backward)."""
 
     @staticmethod
-    def forward(ctx, flat, plan, c):
-        ctx.plan = plan
-        return levels_to_canvas(flat, plan, c)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        return canvas_to_levels(grad, ctx.plan), None, None
-
-
-class _FromCanvas(torch.autograd.Function):
-    """The canvas -> the levels' buffer; the canvas's gradient is zero in the gaps."""
-
-    @staticmethod
-    def forward(ctx, canvas, plan):
-        ctx.plan = plan
-        return canvas_to_levels(canvas, plan)
+    def forward(ctx, flat, weight, bias, plan, padding, *inputs):
+        canvas = levels_to_canvas(flat, plan, weight.shape[1])
+        out = canvas_to_levels(F.conv2d(canvas, weight, bias, padding=padding), plan)
+        ctx.save_for_backward(weight, *inputs)
+        ctx.plan, ctx.padding, ctx.has_bias = plan, padding, bias is not None
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        return levels_to_canvas(grad.contiguous(), ctx.plan, grad.numel() // ctx.plan.pixels), None
+        weight, *inputs = ctx.saved_tensors
+        need_flat, need_weight, need_bias = ctx.needs_input_grad[:3]
+        cout, cin = weight.shape[:2]
+        # Under autocast the forward convolved a cast of the inputs: the same cast gives the same canvas.
+        canvas = levels_to_canvas(_levels_buffer(inputs).to(weight.dtype), ctx.plan, cin)
+        d_canvas, d_weight, d_bias = torch.ops.aten.convolution_backward(
+            levels_to_canvas(grad.contiguous(), ctx.plan, cout), canvas, weight, [cout] if ctx.has_bias else None,
+            [1, 1], list(ctx.padding), [1, 1], False, [0, 0], 1, [need_flat, need_weight, need_bias])
+        d_flat = canvas_to_levels(d_canvas, ctx.plan) if need_flat else None
+        return (d_flat, d_weight, d_bias, None, None) + (None,) * len(inputs)
 
 
 def _check_inputs(inputs, weight, bias):
@@ -261,5 +264,10 @@ def pyramid_conv2d(inputs: Sequence[Tensor], weight: Tensor, bias: Tensor | None
         return torch.cat([F.conv2d(x, weight, bias, padding=padding).reshape(-1) for x in inputs])
     check_runnable(inputs[0], "kernels.pyramid_conv2d", "F.conv2d per level")
     plan = plan_canvas(sizes, n, padding, inputs[0].device)
-    canvas = _ToCanvas.apply(_levels_buffer(inputs), plan, c)
-    return _FromCanvas.apply(F.conv2d(canvas, weight, bias, padding=padding), plan)
+    flat = _levels_buffer(inputs)
+    device_type = flat.device.type
+    if torch.is_autocast_enabled(device_type):
+        # What autocast does to F.conv2d's arguments, done here: the backward's canvas must see the same.
+        dtype = torch.get_autocast_dtype(device_type)
+        flat, weight, bias = (t if t is None or t.dtype == torch.float64 else t.to(dtype) for t in (flat, weight, bias))
+    return _CanvasConv.apply(flat, weight, bias, plan, padding, *inputs)

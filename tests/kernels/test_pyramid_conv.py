@@ -103,6 +103,42 @@ def test_views_of_one_buffer_get_one_gradient():
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
+@needs_kernels
+def test_keeps_no_canvas_for_the_backward():
+    # The canvas is written again in the backward: what is kept is the weight and the inputs themselves.
+    xs, weight, bias = _inputs(PYRAMID)
+    xs = [x.to(DEVICE).requires_grad_() for x in xs]
+    weight, bias = weight.to(DEVICE).requires_grad_(), bias.to(DEVICE).requires_grad_()
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        out = pyramid_conv2d(xs, weight, bias)
+    assert {t.untyped_storage().data_ptr() for t in kept} == {t.data_ptr() for t in [weight, *xs]}
+    got = torch.autograd.grad(out, xs + [weight, bias], torch.ones_like(out))
+    want = torch.autograd.grad(_reference(xs, weight, bias), xs + [weight, bias], torch.ones_like(out))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+@needs_kernels
+def test_autocast_convolves_in_half_precision():
+    """Under autocast the canvas and the convolution are in float16 (the CPU interpreter's bfloat16 is broken), as
+    `F.conv2d` level by level under autocast; the float32 leaves get float32 gradients."""
+    xs, weight, bias = _inputs(PYRAMID, cin=8, cout=6, dtype=torch.float32)
+    xs = [x.to(DEVICE).requires_grad_() for x in xs]
+    params = [weight.to(DEVICE).requires_grad_(), bias.to(DEVICE).requires_grad_()]
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        out = pyramid_conv2d(xs, *params)
+        expected = _reference(xs, *params)
+    assert out.dtype == expected.dtype == torch.float16
+    torch.testing.assert_close(out, expected, rtol=2e-3, atol=2e-3)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, xs + params, grad)
+    want = torch.autograd.grad(expected, xs + params, grad)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w, rtol=1e-2, atol=1e-2)
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="half precision needs a GPU (the interpreter's is not trustworthy)")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_on_the_gpu(dtype):
