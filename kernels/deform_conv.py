@@ -383,7 +383,7 @@ def transpose_last(src, dst):
     n, a, b = src.shape
     block = TRANSPOSE_BLOCK
     _transpose_kernel[(cdiv(a, block) * cdiv(b, block), n)](src, dst, src, a, b, 1, GROUPED=False,
-                                                                         BLOCK_A=block, BLOCK_B=block)
+                                                            BLOCK_A=block, BLOCK_B=block)
     return dst
 
 

@@ -344,7 +344,7 @@ def grouped_combine_backward(grad: Tensor, base: Tensor, scale: Tensor, shift: T
     if need_params:
         d_params = scale.new_empty((plan.levels, n, ROWS, c))
         _sum_runs_kernel[(cdiv(ROWS * c, MERGE_BLOCK_C), n, plan.levels)](part, plan.table, d_params, c,
-                                                                               plan.runs, BLOCK=MERGE_BLOCK_C)
+                                                                          plan.runs, BLOCK=MERGE_BLOCK_C)
     if need_base and plan.gather_runs:
         grid = lambda meta: (plan.gather_runs, cdiv(c, meta["BLOCK_C"]), n)
         _gather_resized_kernel[grid](scratch, d_base, plan.table, c, plan.gather_bucket, plan.gather_run,

@@ -225,7 +225,7 @@ def grouped_moments_forward(base: Tensor, weights: Tensor, places, n: int, c: in
     _grouped_moments_kernel[grid](base, weights, table, part, c, bucket, run, NUM_MAPS=len(places), ALIGN=ALIGN,
                                   ACC=acc_tl(base))
     _grouped_merge_kernel[(cdiv(c, MERGE_BLOCK_C), n, len(places))](part, table, out, c, run,
-                                                                          BLOCK_C=MERGE_BLOCK_C)
+                                                                    BLOCK_C=MERGE_BLOCK_C)
     return out, plan
 
 

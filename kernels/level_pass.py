@@ -458,7 +458,7 @@ def moments_forward(x: Tensor) -> Tensor:
                           ALIGN=_align(hw, *strides[:2]), ACC=acc_tl(x))
     if splits > 1:
         _moments_merge_kernel[(cdiv(c, MERGE_BLOCK_C), n)](part, out, c, hw, run, splits,
-                                                                  BLOCK_C=MERGE_BLOCK_C)
+                                                           BLOCK_C=MERGE_BLOCK_C)
     return out
 
 
