@@ -90,10 +90,22 @@ def _launch_classes() -> list[type]:
 
 
 @contextlib.contextmanager
+def _launches_replaced(wrap: Callable[[Callable], Callable]) -> Iterator[None]:
+    """Within the block each launch class's ``run`` is ``wrap(run)``; the originals come back after it."""
+    originals = {cls: cls.run for cls in _launch_classes()}
+    for cls, run in originals.items():
+        cls.run = wrap(run)
+    try:
+        yield
+    finally:
+        for cls, run in originals.items():
+            cls.run = run
+
+
+@contextlib.contextmanager
 def counting(count: HostCount) -> Iterator[None]:
     """Count into ``count`` what the enclosed code dispatches, on this thread and autograd's."""
     mode = _AtenCounter(count)
-    originals = {cls: cls.run for cls in _launch_classes()}
 
     def wrap(run):
         @functools.wraps(run)
@@ -108,28 +120,14 @@ def counting(count: HostCount) -> Iterator[None]:
                 mode.in_triton -= 1
         return counted
 
-    for cls, run in originals.items():
-        cls.run = wrap(run)
-    try:
-        with mode:
-            yield
-    finally:
-        for cls, run in originals.items():
-            cls.run = run
+    with _launches_replaced(wrap), mode:
+        yield
 
 
-@contextlib.contextmanager
-def launches_stubbed() -> Iterator[None]:
+def launches_stubbed() -> contextlib.AbstractContextManager:
     """Within the block every Triton launch returns at once without running its kernel (outputs keep whatever
     their allocations held): only the host's work around the launches is left."""
-    originals = {cls: cls.run for cls in _launch_classes()}
-    for cls in originals:
-        cls.run = lambda self, *args, **kwargs: None
-    try:
-        yield
-    finally:
-        for cls, run in originals.items():
-            cls.run = run
+    return _launches_replaced(lambda run: lambda self, *args, **kwargs: None)
 
 
 def time_step(forward: Callable[[], list[torch.Tensor]], inputs: list[torch.Tensor], repeats: int) -> list[float]:
