@@ -529,7 +529,12 @@ def _find_views(sample_bases, named):
     for name, t in named:
         start, storage_of_t = None, t.untyped_storage().data_ptr()
         for b, (base, storage) in enumerate(zip(sample_bases, storages)):
-            if storage_of_t != storage or t.dtype != base.dtype:
+            if t.dtype != base.dtype:
+                continue
+            if t.numel() == 0:  # an empty batch: nothing is read or written, any base of its dtype will do
+                start = (b, 0)
+                break
+            if storage_of_t != storage:
                 continue
             first = t.storage_offset() - base.storage_offset()
             last = first + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))

@@ -55,6 +55,19 @@ def test_triton_backend_without_task_attention_matches_torch_and_sampled():
     assert_triton_matches(["torch", "sampled"], task_attention=False)
 
 
+def test_empty_batch_runs_as_on_torchvision():
+    """A batch of no images: empty levels out, and every parameter's gradient zero (not missing), as on the
+    torchvision path."""
+    torch.manual_seed(0)
+    model = DyHead(16, 16, 2, backend="triton").to(DEVICE)
+    levels = [torch.randn(0, 16, h, w, device=DEVICE, requires_grad=True) for h, w in [(8, 12), (4, 6)]]
+    out, grads = run(model, levels)
+    model.backend = "torchvision"
+    ref_out, ref_grads = run(model, levels)
+    assert [o.shape for o in out] == [o.shape for o in ref_out] == [x.shape for x in levels]
+    for name, g in grads.items():
+        assert torch.equal(g, ref_grads[name]), name
+
 
 def test_triton_backend_compiles_without_graph_breaks():
     """The whole block (deformable convs, level pass, the attentions' small math) traces as one graph, as CUDA
