@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
@@ -115,11 +115,60 @@ def load_coco_json(ann_file: Path) -> COCO:
                 raise DatasetError(
                     f"annotation file {ann_file} is not COCO JSON: {section}[{i}] lacks {', '.join(missing)}"
                 )
+    _check_ids(ann_file, data)
+    _fill_eval_fields(ann_file, data["annotations"])
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         coco.createIndex()
     return coco
+
+
+def _check_ids(ann_file: Path, data: dict) -> None:
+    """Ids must be unique: pycocotools' index keeps the last entry of a repeated one and drops the others."""
+    for section in ("images", "categories", "annotations"):
+        seen = set()
+        for i, entry in enumerate(data[section]):
+            if "id" not in entry:
+                continue
+            if entry["id"] in seen:
+                raise DatasetError(f"annotation file {ann_file}: {section}[{i}] repeats id {entry['id']!r}")
+            seen.add(entry["id"])
+
+
+def _fill_eval_fields(ann_file: Path, annotations: list[dict]) -> None:
+    """Gives annotations the fields COCOeval reads but hand-made files often lack: ``iscrowd`` 0, ``area``
+    from the box, and unused ``id`` s."""
+    filled = {"iscrowd": 0, "area": 0, "id": 0}
+    next_id = 1 + max((a["id"] for a in annotations if isinstance(a.get("id"), int)), default=0)
+    for ann in annotations:
+        if "iscrowd" not in ann:
+            ann["iscrowd"], filled["iscrowd"] = 0, filled["iscrowd"] + 1
+        if "area" not in ann:
+            box = ann["bbox"]
+            ann["area"] = box[2] * box[3] if _is_box(box) else 0.0
+            filled["area"] += 1
+        if "id" not in ann:
+            ann["id"], next_id, filled["id"] = next_id, next_id + 1, filled["id"] + 1
+    if any(filled.values()):
+        logger.info("%s: filled in %s", ann_file,
+                    ", ".join(f"{field} of {n} annotations" for field, n in filled.items() if n))
+
+
+def _is_box(box: Any) -> bool:
+    """Whether box is [x, y, width, height] of finite numbers."""
+    return (isinstance(box, (list, tuple)) and len(box) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in box))
+
+
+def _box_and_label(ann_file: Path, ann: dict, label_of: dict[Any, int]) -> tuple[list[float], int]:
+    """An annotation's (x, y, width, height) and contiguous label; DatasetError naming it when either is bad."""
+    where = f"annotation file {ann_file}: annotation {ann['id']!r} (image {ann['image_id']!r})"
+    if not _is_box(ann["bbox"]):
+        raise DatasetError(f"{where} has bbox {ann['bbox']!r}, not [x, y, width, height] of finite numbers")
+    if ann["category_id"] not in label_of:
+        raise DatasetError(f"{where} has category_id {ann['category_id']!r}, which 'categories' does not list")
+    return ann["bbox"], label_of[ann["category_id"]]
 
 
 class CocoDetection(Dataset):
@@ -165,14 +214,14 @@ class CocoDetection(Dataset):
             info = self.coco.imgs[image_id]
             boxes, labels, crowd = [], [], []
             for ann in self.coco.imgToAnns.get(image_id, []):
-                x, y, w, h = ann["bbox"]
+                (x, y, w, h), label = _box_and_label(self.ann_file, ann, label_of)
                 x1, y1 = max(0.0, x), max(0.0, y)
                 x2, y2 = min(x + w, info.get("width", x + w)), min(y + h, info.get("height", y + h))
                 if x2 <= x1 or y2 <= y1:
                     self.num_degenerate += 1
                     continue
                 boxes.append([x1, y1, x2, y2])
-                labels.append(label_of[ann["category_id"]])
+                labels.append(label)
                 crowd.append(bool(ann.get("iscrowd", 0)))
             if remove_empty and not any(not c for c in crowd):
                 continue
@@ -189,6 +238,9 @@ class CocoDetection(Dataset):
             )
         if self.num_degenerate:
             logger.warning("%s: dropped %d degenerate boxes (no area)", self.ann_file, self.num_degenerate)
+        orphans = sum(len(anns) for image_id, anns in self.coco.imgToAnns.items() if image_id not in self.coco.imgs)
+        if orphans:
+            logger.warning("%s: ignored %d annotations whose image_id is not in 'images'", self.ann_file, orphans)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -202,10 +254,14 @@ class CocoDetection(Dataset):
         record = self.records[index]
         path = self.image_dir / record["file_name"]
         try:
-            with Image.open(path) as img:
-                image = img.convert("RGB")
+            image = _read_rgb(path, record["width"], record["height"])
         except (OSError, ValueError) as exc:
-            reason = "file not found" if isinstance(exc, FileNotFoundError) else f"cannot decode ({exc})"
+            if isinstance(exc, FileNotFoundError):
+                reason = "file not found"
+            elif isinstance(exc, _SizeMismatch):
+                reason = str(exc)
+            else:
+                reason = f"cannot decode ({exc})"
             if self.skip_bad_images:
                 return SkippedImage(str(path), reason)
             raise ImageLoadError(f"image {path}: {reason}") from None
@@ -221,6 +277,20 @@ class CocoDetection(Dataset):
             "size": tuple(pixels.shape[1:]),
         }
         return pixels, target
+
+
+class _SizeMismatch(ValueError):
+    """An image's pixels are not the size its annotation entry gives."""
+
+
+def _read_rgb(path: Path, width: int | None, height: int | None) -> Image.Image:
+    """The image as RGB, turned upright by its EXIF orientation (as detectron2 and mmdetection read images),
+    checked against the annotation's size where it gives one: boxes are in that size's pixels."""
+    with Image.open(path) as img:
+        image = ImageOps.exif_transpose(img).convert("RGB")
+    if (width is not None and width != image.width) or (height is not None and height != image.height):
+        raise _SizeMismatch(f"its pixels are {image.width}x{image.height}, the annotation file says {width}x{height}")
+    return image
 
 
 def collate(samples: list, size_divisibility: int = 128) -> dict[str, Any]:

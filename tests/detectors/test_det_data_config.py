@@ -20,6 +20,7 @@ from detectors.data.coco import (
 from detectors.data.samplers import InferenceBatchSampler, TrainBatchSampler
 from detectors.data.shapes import SHAPE_CLASSES, ensure_shapes
 from detectors.data.transforms import DetectionTransform
+from detectors.engine.evaluate import coco_metrics
 
 TRANSFORM = DetectionTransform([32], 64, 0.0, "RGB", [0.0, 0.0, 0.0], [1.0, 1.0, 1.0])
 
@@ -162,3 +163,75 @@ def test_config_overrides_and_unknown_keys(tmp_path):
     path.write_text("solver:\n  warmup: 3\n")
     with pytest.raises(ConfigError, match="unknown config key.*solver.warmup.*warmup_iters"):
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    "annotation, message",
+    [
+        ({"category_id": 5}, r"annotation 9 \(image 1\) has category_id 5, which 'categories' does not list"),
+        ({"bbox": [1, 2, 3]}, r"annotation 9 \(image 1\) has bbox \[1, 2, 3\], not \[x, y, width, height\]"),
+        ({"bbox": [1, 2, "3", 4]}, "has bbox"),
+        ({"bbox": [1, 2, float("nan"), 4]}, "of finite numbers"),
+    ],
+)
+def test_corrupt_annotations_name_the_annotation(tmp_path, annotation, message):
+    bad = {"id": 9, "image_id": 1, "bbox": [2, 2, 10, 8], "category_id": 7, **annotation}
+    image_dir, ann_file = _write_set(tmp_path, [bad])
+    with pytest.raises(DatasetError, match=message) as err:
+        CocoDetection(image_dir, ann_file, TRANSFORM)
+    assert str(ann_file) in str(err.value)
+
+
+@pytest.mark.parametrize("section", ["images", "categories", "annotations"])
+def test_repeated_ids_are_an_error(tmp_path, section):
+    image_dir, ann_file = _write_set(tmp_path)
+    data = json.loads(ann_file.read_text())
+    data[section][1]["id"] = data[section][0]["id"]
+    ann_file.write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match=rf"{section}\[1\] repeats id"):
+        load_coco_json(ann_file)
+
+
+def test_annotations_without_eval_fields_are_evaluated(tmp_path):
+    """Hand-made files often leave out id, area and iscrowd, which COCOeval reads: they are filled in."""
+    annotations = [{"image_id": 1, "bbox": [2, 2, 10, 8], "category_id": 7},
+                   {"image_id": 2, "bbox": [5, 5, 10, 10], "category_id": 3, "id": 4}]
+    image_dir, ann_file = _write_set(tmp_path, annotations)
+    dataset = CocoDetection(image_dir, ann_file, TRANSFORM)
+    anns = dataset.coco.dataset["annotations"]
+    assert [(a["id"], a["area"], a["iscrowd"]) for a in anns] == [(5, 80, 0), (4, 100, 0)]
+    results = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+               for a in annotations]
+    assert coco_metrics(dataset, results)["bbox"]["AP50"] == pytest.approx(100.0)
+
+
+def test_image_size_must_match_the_annotation(tmp_path):
+    image_dir, ann_file = _write_set(tmp_path)
+    Image.new("RGB", (30, 20)).save(image_dir / "b.png")
+    with pytest.raises(ImageLoadError, match="b.png: its pixels are 30x20, the annotation file says 40x20"):
+        CocoDetection(image_dir, ann_file, TRANSFORM)[1]
+    skipped = CocoDetection(image_dir, ann_file, TRANSFORM, skip_bad_images=True)[1]
+    assert isinstance(skipped, SkippedImage) and "30x20" in skipped.reason
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A photo stored on its side with EXIF orientation 6 is read upright, in the size the annotation gives."""
+    image_dir, ann_file = _write_set(tmp_path)
+    stored = Image.new("RGB", (20, 40), (200, 0, 0))
+    stored.paste((0, 0, 200), (0, 0, 20, 20))  # top half blue as stored: the right half once upright
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    stored.save(image_dir / "a.png", exif=exif)
+    image, target = CocoDetection(image_dir, ann_file, TRANSFORM)[0]
+    assert target["orig_size"] == (20, 40)
+    assert image[2, :, -1].min() > image[0, :, -1].max()  # blue on the right
+    assert image[0, :, 0].min() > image[2, :, 0].max()  # red on the left
+
+
+def test_annotations_of_unknown_images_are_reported(tmp_path, caplog):
+    annotations = [{"id": 1, "image_id": 1, "bbox": [2, 2, 10, 8], "category_id": 7},
+                   {"id": 2, "image_id": 99, "bbox": [2, 2, 10, 8], "category_id": 7}]
+    image_dir, ann_file = _write_set(tmp_path, annotations)
+    with caplog.at_level("WARNING"):
+        dataset = CocoDetection(image_dir, ann_file, TRANSFORM)
+    assert len(dataset) == 2 and "ignored 1 annotations whose image_id is not in 'images'" in caplog.text
