@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
+from urllib.error import URLError
 
+import torch
 from torch import Tensor, nn
 from torchvision.models import resnet, swin_transformer
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FrozenBatchNorm2d
 
-from .config import BackboneConfig
+from .config import BackboneConfig, ConfigError
 from .engine.checkpoint import CheckpointError, load_checkpoint
 from .swin_weights import load_swin_state_dict
 
-__all__ = ["SlimResNet", "ResNetBackbone", "SwinBackbone", "build_backbone", "move_stride_to_1x1"]
+__all__ = ["SlimResNet", "ResNetBackbone", "SwinBackbone", "build_backbone", "move_stride_to_1x1",
+           "prepare_backbone_weights"]
 
 SWIN_NAMES = ("swin_t", "swin_s", "swin_b")
 
@@ -169,15 +173,59 @@ class SwinBackbone(nn.Module):
         return out
 
 
+def _weights_family(name: str):
+    """The torchvision weights enum of backbone ``name`` (None for slim and unknown names)."""
+    if name in SWIN_NAMES:
+        return swin_transformer.__dict__[f"Swin_{name[-1].upper()}_Weights"]
+    return resnet.__dict__.get(f"ResNet{name[6:]}_Weights") if name.startswith("resnet") else None
+
+
+def _torchvision_weights(cfg: BackboneConfig):
+    """The torchvision weights ``cfg.weights`` names; None for a file or no weights."""
+    if cfg.weights is None or Path(cfg.weights).suffix:
+        return None
+    family = _weights_family(cfg.name)
+    if family is None:
+        raise ConfigError(f"model.backbone.weights {cfg.weights!r}: {cfg.name} has no torchvision weights; give a "
+                          ".pth file or null")
+    if cfg.weights not in family.__members__:
+        raise ConfigError(f"model.backbone.weights {cfg.weights!r} names no torchvision weights of {cfg.name}; "
+                          f"expected one of {', '.join(family.__members__)}, a .pth file or null")
+    return family[cfg.weights]
+
+
+@contextmanager
+def _downloading(weights) -> Iterator[None]:
+    """Turns a failed download of torchvision ``weights`` into a CheckpointError that says what to do offline."""
+    try:
+        yield
+    except URLError as exc:
+        folder = Path(torch.hub.get_dir()) / "checkpoints"
+        raise CheckpointError(
+            f"backbone weights {weights}: downloading {weights.url} failed ({exc.reason}); without a network, put "
+            f"that file in {folder} (or give a .pth file as model.backbone.weights)"
+        ) from None
+
+
+def prepare_backbone_weights(cfg: BackboneConfig) -> None:
+    """Reports bad ``cfg.weights`` (a name torchvision does not have, a missing file, a failed download) before
+    anything slow runs: named weights are fetched into torch's hub cache, where the backbone's build reads them."""
+    weights = _torchvision_weights(cfg)
+    if weights is not None:
+        with _downloading(weights):
+            weights.get_state_dict(progress=True, check_hash=True)
+    elif cfg.weights is not None and not Path(cfg.weights).is_file():
+        raise CheckpointError(f"backbone weights {cfg.weights} do not exist")
+
+
 def _build_swin(cfg: BackboneConfig, first_level: int) -> SwinBackbone:
     if cfg.norm != "ln":
         raise ValueError(
             f"backbone norm {cfg.norm!r} does not apply to {cfg.name}: Swin uses LayerNorm, set norm to ln"
         )
-    torchvision_weights = None
-    if cfg.weights is not None and not Path(cfg.weights).suffix:
-        torchvision_weights = swin_transformer.__dict__[f"Swin_{cfg.name[-1].upper()}_Weights"][cfg.weights]
-    body = swin_transformer.__dict__[cfg.name](weights=torchvision_weights)
+    torchvision_weights = _torchvision_weights(cfg)
+    with _downloading(torchvision_weights):
+        body = swin_transformer.__dict__[cfg.name](weights=torchvision_weights)
     if cfg.weights is not None and Path(cfg.weights).suffix:
         try:
             load_swin_state_dict(body.features, load_checkpoint(cfg.weights), source=cfg.weights)
@@ -195,13 +243,13 @@ def build_backbone(cfg: BackboneConfig, first_level: int = 3) -> ResNetBackbone 
         return _build_swin(cfg, first_level)
     norm_layer = _norm_layer(cfg.norm)
     if cfg.name == "slim":
+        _torchvision_weights(cfg)  # slim has none: a weights name is an error, not ignored
         body = SlimResNet(cfg.widths, cfg.depths, norm_layer)
         out_channels = list(cfg.widths)
     elif cfg.name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
-        torchvision_weights = None
-        if cfg.weights is not None and not Path(cfg.weights).suffix:
-            torchvision_weights = resnet.__dict__[f"ResNet{cfg.name[6:]}_Weights"][cfg.weights]
-        body = resnet.__dict__[cfg.name](weights=torchvision_weights, norm_layer=norm_layer)
+        torchvision_weights = _torchvision_weights(cfg)
+        with _downloading(torchvision_weights):
+            body = resnet.__dict__[cfg.name](weights=torchvision_weights, norm_layer=norm_layer)
         expansion = 1 if cfg.name in ("resnet18", "resnet34") else 4
         out_channels = [64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion]
         if cfg.stride_in_1x1:

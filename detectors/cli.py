@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Swin-T, RetinaNet R50 or Faster R-CNN R50: backbone, FPN, DyHead and head) -> a checkpoint that the "
         "detector of --config loads strictly (the config that fits is named when another one is given). Evaluate "
         "it with the release's input settings that the command prints, e.g. for the R50 models dyhead eval "
-        "--config configs/atss_r50_dyhead_1x.yaml --weights OUT.pth --set model.backbone.weights=null --set "
+        "--config configs/atss_r50_dyhead_1x.yaml --weights OUT.pth --set "
         "model.backbone.stride_in_1x1=true --set data.input.format=BGR255 --set "
         "'data.input.pixel_mean=[103.53,116.28,123.675]' --set 'data.input.pixel_std=[1.0,1.0,1.0]' "
         "(each config's header lists them). The output is written through a temporary file.",
@@ -95,7 +96,9 @@ def _load_model(cfg: Config, weights: Path, num_classes: int | None, device: tor
     if num_classes is None:
         raise ConfigError(f"{weights} does not record its class count; set model.num_classes")
     _warn_on_settings(cfg, meta.get("release_settings", {}), weights)
-    model = build_detector(cfg.model, num_classes)
+    # The weights hold the backbone's: its pretrained ones would be read (or downloaded) only to be replaced.
+    model_cfg = dataclasses.replace(cfg.model, backbone=dataclasses.replace(cfg.model.backbone, weights=None))
+    model = build_detector(model_cfg, num_classes)
     load_matching_state(model, state, weights)
     return model.to(device).eval(), meta
 
@@ -202,7 +205,7 @@ def _convert_detector(args: argparse.Namespace) -> None:
     logger.info(
         "%s: %d tensors of a %s + DyHead detector with %d classes -> %s; evaluate it with %s",
         args.weights, len(release.state), release.architecture, release.num_classes, args.output,
-        _set_flags({"model.backbone.weights": "null", **release.settings}),
+        _set_flags(release.settings),
     )
 
 

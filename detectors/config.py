@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -56,9 +56,10 @@ class BackboneConfig:
     ImageNet weights want it false.
     """
 
-    name: str = "resnet50"
+    name: Literal["slim", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "swin_t", "swin_s",
+                  "swin_b"] = "resnet50"
     weights: str | None = "IMAGENET1K_V1"
-    norm: str = "frozen_bn"
+    norm: Literal["frozen_bn", "bn", "gn", "ln"] = "frozen_bn"
     freeze_at: int = 2
     stride_in_1x1: bool = False
     widths: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
@@ -98,7 +99,7 @@ class RCNNConfig:
     detectron2's ROIAlignV2 (half-pixel shift).
     """
 
-    box_head: str = "fc"
+    box_head: Literal["fc", "task_attention"] = "fc"
     fc_dim: int = 1024
     rpn_smooth_l1_beta: float = 0.0
     roi_smooth_l1_beta: float = 0.0
@@ -132,14 +133,14 @@ class ModelConfig:
     the box head's inference; ``retinanet`` and ``rcnn`` hold what only one architecture reads.
     """
 
-    meta_architecture: str = "atss"
+    meta_architecture: Literal["atss", "retinanet", "faster_rcnn"] = "atss"
     num_classes: int | None = None  # null: taken from the training set's categories
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     fpn_channels: int = 256
     dyhead_channels: int = 256
     dyhead_blocks: int = 6
-    dyhead_backend: str = "auto"
-    dyhead_high_offsets: str = "official"
+    dyhead_backend: Literal["auto", "torchvision", "torch", "sampled", "triton"] = "auto"
+    dyhead_high_offsets: Literal["official", "crop"] = "official"
     anchor_scale: float = 8.0  # ATSS: anchor side = anchor_scale x stride
     atss_topk: int = 9
     prior_prob: float = 0.01
@@ -201,7 +202,7 @@ class InputConfig:
     min_size_test: int = 800
     max_size_test: int = 1333
     flip_prob: float = 0.5
-    format: str = "RGB"
+    format: Literal["RGB", "BGR255"] = "RGB"
     pixel_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     pixel_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     size_divisibility: int = 128  # P7's stride, as the release pads P3-P7
@@ -231,14 +232,14 @@ class SolverConfig:
     everything else, norms included).
     """
 
-    optimizer: str = "sgd"
+    optimizer: Literal["sgd", "adamw"] = "sgd"
     base_lr: float = 0.01
     momentum: float = 0.9
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-4
     weight_decay_norm: float = 0.0
     weight_decay_bias: float = 0.0
-    decay_groups: str = "by_type"
+    decay_groups: Literal["by_type", "by_name"] = "by_type"
     ims_per_batch: int = 16
     max_iter: int = 90000
     steps: list[int] = field(default_factory=lambda: [60000, 80000])
@@ -273,6 +274,11 @@ def _field_types(cls: type) -> dict[str, Any]:
 def _convert(value: Any, tp: Any, key: str) -> Any:
     """Checks ``value`` against the annotation ``tp`` and converts ints to floats where a float is wanted."""
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices and isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:

@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from ..backbones import prepare_backbone_weights
 from ..build import build_detector
 from ..config import Config, SolverConfig, config_to_dict
 from ..data.build import build_dataset, build_train_loader
@@ -185,6 +186,7 @@ def train(cfg: Config, output_dir: Path, resume: bool = False) -> dict:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     solver = cfg.solver
+    prepare_backbone_weights(cfg.model.backbone)  # a bad weights setting fails now, not after the data is read
     if not main:
         barrier()  # the main process generates the synthetic set, if needed, before the others read it
     train_set = build_dataset(cfg, train=True)

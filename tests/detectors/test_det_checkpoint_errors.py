@@ -3,14 +3,16 @@ the loaders and from the ``dyhead`` command, before any slow work."""
 
 import argparse
 from pathlib import Path
+from urllib.error import URLError
 
 import pytest
 import torch
 from torch import nn
 
-from detectors.backbones import build_backbone
-from detectors.cli import main
-from detectors.config import BackboneConfig
+from detectors.backbones import build_backbone, prepare_backbone_weights
+from detectors.build import build_detector
+from detectors.cli import _load_model, main
+from detectors.config import BackboneConfig, ConfigError, load_config
 from detectors.engine.checkpoint import CheckpointError, load_checkpoint, load_matching_state
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "shapes_tiny.yaml"
@@ -101,3 +103,48 @@ def test_cli_predict_names_weights_of_another_model(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and f"dyhead predict: error: {weights} does not fit the model this config builds" in err
     assert "4 unexpected (e.g. 0.weight, 0.bias, 2.weight)" in err and "Traceback" not in err
+
+
+def test_backbone_weights_names_are_checked():
+    with pytest.raises(ConfigError, match="'IMAGENET' names no torchvision weights of resnet18; expected one of "
+                                          "IMAGENET1K_V1, DEFAULT"):
+        build_backbone(BackboneConfig(name="resnet18", weights="IMAGENET"))
+    with pytest.raises(ConfigError, match="slim has no torchvision weights"):
+        build_backbone(BackboneConfig(name="slim", weights="IMAGENET1K_V1", norm="bn"))
+
+
+def test_a_failed_download_says_where_the_file_goes(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "urlopen", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache
+    with pytest.raises(CheckpointError) as error:
+        prepare_backbone_weights(BackboneConfig(name="resnet18", weights="IMAGENET1K_V1"))
+    with pytest.raises(CheckpointError):
+        build_backbone(BackboneConfig(name="resnet18", weights="IMAGENET1K_V1"))
+    message = str(error.value)
+    assert "downloading https://download.pytorch.org/models/resnet18" in message and "(no network)" in message
+    assert f"put that file in {tmp_path / 'hub' / 'checkpoints'}" in message
+
+
+def test_cli_train_names_missing_backbone_weights_before_making_data(tmp_path, capsys):
+    missing = tmp_path / "r18.pth"
+    code = main(["train", "--output-dir", str(tmp_path / "out"), "--set", "model.backbone.name=resnet18",
+                 "--set", "model.backbone.norm=frozen_bn", "--set", f"model.backbone.weights={missing}"]
+                + _cli_args(tmp_path))
+    err = capsys.readouterr().err
+    assert code == 2 and f"dyhead train: error: backbone weights {missing} do not exist" in err
+    assert not (tmp_path / "data").exists()
+
+
+def test_eval_weights_replace_the_backbone_weights_without_reading_them(tmp_path):
+    """A trained model's checkpoint holds its backbone: eval and predict never read (or download) the config's
+    pretrained backbone weights, which may be gone or out of reach."""
+    cfg = load_config(CONFIG, ["device=cpu"])
+    trained = build_detector(cfg.model, 3)
+    torch.save({"model": trained.state_dict(), "meta": {"num_classes": 3}}, tmp_path / "w.pth")
+    cfg.model.backbone.weights = str(tmp_path / "gone.pth")
+    model, _ = _load_model(cfg, tmp_path / "w.pth", None, torch.device("cpu"))
+    for (name, a), b in zip(model.state_dict().items(), trained.state_dict().values()):
+        assert torch.equal(a, b), name

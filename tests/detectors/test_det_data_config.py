@@ -165,6 +165,21 @@ def test_config_overrides_and_unknown_keys(tmp_path):
         load_config(path)
 
 
+def test_config_values_from_a_fixed_set_are_checked_on_load(tmp_path):
+    """Names of optimisers, backbones, norms, architectures... fail when the config is read, before any data."""
+    cfg = load_config(None, ["solver.optimizer=adamw", "model.backbone.name=swin_t", "model.dyhead_backend=torch"])
+    assert (cfg.solver.optimizer, cfg.model.backbone.name, cfg.model.dyhead_backend) == ("adamw", "swin_t", "torch")
+    with pytest.raises(ConfigError, match="solver.optimizer: expected one of sgd, adamw, got 'adam'"):
+        load_config(None, ["solver.optimizer=adam"])
+    with pytest.raises(ConfigError, match="model.backbone.norm: expected one of frozen_bn, bn, gn, ln, got 1"):
+        load_config(None, ["model.backbone.norm=1"])
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  meta_architecture: fcos\n")
+    with pytest.raises(ConfigError, match="c.yaml: model.meta_architecture: expected one of atss, retinanet, "
+                                          "faster_rcnn, got 'fcos'"):
+        load_config(path)
+
+
 @pytest.mark.parametrize(
     "annotation, message",
     [

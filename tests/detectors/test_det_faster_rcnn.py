@@ -83,7 +83,7 @@ def test_fc_box_head_is_detectron2s_two_fc_layers():
 
 
 def test_unknown_box_head_names_the_valid_ones():
-    with pytest.raises(ConfigError, match="box_head 'fc7'; expected one of fc, task_attention"):
+    with pytest.raises(ConfigError, match="box_head: expected one of fc, task_attention, got 'fc7'"):
         _model("fc7")
 
 

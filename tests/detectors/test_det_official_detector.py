@@ -108,7 +108,7 @@ def _header_overrides():
 
 def test_the_config_header_names_the_release_settings():
     overrides = _header_overrides()
-    assert "model.backbone.weights=null" in overrides
+    assert "model.backbone.stride_in_1x1=true" in overrides
     cfg = load_config(CONFIG, overrides)
     for key, value in RESNET_SETTINGS.items():
         node = cfg
