@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from .build import build_detector
 from .config import Config, ConfigError, load_config
 from .data.build import build_dataset
-from .data.coco import DatasetError, ImageLoadError
+from .data.coco import DatasetError, ImageLoadError, read_rgb_image
 from .data.transforms import DetectionTransform, pad_batch
 from .engine.checkpoint import CheckpointError, load_matching_state, load_model_weights
 from .engine.evaluate import autocast, evaluate
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p, "folder for the annotated images and JSON files")
     p.add_argument("--weights", required=True, type=Path, help="checkpoint or state dict")
     p.add_argument("--score-thresh", type=float, default=0.2, help="lowest score drawn and written")
-    p.add_argument("images", nargs="+", type=Path, help="image files")
+    p.add_argument("images", nargs="+", type=Path, help="image files, or folders of them")
     p = sub.add_parser(
         "convert",
         help="official or mmdetection DyHead weights -> a state dict of dyhead.DyHead; with --detector, one of the "
@@ -136,19 +136,45 @@ def _eval(cfg: Config, args: argparse.Namespace) -> None:
     evaluate(model, test_set, cfg, device, args.output_dir)
 
 
+def _predict_inputs(paths: list[Path], output_dir: Path) -> list[Path]:
+    """The image files predict runs on, checked before the model loads: files as given, each folder's image
+    files in name order. Two with one name would write the same outputs, and none may be one of its outputs."""
+    extensions = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    files = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in extensions and p.is_file())
+            if not found:
+                raise ImageLoadError(f"folder {path} holds no image files")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ImageLoadError(f"image {path}: file not found")
+    first_of = {}
+    for path in files:
+        if path.stem in first_of:
+            raise ConfigError(f"images {first_of[path.stem]} and {path} would both write {path.stem}.png and "
+                              f"{path.stem}.json in {output_dir}; predict them into separate folders")
+        first_of[path.stem] = path
+        if (output_dir / f"{path.stem}.png").resolve() == path.resolve():
+            raise ConfigError(f"image {path} would be overwritten by its annotated copy; choose another --output-dir")
+    return files
+
+
 @torch.no_grad()
 def _predict(cfg: Config, args: argparse.Namespace) -> None:
     device = setup_runtime(cfg)
+    images = _predict_inputs(args.images, args.output_dir)
     model, meta = _load_model(cfg, args.weights, None, device)
     names = meta.get("class_names") or [str(i) for i in range(model.num_classes)]
     category_ids = meta.get("category_ids") or list(range(model.num_classes))
     transform = DetectionTransform.from_config(cfg.data.input, train=False)
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    for path in args.images:
+    for path in images:
         try:
-            with Image.open(path) as img:
-                image = img.convert("RGB")
-        except OSError as exc:
+            image = read_rgb_image(path)
+        except (OSError, ValueError) as exc:
             raise ImageLoadError(f"image {path}: cannot read ({exc})") from None
         pixels, _ = transform(image, torch.zeros(0, 4), None)
         with autocast(device, cfg.solver.amp):

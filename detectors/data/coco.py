@@ -27,6 +27,7 @@ __all__ = [
     "SkippedImage",
     "resolve_dataset",
     "load_coco_json",
+    "read_rgb_image",
     "CocoDetection",
     "collate",
 ]
@@ -254,7 +255,7 @@ class CocoDetection(Dataset):
         record = self.records[index]
         path = self.image_dir / record["file_name"]
         try:
-            image = _read_rgb(path, record["width"], record["height"])
+            image = read_rgb_image(path, record["width"], record["height"])
         except (OSError, ValueError) as exc:
             if isinstance(exc, FileNotFoundError):
                 reason = "file not found"
@@ -283,9 +284,10 @@ class _SizeMismatch(ValueError):
     """An image's pixels are not the size its annotation entry gives."""
 
 
-def _read_rgb(path: Path, width: int | None, height: int | None) -> Image.Image:
-    """The image as RGB, turned upright by its EXIF orientation (as detectron2 and mmdetection read images),
-    checked against the annotation's size where it gives one: boxes are in that size's pixels."""
+def read_rgb_image(path: Path, width: int | None = None, height: int | None = None) -> Image.Image:
+    """The image at path as RGB, turned upright by its EXIF orientation (as detectron2 and mmdetection read
+    images), checked against an annotation's width and height where given (boxes are in that size's pixels).
+    Raises OSError (FileNotFoundError when missing) or ValueError when it cannot be read or is not that size."""
     with Image.open(path) as img:
         image = ImageOps.exif_transpose(img).convert("RGB")
     if (width is not None and width != image.width) or (height is not None and height != image.height):

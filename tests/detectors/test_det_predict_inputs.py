@@ -1,0 +1,46 @@
+"""What ``dyhead predict`` runs on: files and folders of images, checked before the model loads."""
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from detectors.cli import _predict_inputs, main
+from detectors.config import ConfigError
+from detectors.data.coco import ImageLoadError
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "shapes_tiny.yaml"
+
+
+def _image(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 6)).save(path)
+    return path
+
+
+def test_folders_give_their_images_in_name_order(tmp_path):
+    b, a = _image(tmp_path / "in" / "b.jpg"), _image(tmp_path / "in" / "a.png")
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    (tmp_path / "in" / "sub.png").mkdir()
+    c = _image(tmp_path / "c.PNG")
+    assert _predict_inputs([c, tmp_path / "in"], tmp_path / "out") == [c, a, b]
+
+
+def test_bad_inputs_are_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ImageLoadError, match=f"folder {tmp_path / 'empty'} holds no image files"):
+        _predict_inputs([tmp_path / "empty"], tmp_path / "out")
+    with pytest.raises(ImageLoadError, match=f"image {tmp_path / 'x.png'}: file not found"):
+        _predict_inputs([tmp_path / "x.png"], tmp_path / "out")
+    one, other = _image(tmp_path / "a" / "x.png"), _image(tmp_path / "b" / "x.jpg")
+    with pytest.raises(ConfigError, match=f"images {one} and {other} would both write x.png and x.json"):
+        _predict_inputs([one, other], tmp_path / "out")
+    with pytest.raises(ConfigError, match=f"image {one} would be overwritten by its annotated copy"):
+        _predict_inputs([one], tmp_path / "a")
+
+
+def test_cli_names_a_missing_image_before_reading_weights(tmp_path, capsys):
+    code = main(["predict", "--config", str(CONFIG), "--weights", str(tmp_path / "none.pth"), "--output-dir",
+                 str(tmp_path / "out"), str(tmp_path / "missing.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"dyhead predict: error: image {tmp_path / 'missing.png'}: file not found" in err
