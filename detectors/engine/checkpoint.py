@@ -13,7 +13,7 @@ import torch
 from dyhead.official import read_checkpoint
 
 __all__ = ["CheckpointError", "rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint", "last_checkpoint",
-           "load_model_weights", "load_matching_state"]
+           "forget_last_checkpoint", "load_model_weights", "load_matching_state"]
 
 _LAST = "last_checkpoint"
 
@@ -74,6 +74,17 @@ def last_checkpoint(output_dir: Path) -> Path | None:
     if not path.is_file():
         raise FileNotFoundError(f"{pointer} names {path}, which does not exist")
     return path
+
+
+def forget_last_checkpoint(output_dir: Path) -> str | None:
+    """Removes ``output_dir/last_checkpoint`` (a run starting afresh there: a later ``--resume`` must not pick
+    up the earlier run's checkpoint); returns the name it held, or None when there was none."""
+    pointer = output_dir / _LAST
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    pointer.unlink()
+    return name
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

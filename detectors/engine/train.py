@@ -20,8 +20,8 @@ from ..build import build_detector
 from ..config import Config, SolverConfig, config_to_dict
 from ..data.build import build_dataset, build_train_loader
 from ..data.coco import DatasetError
-from .checkpoint import (CheckpointError, last_checkpoint, load_checkpoint, load_matching_state, rng_state,
-                         save_checkpoint, set_rng_state)
+from .checkpoint import (CheckpointError, forget_last_checkpoint, last_checkpoint, load_checkpoint,
+                         load_matching_state, rng_state, save_checkpoint, set_rng_state)
 from .distributed import (
     all_gather_objects,
     barrier,
@@ -185,6 +185,10 @@ def train(cfg: Config, output_dir: Path, resume: bool = False) -> dict:
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        earlier = None if resume else forget_last_checkpoint(output_dir)
+        if earlier is not None:
+            logger.warning("%s holds an earlier run (last checkpoint %s): starting from scratch, its files are "
+                           "replaced as this run writes its own (--resume continues it instead)", output_dir, earlier)
     solver = cfg.solver
     prepare_backbone_weights(cfg.model.backbone)  # a bad weights setting fails now, not after the data is read
     if not main:

@@ -221,3 +221,27 @@ def test_a_signal_to_one_ddp_process_stops_both_at_the_same_iteration(tmp_path):
     state = load_checkpoint(tmp_path / "out" / "model_0000002.pth")
     assert state["iteration"] == 2 and len(state["rng"]) == 2
     assert (tmp_path / "out" / "last_checkpoint").read_text() == "model_0000002.pth"
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_fresh_run_in_an_earlier_runs_folder_forgets_its_last_checkpoint(tmp_path, monkeypatch, resume):
+    """Without --resume, a crash before this run's first checkpoint must not leave --resume pointing at the
+    earlier run's checkpoint; with --resume the pointer is what it reads."""
+    from detectors.engine.checkpoint import last_checkpoint, save_checkpoint
+
+    out = tmp_path / "run"
+    out.mkdir()
+    save_checkpoint(out, "model_0000010.pth", {"iteration": 10})
+
+    def crash(cfg, train):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "build_dataset", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(CONFIG, _tiny_overrides(tmp_path / "data", 2)), out, resume=resume)
+    log = (out / "log.txt").read_text()
+    if resume:
+        assert last_checkpoint(out) == out / "model_0000010.pth" and "earlier run" not in log
+    else:
+        assert last_checkpoint(out) is None and (out / "model_0000010.pth").is_file()
+        assert "holds an earlier run (last checkpoint model_0000010.pth)" in log
