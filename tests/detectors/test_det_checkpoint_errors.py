@@ -7,6 +7,7 @@ from urllib.error import URLError
 
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from detectors.backbones import build_backbone, prepare_backbone_weights
@@ -98,6 +99,7 @@ def test_cli_predict_names_weights_of_another_model(tmp_path, capsys):
     weights = tmp_path / "other.pth"
     torch.save({"model": _model().state_dict(), "meta": {"num_classes": 4}}, weights)
     image = tmp_path / "x.png"
+    Image.new("RGB", (8, 6)).save(image)
     code = main(["predict", "--weights", str(weights), "--output-dir", str(tmp_path / "out"), str(image)]
                 + _cli_args(tmp_path))
     err = capsys.readouterr().err
