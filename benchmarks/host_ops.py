@@ -10,8 +10,12 @@ work inside a Triton launch are left out.
 milliseconds of our Python, torch's dispatch and the small CPU aten ops per step, the part of the host cost
 that does not depend on the GPU (Triton's own launcher, tens of microseconds a launch on a GPU, is left out).
 
+``--saved`` also sums the bytes of the distinct storages that autograd keeps from the forward for the backward,
+the step's inputs and parameters left out: the CPU's proxy of the activation memory behind a training step's
+peak on a GPU (the GPU peak adds the backward's temporaries and the allocator's rounding).
+
     TRITON_INTERPRET=1 python -m benchmarks.host_ops [--backends triton,torchvision] [--blocks 1] [--top 15]
-        [--time]
+        [--time] [--saved]
 """
 
 from __future__ import annotations
@@ -162,6 +166,23 @@ def count_step(forward: Callable[[], list[torch.Tensor]], inputs: list[torch.Ten
     return fwd, bwd
 
 
+def saved_bytes(forward: Callable[[], list[torch.Tensor]], inputs: list[torch.Tensor]) -> tuple[int, int]:
+    """(bytes, storages) that autograd keeps for the backward of one call of ``forward``: distinct storages,
+    each counted whole, the storages of ``inputs`` left out (they exist without the step)."""
+    storages: dict[int, int] = {}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        forward()
+    for t in inputs:
+        storages.pop(t.untyped_storage().data_ptr(), None)
+    return sum(storages.values()), len(storages)
+
+
 def dyhead_step(backend: str, *, channels: int, batch: int, num_levels: int, num_blocks: int, size: int,
                 device: str, dtype: torch.dtype) -> tuple[Callable[[], list[torch.Tensor]], list[torch.Tensor]]:
     """A DyHead forward on random levels (finest ``size`` x ``size``) returning its output levels, and the tensors
@@ -193,6 +214,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--time", action="store_true",
                    help="also time the triton backend's step with Triton launches stubbed (host milliseconds)")
     p.add_argument("--repeats", type=int, default=30, help="timed steps for --time")
+    p.add_argument("--saved", action="store_true",
+                   help="also sum the bytes autograd keeps for the backward (activation memory, per backend)")
     return p.parse_args(argv)
 
 
@@ -205,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"per step of {args.blocks} block(s), {args.levels} levels, batch {args.batch}, {args.channels} channels, "
           f"finest {args.size}x{args.size}, {args.device}: kernel-launching aten ops + Triton launches")
     print(f"{'backend':<12} {'fwd aten':>9} {'fwd triton':>11} {'bwd aten':>9} {'bwd triton':>11} {'total':>7}")
-    tops, seconds = [], []
+    tops, seconds, saved = [], [], []
     for backend in backends:
         forward, params = dyhead_step(backend, channels=args.channels, batch=args.batch, num_levels=args.levels,
                                       num_blocks=args.blocks, size=args.size, device=args.device,
@@ -217,9 +240,16 @@ def main(argv: list[str] | None = None) -> int:
         tops.append((backend, fwd, bwd))
         if args.time and backend == "triton":
             seconds = time_step(forward, params, args.repeats)
+        if args.saved:
+            saved.append((backend, *saved_bytes(forward, params)))
     if seconds:
         print(f"\ntriton host time per step, Triton launches stubbed: median {statistics.median(seconds) * 1e3:.3f} "
               f"ms (min {min(seconds) * 1e3:.3f}) of {args.repeats} steps on {torch.get_num_threads()} thread(s)")
+    if saved:
+        print("\nkept for the backward (distinct storages, inputs and parameters left out):")
+        for backend, nbytes, count in saved:
+            ratio = f", {nbytes / saved[-1][1]:.2f}x of {saved[-1][0]}" if len(saved) > 1 else ""
+            print(f"{backend:<12} {nbytes / 2**20:.2f} MiB in {count} storages{ratio}")
     for backend, fwd, bwd in tops if args.top else []:
         for phase, count in (("forward", fwd), ("backward", bwd)):
             ops = (count.aten + Counter({f"triton:{k}": v for k, v in count.triton.items()})).most_common(args.top)

@@ -80,6 +80,19 @@ def test_stubbed_launches_do_not_run_and_the_timer_times_each_step():
     assert InterpretedFunction.run is run
 
 
+def test_saved_bytes_counts_each_kept_storage_once_and_leaves_inputs_out():
+    x = torch.randn(4, 6, requires_grad=True)
+
+    def forward():
+        y = x.sin()  # keeps x: an input
+        z = y.exp()  # keeps its output
+        return [z[:, :3] * z[:, 3:]]  # keeps two views of z's storage
+
+    assert host_ops.saved_bytes(forward, [x]) == (4 * 6 * 4, 1)
+    assert host_ops.saved_bytes(lambda: [x.sin()], [x]) == (0, 0)
+    assert host_ops.saved_bytes(lambda: [x.sin()], []) == (4 * 6 * 4, 1)
+
+
 @pytest.mark.skipif(not INTERPRET, reason="the triton backend on CPU tensors runs in the interpreter")
 def test_dyhead_triton_step_asks_less_than_half_of_the_torchvision_steps():
     totals = {}
