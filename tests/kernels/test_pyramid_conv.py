@@ -34,6 +34,10 @@ def _inputs(sizes, n=2, cin=5, cout=7, k=(3, 3), bias=True, dtype=torch.float64,
     return xs, weight, b
 
 
+def rel_err(a, b):
+    return ((a.double() - b).norm() / b.norm()).item()
+
+
 @pytest.mark.parametrize("sizes", [PYRAMID, ODD, COCO, [(4, 6)]])
 @pytest.mark.parametrize("gaps", [(1, 1), (2, 0), (0, 3)])
 def test_layout_keeps_levels_apart_by_the_gaps(sizes, gaps):
@@ -131,12 +135,17 @@ def test_autocast_convolves_in_half_precision():
         expected = _reference(xs, *params)
     assert out.dtype == expected.dtype == torch.float16
     torch.testing.assert_close(out, expected, rtol=2e-3, atol=2e-3)
-    grad = torch.randn_like(out)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     got = torch.autograd.grad(out, xs + params, grad)
     want = torch.autograd.grad(expected, xs + params, grad)
-    for g, w in zip(got, want):
+    exact = [t.detach().double().requires_grad_() for t in xs + params]
+    truth = torch.autograd.grad(_reference(exact[:-2], *exact[-2:]), exact, grad.double())
+    for name, g, w, t in zip([f"level {i}" for i in range(len(xs))] + ["weight", "bias"], got, want, truth):
         assert g.dtype == torch.float32
-        torch.testing.assert_close(g, w, rtol=1e-2, atol=1e-2)
+        # Half-precision sums of thousands of products: as close to the float64 truth as F.conv2d's (an
+        # element-wise bound flaked on one weight element, both results a few fp16 roundings off).
+        err, reference_err = rel_err(g, t), rel_err(w, t)
+        assert err <= 2 * reference_err + 1e-4, (name, err, reference_err)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="half precision needs a GPU (the interpreter's is not trustworthy)")
