@@ -245,10 +245,11 @@ def _gather_prune(configs, named_args, **kwargs):
     return first_config_unless_tuning(configs)
 
 
-@triton.autotune(configs=autotune_configs(_GATHER_SPACE, {"BLOCK_S": 16, "BLOCK_C": 16}), key=["C", "S"],
+# S_BUCKET (next power of two of S) keys the tuning without retuning for every image size.
+@triton.autotune(configs=autotune_configs(_GATHER_SPACE, {"BLOCK_S": 16, "BLOCK_C": 16}), key=["C", "S_BUCKET"],
                  prune_configs_by={"early_config_prune": _gather_prune})
 @triton.jit
-def _grad_input_gather_kernel(rowptr_ptr, src_ptr, coef_ptr, gcol_ptr, gx_ptr, C, S,
+def _grad_input_gather_kernel(rowptr_ptr, src_ptr, coef_ptr, gcol_ptr, gx_ptr, C, S, S_BUCKET,
                               BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """Deterministic grad input: each input position sums its sorted (gcol row, weight) entries in order.
 
@@ -283,7 +284,7 @@ def _grad_input_deterministic(gcol, tgt, coef, gx):
     tgt_sorted, order = torch.sort(tgt, stable=True)
     rowptr = torch.searchsorted(tgt_sorted, torch.arange(s + 1, device=tgt.device, dtype=tgt.dtype))
     grid = lambda meta: (cdiv(s, meta["BLOCK_S"]), cdiv(c, meta["BLOCK_C"]))
-    _grad_input_gather_kernel[grid](rowptr, order // 4, coef[order], gcol, gx, c, s)
+    _grad_input_gather_kernel[grid](rowptr, order // 4, coef[order], gcol, gx, c, s, next_power_of_2(s))
 
 
 def _bwd_blocks(x, cout):

@@ -30,7 +30,7 @@ from .deform_conv import autotune_configs
 from .deform_conv_op import _FLOAT_DTYPES, _device_guard, eager_call
 from .device_table import cached_device_table
 from .grouped_moments import _root, _start_in
-from .runtime import cdiv, check_runnable, first_config_unless_tuning
+from .runtime import cdiv, check_runnable, first_config_unless_tuning, next_power_of_2
 
 # Table columns per level: its first canvas row, first canvas column, H, W, and its first pixel in the flat
 # buffers (element = pixel * C: one table for the input and output buffers whatever their channel counts).
@@ -50,10 +50,12 @@ def _prune(configs, named_args, **kwargs):
     return first_config_unless_tuning(configs)
 
 
-@triton.autotune(configs=autotune_configs(_SPACE, _INTERPRET_CONFIG), key=["C", "WIDTH", "TO_CANVAS"],
+# W_BUCKET (next power of two of the width) keys the tuning without retuning for every image width, as
+# multi-scale training would.
+@triton.autotune(configs=autotune_configs(_SPACE, _INTERPRET_CONFIG), key=["C", "W_BUCKET", "TO_CANVAS"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _canvas_kernel(canvas_ptr, flat_ptr, table_ptr, C, HEIGHT, WIDTH,
+def _canvas_kernel(canvas_ptr, flat_ptr, table_ptr, C, HEIGHT, WIDTH, W_BUCKET,
                    stride_n, stride_c, stride_h, stride_w,
                    NUM_LEVELS: tl.constexpr, TO_CANVAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr):
     """TO_CANVAS: canvas = the levels placed on it, zero elsewhere; else: each level = its place on the canvas.
@@ -139,7 +141,8 @@ def _launch(canvas: Tensor, flat: Tensor, plan: CanvasPlan, to_canvas: bool) -> 
     n, c = canvas.shape[:2]
     grid = lambda meta: (plan.height * cdiv(plan.width, meta["BLOCK_W"]), cdiv(c, meta["BLOCK_C"]), n)
     with _device_guard(canvas):
-        _canvas_kernel[grid](canvas, flat, plan.table, c, plan.height, plan.width, *canvas.stride(),
+        _canvas_kernel[grid](canvas, flat, plan.table, c, plan.height, plan.width, next_power_of_2(plan.width),
+                             *canvas.stride(),
                              NUM_LEVELS=len(plan.origins), TO_CANVAS=to_canvas)
 
 

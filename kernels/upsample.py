@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .deform_conv import acc_tl, autotune_configs
 from .deform_conv_op import _FLOAT_DTYPES, _device_guard, eager_call
-from .runtime import cdiv, check_runnable, first_config_unless_tuning
+from .runtime import cdiv, check_runnable, first_config_unless_tuning, next_power_of_2
 
 # (meta, num_warps, num_stages): input pixels x channels, long along pixels (the maps are NCHW).
 GATHER_SPACE = [
@@ -127,12 +127,14 @@ def gather_tile(g_ptr, n, c, p, valid, H_IN, W_IN, H_OUT, W_OUT, scale_h, scale_
     return total
 
 
+# P_BUCKET and OUT_BUCKET (next powers of two of the input's and the output's pixel counts) key the tuning
+# without retuning for every image size.
 @triton.autotune(configs=autotune_configs(GATHER_SPACE, _INTERPRET_CONFIG),
-                 key=["C", "H_IN", "W_IN", "H_OUT", "W_OUT"],
+                 key=["C", "P_BUCKET", "OUT_BUCKET"],
                  prune_configs_by={"early_config_prune": lambda configs, *args, **kwargs:
                                    first_config_unless_tuning(configs)})
 @triton.jit
-def _upsample_backward_kernel(g_ptr, dx_ptr, C, H_IN, W_IN, H_OUT, W_OUT, scale_h, scale_w,
+def _upsample_backward_kernel(g_ptr, dx_ptr, C, H_IN, W_IN, H_OUT, W_OUT, P_BUCKET, OUT_BUCKET, scale_h, scale_w,
                               stride_gn, stride_gc, stride_gh, stride_gw,
                               ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """dx = `gather_tile` of g over every input pixel.
@@ -169,7 +171,8 @@ def upsample_backward(grad: Tensor, input_size: tuple[int, int]) -> Tensor:
     if h_out * w_out == 0:
         return dx.zero_()
     grid = lambda meta: (cdiv(h_in * w_in, meta["BLOCK_P"]), cdiv(c, meta["BLOCK_C"]), n)
-    _upsample_backward_kernel[grid](grad, dx, c, h_in, w_in, h_out, w_out, float32_scale(h_in, h_out),
+    _upsample_backward_kernel[grid](grad, dx, c, h_in, w_in, h_out, w_out, next_power_of_2(h_in * w_in),
+                                    next_power_of_2(h_out * w_out), float32_scale(h_in, h_out),
                                     float32_scale(w_in, w_out), *grad.stride(),
                                     ACC=acc_tl(grad))
     return dx
