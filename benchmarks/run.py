@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from kernels import runtime
+
 from . import profile, records, report
 from .flops import peak_tflops
 from .ops import BASELINE, DTYPES, IMPLS, OPS, Problem, first_failure, make_problem, rel_errors
@@ -52,7 +54,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="coco: batch 2 of 800x1333 at P3-P7, 256 ch (default on cuda); medium: 2x64 ch from 32x48, "
                         "for CPU figures (minutes); small: seconds on a CPU (default on cpu)")
     p.add_argument("--ops", type=lambda t: name_list(t, OPS), default=list(OPS), help="comma-separated, default all")
-    p.add_argument("--impls", type=lambda t: name_list(t, IMPLS), default=list(IMPLS), help="comma-separated")
+    p.add_argument("--impls", type=lambda t: name_list(t, IMPLS),
+                   help="comma-separated, default all (on cpu without TRITON_INTERPRET=1: all but triton)")
     p.add_argument("--dtypes", type=lambda t: name_list(t, DTYPES), default=list(DTYPES),
                    help="comma-separated, run in this order (the first is also the profile's)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="results folder (default benchmarks/results)")
@@ -72,6 +75,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.cuda_graphs and not on_gpu:
         p.error("--cuda-graphs needs --device cuda")
     args.shapes = SHAPE_SETS[args.shapes or ("coco" if on_gpu else "small")]
+    if args.impls is None:
+        runs_triton = on_gpu or runtime.INTERPRET
+        args.impls = [impl for impl in IMPLS if runs_triton or impl != "triton"]
     if args.budget is None:
         args.budget = GPU_BUDGET_S if on_gpu else math.inf
     return args

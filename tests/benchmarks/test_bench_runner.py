@@ -251,3 +251,10 @@ def test_a_cuda_graph_row_times_the_captured_step(monkeypatch):
     assert len(captured) == 1 and record["check"] == "pass"
     assert record["peak_mem_mb"] == 123.0
     assert len(replays) >= 1 + record["reps"]  # the check's call and every timed one replay the capture
+
+
+@pytest.mark.parametrize("interpret", [False, True])
+def test_default_impls_on_cpu_leave_out_triton_without_the_interpreter(monkeypatch, interpret):
+    monkeypatch.setattr(run.runtime, "INTERPRET", interpret)
+    assert run.parse_args(["--device", "cpu"]).impls == ["triton", "torchvision", "sampled"][not interpret:]
+    assert run.parse_args(["--device", "cpu", "--impls", "triton"]).impls == ["triton"]
