@@ -29,6 +29,7 @@ __all__ = [
     "load_coco_json",
     "read_rgb_image",
     "CocoDetection",
+    "Targets",
     "collate",
 ]
 
@@ -295,18 +296,38 @@ def read_rgb_image(path: Path, width: int | None = None, height: int | None = No
     return image
 
 
+class Targets(list):
+    """A batch's targets, one dict per image, that pickle (as from a DataLoader worker to the main process)
+    with one tensor per field for the whole batch, unpickled as per-image views of it: every tensor that
+    crosses costs its own file-descriptor round trip (~0.4 ms), and the three fields of 16 images made 48."""
+
+    def __reduce__(self):
+        if not self:
+            return Targets, ()
+        fields = [k for k, v in self[0].items() if isinstance(v, torch.Tensor)]
+        packed = {k: (torch.cat([t[k] for t in self]), [len(t[k]) for t in self]) for k in fields}
+        rest = [{k: v for k, v in t.items() if k not in packed} for t in self]
+        return _unpack_targets, (packed, rest)
+
+
+def _unpack_targets(packed: dict[str, tuple[torch.Tensor, list[int]]], rest: list[dict]) -> Targets:
+    parts = {k: joined.split(lengths) for k, (joined, lengths) in packed.items()}
+    return Targets({**other, **{k: parts[k][i] for k in parts}} for i, other in enumerate(rest))
+
+
 def collate(samples: list, size_divisibility: int = 128) -> dict[str, Any]:
     """Batches ``CocoDetection`` items.
 
     Returns:
         ``images`` ``(N, 3, H, W)`` padded to ``size_divisibility`` (None if every item was skipped),
-        ``image_sizes`` and ``targets`` per kept item, and ``skipped``: the ``SkippedImage`` s of the batch.
+        ``image_sizes`` and ``targets`` (a `Targets` list of dicts) per kept item, and ``skipped``: the
+        ``SkippedImage`` s of the batch.
     """
     kept = [s for s in samples if not isinstance(s, SkippedImage)]
     skipped = [s for s in samples if isinstance(s, SkippedImage)]
     return {
         "images": pad_batch([s[0] for s in kept], size_divisibility) if kept else None,
         "image_sizes": [t["size"] for _, t in kept],
-        "targets": [t for _, t in kept],
+        "targets": Targets(t for _, t in kept),
         "skipped": skipped,
     }

@@ -1,11 +1,13 @@
 """Dataset errors, the shapes generator, transforms, samplers and config loading."""
 
 import json
+import pickle
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from detectors.config import ConfigError, DatasetConfig, ShapesConfig, load_config
 from detectors.data.coco import (
@@ -13,6 +15,7 @@ from detectors.data.coco import (
     DatasetError,
     ImageLoadError,
     SkippedImage,
+    Targets,
     collate,
     load_coco_json,
     resolve_dataset,
@@ -105,6 +108,36 @@ def test_missing_and_corrupt_images(tmp_path):
     assert batch["images"].shape == (1, 3, 128, 128)
     assert [s.path for s in batch["skipped"]] == [str(image_dir / "b.png")]
     assert isinstance(skipping[1], SkippedImage)
+
+
+def test_batches_from_a_worker_carry_one_tensor_per_target_field(tmp_path):
+    folder = ensure_shapes(ShapesConfig(root=str(tmp_path), num_train=4, num_val=1, image_size=64,
+                                        max_object_size=30))
+    dataset = CocoDetection(folder / "train", folder / "annotations" / "instances_train.json",
+                            DetectionTransform([64], 64, 0.0, "RGB", [0.0] * 3, [1.0] * 3))
+    in_process = next(iter(DataLoader(dataset, batch_size=4, collate_fn=collate)))
+    from_worker = next(iter(DataLoader(dataset, batch_size=4, collate_fn=collate, num_workers=1)))
+    assert torch.equal(from_worker["images"], in_process["images"])
+    assert len(from_worker["targets"]) == 4
+    for got, expected in zip(from_worker["targets"], in_process["targets"]):
+        assert got.keys() == expected.keys()
+        for key, value in expected.items():
+            assert torch.equal(got[key], value) if isinstance(value, torch.Tensor) else got[key] == value, key
+    for field in ("boxes", "labels", "iscrowd"):
+        assert len({t[field].untyped_storage().data_ptr() for t in from_worker["targets"]}) == 1, field
+
+
+def test_targets_pickle_with_images_without_boxes_and_when_empty():
+    targets = Targets([
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "image_id": 1},
+        {"boxes": torch.rand(2, 4), "labels": torch.tensor([3, 1]), "image_id": 2},
+    ])
+    back = pickle.loads(pickle.dumps(targets))
+    assert isinstance(back, Targets) and [t["image_id"] for t in back] == [1, 2]
+    for got, expected in zip(back, targets):
+        assert torch.equal(got["boxes"], expected["boxes"]) and torch.equal(got["labels"], expected["labels"])
+    assert back[0]["boxes"].shape == (0, 4)
+    assert pickle.loads(pickle.dumps(Targets())) == []
 
 
 def test_shapes_set_is_deterministic_and_coco(tmp_path):
