@@ -297,9 +297,10 @@ def read_rgb_image(path: Path, width: int | None = None, height: int | None = No
 
 
 class Targets(list):
-    """A batch's targets, one dict per image, that pickle (as from a DataLoader worker to the main process)
-    with one tensor per field for the whole batch, unpickled as per-image views of it: every tensor that
-    crosses costs its own file-descriptor round trip (~0.4 ms), and the three fields of 16 images made 48."""
+    """A batch's targets, one dict per image (``boxes`` (n, 4) float32, ``labels`` (n,) int64, ``iscrowd``
+    (n,) bool, plus plain values), that pickle (as from a DataLoader worker to the main process) with one tensor per
+    field for the whole batch, unpickled as per-image views of it: every tensor that crosses costs its own
+    file-descriptor round trip (~0.4 ms), and the three fields of 16 images made 48."""
 
     def __reduce__(self):
         if not self:
