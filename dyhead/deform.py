@@ -69,6 +69,11 @@ def deform_conv2d_torchvision(
     )
 
 
+# The largest all-taps column buffer deform_conv2d_sampled builds (bytes): beyond it, the tap loop's peak of one
+# tap's samples matters more than its per-op cost.
+COLUMN_BUDGET_BYTES = 64 * 2**20
+
+
 def deform_conv2d_sampled(
     input: Tensor,
     offset: Tensor,
@@ -79,12 +84,14 @@ def deform_conv2d_sampled(
     padding: int | tuple[int, int] = 1,
     dilation: int | tuple[int, int] = 1,
 ) -> Tensor:
-    """Modulated deformable conv from ``F.grid_sample``, tap by tap, with torchvision's semantics.
+    """Modulated deformable conv from ``F.grid_sample``, with torchvision's semantics.
 
     For each tap (i, j) the input is sampled bilinearly at ``(ho*sh - ph + i*dh + dy, wo*sw - pw + j*dw + dx)``
     (corners outside the image read zero, so a sample outside (-1, H) x (-1, W) is zero), multiplied by the mask
-    and contracted with ``weight[:, :, i, j]``; the 9x column buffer of im2col is never built. Gradients come
-    from autograd.
+    and contracted with ``weight[:, :, i, j]``. Where the column buffer of all taps (N, Cin*kh*kw, Hout*Wout)
+    fits in `COLUMN_BUDGET_BYTES`, all taps are sampled in one ``grid_sample`` and contracted in one GEMM (on
+    small maps the per-op cost dominates); otherwise tap by tap, so that the 9x buffer is never built.
+    Gradients come from autograd.
 
     input: (N, Cin, H, W) float32/float64/bfloat16/float16; offset: (N, 2*kh*kw, Hout, Wout);
     mask: (N, kh*kw, Hout, Wout); weight: (Cout, Cin, kh, kw); bias: (Cout,) or None. Offsets and mask may be
@@ -100,19 +107,24 @@ def deform_conv2d_sampled(
     source = input.to(sample_dtype)
     # grid_sample with align_corners=False maps pixel coordinate p to (2p + 1) / size - 1; this form stays
     # defined for size 1, unlike align_corners=True.
-    base_y = torch.arange(hout, device=input.device, dtype=sample_dtype).view(1, hout, 1) * sh - ph
-    base_x = torch.arange(wout, device=input.device, dtype=sample_dtype).view(1, 1, wout) * sw - pw
+    base_y = torch.arange(hout, device=input.device, dtype=sample_dtype).view(1, 1, hout, 1) * sh - ph
+    base_x = torch.arange(wout, device=input.device, dtype=sample_dtype).view(1, 1, 1, wout) * sw - pw
+    taps = kh * kw
+    rows = torch.arange(kh, device=input.device, dtype=sample_dtype).repeat_interleave(kw).view(1, taps, 1, 1) * dh
+    cols = torch.arange(kw, device=input.device, dtype=sample_dtype).repeat(kh).view(1, taps, 1, 1) * dw
+    pairs = offset.unflatten(1, (taps, 2))  # (N, taps, 2, Hout, Wout): splitting a dim is a view of any strides
+    weights = weight.flatten(2)  # (Cout, Cin, taps)
+    chunk = taps if n * cin * taps * hout * wout * source.element_size() <= COLUMN_BUDGET_BYTES else 1
     out = None
-    for i in range(kh):
-        for j in range(kw):
-            tap = i * kw + j
-            y = base_y + i * dh + offset[:, 2 * tap].to(sample_dtype)
-            x = base_x + j * dw + offset[:, 2 * tap + 1].to(sample_dtype)
-            grid = torch.stack(((2 * x + 1) / w - 1, (2 * y + 1) / h - 1), dim=-1)  # (N, Hout, Wout, 2)
-            sample = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-            sample = (sample * mask[:, tap : tap + 1].to(sample_dtype)).to(input.dtype)  # (N, Cin, Hout, Wout)
-            term = torch.matmul(weight[:, :, i, j], sample.flatten(2))  # (N, Cout, Hout*Wout)
-            out = term if out is None else out + term
+    for first in range(0, taps, chunk):
+        t = slice(first, first + chunk)
+        y = base_y + rows[:, t] + pairs[:, t, 0].to(sample_dtype)  # (N, chunk, Hout, Wout)
+        x = base_x + cols[:, t] + pairs[:, t, 1].to(sample_dtype)
+        grid = torch.stack(((2 * x + 1) / w - 1, (2 * y + 1) / h - 1), dim=-1).flatten(1, 2)  # (N, chunk*Hout, Wout, 2)
+        sample = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        sample = sample.unflatten(2, (chunk, hout)) * mask[:, None, t].to(sample_dtype)  # (N, Cin, chunk, Hout, Wout)
+        term = torch.matmul(weights[:, :, t].flatten(1), sample.to(input.dtype).flatten(1, 2).flatten(2))
+        out = term if out is None else out + term  # (N, Cout, Hout*Wout)
     out = out.view(n, cout, hout, wout)
     if bias is not None:
         out = out + bias.view(1, cout, 1, 1).to(out.dtype)

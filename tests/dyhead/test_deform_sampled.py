@@ -2,9 +2,30 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torchvision.ops import deform_conv2d as tv_deform_conv2d
 
-from dyhead import DyHead, coarser_view, deform_conv2d_sampled
+from dyhead import DyHead, coarser_view, deform, deform_conv2d_sampled
+
+
+@pytest.fixture(autouse=True, params=["all taps", "tap by tap"])
+def column_budget(request, monkeypatch):
+    """Every test on both of the sampled conv's paths: the tests' maps fit the column budget, so a budget of
+    zero makes it sample tap by tap."""
+    if request.param == "tap by tap":
+        monkeypatch.setattr(deform, "COLUMN_BUDGET_BYTES", 0)
+    return request.param
+
+
+def test_one_grid_sample_for_all_taps_where_their_column_buffer_fits(monkeypatch, column_budget):
+    calls = []
+    real = F.grid_sample
+    monkeypatch.setattr(F, "grid_sample", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    x, offset, mask, weight, bias = make_case()
+    out = deform_conv2d_sampled(x, offset, mask, weight, bias)
+    assert len(calls) == (1 if column_budget == "all taps" else 9)
+    ref = tv_deform_conv2d(x, offset, weight, bias, padding=1, mask=mask)
+    assert rel_err(out, ref) < 1e-12
 
 
 def rel_err(a, b):
