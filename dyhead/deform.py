@@ -123,7 +123,10 @@ def deform_conv2d_sampled(
         grid = torch.stack(((2 * x + 1) / w - 1, (2 * y + 1) / h - 1), dim=-1).flatten(1, 2)  # (N, chunk*Hout, Wout, 2)
         sample = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         sample = sample.unflatten(2, (chunk, hout)) * mask[:, None, t].to(sample_dtype)  # (N, Cin, chunk, Hout, Wout)
-        term = torch.matmul(weights[:, :, t].flatten(1), sample.to(input.dtype).flatten(1, 2).flatten(2))
+        # bmm on the expanded weight, not matmul: matmul folds (Cout, K) @ (N, K, P) into one GEMM over N*P
+        # columns, which copies the columns transposed forward and their gradient back in backward
+        columns = sample.to(input.dtype).flatten(1, 2).flatten(2)  # (N, Cin*chunk, Hout*Wout)
+        term = torch.bmm(weights[:, :, t].flatten(1).expand(n, -1, -1), columns)
         out = term if out is None else out + term  # (N, Cout, Hout*Wout)
     out = out.view(n, cout, hout, wout)
     if bias is not None:
