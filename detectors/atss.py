@@ -192,12 +192,14 @@ class ATSSHead(nn.Module):
         )
         deltas = outputs["bbox_deltas"][pos_img_t, pos_idx_t]  # (P, 4)
         ctr_logits = outputs["centerness"][pos_img_t, pos_idx_t]  # (P,)
+        ctr_targets = centerness_targets(pos_anchor_t, pos_box_t)
+        # every process joins this sum, positives or not: one that skipped it would pair its next collective
+        # (DDP's gradient all-reduce) with the others' sum
+        ctr_sum_avg = sum_across_processes(ctr_targets.sum()).item() / world
         if pos_idx_t.numel() == 0:
             # keeps every head parameter in the graph, which DDP requires
             zero = outputs["bbox_deltas"].sum() * 0 + outputs["centerness"].sum() * 0
             return {"loss_cls": loss_cls, "loss_box": zero, "loss_centerness": zero}
-        ctr_targets = centerness_targets(pos_anchor_t, pos_box_t)
-        ctr_sum_avg = sum_across_processes(ctr_targets.sum()).item() / world
         pred_boxes = self.box_coder.decode(deltas, pos_anchor_t)
         giou = generalized_box_iou_loss(pred_boxes, pos_box_t, reduction="none")
         loss_box = self.reg_loss_weight * (giou * ctr_targets).sum() / max(ctr_sum_avg, 1e-6)

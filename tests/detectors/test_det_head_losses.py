@@ -80,6 +80,19 @@ def test_no_positives_gives_zero_box_losses_with_gradients():
     assert all(t.grad is not None for t in outputs.values())
 
 
+@pytest.mark.parametrize("boxes", [[[1.0, 1.0, 9.0, 9.0]], []], ids=["positives", "none"])
+def test_every_process_makes_the_same_collective_calls_with_or_without_positives(monkeypatch, boxes):
+    # under DDP a process whose batch has no positives must still join each cross-process sum, or its next
+    # collective (the gradient all-reduce) pairs with another process's sum
+    import detectors.atss as atss
+
+    calls = []
+    monkeypatch.setattr(atss, "sum_across_processes", lambda t: calls.append(tuple(t.shape)) or t)
+    targets = [{"boxes": torch.tensor(boxes).reshape(-1, 4), "labels": torch.ones(len(boxes), dtype=torch.int64)}]
+    _head().compute_loss(_outputs(), ANCHORS, targets)
+    assert calls == [(), ()]  # the positives count, then the centerness targets' sum
+
+
 def _logit(p):
     return math.log(p / (1 - p))
 
