@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import partial
 
+import torch
 from torch.utils.data import DataLoader
 
 from ..config import Config
@@ -35,6 +36,10 @@ def _loader(cfg: Config, dataset: CocoDetection, batch_sampler) -> DataLoader:
         num_workers=workers,
         collate_fn=partial(collate, size_divisibility=cfg.data.input.size_divisibility),
         prefetch_factor=2 if workers > 0 else None,
+        # Each iter() draws the workers' base seed from this generator. Left to torch's global one, that draw
+        # would shift the model's random stream (Faster R-CNN's box sampling) on resume, which restores the
+        # stream before the loader starts. The augmentation is seeded per item (the sampler's keys).
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
 
 
