@@ -18,7 +18,7 @@ from .data.build import build_dataset
 from .data.coco import DatasetError, ImageLoadError, read_rgb_image
 from .data.transforms import DetectionTransform, pad_batch
 from .engine.checkpoint import CheckpointError, load_matching_state, load_model_weights
-from .engine.evaluate import autocast, evaluate
+from .engine.evaluate import autocast, check_categories, evaluate
 from .engine.logger import setup_logging
 from .engine.stop import TrainingInterrupted
 from .engine.train import setup_runtime, train
@@ -131,9 +131,12 @@ def _eval(cfg: Config, args: argparse.Namespace) -> None:
     device = setup_runtime(cfg)
     loaded = load_model_weights(args.weights)  # before the data, which may have to be generated first
     test_set = build_dataset(cfg, train=False)
-    model, _ = _load_model(cfg, args.weights, len(test_set.category_ids), device, loaded)
+    model, meta = _load_model(cfg, args.weights, len(test_set.category_ids), device, loaded)
+    # converted release weights record no categories: their labels are COCO's in id order, as the test set's
+    category_ids = meta.get("category_ids") or test_set.category_ids
+    check_categories(category_ids, test_set)
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    evaluate(model, test_set, cfg, device, args.output_dir)
+    evaluate(model, test_set, cfg, device, args.output_dir, category_ids)
 
 
 def _predict_inputs(paths: list[Path], output_dir: Path) -> list[Path]:
@@ -183,7 +186,7 @@ def _predict(cfg: Config, args: argparse.Namespace) -> None:
                 [tuple(pixels.shape[1:])],
                 original_sizes=[(image.height, image.width)],
             )
-        keep = det["scores"] >= args.score_thresh
+        keep = (det["scores"] >= args.score_thresh) & (det["labels"] < len(category_ids))  # as evaluate does
         records = [
             {"box": [round(v, 2) for v in box], "score": round(score, 4), "label": names[label],
              "category_id": category_ids[label]}

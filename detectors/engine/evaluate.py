@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import torch
+from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
 from tqdm import tqdm
@@ -19,7 +20,7 @@ from ..data.build import build_test_loader
 from ..data.coco import CocoDetection
 from .distributed import all_gather_objects, get_rank, get_world_size, is_main_process
 
-__all__ = ["evaluate", "coco_metrics", "write_json", "autocast", "BadImageLog"]
+__all__ = ["evaluate", "check_categories", "coco_metrics", "write_json", "autocast", "BadImageLog"]
 
 logger = logging.getLogger("detectors.evaluate")
 
@@ -58,11 +59,15 @@ def coco_metrics(dataset: CocoDetection, results: list[dict]) -> dict[str, dict[
 
     A metric COCOeval cannot compute (no ground truth of that size) is reported as -1, as COCOeval does.
     """
-    if not results:
-        return {"bbox": {name: 0.0 for name in METRIC_NAMES}}
     out = io.StringIO()
     with contextlib.redirect_stdout(out):  # pycocotools prints its tables
-        coco_dt = dataset.coco.loadRes([dict(r) for r in results])  # loadRes adds keys to the dicts
+        if results:
+            coco_dt = dataset.coco.loadRes([dict(r) for r in results])  # loadRes adds keys to the dicts
+        else:  # loadRes cannot read an empty list; no detections still scores 0, or -1 where no ground truth
+            coco_dt = COCO()
+            coco_dt.dataset = {"images": dataset.coco.dataset["images"],
+                               "categories": dataset.coco.dataset["categories"], "annotations": []}
+            coco_dt.createIndex()
         coco_eval = COCOeval(dataset.coco, coco_dt, "bbox")
         coco_eval.params.imgIds = [r["image_id"] for r in dataset.records]
         coco_eval.evaluate()
@@ -73,16 +78,31 @@ def coco_metrics(dataset: CocoDetection, results: list[dict]) -> dict[str, dict[
     return {"bbox": {name: float(v * 100) if v >= 0 else -1.0 for name, v in zip(METRIC_NAMES, stats)}}
 
 
+def check_categories(category_ids: list[int], dataset: CocoDetection) -> None:
+    """Warns when ``dataset`` has categories that no label of the model (``category_ids``) stands for."""
+    missing = sorted(set(dataset.category_ids) - set(category_ids))
+    if missing:
+        logger.warning("%s has categories the model has no label for (ids %s): their AP is 0",
+                       dataset.ann_file, ", ".join(map(str, missing)))
+
+
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, dataset: CocoDetection, cfg: Config, device: torch.device, output_dir: Path | None
+    model: nn.Module, dataset: CocoDetection, cfg: Config, device: torch.device, output_dir: Path | None,
+    category_ids: list[int] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Detects on every test image and scores the detections.
 
     Each process runs its share of the images; the main process gathers all detections, writes
     ``coco_instances_results.json`` and ``metrics.json`` to ``output_dir`` (when given) and returns the
     metrics; the other processes return an empty dict.
+
+    category_ids: the dataset category id of each model label, i.e. the training set's ``category_ids``; None
+    takes the test set's, the same list where both splits name the same categories. Detections of a label
+    past its end (a model with more classes than categories) are dropped.
     """
+    if category_ids is None:
+        category_ids = dataset.category_ids
     loader = build_test_loader(cfg, dataset, get_rank(), get_world_size())
     was_training = model.training
     model.eval()
@@ -102,10 +122,12 @@ def evaluate(
             boxes = det["boxes"].float().cpu()
             boxes[:, 2:] -= boxes[:, :2]  # COCO results are x, y, w, h
             for box, score, label in zip(boxes.tolist(), det["scores"].float().tolist(), det["labels"].tolist()):
+                if label >= len(category_ids):
+                    continue
                 results.append(
                     {
                         "image_id": target["image_id"],
-                        "category_id": dataset.category_ids[label],
+                        "category_id": category_ids[label],
                         "bbox": [round(v, 2) for v in box],
                         "score": round(score, 5),
                     }

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from ..backbones import prepare_backbone_weights
 from ..build import build_detector
-from ..config import Config, SolverConfig, config_to_dict
+from ..config import Config, ConfigError, SolverConfig, config_to_dict
 from ..data.build import build_dataset, build_train_loader
 from ..data.coco import DatasetError
 from .checkpoint import (CheckpointError, forget_last_checkpoint, last_checkpoint, load_checkpoint,
@@ -32,7 +32,7 @@ from .distributed import (
     is_main_process,
     sum_across_processes,
 )
-from .evaluate import BadImageLog, autocast, evaluate
+from .evaluate import BadImageLog, autocast, check_categories, evaluate
 from .logger import MetricsWriter, setup_logging
 from .stop import StopSignals, TrainingInterrupted
 
@@ -198,10 +198,15 @@ def train(cfg: Config, output_dir: Path, resume: bool = False) -> dict:
     if main:
         barrier()
     num_classes = cfg.model.num_classes or len(train_set.category_ids)
+    if num_classes < len(train_set.category_ids):
+        raise ConfigError(f"model.num_classes={num_classes} is less than the {len(train_set.category_ids)} "
+                          f"categories of {train_set.ann_file}; leave it null to take their count")
     model = build_detector(cfg.model, num_classes).to(device)
     optimizer = build_optimizer(solver, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(solver, it))
     meta = {"class_names": train_set.class_names, "category_ids": train_set.category_ids, "num_classes": num_classes}
+    if main:
+        check_categories(train_set.category_ids, test_set)
 
     start_iter = _resume(output_dir, model, optimizer, scheduler, cfg) if resume else 0
     if is_distributed():
@@ -268,7 +273,7 @@ def train(cfg: Config, output_dir: Path, resume: bool = False) -> dict:
             if done % solver.checkpoint_period == 0 or done == solver.max_iter:
                 saved = _save(output_dir, model, optimizer, scheduler, done, cfg, meta)
             if solver.eval_period > 0 and done % solver.eval_period == 0 and done < solver.max_iter:
-                metrics = evaluate(_unwrap(model), test_set, cfg, device, None)
+                metrics = evaluate(_unwrap(model), test_set, cfg, device, None, train_set.category_ids)
                 if main:
                     metrics_log.write({"iter": done, **metrics})
             signum = stop.requested(device)
@@ -279,7 +284,7 @@ def train(cfg: Config, output_dir: Path, resume: bool = False) -> dict:
                                solver.max_iter, saved)
                 raise TrainingInterrupted(done, signum, saved)
     progress.close()
-    metrics = evaluate(_unwrap(model), test_set, cfg, device, output_dir)
+    metrics = evaluate(_unwrap(model), test_set, cfg, device, output_dir, train_set.category_ids)
     if main:
         metrics_log.write({"iter": solver.max_iter, **metrics})
     return metrics

@@ -23,7 +23,7 @@ from detectors.data.coco import (
 from detectors.data.samplers import InferenceBatchSampler, TrainBatchSampler
 from detectors.data.shapes import SHAPE_CLASSES, ensure_shapes
 from detectors.data.transforms import DetectionTransform
-from detectors.engine.evaluate import coco_metrics
+from detectors.engine.evaluate import check_categories, coco_metrics, evaluate
 
 TRANSFORM = DetectionTransform([32], 64, 0.0, "RGB", [0.0, 0.0, 0.0], [1.0, 1.0, 1.0])
 
@@ -283,3 +283,52 @@ def test_annotations_of_unknown_images_are_reported(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         dataset = CocoDetection(image_dir, ann_file, TRANSFORM)
     assert len(dataset) == 2 and "ignored 1 annotations whose image_id is not in 'images'" in caplog.text
+
+
+def test_no_detections_score_zero_and_minus_one_where_there_is_no_ground_truth(tmp_path):
+    image_dir, ann_file = _write_set(tmp_path)  # two boxes of area 80 and 100: small objects only
+    metrics = coco_metrics(CocoDetection(image_dir, ann_file, TRANSFORM), [])["bbox"]
+    assert metrics == {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "APs": 0.0, "APm": -1.0, "APl": -1.0}
+
+
+class _FixedDetector(torch.nn.Module):
+    """Detects each image's one ground-truth box (in original pixels) with the given label."""
+
+    def __init__(self, dataset, label):
+        super().__init__()
+        self.dataset, self.label = dataset, label
+
+    def forward(self, images, image_sizes, original_sizes=None):
+        assert not self.training
+        out = []
+        for size in original_sizes:
+            (record,) = [r for r in self.dataset.records if (r["height"], r["width"]) == tuple(size)]
+            out.append({"boxes": torch.tensor(record["boxes"]), "scores": torch.tensor([0.9]),
+                        "labels": torch.tensor([self.label])})
+        return out
+
+
+def test_evaluation_maps_labels_through_the_training_categories(tmp_path, caplog):
+    """A model trained on categories (3, 7) says label 1 for category 7; a test set naming only 7 (and 9, which
+    the model lacks) must score it as 7, not as its own second category."""
+    image_dir = tmp_path / "images"
+    image_dir.mkdir()
+    Image.new("RGB", (40, 20)).save(image_dir / "a.png")
+    ann_file = tmp_path / "val.json"
+    ann_file.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 20}],
+        "annotations": [{"id": 1, "image_id": 1, "bbox": [2, 2, 10, 8], "category_id": 7, "iscrowd": 0}],
+        "categories": [{"id": 7, "name": "seven"}, {"id": 9, "name": "nine"}],
+    }))
+    test_set = CocoDetection(image_dir, ann_file, TRANSFORM)
+    cfg = load_config(None, ["data.num_workers=0", "data.input.min_size_test=32", "data.input.max_size_test=64"])
+    trained_on = [3, 7]
+    check_categories(trained_on, test_set)
+    assert "categories the model has no label for (ids 9)" in caplog.text
+    model = _FixedDetector(test_set, label=1).eval()
+    metrics = evaluate(model, test_set, cfg, torch.device("cpu"), tmp_path, trained_on)
+    assert json.loads((tmp_path / "coco_instances_results.json").read_text())[0]["category_id"] == 7
+    assert metrics["bbox"]["AP50"] == pytest.approx(100.0)
+    # a label with no category (a model with more classes than its training set) is dropped
+    evaluate(_FixedDetector(test_set, label=2).eval(), test_set, cfg, torch.device("cpu"), tmp_path, trained_on)
+    assert json.loads((tmp_path / "coco_instances_results.json").read_text()) == []

@@ -78,7 +78,8 @@ def test_resume_is_bit_identical(tmp_path, architecture):
     # Faster R-CNN samples its RPN and RoI training boxes from torch's global generator, which the checkpoint
     # restores: anything else that draws from it (a DataLoader seeding its workers) would shift the resumed run
     data = tmp_path / "data"
-    extra = [f"model.meta_architecture={architecture}", "model.rcnn.fc_dim=32", "model.rcnn.roi_batch_size_per_image=64"]
+    extra = [f"model.meta_architecture={architecture}", "model.rcnn.fc_dim=32",
+             "model.rcnn.roi_batch_size_per_image=64"]
     straight = train(load_config(CONFIG, _tiny_overrides(data, 6) + extra), tmp_path / "straight")
     train(load_config(CONFIG, _tiny_overrides(data, 3) + extra), tmp_path / "resumed")
     resumed = train(load_config(CONFIG, _tiny_overrides(data, 6) + extra), tmp_path / "resumed", resume=True)
@@ -148,6 +149,12 @@ def test_cli_reports_config_errors(tmp_path, capsys):
     code = main(["train", "--config", str(CONFIG), "--output-dir", str(tmp_path), "--set", "solver.lr=1"])
     assert code == 2
     assert "unknown config key 'solver.lr'" in capsys.readouterr().err
+    # the shapes set has 4 categories: 3 classes leave labels without an output
+    args = ["train", "--config", str(CONFIG), "--output-dir", str(tmp_path)]
+    for item in _tiny_overrides(tmp_path / "data", 1) + ["model.num_classes=3"]:
+        args += ["--set", item]
+    assert main(args) == 2
+    assert "model.num_classes=3 is less than the 4 categories" in capsys.readouterr().err
 
 
 @pytest.mark.slow
