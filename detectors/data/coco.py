@@ -240,6 +240,11 @@ class CocoDetection(Dataset):
             )
         if self.num_degenerate:
             logger.warning("%s: dropped %d degenerate boxes (no area)", self.ann_file, self.num_degenerate)
+        if remove_empty and not self.records:
+            raise DatasetError(
+                f"{self.ann_file}: none of its {len(self.coco.imgs)} images has a box to train on (non-crowd, with "
+                f"an area: {self.num_degenerate} degenerate boxes were dropped)"
+            )
         orphans = sum(len(anns) for image_id, anns in self.coco.imgToAnns.items() if image_id not in self.coco.imgs)
         if orphans:
             logger.warning("%s: ignored %d annotations whose image_id is not in 'images'", self.ann_file, orphans)

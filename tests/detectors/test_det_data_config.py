@@ -1,6 +1,7 @@
 """Dataset errors, the shapes generator, transforms, samplers and config loading."""
 
 import json
+import logging
 import pickle
 
 import numpy as np
@@ -23,7 +24,7 @@ from detectors.data.coco import (
 from detectors.data.samplers import InferenceBatchSampler, TrainBatchSampler
 from detectors.data.shapes import SHAPE_CLASSES, ensure_shapes
 from detectors.data.transforms import DetectionTransform
-from detectors.engine.evaluate import check_categories, coco_metrics, evaluate
+from detectors.engine.evaluate import BadImageLog, check_categories, coco_metrics, evaluate
 
 TRANSFORM = DetectionTransform([32], 64, 0.0, "RGB", [0.0, 0.0, 0.0], [1.0, 1.0, 1.0])
 
@@ -110,6 +111,17 @@ def test_missing_and_corrupt_images(tmp_path):
     assert isinstance(skipping[1], SkippedImage)
 
 
+def test_bad_images_are_warned_about_once_each_and_counted(caplog):
+    log = BadImageLog(logging.getLogger("test.bad_images"))
+    a, b = SkippedImage("a.png", "file not found"), SkippedImage("b.png", "cannot decode")
+    with caplog.at_level(logging.WARNING):
+        log.update([a])
+        log.update([a, b])  # a again: an image met in every epoch
+        log.update([b])
+    assert [r.getMessage() for r in caplog.records] == ["skipping image a.png: file not found (1 skipped so far)",
+                                                        "skipping image b.png: cannot decode (2 skipped so far)"]
+
+
 def test_batches_from_a_worker_carry_one_tensor_per_target_field(tmp_path):
     folder = ensure_shapes(ShapesConfig(root=str(tmp_path), num_train=4, num_val=1, image_size=64,
                                         max_object_size=30))
@@ -193,6 +205,14 @@ def test_config_overrides_and_unknown_keys(tmp_path):
         load_config(path, ["solver.bse_lr=1"])
     with pytest.raises(ConfigError, match="solver.max_iter: expected int"):
         load_config(path, ["solver.max_iter=ten"])
+    # YAML 1.1 reads exponents without a dot as strings; a float field takes them, other fields do not
+    path.write_text("solver:\n  weight_decay: 1e-4\n")
+    cfg = load_config(path, ["solver.base_lr=-2E-3"])
+    assert (cfg.solver.weight_decay, cfg.solver.base_lr) == (1e-4, -2e-3)
+    with pytest.raises(ConfigError, match="solver.max_iter: expected int"):
+        load_config(path, ["solver.max_iter=1e3"])
+    with pytest.raises(ConfigError, match="solver.base_lr: expected float"):
+        load_config(path, ["solver.base_lr=1e"])
     path.write_text("solver:\n  warmup: 3\n")
     with pytest.raises(ConfigError, match="unknown config key.*solver.warmup.*warmup_iters"):
         load_config(path)
@@ -332,3 +352,14 @@ def test_evaluation_maps_labels_through_the_training_categories(tmp_path, caplog
     # a label with no category (a model with more classes than its training set) is dropped
     evaluate(_FixedDetector(test_set, label=2).eval(), test_set, cfg, torch.device("cpu"), tmp_path, trained_on)
     assert json.loads((tmp_path / "coco_instances_results.json").read_text()) == []
+
+
+@pytest.mark.parametrize("annotations", [[], [{"id": 1, "image_id": 1, "bbox": [2, 2, 10, 8], "category_id": 7,
+                                               "iscrowd": 1},
+                                              {"id": 2, "image_id": 2, "bbox": [50, 5, 10, 10], "category_id": 3}]],
+                         ids=["no annotations", "crowd and outside only"])
+def test_a_training_set_without_boxes_names_the_file(tmp_path, annotations):
+    image_dir, ann_file = _write_set(tmp_path, annotations)
+    assert len(CocoDetection(image_dir, ann_file, TRANSFORM)) == 2  # a test set may have no boxes
+    with pytest.raises(DatasetError, match=f"{ann_file}: none of its 2 images has a box to train on"):
+        CocoDetection(image_dir, ann_file, TRANSFORM, remove_empty=True)
