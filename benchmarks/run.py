@@ -155,7 +155,7 @@ class Runner:
             flops = spec.flops(shapes)
             tflops = flops / (timing.median_ms * 1e-3) / 1e12
             peak = peak_tflops(records.device_name(self.device), dtype_name,
-                               tf32=torch.backends.cuda.matmul.allow_tf32) if self.device.type == "cuda" else None
+                               tf32=runtime.matmul_allows_tf32()) if self.device.type == "cuda" else None
             return records.make_record(
                 **base, median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, tflops=tflops,
                 pct_of_peak=None if peak is None else 100.0 * tflops / peak,

@@ -91,7 +91,9 @@ def deform_conv2d_sampled(
     and contracted with ``weight[:, :, i, j]``. Where the column buffer of all taps (N, Cin*kh*kw, Hout*Wout)
     fits in `COLUMN_BUDGET_BYTES`, all taps are sampled in one ``grid_sample`` and contracted in one GEMM (on
     small maps the per-op cost dominates); otherwise tap by tap, so that the 9x buffer is never built.
-    Gradients come from autograd.
+    Gradients come from autograd. At a sample exactly on a pixel (zero offsets), where the bilinear blend has a
+    kink, ``grid_sample``'s coordinate rounding picks either one-sided offset gradient; torchvision and triton
+    take the one towards the next pixel.
 
     input: (N, Cin, H, W) float32/float64/bfloat16/float16; offset: (N, 2*kh*kw, Hout, Wout);
     mask: (N, kh*kw, Hout, Wout); weight: (Cout, Cin, kh, kw); bias: (Cout,) or None. Offsets and mask may be

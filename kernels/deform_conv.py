@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .device_table import device_tables
-from .runtime import INTERPRET, cdiv, first_config_unless_tuning, next_power_of_2
+from .runtime import INTERPRET, cdiv, first_config_unless_tuning, matmul_allows_tf32, next_power_of_2
 
 
 def autotune_configs(space, interpret_config):
@@ -64,14 +64,18 @@ def tap_sample(off_ptr, msk_ptr, n, oh, ow, valid_p, tap, H, W, KW,
 
     Returns the top-left corner y0, x0 (int32: offsets are clamped to +-2**30 pixels), the fractional parts
     ly, lx and the mask m (MASK_LOGITS: the sigmoid of what msk_ptr holds) (all zero where the sample does not
-    count: unless -1 < y < H and -1 < x < W), which
+    count: unless -1 <= y < H and -1 <= x < W), which
     of the corners (y0, x0), (y0, x0+1), (y0+1, x0), (y0+1, x0+1) lie in the image, and their bilinear weights
-    times the mask.
+    times the mask. A sample at y = -1 (or x = -1) reads 0, as outside, but counts: its offset gradient is the
+    one-sided one torchvision gives there, which zero offsets with padding 1 meet at every border tap.
     """
-    off = off_ptr + n * stride_on + (2 * tap).to(tl.int64) * stride_oc + oh * stride_oh + ow * stride_ow
+    # int64 throughout: a strided view (channels-last, as_strided) can put rows 2**31 elements apart
+    oh64 = oh.to(tl.int64)
+    ow64 = ow.to(tl.int64)
+    off = off_ptr + n * stride_on + (2 * tap).to(tl.int64) * stride_oc + oh64 * stride_oh + ow64 * stride_ow
     dy = tl.load(off, mask=valid_p, other=0.0).to(ACC)
     dx = tl.load(off + stride_oc, mask=valid_p, other=0.0).to(ACC)
-    m = tl.load(msk_ptr + n * stride_mn + tap.to(tl.int64) * stride_mc + oh * stride_mh + ow * stride_mw,
+    m = tl.load(msk_ptr + n * stride_mn + tap.to(tl.int64) * stride_mc + oh64 * stride_mh + ow64 * stride_mw,
                 mask=valid_p, other=0.0).to(ACC)
     if MASK_LOGITS:
         m = tl.sigmoid(m)
@@ -90,7 +94,7 @@ def tap_sample(off_ptr, msk_ptr, n, oh, ow, valid_p, tap, H, W, KW,
 
 @triton.jit
 def _split_coordinate(d, base, size):
-    """Cell and fraction of the sample coordinate base + d (base an integer), and whether -1 < base + d < size.
+    """Cell and fraction of the sample coordinate base + d (base an integer), and whether -1 <= base + d < size.
 
     Exact: floor and fraction are taken of the offset d alone, where base + d would round in fp32 (and could
     move a sample across a cell border, where the offset gradient jumps). Offsets beyond +-2**30 (or NaN) are
@@ -99,7 +103,7 @@ def _split_coordinate(d, base, size):
     f = tl.minimum(tl.maximum(tl.floor(d), -1073741824.0), 1073741824.0)
     cell = base + f.to(tl.int32)
     frac = d - f
-    return cell, frac, ((cell >= 0) | ((cell == -1) & (frac > 0))) & (cell < size)
+    return cell, frac, (cell >= -1) & (cell < size)
 
 
 @triton.jit
@@ -321,10 +325,9 @@ def _fwd_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, b_ptr, y_ptr, table_ptr,
 
 def launch_flags(x):
     """Constexpr flags: fp64 computes exactly; fp32 multiplies in true fp32 (`tl.dot` "ieee", CUDA-core FMAs),
-    or in TF32 where `torch.backends.cuda.matmul.allow_tf32` lets torch's own matmul do so; 16-bit types
-    ignore DOT."""
+    or in TF32 where torch's own CUDA matmul does (`matmul_allows_tf32`); 16-bit types ignore DOT."""
     fp64 = x.dtype == torch.float64
-    dot = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    dot = "tf32" if matmul_allows_tf32() else "ieee"
     return {"FP64": fp64, "DOT": dot, "ACC": acc_tl(x)}
 
 

@@ -26,9 +26,16 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 def eager_call(*tensors) -> bool:
     """Whether a call takes the autograd.Function path, which skips the custom op's dispatch: plain tensors
-    (a module's weights are Parameters) outside tracing. Tensor subclasses (fake and functional tensors among
-    them) and traced code go through the custom op."""
-    return all(type(t) in (Tensor, torch.nn.Parameter) for t in tensors) and not torch.compiler.is_compiling()
+    (a module's weights are Parameters) outside tracing, on a real device. Tensor subclasses (fake and
+    functional tensors among them), meta tensors (shapes only: the fake implementation) and traced code go
+    through the custom op."""
+    return (all(type(t) in (Tensor, torch.nn.Parameter) and not t.is_meta for t in tensors)
+            and not torch.compiler.is_compiling())
+
+
+def autocast_enabled(t) -> bool:
+    """Whether autocast is on for ``t``'s device (meta tensors have no autocast, and asking raises)."""
+    return isinstance(t, Tensor) and not t.is_meta and torch.is_autocast_enabled(t.device.type)
 
 
 def _pair(value, name):
@@ -99,12 +106,17 @@ def _check_inputs(input, offset, mask, weight, bias, stride, padding, dilation):
         if t.dim() != 4:
             raise ValueError(f"{name} must be {expected} (N, {name} channels, H_out, W_out), "
                              f"got shape {tuple(t.shape)}")
-        if t.shape[1] != per_group and t.shape[1] % per_group == 0 and t.shape[1] > 0:
-            raise NotImplementedError(f"{name} has {t.shape[1]} channels: {t.shape[1] // per_group} offset groups "
+        # the offset's channels say the offset groups (as in torchvision); the mask then has to match them
+        if name == "offset" and t.shape[1] != per_group and t.shape[1] % per_group == 0 and t.shape[1] > 0:
+            raise NotImplementedError(f"offset has {t.shape[1]} channels: {t.shape[1] // per_group} offset groups "
                                       "are not supported (only 1)")
         if tuple(t.shape) != expected:
             raise ValueError(f"{name} must be {expected} (N, {name} channels, H_out, W_out), "
                              f"got shape {tuple(t.shape)}")
+    # Per-image sizes the kernels index in int32 (the image, pixel and channel terms are int64)
+    if weight.numel() >= 2**31 or (w + 1) * cin >= 2**31:
+        raise ValueError(f"weight {tuple(weight.shape)} or an input row (W*Cin = {w * cin}) has 2**31 elements or "
+                         "more, beyond the kernels' int32 indexing of them")
 
 
 def _one_conv(input, weight, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w):
@@ -216,7 +228,7 @@ def modulated_deform_conv2d(input: Tensor, offset: Tensor, mask: Tensor, weight:
     mask)``; the PyTorch reference twin is ``dyhead.deform_conv2d_torchvision``. Differentiable in all five
     tensors. All tensors share one dtype (float32/float16/bfloat16/float64) and one device: CUDA, or the CPU
     under ``TRITON_INTERPRET=1``. float16/bfloat16 accumulate in float32; float32 multiplies in true fp32,
-    or in TF32 where ``torch.backends.cuda.matmul.allow_tf32`` is set (as torch's matmul does); float64 is
+    or in TF32 where torch's CUDA matmul does (``runtime.matmul_allows_tf32``); float64 is
     exact. Sample positions are exact in every dtype (floor and fraction of the offset alone). Under autocast,
     float32 tensors are cast to the autocast dtype (the kernels take half precision directly, where
     torchvision's op autocasts to float32).
@@ -238,11 +250,12 @@ def modulated_deform_conv2d(input: Tensor, offset: Tensor, mask: Tensor, weight:
 
     Raises:
         TypeError / ValueError: non-tensor or non-floating inputs, mixed dtypes or devices, wrong ranks or
-            shapes (the message names the argument and the expected shape).
+            shapes (the message names the argument and the expected shape); a weight or an input row (W*Cin)
+            of 2**31 elements or more.
         NotImplementedError: offset groups or convolution groups > 1.
         RuntimeError: CPU tensors without ``TRITON_INTERPRET=1``.
     """
-    if isinstance(input, Tensor) and torch.is_autocast_enabled(input.device.type):
+    if autocast_enabled(input):
         input, offset, mask, weight, bias = _autocast(input.device.type, input, offset, mask, weight, bias)
     stride, padding, dilation = _conv_pairs(stride, padding, dilation)
     _check_inputs(input, offset, mask, weight, bias, stride, padding, dilation)
@@ -631,7 +644,7 @@ def modulated_deform_conv2d_pyramid(inputs: Sequence[Tensor], offsets: Sequence[
     _check_lists(inputs, offsets, masks)
     inputs, offsets, masks = list(inputs), list(offsets), list(masks)
     weights, biases = [weight], [bias]
-    if isinstance(inputs[0], Tensor) and torch.is_autocast_enabled(inputs[0].device.type):
+    if autocast_enabled(inputs[0]):
         inputs, offsets, masks, weights, biases = _autocast_all(inputs, offsets, masks, weights, biases)
     stride, padding, dilation = _conv_pairs(stride, padding, dilation)
     _check_levels(inputs, offsets, masks, weights[0], biases[0], stride, padding, dilation)
@@ -694,7 +707,7 @@ def modulated_deform_conv2d_sets(inputs: Sequence[Tensor], weights: Sequence[Ten
     padding, dilation = _pair(padding, "padding"), _pair(dilation, "dilation")
     inputs, weights, biases = list(inputs), list(weights), list(biases)
     offsets, masks = [list(seq) for seq in offsets], [list(seq) for seq in masks]
-    if isinstance(inputs[0], Tensor) and torch.is_autocast_enabled(inputs[0].device.type):
+    if autocast_enabled(inputs[0]):
         device_type = inputs[0].device.type
         inputs, weights, biases = (list(_autocast(device_type, *seq)) for seq in (inputs, weights, biases))
         before = [t for nested in (offsets, masks) for seq in nested for t in seq]

@@ -30,7 +30,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .deform_conv import acc_tl, autotune_configs
-from .deform_conv_op import _device_guard, eager_call
+from .deform_conv_op import _device_guard, autocast_enabled, eager_call
 from .device_table import cached_device_table
 from .grouped_moments import ALIGN, _root, _start_in, find_map, program_run
 from .level_pass import (MERGE_BLOCK_C, _INTERPRET_CONFIG, _REDUCTION_SPACE, _aligned, _autocast_combine,
@@ -466,7 +466,7 @@ def level_combine_grouped(levels: Sequence[Sequence[Tensor]], scale: Tensor, shi
     """
     flat = [b for branches in levels for b in branches] if isinstance(levels, (list, tuple)) and all(
         isinstance(branches, (list, tuple)) for branches in levels) else []
-    if flat and isinstance(flat[0], Tensor) and torch.is_autocast_enabled(flat[0].device.type):
+    if flat and autocast_enabled(flat[0]):
         flat, scale, shift, coef = _autocast_combine(flat, scale, shift, coef)
         sizes = [len(branches) for branches in levels]
         levels = [flat[sum(sizes[:l]):sum(sizes[:l + 1])] for l in range(len(levels))]

@@ -14,12 +14,14 @@ import re
 from typing import Iterator, Optional
 
 import torch
+import triton
 from torch import Tensor
 
 __all__ = ["AUTOTUNE", "INTERPRET", "cdiv", "check_runnable", "compile_only", "first_config_unless_tuning",
-           "interpreter_problem", "next_power_of_2", "sm_count"]
+           "interpreter_problem", "matmul_allows_tf32", "next_power_of_2", "sm_count"]
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Triton's own reading of TRITON_INTERPRET (1, true, on, yes in any case), so that the two never disagree
+INTERPRET = bool(triton.knobs.runtime.interpret)
 # With DYHEAD_AUTOTUNE=0 every autotuned kernel runs the first config of its space that suits its arguments,
 # without timing trials: for tests and short runs on a GPU, where tuning costs seconds per kernel and problem
 # size (10-20 s per DCN size on an H100) and the results do not depend on the config.
@@ -39,6 +41,16 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of 2 >= n for n >= 1 (0 for 0), as `triton.next_power_of_2`."""
     return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def matmul_allows_tf32() -> bool:
+    """Whether torch's CUDA matmul may run float32 in TF32, read through the precision API: reading the legacy
+    ``torch.backends.cuda.matmul.allow_tf32`` raises once the new API has set it, and a legacy assignment (or
+    ``torch.set_float32_matmul_precision``) updates the new one too."""
+    precision = torch.backends.cuda.matmul.fp32_precision
+    if precision == "none":
+        precision = torch.backends.fp32_precision
+    return precision == "tf32"
 
 
 @contextlib.contextmanager

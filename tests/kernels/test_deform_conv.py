@@ -59,6 +59,20 @@ def test_fp64_is_exact(deterministic):
     check(make_inputs(2, 6, 5, 7, 6, **conv), conv, dtype=torch.float64, tol=1e-12, deterministic=deterministic)
 
 
+@needs_kernels
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_samples_on_pixels_take_torchvision_one_sided_gradients(deterministic):
+    """Integer offsets put every sample on a pixel, a kink of the bilinear blend: the offset gradient there is
+    torchvision's (the cell to the lower right), also at y = -1 or x = -1, where zero offsets with padding 1 put
+    every border tap and the sample reads 0 but its offset gradient does not vanish."""
+    conv = dict(stride=1, padding=1, dilation=1)
+    inputs = make_inputs(2, 5, 4, 6, 7, **conv)
+    inputs["offset"] = torch.randint(-2, 3, inputs["offset"].shape, generator=torch.Generator().manual_seed(2))
+    inputs["offset"][0] = 0
+    check(inputs, conv, dtype=torch.float64, tol=1e-12, deterministic=deterministic)
+    check(inputs, conv, deterministic=deterministic)
+
+
 @pytest.mark.parametrize("allow_tf32, dot", [(False, "ieee"), (True, "tf32")])
 def test_fp32_products_follow_torch_tf32_switch(allow_tf32, dot):
     """Forward and backward both take their fp32 `tl.dot` precision from torch's matmul TF32 switch."""
@@ -69,6 +83,20 @@ def test_fp32_products_follow_torch_tf32_switch(allow_tf32, dot):
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
     assert deform_conv.launch_flags(torch.zeros(1, dtype=torch.float64))["FP64"]
+
+
+@pytest.mark.parametrize("matmul, everything, dot", [("tf32", "none", "tf32"), ("ieee", "none", "ieee"),
+                                                     ("none", "tf32", "tf32")])
+def test_fp32_products_follow_torch_precision_api(matmul, everything, dot):
+    """The same through torch's newer switch, after which reading the legacy allow_tf32 raises."""
+    before = torch.backends.cuda.matmul.fp32_precision, torch.backends.fp32_precision
+    torch.backends.fp32_precision = everything
+    torch.backends.cuda.matmul.fp32_precision = matmul
+    try:
+        assert deform_conv.launch_flags(torch.zeros(1))["DOT"] == dot
+    finally:
+        torch.backends.fp32_precision = before[1]
+        torch.backends.cuda.matmul.fp32_precision = before[0]
 
 
 @needs_kernels
@@ -223,6 +251,31 @@ def test_torch_compile_fullgraph(backend):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_meta_tensors_give_shapes_forward_and_backward():
+    t = {k: v.float().to("meta").requires_grad_() for k, v in make_inputs(2, 3, 4, 7, 6, stride=2).items()}
+    y = triton_op(t, dict(stride=2, padding=1, dilation=1))
+    assert y.is_meta and tuple(y.shape) == (2, 4, 4, 3)
+    y.sum().backward()
+    assert all(v.grad.is_meta and v.grad.shape == v.shape for v in t.values())
+
+
+@needs_kernels
+def test_offset_rows_further_apart_than_int32_reaches():
+    """An offset view whose rows lie 2**29 elements apart puts the last row past 2**31: the tap addressing is
+    int64. The view's storage (8 GiB) is allocated but never touched beyond the few values used."""
+    rows = 2**29
+    storage = torch.empty(4 * rows + 64, dtype=torch.float32, device=DEVICE)
+    offset = storage.as_strided((1, 18, 5, 1), (0, 1, rows, 1))
+    gen = torch.Generator().manual_seed(4)
+    offset.copy_(0.7 * torch.randn(1, 18, 5, 1, generator=gen))
+    x, mask = torch.randn(1, 3, 5, 1, generator=gen), torch.rand(1, 9, 5, 1, generator=gen)
+    weight = torch.randn(2, 3, 3, 3, generator=gen)
+    y = modulated_deform_conv2d(x.to(DEVICE), offset, mask.to(DEVICE), weight.to(DEVICE))
+    y_ref = torchvision.ops.deform_conv2d(x.double(), offset.cpu().double(), weight.double(), padding=1,
+                                          mask=mask.double())
+    assert rel_err(y, y_ref) < 1e-6
+
+
 def test_fake_impl_shapes():
     t = {k: v.float() for k, v in make_inputs(2, 3, 4, 7, 6, stride=2).items()}
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
@@ -256,7 +309,8 @@ BAD_INPUTS = {
     "offset_rank": (_bad(offset=torch.randn(2, 18, 25)), ValueError, "offset must be"),
     "offset_groups": (_bad(offset=torch.randn(2, 36, 5, 5)), NotImplementedError, "offset groups"),
     "mask_size": (_bad(mask=torch.randn(2, 9, 5, 6)), ValueError, r"mask must be \(2, 9, 5, 5\)"),
-    "mask_groups": (_bad(mask=torch.randn(2, 18, 5, 5)), NotImplementedError, "offset groups"),
+    # the offset says one group: 18 mask channels are a wrong shape, not a second group
+    "mask_channels": (_bad(mask=torch.randn(2, 18, 5, 5)), ValueError, r"mask must be \(2, 9, 5, 5\)"),
     "bias_shape": (_bad(bias=torch.randn(4)), ValueError, r"bias must be \(3,\)"),
     "int_input": (_bad(input=torch.ones(2, 4, 5, 5, dtype=torch.int64)), TypeError, "input must be float"),
     "mixed_dtype": (_bad(weight=torch.randn(3, 4, 3, 3, dtype=torch.float64)), TypeError, "weight has dtype"),
@@ -270,6 +324,15 @@ def test_bad_inputs_raise(case):
     t, error, message = BAD_INPUTS[case]
     with pytest.raises(error, match=message):
         modulated_deform_conv2d(t["input"], t["offset"], t["mask"], t["weight"], t["bias"])
+
+
+@pytest.mark.parametrize("cin, cout, w", [(2**15, 2**16, 1), (2**16, 1, 2**15)], ids=["weight", "input_row"])
+def test_sizes_past_int32_indexing_raise(cin, cout, w):
+    """A 1x1 conv with a weight, or an input row, of 2**31 elements (expanded views: no memory)."""
+    x = torch.zeros(1, 1, 1, 1).expand(1, cin, 1, w)
+    weight = torch.zeros(1, 1, 1, 1).expand(cout, cin, 1, 1)
+    with pytest.raises(ValueError, match="beyond the kernels' int32 indexing"):
+        modulated_deform_conv2d(x, torch.zeros(1, 2, 1, w), torch.zeros(1, 1, 1, w), weight, padding=0)
 
 
 @pytest.mark.parametrize("conv, error", [(dict(stride=0), ValueError), (dict(padding=(1, 2, 3)), TypeError),

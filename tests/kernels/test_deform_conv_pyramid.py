@@ -213,7 +213,7 @@ def _bad(level, **change):
 
 BAD_INPUTS = {
     "offset_size": (_bad(1, offset=torch.randn(2, 18, 5, 4)), ValueError, r"level 1: offset must be \(2, 18, 5, 3\)"),
-    "mask_groups": (_bad(2, mask=torch.randn(2, 18, 3, 5)), NotImplementedError, "level 2: .*offset groups"),
+    "mask_channels": (_bad(2, mask=torch.randn(2, 18, 3, 5)), ValueError, r"level 2: mask must be \(2, 9, 3, 5\)"),
     "input_channels": (_bad(1, input=torch.randn(2, 5, 5, 3)), ValueError, r"level 1: weight must be \(Cout, 5"),
     "dtype": (_bad(2, input=torch.randn(2, 4, 3, 5, dtype=torch.float64)), TypeError, "level 2: .*dtype"),
     "batch": (_bad(1, input=torch.randn(1, 4, 5, 3), offset=torch.randn(1, 18, 5, 3), mask=torch.rand(1, 9, 5, 3)),

@@ -1,5 +1,9 @@
 """Where the kernels run (`kernels.runtime`): the interpreter's version check and the device checks."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -21,6 +25,14 @@ def test_interpreter_problem_knows_triton_36_with_numpy_24(triton_version, numpy
     assert (problem is not None) == broken
     if broken:
         assert "numpy<2.4" in problem and triton_version in problem
+
+
+@pytest.mark.parametrize("value, on", [("true", True), ("ON", True), ("1", True), ("0", False), ("", False)])
+def test_interpret_reads_the_variable_as_triton_does(value, on):
+    env = {**os.environ, "TRITON_INTERPRET": value}
+    code = "import triton, kernels.runtime as r; print(r.INTERPRET, bool(triton.knobs.runtime.interpret))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == [str(on), str(on)]
 
 
 @pytest.mark.skipif(not INTERPRET, reason="the check guards the interpreter")
