@@ -22,6 +22,7 @@ DTYPES = ("bfloat16", "float32", "float16")
 # The impl whose own error in a dtype is the noise floor of the check (see `first_failure`).
 BASELINE = "torchvision"
 NOISE_FACTOR = 2.0
+UNIT_ROUNDOFF = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 
 # Largest relative norm error against the float64 reference (over outputs and gradients) that passes the check;
 # a row above it, or with non-finite results, is still timed but flagged "check": "fail". These catch broken
@@ -162,13 +163,16 @@ class Problem:
         return self._reference
 
     def noise_floor(self, dtype: torch.dtype) -> list[float] | None:
-        """The relative errors of BASELINE's own results in `dtype` (rel_errors order), computed once; None
-        where BASELINE does not run in that dtype here (e.g. bfloat16 on the CPU)."""
+        """The relative errors of BASELINE's own results in `dtype` (rel_errors order), computed once. Where
+        BASELINE has no bfloat16 kernel (the CPU): its float16 errors times the ratio of the two formats' unit
+        roundoffs (8), in proportion to which rounding errors grow; None where it runs in neither."""
         if dtype not in self._noise:
             try:
                 self._noise[dtype] = rel_errors(self.step(BASELINE, dtype)(), self.reference())
             except (RuntimeError, NotImplementedError):
-                self._noise[dtype] = None
+                half = self.noise_floor(torch.float16) if dtype == torch.bfloat16 else None
+                ratio = UNIT_ROUNDOFF[torch.bfloat16] / UNIT_ROUNDOFF[torch.float16]
+                self._noise[dtype] = None if half is None else [ratio * e for e in half]
         return self._noise[dtype]
 
 

@@ -81,11 +81,18 @@ def sort_key(record: dict) -> tuple:
             record["shape"])
 
 
+SKIPPED = "skipped: "  # how a row the time budget left out begins its error
+
+
 def merge(previous: dict | None, meta: dict, records: list[dict]) -> dict:
     """The file's new content: `records` replace the previous file's records with the same (op, impl, dtype,
-    device, shape) and the others are kept, so that a run of a subset updates a full run of the same day."""
+    device, shape) and the others are kept, so that a run of a subset updates a full run of the same day. A row
+    the time budget skipped keeps the earlier measurement it would replace."""
     kept = []
     if previous is not None:
+        measured = {record_key(r): r for r in previous["records"] if r["median_ms"] is not None}
+        records = [measured.get(record_key(r), r) if str(r.get("error", "")).startswith(SKIPPED) else r
+                   for r in records]
         new_keys = {record_key(r) for r in records}
         kept = [r for r in previous["records"] if record_key(r) not in new_keys]
         if kept and previous["meta"]["command"] != meta["command"]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
-from .ops import BASELINE, IMPLS
+from .ops import BASELINE, IMPLS, OPS
 from .records import sort_key
+from .shapes import COCO
 
 COLUMNS = ("op", "dtype", "impl", "median ms", "p20-p80 ms", "TFLOP/s", "% peak", "peak MiB",
            f"vs {BASELINE}", "max rel err", "note")
@@ -43,29 +45,34 @@ def _note(record: dict) -> str:
 
 
 def table(records: list[dict]) -> str:
-    """A markdown table of the records, sorted by op, dtype and impl."""
+    """A markdown table of the records, sorted by op, dtype and impl; with a shape column where the records
+    hold several shape sets (runs of the day at other sizes)."""
     ups = speedups(records)
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    ops_shapes = {(r["op"], r["shape"]) for r in records}
+    with_shape = len(ops_shapes) > len({op for op, _ in ops_shapes})
+    columns = COLUMNS[:3] + ("shape",) * with_shape + COLUMNS[3:]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for r in sorted(records, key=sort_key):
         spread = "" if r["p20_ms"] is None else f"{r['p20_ms']:.4g}-{r['p80_ms']:.4g}"
         up = ups.get(id(r))
-        cells = (r["op"], r["dtype"], r["impl"], _fmt(r["median_ms"], ".4g"), spread, _fmt(r["tflops"], ".3g"),
-                 _fmt(r["pct_of_peak"], ".1f"), _fmt(r["peak_mem_mb"], ".0f"),
+        cells = (r["op"], r["dtype"], r["impl"], *((r["shape"],) * with_shape), _fmt(r["median_ms"], ".4g"), spread,
+                 _fmt(r["tflops"], ".3g"), _fmt(r["pct_of_peak"], ".1f"), _fmt(r["peak_mem_mb"], ".0f"),
                  "" if up is None else f"{up:.2f}x", _fmt(r.get("max_rel_err"), ".1e"), _note(r))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def targets(records: list[dict]) -> str:
-    """The project's targets on a GPU in bfloat16 and what these records reach (markdown list; "" without GPU
-    records)."""
+    """The project's targets on a GPU in bfloat16 at the COCO shapes, and what these records reach (markdown
+    list; "" without GPU records). A row whose check failed measures nothing."""
     if not any(r["device"] == "cuda" for r in records):
         return ""
 
     def find(op: str, impl: str) -> dict:
+        shape = COCO.describe(pyramid=OPS[op].num_blocks > 0)
         for r in records:
-            if (r["op"], r["impl"], r["dtype"], r["device"]) == (op, impl, "bfloat16", "cuda"):
-                return r
+            if (r["op"], r["impl"], r["dtype"], r["device"], r["shape"]) == (op, impl, "bfloat16", "cuda", shape):
+                return {} if r.get("check") == "fail" else r
         return {}
 
     def line(goal: str, value: float | None, shown: str, ok: bool) -> str:
@@ -85,13 +92,18 @@ def targets(records: list[dict]) -> str:
     ]) + "\n"
 
 
+def can_chart() -> bool:
+    """Whether matplotlib (the `plot` extra) is installed."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def chart(records: list[dict], title: str, path: str | os.PathLike) -> Path | None:
     """A PNG of median times (log scale), one panel per dtype, one group of bars per op, annotated with the
-    speedup against torchvision. None when matplotlib is not installed (the `plot` extra)."""
-    try:
-        import matplotlib
-    except ImportError:
+    speedup against torchvision; records of one shape set. None when matplotlib is not installed (the `plot`
+    extra) or no record was timed."""
+    if not can_chart():
         return None
+    import matplotlib
     matplotlib.use("Agg")  # files only: no display on a benchmark machine
     import matplotlib.pyplot as plt
 

@@ -41,15 +41,28 @@ def name_list(text: str, known) -> list[str]:
     """A comma-separated option as a list of names, each one of ``known`` (else argparse's type error)."""
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in known]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown {unknown}, expected some of {list(known)}")
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown {unknown}, expected some of {list(known)}" if unknown else
+                                         f"no names given, expected some of {list(known)}")
     return names
+
+
+def device_arg(text: str) -> torch.device:
+    """--device: a CUDA or CPU device (else argparse's type error)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cuda", "cpu"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device, expected cuda, cuda:N or cpu")
+    return device
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if cuda else "cpu", help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--device", type=device_arg, default="cuda" if cuda else "cpu",
+                   help="cuda, cuda:N or cpu (default: cuda if available)")
     p.add_argument("--shapes", choices=sorted(SHAPE_SETS),
                    help="coco: batch 2 of 800x1333 at P3-P7, 256 ch (default on cuda); medium: 2x64 ch from 32x48, "
                         "for CPU figures (minutes); small: seconds on a CPU (default on cpu)")
@@ -70,7 +83,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
-    args.device = torch.device(args.device)
     on_gpu = args.device.type == "cuda"
     if args.cuda_graphs and not on_gpu:
         p.error("--cuda-graphs needs --device cuda")
@@ -126,7 +138,7 @@ class Runner:
         base = dict(op=op, impl=impl, dtype=dtype_name, device=self.device.type,
                     shape=shapes.describe(pyramid=spec.num_blocks > 0))
         if self.elapsed() > self.args.budget:
-            return records.make_record(**base, error=f"skipped: time budget of {self.args.budget:.0f} s spent")
+            return records.make_record(**base, error=f"{records.SKIPPED}time budget of {self.args.budget:.0f} s spent")
         dtype = getattr(torch, dtype_name)
         try:
             reference = self.reference(op)
@@ -186,7 +198,7 @@ class Runner:
         base = dict(op=PROFILE_OP, impl=impl, dtype=dtype_name, device=self.device.type,
                     shape=shapes.describe(pyramid=True))
         if self.elapsed() > self.args.budget:
-            return {**base, "error": f"skipped: time budget of {self.args.budget:.0f} s spent"}
+            return {**base, "error": f"{records.SKIPPED}time budget of {self.args.budget:.0f} s spent"}
         try:
             step = self.problem(PROFILE_OP).step(impl, getattr(torch, dtype_name))
             step()  # warm-up: compilation and autotuning stay out of the profile
@@ -232,17 +244,21 @@ def main(argv: list[str] | None = None) -> int:
     stem = path.with_suffix("")
     graphs = ", every step a CUDA graph replay" if args.cuda_graphs else ""
     header = (f"{meta['device_name']}, torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
-              f"{meta['date']}{graphs}\n\n`{meta['command']}`\n\n")
+              f"{meta['date']}{graphs}\n\n`{content['meta']['command']}`\n\n")
     table = "\n".join(filter(None, [report.table(content["records"]), report.targets(content["records"])]))
     Path(f"{stem}.md").write_text(header + table)
     print(header + table)
     outputs = [path, Path(f"{stem}.md")]
 
-    chart = report.chart(content["records"], f"{meta['device_name']} ({meta['date']})", f"{stem}.png")
-    if chart is None:
+    # the chart shows this run's shape set (a file can hold others, from earlier runs of the day)
+    shapes = {args.shapes.describe(pyramid=False), args.shapes.describe(pyramid=True)}
+    charted = [r for r in content["records"] if r["shape"] in shapes]
+    if not any(r["median_ms"] for r in charted):
+        _log("chart skipped: no row was timed")
+    elif not report.can_chart():
         _log("chart skipped: matplotlib is not installed (pip install dyhead-triton[plot])")
     else:
-        outputs.append(chart)
+        outputs.append(report.chart(charted, f"{meta['device_name']} ({meta['date']})", f"{stem}.png"))
 
     if not args.no_profile and not args.cuda_graphs and PROFILE_OP in args.ops:
         profiles = [runner.profile(impl, args.dtypes[0]) for impl in args.impls]

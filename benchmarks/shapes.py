@@ -37,7 +37,8 @@ class ShapeSet:
         return f"{self.batch}x{self.channels}x[{sizes}]"
 
 
-# Batch 2 of an 800x1333 COCO image padded to a multiple of 128 (800x1408): P3-P7 at strides 8-128.
+# Batch 2 of an 800x1333 COCO image, P3-P7 at strides 8-128, the levels the issue lists: those of 800x1344
+# (padded to a multiple of 32; the detectors pad to 128, 800x1408, whose P3 is 100x176).
 COCO = ShapeSet("coco", batch=2, channels=256, levels=((100, 168), (50, 84), (25, 42), (13, 21), (7, 11)))
 
 # Same structure (5 levels, odd sizes at the coarse end, GroupNorm(16)-compatible channels), tiny sizes.

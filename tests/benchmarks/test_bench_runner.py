@@ -152,16 +152,41 @@ def test_table_speedups_and_notes():
 
 
 def test_targets():
-    gpu = [records.make_record("dyhead_6block_fwd_bwd", impl, "bfloat16", "cuda", "s", median_ms=ms,
-                               peak_mem_mb=mb) for impl, ms, mb in (("torchvision", 40.0, 9000.0),
-                                                                     ("triton", 8.0, 3000.0))]
-    gpu.append(record("triton", 1.0, pct_of_peak=30.0))
+    def six_blocks(shapes, impl, ms, mb, **values):
+        return records.make_record("dyhead_6block_fwd_bwd", impl, "bfloat16", "cuda", shapes.describe(pyramid=True),
+                                   median_ms=ms, peak_mem_mb=mb, **values)
+
+    # rows of a smaller shape set of the same day, listed first, must not stand in for the COCO ones
+    small = [six_blocks(SMALL, "torchvision", 1.0, 10.0), six_blocks(SMALL, "triton", 0.1, 1.0),
+             records.make_record("dcn_fwd", "triton", "bfloat16", "cuda", SMALL.describe(pyramid=False),
+                                 median_ms=0.01, pct_of_peak=90.0)]
+    gpu = small + [six_blocks(COCO, "torchvision", 40.0, 9000.0), six_blocks(COCO, "triton", 8.0, 3000.0),
+                   record("triton", 1.0, pct_of_peak=30.0)]
     lines = report.targets(gpu).splitlines()
     assert lines[1] == "- dyhead_6block_fwd_bwd at least 3x faster (aim 10x): 5.00x, met"
     assert lines[2] == "- dcn_fwd at least 35% of the dense bf16 peak: 30.0%, NOT met"
     assert lines[3] == "- dyhead_6block_fwd_bwd peak memory at most half of torchvision's: 0.33x, met"
-    assert report.targets(gpu[:1]).splitlines()[1].endswith(": not measured")
+    assert report.targets(gpu[:4]).splitlines()[1].endswith(": not measured")
+    failed = gpu[:4] + [six_blocks(COCO, "triton", 8.0, 3000.0, check="fail")]
+    assert report.targets(failed).splitlines()[1].endswith(": not measured")
     assert report.targets([{**r, "device": "cpu"} for r in gpu]) == ""
+
+
+def test_table_names_the_shapes_where_a_file_holds_several():
+    assert "shape" not in report.table([record("torchvision", 10.0)]).splitlines()[0]
+    rows = [record("torchvision", 10.0), {**record("torchvision", 1.0), "shape": "1x32x16x24"}]
+    lines = report.table(rows).splitlines()
+    assert lines[0].startswith("| op | dtype | impl | shape | median ms")
+    assert {line.split(" | ")[3] for line in lines[2:]} == {"2x256x100x168", "1x32x16x24"}
+
+
+@pytest.mark.parametrize("argv, message", [(["--ops", ","], "no names given"), (["--impls", ""], "no names given"),
+                                           (["--device", "gpu"], "'gpu' is not a device"),
+                                           (["--device", "meta"], "'meta' is not a device")])
+def test_bad_options_are_argparse_errors(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        run.parse_args(argv)
+    assert message in capsys.readouterr().err
 
 
 def test_cuda_graph_runs_need_a_gpu_and_get_their_own_file(tmp_path):
@@ -179,6 +204,11 @@ def test_merge_replaces_rows_of_the_same_key():
     merged = records.merge(previous, {"command": "second"}, [record("triton", 2.0)])
     assert [(r["impl"], r["median_ms"]) for r in merged["records"]] == [("triton", 2.0), ("torchvision", 10.0)]
     assert merged["meta"]["command"] == "first ; second"
+    # a row the budget skipped keeps the day's measurement; an error replaces it (it says what the code does now)
+    skipped = record("triton", None, error=records.SKIPPED + "time budget of 0 s spent")
+    broken = record("torchvision", None, error="RuntimeError: x")
+    merged = records.merge(previous, {"command": "third"}, [skipped, broken])
+    assert [(r["impl"], r["median_ms"]) for r in merged["records"]] == [("triton", 5.0), ("torchvision", None)]
 
 
 def test_rel_errors():
