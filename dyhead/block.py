@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import TypeVar
 
@@ -99,7 +100,8 @@ class DyHead(nn.Module):
 
     forward(levels) takes a list, tuple or mapping (e.g. torchvision FPN's OrderedDict) of L >= 1 levels, finest
     first, each (N, in_channels, H_l, W_l) float64/float32/bfloat16/float16 with H_l = ceil(H_{l-1} / 2), and
-    returns the same container type (same keys) of (N, channels, H_l, W_l).
+    returns the same container type (same keys; namedtuples too; a mapping other than a dict comes back as a
+    dict) of (N, channels, H_l, W_l).
     """
 
     def __init__(
@@ -141,5 +143,8 @@ class DyHead(nn.Module):
         for block in self.blocks:
             tensors = block(tensors)
         if isinstance(levels, Mapping):
-            return type(levels)(zip(names, tensors))
+            out = dict(zip(names, tensors))
+            return type(levels)(out) if type(levels) in (dict, OrderedDict) else out
+        if hasattr(levels, "_fields"):  # a namedtuple takes its fields one by one
+            return type(levels)(*tensors)
         return type(levels)(tensors)

@@ -9,11 +9,10 @@ from torch import Tensor, nn
 from .activations import hard_sigmoid
 
 
-def squeeze_channels(channels: int, divisor: int = 4) -> int:
-    """Hidden width of the coefficient MLP: C / 4 rounded as the release's ``_make_divisible(C // 4, 4)``."""
-    v = channels // 4
-    rounded = max(divisor, int(v + divisor / 2) // divisor * divisor)
-    return rounded + divisor if rounded < 0.9 * v else rounded
+def squeeze_channels(channels: int) -> int:
+    """Hidden width of the coefficient MLP: C // 4, as the release's DYReLU at its reduction of 4 (it rounds to
+    a multiple of 4 only for other reductions) and mmdetection's DyReLU."""
+    return channels // 4
 
 
 class TaskAttention(nn.Module):

@@ -1,11 +1,12 @@
 """The reference DyHead against an independent restatement of the official forward, and its contract."""
 
-from collections import OrderedDict
+from collections import OrderedDict, namedtuple
+from types import MappingProxyType
 
 import pytest
 import torch
 
-from dyhead import DyHead, DyHeadBlock, convert_state_dict
+from dyhead import DyHead, DyHeadBlock, TaskAttention, convert_state_dict
 from dyhead.deform import resolve_backend
 from official_reference import official_forward, official_state_dict
 
@@ -79,6 +80,12 @@ def test_containers_keep_type_and_keys():
     assert type(as_dict) is dict and list(as_dict) == ["p3", "p4", "p5"]
     for a, b in zip(as_list, as_od.values()):
         torch.testing.assert_close(a, b)
+    levels_tuple = namedtuple("Levels", "p3 p4 p5")
+    as_named = model(levels_tuple(*levels))
+    assert type(as_named) is levels_tuple
+    torch.testing.assert_close(as_named.p5, as_list[2])
+    as_proxy = model(MappingProxyType(od))  # a read-only mapping: back as a dict
+    assert type(as_proxy) is dict and list(as_proxy) == ["p3", "p4", "p5"]
 
 
 def test_channels_change_after_first_block():
@@ -124,6 +131,8 @@ def test_initialisation_follows_the_release():
     attn = block.scale.conv.weight
     assert 0.005 < attn.std().item() < 0.015 and torch.count_nonzero(block.scale.conv.bias) == 0
     assert block.task.fc1.out_features == 16 and block.task.fc2.out_features == 4 * c
+    # the release's DYReLU squeezes to C // 4 at its reduction of 4, whatever C (no rounding to a multiple of 4)
+    assert [TaskAttention(c).fc1.out_features for c in (24, 40, 72)] == [6, 10, 18]
 
 
 def test_without_task_attention_is_the_scale_aware_mean_of_the_spatial_branches():
