@@ -69,7 +69,8 @@ def shape_constants(values: Sequence[float], dtype: torch.dtype, device: torch.d
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("DyHead's triton backend met new pyramid sizes inside a CUDA graph capture: run "
                                "the module once on these sizes before capturing it (a warm-up)")
-        constants = torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+        with torch.inference_mode(False):  # an inference tensor, kept, would break a later training step
+            constants = torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
         _SHAPE_CONSTANTS[key] = constants
     return constants
 
@@ -104,7 +105,8 @@ def upsampling_pool_weights(resizes: Sequence[tuple[tuple[int, int], tuple[int, 
     if pairs is None:
         axes = [upsampled_mean_weights(size_in, size_out) for sizes_in, sizes_out in resizes
                 for size_in, size_out in zip(sizes_in, sizes_out)]
-        views = shape_constants([w for axis in axes for w in axis], dtype, device).split([len(a) for a in axes])
+        with torch.inference_mode(False):  # views kept for training calls: no inference views of the constants
+            views = shape_constants([w for axis in axes for w in axis], dtype, device).split([len(a) for a in axes])
         pairs = list(zip(views[0::2], views[1::2]))
         if not torch.compiler.is_compiling():
             _POOL_WEIGHTS[key] = pairs

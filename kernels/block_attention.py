@@ -319,11 +319,13 @@ def _rows(t: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, int]:
     """(t, its stride between (level, image) rows) for a (L, N, [S,] C) tensor whose channels are contiguous,
     slots C apart and rows evenly spaced (a view of the combine's gradient buffer); else a contiguous copy."""
     t = t.expand(shape)
+    levels, n = shape[:2]
     inner = (1,) if len(shape) == 3 else (shape[-1], 1)
-    if t.stride()[2:] == inner and t.stride(0) == shape[1] * t.stride(1):
-        return t, t.stride(1)
-    t = t.contiguous()
-    return t, t.stride(1)
+    if t.stride()[2:] != inner or (levels > 1 and n > 1 and t.stride(0) != n * t.stride(1)):
+        t = t.contiguous()
+    # Row l * N + i sits that many row strides in. torch leaves the stride of a size-1 dim free (a contiguous
+    # tensor may hold any there), so it is read off a dim of size > 1: images, or levels where N is 1.
+    return t, t.stride(1) if n > 1 else t.stride(0)
 
 
 class _BlockAttention(torch.autograd.Function):

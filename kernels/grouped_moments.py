@@ -297,7 +297,11 @@ def _check_pool_weights(maps, pool_weights, first):
 
 
 def _root(t: Tensor) -> Tensor:
-    return t if t._base is None else t._base
+    """The tensor ``t`` is a view of, where computing on it in place of ``t`` keeps autograd's reading: both or
+    neither require grad. A leaf made from a view of a buffer without grad is its own root: through the buffer
+    its gradient would be lost."""
+    base = t._base
+    return t if base is None or base.requires_grad != t.requires_grad else base
 
 
 def _start_in(t: Tensor, base: Tensor):

@@ -69,6 +69,23 @@ def test_empty_batch_runs_as_on_torchvision():
         assert torch.equal(g, ref_grads[name]), name
 
 
+def test_a_first_call_under_inference_mode_leaves_training_working():
+    """The block caches tensors per pyramid size; made under inference_mode they could not be saved for a later
+    backward. Sizes no other test uses, so that this call is the one that fills the caches."""
+    torch.manual_seed(0)
+    model = DyHead(32, 32, 1, backend="triton").to(DEVICE)
+    levels = [torch.randn(1, 32, h, w, device=DEVICE) for h, w in [(11, 7), (6, 4)]]
+    with torch.inference_mode():
+        expected = model(levels)
+    out, grads = run(model, [x.requires_grad_() for x in levels])
+    for a, b in zip(out, expected):
+        torch.testing.assert_close(a, b)
+    model.backend = "torchvision"
+    _, ref_grads = run(model, levels)
+    for name, g in grads.items():
+        assert rel_err(g, ref_grads[name]) < 2e-4, name
+
+
 def test_triton_backend_compiles_without_graph_breaks():
     """The whole block (deformable convs, level pass, the attentions' small math) traces as one graph, as CUDA
     graphs (torch.compile mode="reduce-overhead") need."""

@@ -97,6 +97,23 @@ def test_single_level_without_neighbours():
             torch.testing.assert_close(h, w, rtol=1e-9, atol=1e-11)
 
 
+def test_one_image_with_incoming_gradients_of_any_image_stride():
+    """With N = 1 torch leaves the image dim's stride free in a contiguous tensor (the combine's gradients can come
+    so, e.g. through a transpose): the kernels must read the row stride off the level dim."""
+    norms, scale, task = _modules(32, torch.float64, seed=5)
+    moments = _moments(PYRAMID_NORMS, PYRAMID_PIXELS, 1, 32, torch.float64).requires_grad_()
+    outputs = block_attention(moments, PYRAMID_PIXELS, PYRAMID_NORMS, torch.stack([m.weight for m in norms]),
+                              torch.stack([m.bias for m in norms]), 16, norms[0].eps, scale.conv.weight.view(-1),
+                              scale.conv.bias, (task.fc1.weight, task.fc1.bias, task.fc2.weight, task.fc2.bias))
+    g = torch.Generator().manual_seed(3)
+    grads = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(DEVICE) for t in outputs]
+    odd = [t.as_strided(t.shape, (t.stride(0), 7, *t.stride()[2:])) for t in grads]  # the same elements
+    assert all(o.is_contiguous() and o.stride(1) == 7 for o in odd)
+    want = torch.autograd.grad(outputs, moments, grads, retain_graph=True)[0]
+    have = torch.autograd.grad(outputs, moments, odd)[0]
+    torch.testing.assert_close(have, want, rtol=1e-12, atol=1e-14)
+
+
 def _good_args(c=32):
     norms, scale, task = _modules(c, torch.float32, seed=0)
     moments = _moments([0, -1, -1], [4, 1, 1], 2, c, torch.float32)

@@ -108,6 +108,21 @@ def test_views_of_one_buffer_get_one_gradient():
 
 
 @needs_kernels
+def test_leaf_views_of_a_buffer_without_grad_get_their_own_gradients():
+    # levels made leaves from views of one plain buffer: the buffer is no path to their gradients
+    xs, weight, bias = _inputs(PYRAMID)
+    buffer = torch.cat([x.reshape(-1) for x in xs]).to(DEVICE)
+    views = [part.view(x.shape).requires_grad_() for part, x in zip(buffer.split([x.numel() for x in xs]), xs)]
+    weight, bias = weight.to(DEVICE), bias.to(DEVICE)
+    out = pyramid_conv2d(views, weight, bias)
+    grad = torch.randn_like(out)
+    separate = [x.to(DEVICE).requires_grad_() for x in xs]
+    expected = _reference(separate, weight, bias)
+    for g, w in zip(torch.autograd.grad(out, views, grad), torch.autograd.grad(expected, separate, grad)):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+@needs_kernels
 def test_keeps_no_canvas_for_the_backward():
     # The canvas is written again in the backward: what is kept is the weight and the inputs themselves.
     xs, weight, bias = _inputs(PYRAMID)
