@@ -175,6 +175,16 @@ class Problem:
                 self._noise[dtype] = None if half is None else [ratio * e for e in half]
         return self._noise[dtype]
 
+    def check(self, impl: str, dtype: torch.dtype, errors: list[float]) -> tuple[str, int | None]:
+        """(status, index of the first failing result or None) of `impl`'s errors in `dtype`: "pass", "fail", or
+        for BASELINE beyond the fixed bound with finite errors "floor" (its errors are the others' bound, see
+        `first_failure`)."""
+        tolerance = self.spec.tolerance(str(dtype).removeprefix("torch."))
+        bad = first_failure(errors, tolerance, None if impl == BASELINE else self.noise_floor(dtype))
+        if bad is None:
+            return "pass", None
+        return ("floor" if impl == BASELINE and all(map(math.isfinite, errors)) else "fail"), bad
+
 
 class DcnProblem(Problem):
     """One 3x3 C->C modulated deformable conv at P3: x (N, C, H, W), offset (N, 18, H, W), mask (N, 9, H, W)."""

@@ -27,7 +27,7 @@ from kernels import runtime
 
 from . import profile, records, report
 from .flops import peak_tflops
-from .ops import BASELINE, DTYPES, IMPLS, OPS, Problem, first_failure, make_problem, rel_errors
+from .ops import DTYPES, IMPLS, OPS, Problem, make_problem, rel_errors
 from .shapes import SHAPE_SETS
 from .timing import CPU_POLICY, GPU_POLICY, Policy, cuda_graph, measure, peak_memory_mb, synchronize
 
@@ -184,12 +184,9 @@ class Runner:
     def check(self, problem: Problem, impl: str, dtype: torch.dtype, errors: list[float]) -> dict:
         """The record's check fields: "pass", "fail", or for the baseline beyond the fixed bound "floor" (its
         errors are then the others' bound, see `first_failure`); "worst" names the failing or largest error."""
-        tolerance = problem.spec.tolerance(str(dtype).removeprefix("torch."))
-        noise = None if impl == BASELINE else problem.noise_floor(dtype)
-        bad = first_failure(errors, tolerance, noise)
+        check, bad = problem.check(impl, dtype, errors)
         worst = max(range(len(errors)), key=errors.__getitem__) if bad is None else bad
         finite = all(math.isfinite(e) for e in errors)
-        check = "pass" if bad is None else "floor" if impl == BASELINE and finite else "fail"
         return dict(max_rel_err=max(errors) if finite else None, worst=problem.result_names()[worst], check=check)
 
     def profile(self, impl: str, dtype_name: str) -> dict:
