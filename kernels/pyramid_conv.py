@@ -27,7 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .deform_conv import autotune_configs
-from .deform_conv_op import _FLOAT_DTYPES, _device_guard, eager_call
+from .deform_conv_op import _FLOAT_DTYPES, _device_guard, autocast_enabled, eager_call
 from .device_table import cached_device_table
 from .grouped_moments import _root, _start_in
 from .runtime import cdiv, check_runnable, first_config_unless_tuning, next_power_of_2
@@ -269,7 +269,7 @@ def pyramid_conv2d(inputs: Sequence[Tensor], weight: Tensor, bias: Tensor | None
     plan = plan_canvas(sizes, n, padding, inputs[0].device)
     flat = _levels_buffer(inputs)
     device_type = flat.device.type
-    if torch.is_autocast_enabled(device_type):
+    if autocast_enabled(flat):
         # What autocast does to F.conv2d's arguments, done here: the backward's canvas must see the same.
         dtype = torch.get_autocast_dtype(device_type)
         flat, weight, bias = (t if t is None or t.dtype == torch.float64 else t.to(dtype) for t in (flat, weight, bias))
