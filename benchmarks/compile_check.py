@@ -33,6 +33,8 @@ from typing import Iterator
 
 import torch
 
+from kernels.runtime import INTERPRET
+
 from .run import name_list
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
@@ -309,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--first-config", action="store_true", help="only the first autotune config each pruner keeps")
     p.add_argument("--json", help="also write the records here")
     args = p.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if INTERPRET:
         p.error("unset TRITON_INTERPRET: the interpreter has nothing to compile")
     session = check(args.arch, args.dtypes, args.shapes, args.first_config)
     print(table(session))

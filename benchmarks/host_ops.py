@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import os
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dyhead import DyHead
+from kernels.runtime import INTERPRET
 
 # Ops that allocate or describe memory without running a kernel.
 NO_LAUNCH = {
@@ -222,7 +222,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     backends = [b for b in args.backends.split(",") if b]
-    if "triton" in backends and args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if "triton" in backends and args.device == "cpu" and not INTERPRET:
         print("the triton backend on the CPU needs TRITON_INTERPRET=1 (set before Python starts)", file=sys.stderr)
         return 2
     print(f"per step of {args.blocks} block(s), {args.levels} levels, batch {args.batch}, {args.channels} channels, "

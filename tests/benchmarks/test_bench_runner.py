@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from benchmarks import ops, profile, records, report, run
 from benchmarks.flops import block_flops, dcn_flops, op_flops, peak_tflops
 from benchmarks.shapes import COCO, SMALL
 from benchmarks.timing import percentile, summarize
+from kernels.runtime import INTERPRET
 
 FAST = ["--device", "cpu", "--shapes", "small", "--quick", "--threads", "1", "--no-profile"]
 
@@ -100,7 +100,7 @@ def test_spent_budget_skips_rows_and_a_later_run_merges(tmp_path):
     assert " ; " in content["meta"]["command"]
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 on the CPU")
+@pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 on the CPU")
 def test_triton_under_the_interpreter_is_checked_not_timed(tmp_path):
     _, content = run_main(tmp_path, "--ops", "dcn_fwd", "--impls", "triton", "--dtypes", "float32")
     (r,) = content["records"]

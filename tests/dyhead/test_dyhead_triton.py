@@ -1,13 +1,11 @@
 """DyHead on the Triton deformable conv against the torchvision path with the same weights."""
 
-import os
-
 import pytest
 import torch
 
 from dyhead import DyHead
+from kernels.runtime import INTERPRET
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() and not INTERPRET,
     reason="the Triton kernels need CUDA or TRITON_INTERPRET=1 (CPU interpreter)",

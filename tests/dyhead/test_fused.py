@@ -1,7 +1,5 @@
 """dyhead.fused (the triton backend's level pass) against the reference modules it replaces."""
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,8 +8,8 @@ from torch import nn
 from dyhead import ScaleAttention, TaskAttention
 from dyhead.fused import (block_forward, group_norm_affine, shape_constants, upsampled_mean_weights,
                           upsampling_pool_weights)
+from kernels.runtime import INTERPRET
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
 needs_kernels = pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(),
                                    reason="the Triton kernels need CUDA or TRITON_INTERPRET=1 (CPU interpreter)")

@@ -1,7 +1,5 @@
 """Shared inputs and references of the deformable conv kernel tests (CPU interpreter and CUDA)."""
 
-import os
-
 import pytest
 import torch
 import torchvision
@@ -9,9 +7,9 @@ from torch.nn.modules.utils import _pair
 
 from kernels import modulated_deform_conv2d
 from kernels.deform_conv_op import modulated_deform_conv2d_pyramid
+from kernels.runtime import INTERPRET
 
 # The kernels run in the CPU interpreter (TRITON_INTERPRET=1 set before pytest starts) or on a CUDA GPU.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
 needs_kernels = pytest.mark.skipif(
     not INTERPRET and not torch.cuda.is_available(),

@@ -2,8 +2,6 @@
 path with the modules' own math, in float64 (and float32): outputs and the gradients of the moments and of
 every parameter. Runs under TRITON_INTERPRET=1 on the CPU, compiled on a GPU."""
 
-import os
-
 import pytest
 import torch
 from torch import nn
@@ -12,9 +10,10 @@ from dyhead.fused import _attention
 from dyhead.scale import ScaleAttention
 from dyhead.task import TaskAttention
 from kernels import block_attention
+from kernels.runtime import INTERPRET
 
-DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
-pytestmark = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRET,
                                 reason="the kernels need a GPU or TRITON_INTERPRET=1")
 
 # A DyHead block's (level, slot) grid: slot 0 the level's own branch (norm 0), then finer (1) and coarser (2)

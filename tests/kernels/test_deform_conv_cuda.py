@@ -8,18 +8,17 @@ fp32 1e-5 (true fp32 products), fp32 with TF32 on 5e-3, fp16 5e-3, bf16 2e-2
 from rounding the blended samples to the storage dtype before `tl.dot` and from storing results in it.
 """
 
-import os
-
 import pytest
 import torch
 
 from kernels import modulated_deform_conv2d
 from deform_conv_cases import DyConvLike, grads, leaves, make_inputs, reference, rel_err
+from kernels.runtime import INTERPRET
 
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+    pytest.mark.skipif(INTERPRET,
                        reason="TRITON_INTERPRET=1 would interpret the kernels instead of compiling them"),
 ]
 

@@ -7,8 +7,6 @@ Error bounds (relative norm error, every level's output and every gradient) as f
 fp32 1e-5, fp32 with TF32 on 5e-3, fp16 5e-3, bf16 2e-2.
 """
 
-import os
-
 import pytest
 import torch
 from deform_conv_cases import (PyramidConvLike, make_pyramid, pyramid_args, pyramid_grads, pyramid_leaves,
@@ -16,11 +14,12 @@ from deform_conv_cases import (PyramidConvLike, make_pyramid, pyramid_args, pyra
 
 from kernels import modulated_deform_conv2d
 from kernels.deform_conv_op import modulated_deform_conv2d_pyramid
+from kernels.runtime import INTERPRET
 
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+    pytest.mark.skipif(INTERPRET,
                        reason="TRITON_INTERPRET=1 would interpret the kernels instead of compiling them"),
 ]
 

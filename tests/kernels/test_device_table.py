@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from kernels.device_table import cached_device_table, device_table, device_tables, encode
+from kernels.runtime import INTERPRET
 
-DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
-pytestmark = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRET,
                                 reason="the kernel needs a GPU or TRITON_INTERPRET=1")
 
 # What a level table holds, and the values the encoding must get right: 0, 1, multiples of 16, negatives, int32

@@ -6,8 +6,6 @@ x 16 pixels and reduction runs 32 pixels, so these shapes cover partial blocks, 
 several runs per image (and a single run).
 """
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,8 +13,8 @@ from deform_conv_cases import rel_err
 
 from kernels import level_pass
 from kernels.level_pass import channel_moments, level_combine
+from kernels.runtime import INTERPRET
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
 needs_kernels = pytest.mark.skipif(
     not INTERPRET and not torch.cuda.is_available(),

@@ -11,19 +11,18 @@ yet measured on a GPU. Pixels where the two lines of the max are within 1e-4 of 
 gradient: fp32 math can pick the other line there than float64, which moves that pixel's gradient.
 """
 
-import os
-
 import pytest
 import torch
 from deform_conv_cases import rel_err
 from test_level_pass import combine_inputs, combine_reference, moments_reference
 
 from kernels.level_pass import channel_moments, level_combine
+from kernels.runtime import INTERPRET
 
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+    pytest.mark.skipif(INTERPRET,
                        reason="TRITON_INTERPRET=1 would interpret the kernels instead of compiling them"),
 ]
 STORAGE_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}

@@ -2,7 +2,6 @@
 in float64 as the truth. Runs under TRITON_INTERPRET=1 on the CPU, compiled on a GPU (half precision there)."""
 
 import itertools
-import os
 
 import pytest
 import torch
@@ -10,9 +9,10 @@ import torch.nn.functional as F
 
 from kernels import pyramid_conv2d
 from kernels.pyramid_conv import canvas_layout, canvas_to_levels, levels_to_canvas, plan_canvas
+from kernels.runtime import INTERPRET
 
-DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
-needs_kernels = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+needs_kernels = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRET,
                                    reason="the kernels need a GPU or TRITON_INTERPRET=1")
 
 # A DyHead pyramid (each level ceil(previous / 2)), one of odd sizes in no order, and a single level.
