@@ -17,6 +17,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from .config import BackboneConfig, ConfigError
 from .engine.checkpoint import CheckpointError, load_checkpoint
+from .msra_weights import is_msra_pickle, load_msra_resnet
 from .swin_weights import load_swin_state_dict
 
 __all__ = ["SlimResNet", "ResNetBackbone", "SwinBackbone", "build_backbone", "move_stride_to_1x1",
@@ -257,12 +258,28 @@ def build_backbone(cfg: BackboneConfig, first_level: int = 3) -> ResNetBackbone 
     else:
         raise ValueError(f"unknown backbone {cfg.name!r}; expected slim, resnet18/34/50/101/152 or swin_t/s/b")
     if cfg.weights is not None and Path(cfg.weights).suffix:
-        state = load_checkpoint(cfg.weights)
-        try:
-            missing, _ = body.load_state_dict(state, strict=False)
-        except RuntimeError as exc:  # tensors of other shapes: weights of another ResNet
-            raise CheckpointError(f"backbone weights {cfg.weights} do not fit {cfg.name}: "
-                                  f"{str(exc).strip().splitlines()[-1].strip()}") from None
-        if missing:
-            raise CheckpointError(f"backbone weights {cfg.weights} lack {len(missing)} tensors, e.g. {missing[:3]}")
+        _load_resnet_weights(body, cfg)
     return ResNetBackbone(body, out_channels, cfg.freeze_at, first_level)
+
+
+def _load_resnet_weights(body: nn.Module, cfg: BackboneConfig) -> None:
+    """Loads a torchvision ``.pth`` state dict (its classifier ignored) or a caffe2 ``.pkl`` into ``body``, all of
+    whose tensors they must provide; a caffe2 pickle must have nothing else (another depth's blocks)."""
+    if is_msra_pickle(cfg.weights):
+        try:
+            state = load_msra_resnet(cfg.weights)
+        except (FileNotFoundError, ValueError) as exc:  # the message names the file
+            raise CheckpointError(str(exc)) from None
+    else:
+        state = load_checkpoint(cfg.weights)
+    try:
+        missing, unexpected = body.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # tensors of other shapes: weights of another ResNet
+        raise CheckpointError(f"backbone weights {cfg.weights} do not fit {cfg.name}: "
+                              f"{str(exc).strip().splitlines()[-1].strip()}") from None
+    missing = [k for k in missing if not k.startswith("fc.")]  # the classifier, which the backbone drops
+    if missing:
+        raise CheckpointError(f"backbone weights {cfg.weights} lack {len(missing)} tensors, e.g. {missing[:3]}")
+    if unexpected and is_msra_pickle(cfg.weights):
+        raise CheckpointError(f"backbone weights {cfg.weights} have {len(unexpected)} tensors {cfg.name} does not, "
+                              f"e.g. {unexpected[:3]}: a ResNet of another depth")

@@ -46,8 +46,9 @@ class BackboneConfig:
     ``name`` is a torchvision ResNet (``resnet18``/``34``/``50``/``101``/``152``), ``slim``, a
     from-scratch BasicBlock ResNet whose stage ``widths`` and ``depths`` are set here, or a torchvision Swin
     Transformer (``swin_t``/``swin_s``/``swin_b``). ``weights`` is a torchvision weights name (e.g.
-    ``IMAGENET1K_V1``), a path to a ``.pth`` state dict, or null for random init; for Swin the ``.pth`` may
-    also be an official microsoft/Swin-Transformer checkpoint, whose keys are converted. ``norm`` is
+    ``IMAGENET1K_V1``), a path to a ``.pth`` state dict, or null for random init; for the ResNets a caffe2 ``.pkl``
+    (detectron2's ``ImageNetPretrained/MSRA/R-50.pkl``, ``detectors.msra_weights``) is converted, and for Swin the
+    ``.pth`` may also be an official microsoft/Swin-Transformer checkpoint, whose keys are converted. ``norm`` is
     ``frozen_bn`` (pretrained, detectron2's choice), ``bn`` or ``gn`` (from scratch) for the ResNets, and must
     be ``ln`` for Swin, which only has LayerNorm. ``freeze_at`` freezes the stem (1) and the first
     ``freeze_at - 1`` stages, as detectron2's FREEZE_AT; for Swin the stem is the patch embedding and a
