@@ -214,6 +214,8 @@ class RetinaNetHead(nn.Module):
         pos_img_t, pos_idx_t = torch.cat(pos_img), torch.cat(pos_idx)
 
         if self.training:
+            # The release's detectron2 averaged each process's own count; the mean over processes has the same
+            # expectation and keeps this buffer equal on every rank (DDP broadcasts buffers from rank 0).
             num_pos = sum_across_processes(torch.tensor(float(pos_idx_t.numel()), device=all_anchors.device))
             count = max(num_pos.item() / get_world_size(), 1.0)
             momentum = self.loss_normalizer_momentum
