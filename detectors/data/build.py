@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from functools import partial
 
 import torch
@@ -28,6 +29,15 @@ def build_dataset(cfg: Config, train: bool) -> CocoDetection:
     )
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader worker leaves SIGINT/SIGTERM to the main process, which stops training with a checkpoint
+    (`engine.stop`). Ctrl-C, ``timeout`` and cluster schedulers signal the whole process group: a worker that
+    died of it would make the main process fail at its next batch, before it could save. Workers still exit
+    when the main process does."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def _loader(cfg: Config, dataset: CocoDetection, batch_sampler) -> DataLoader:
     workers = cfg.data.num_workers
     return DataLoader(
@@ -40,6 +50,7 @@ def _loader(cfg: Config, dataset: CocoDetection, batch_sampler) -> DataLoader:
         # would shift the model's random stream (Faster R-CNN's box sampling) on resume, which restores the
         # stream before the loader starts. The augmentation is seeded per item (the sampler's keys).
         generator=torch.Generator().manual_seed(cfg.seed),
+        worker_init_fn=_ignore_stop_signals,
     )
 
 

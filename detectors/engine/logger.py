@@ -52,14 +52,33 @@ class MetricsWriter:
     Args:
         path: the file.
         resume_from: when resuming at this iteration, records of later iterations (written by the
-            interrupted run after its last checkpoint) are removed first, so the file reads as one run.
+            interrupted run after its last checkpoint) are removed first, so the file reads as one run; so are
+            lines that are not JSON records (a write cut short by a full disk or a kill), with a warning.
+        redo_evaluation: the run evaluates again at ``resume_from`` (it resumes a finished run): that
+            iteration's evaluation records are removed too.
     """
 
-    def __init__(self, path: Path, resume_from: int | None = None):
+    def __init__(self, path: Path, resume_from: int | None = None, redo_evaluation: bool = False):
         self.path = path
         if resume_from is not None and path.is_file():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line).get("iter", 0) <= resume_from]
-            path.write_text("".join(line + "\n" for line in kept))
+            kept, broken = [], 0
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    record = None
+                if not isinstance(record, dict):
+                    broken += 1
+                    continue
+                at = record.get("iter", 0)
+                if at < resume_from or (at == resume_from and not (redo_evaluation and "bbox" in record)):
+                    kept.append(line)
+            if broken:
+                logging.getLogger("detectors.train").warning(
+                    "%s: dropped %d line(s) that are not JSON records (a write cut short)", path, broken)
+            tmp = path.with_name(path.name + ".tmp")  # a kill while rewriting must not lose the earlier lines
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(path)
         elif resume_from is None:
             path.write_text("")
 

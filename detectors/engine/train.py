@@ -41,6 +41,8 @@ __all__ = ["setup_runtime", "build_optimizer", "lr_factor", "train"]
 logger = logging.getLogger("detectors.train")
 
 _NORMS = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.SyncBatchNorm)
+# Solver settings that shape the optimiser's state: a checkpoint only resumes under the same ones.
+_STATE_SHAPING = ("optimizer", "decay_groups")
 
 
 def setup_runtime(cfg: Config) -> torch.device:
@@ -130,6 +132,7 @@ def _checkpoint_state(
         "iteration": iteration,
         "rng": all_gather_objects(rng_state()),
         "data": _data_order(cfg),
+        "solver": {k: getattr(cfg.solver, k) for k in _STATE_SHAPING},
         "meta": meta,
     }
 
@@ -145,6 +148,29 @@ def _save(output_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, 
     return output_dir / name
 
 
+def _check_solver_state(optimizer: torch.optim.Optimizer, scheduler, state: dict, cfg: Config,
+                        checkpoint: Path) -> None:
+    """Refuses a checkpoint whose optimiser state does not fit ``optimizer`` (another solver.optimizer or
+    solver.decay_groups), and warns about settings the checkpoint overrides: loading restores its learning rates
+    and group settings (weight decay, momentum...), whatever the config now says, as detectron2 does."""
+    written = state.get("solver", {})
+    differ = [f"solver.{k}={v} (config: {getattr(cfg.solver, k)})" for k, v in written.items()
+              if getattr(cfg.solver, k) != v]
+    saved, own = state["optimizer"]["param_groups"], optimizer.param_groups
+    if not differ and [len(g["params"]) for g in saved] != [len(g["params"]) for g in own]:
+        differ = [f"parameter groups of {[len(g['params']) for g in saved]} parameters (config: "
+                  f"{[len(g['params']) for g in own]})"]
+    if differ:
+        raise CheckpointError(f"{checkpoint} was written with {'; '.join(differ)}: resume with the same")
+    ignored = [f"{k} {g_saved[k]} (config: {g_own[k]})" for g_saved, g_own in zip(saved, own)
+               for k in g_own.keys() & g_saved.keys() - {"params", "lr", "initial_lr"} if g_saved[k] != g_own[k]]
+    if state["scheduler"].get("base_lrs", scheduler.base_lrs) != scheduler.base_lrs:
+        ignored.insert(0, f"base learning rates {state['scheduler']['base_lrs']} (config: {scheduler.base_lrs})")
+    if ignored:
+        logger.warning("%s keeps its solver settings over the config's: %s", checkpoint,
+                       "; ".join(dict.fromkeys(ignored)))
+
+
 def _resume(output_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg: Config) -> int:
     """Restores the last checkpoint of ``output_dir`` in place; returns its iteration (0 when there is none)."""
     checkpoint = last_checkpoint(output_dir)
@@ -155,7 +181,11 @@ def _resume(output_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     if state["data"] != _data_order(cfg):
         raise CheckpointError(f"{checkpoint} was written with data order {state['data']}; resuming needs the "
                               "same")
+    if state["iteration"] > cfg.solver.max_iter:
+        raise CheckpointError(f"{checkpoint} is at iteration {state['iteration']}, past solver.max_iter="
+                              f"{cfg.solver.max_iter}: resume with a max_iter of at least that")
     load_matching_state(model, state["model"], checkpoint)
+    _check_solver_state(optimizer, scheduler, state, cfg, checkpoint)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"][get_rank()])
@@ -184,11 +214,6 @@ def train(cfg: Config, output_dir: Path, resume: bool = False) -> dict:
     setup_logging(output_dir, main)
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-        earlier = None if resume else forget_last_checkpoint(output_dir)
-        if earlier is not None:
-            logger.warning("%s holds an earlier run (last checkpoint %s): starting from scratch, its files are "
-                           "replaced as this run writes its own (--resume continues it instead)", output_dir, earlier)
     solver = cfg.solver
     prepare_backbone_weights(cfg.model.backbone)  # a bad weights setting fails now, not after the data is read
     if not main:
@@ -214,7 +239,15 @@ def train(cfg: Config, output_dir: Path, resume: bool = False) -> dict:
 
     metrics_log = None
     if main:
-        metrics_log = MetricsWriter(output_dir / "metrics.jsonl", resume_from=start_iter if resume else None)
+        # Only now that the data, the model and the checkpoint have loaded: a run that fails to start leaves the
+        # folder's earlier run (its config, its resume pointer, its metrics) as it was.
+        (output_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        earlier = None if resume else forget_last_checkpoint(output_dir)
+        if earlier is not None:
+            logger.warning("%s holds an earlier run (last checkpoint %s): starting from scratch, its files are "
+                           "replaced as this run writes its own (--resume continues it instead)", output_dir, earlier)
+        metrics_log = MetricsWriter(output_dir / "metrics.jsonl", resume_from=start_iter if resume else None,
+                                    redo_evaluation=start_iter == solver.max_iter)
     loader = build_train_loader(cfg, train_set, get_rank(), get_world_size(), start_batch=start_iter)
     logger.info(
         "training %d images (%d classes) for %d iterations of %d images on %s x %d",

@@ -3,6 +3,7 @@ on a signal with a checkpoint."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from detectors.config import load_config
 import detectors.engine.train as engine
-from detectors.engine.checkpoint import load_checkpoint
+from detectors.config import load_config
+from detectors.data.coco import DatasetError
+from detectors.engine.checkpoint import CheckpointError, load_checkpoint
 from detectors.engine.stop import StopSignals, TrainingInterrupted
 from detectors.engine.train import train
 from signal_hooks import signalling_builder
@@ -234,25 +236,117 @@ def test_a_signal_to_one_ddp_process_stops_both_at_the_same_iteration(tmp_path):
     assert (tmp_path / "out" / "last_checkpoint").read_text() == "model_0000002.pth"
 
 
+@pytest.mark.slow
+def test_a_signal_to_the_process_group_spares_the_loader_workers(tmp_path):
+    """Ctrl-C, `timeout` and cluster schedulers signal the whole process group, the DataLoader workers too: the
+    run must still stop after the iteration with a checkpoint. Here the worker itself signals the group while
+    it loads a batch, so the main process waits for that batch (a worker killed by the signal never sends it)."""
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(textwrap.dedent("""
+        import os, signal, sys
+        import detectors.data.coco as coco
+        from detectors.cli import main
+
+        MAIN, load, calls = os.getpid(), coco.CocoDetection.__getitem__, []
+
+        def signalling_load(self, key):
+            calls.append(key)
+            if os.getpid() != MAIN and len(calls) == 14:
+                os.killpg(os.getpgrp(), signal.SIGTERM)
+            return load(self, key)
+
+        coco.CocoDetection.__getitem__ = signalling_load
+        sys.exit(main(sys.argv[1:]))
+    """))
+    cmd = [sys.executable, str(launcher), "train", "--config", str(CONFIG), "--output-dir", str(tmp_path / "out")]
+    for item in _tiny_overrides(tmp_path / "data", 8) + ["data.num_workers=1"]:
+        cmd += ["--set", item]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # a session of its own: the signal must not reach pytest
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+                          start_new_session=True)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
+    stopped = (tmp_path / "out" / "last_checkpoint").read_text()
+    assert stopped != "model_final.pth" and load_checkpoint(tmp_path / "out" / stopped)["iteration"] < 8
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished 2-iteration run: its data folder and a function that copies its output folder."""
+    root = tmp_path_factory.mktemp("finished")
+    train(load_config(CONFIG, _tiny_overrides(root / "data", 2)), root / "out")
+
+    def copy(dest):
+        shutil.copytree(root / "out", dest)
+        return dest
+
+    return root / "data", copy
+
+
+@pytest.mark.parametrize("override, message", [
+    ("solver.optimizer=sgd", r"written with solver.optimizer=adamw \(config: sgd\): resume with the same"),
+    ("solver.decay_groups=by_name", r"solver.decay_groups=by_type \(config: by_name\)"),
+    ("solver.max_iter=1", r"at iteration 2, past solver.max_iter=1"),
+])
+def test_resume_refuses_a_checkpoint_the_solver_does_not_fit(tmp_path, finished_run, override, message):
+    """Before, another optimiser failed at its first step (KeyError), other groups raised torch's ValueError, and a
+    smaller max_iter evaluated the later model under the smaller number. The folder stays as it was."""
+    data, copy = finished_run
+    out = copy(tmp_path / "out")
+    config_before = (out / "config.yaml").read_text()
+    with pytest.raises(CheckpointError, match=message):
+        train(load_config(CONFIG, _tiny_overrides(data, 2) + [override]), out, resume=True)
+    assert (out / "config.yaml").read_text() == config_before
+    assert (out / "last_checkpoint").read_text() == "model_final.pth"
+
+
+def test_resuming_a_finished_run_evaluates_it_again_and_logs_one_run(tmp_path, finished_run):
+    data, copy = finished_run
+    out = copy(tmp_path / "out")
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"loss_box": 1.2, "lo')  # a write cut short
+    train(load_config(CONFIG, _tiny_overrides(data, 2) + ["solver.base_lr=0.5"]), out, resume=True)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["iter"], "bbox" in r) for r in records] == [(1, False), (2, False), (2, True)]
+    log = (out / "log.txt").read_text()
+    assert "dropped 1 line(s) that are not JSON records" in log
+    assert "keeps its solver settings over the config's: base learning rates [0.002" in log
+
+
 @pytest.mark.parametrize("resume", [False, True])
-def test_a_fresh_run_in_an_earlier_runs_folder_forgets_its_last_checkpoint(tmp_path, monkeypatch, resume):
-    """Without --resume, a crash before this run's first checkpoint must not leave --resume pointing at the
-    earlier run's checkpoint; with --resume the pointer is what it reads."""
+def test_a_run_that_fails_to_start_leaves_the_earlier_run_as_it_was(tmp_path, monkeypatch, resume):
+    """A typo that fails the data setup must not cost the folder's earlier run its resume pointer or config."""
+    from detectors.engine.checkpoint import last_checkpoint, save_checkpoint
+
+    out = tmp_path / "run"
+    out.mkdir()
+    save_checkpoint(out, "model_0000010.pth", {"iteration": 10})
+    (out / "config.yaml").write_text("the earlier run's\n")
+
+    def crash(cfg, train):
+        raise DatasetError("no such dataset")
+
+    monkeypatch.setattr(engine, "build_dataset", crash)
+    with pytest.raises(DatasetError):
+        train(load_config(CONFIG, _tiny_overrides(tmp_path / "data", 2)), out, resume=resume)
+    assert last_checkpoint(out) == out / "model_0000010.pth"
+    assert (out / "config.yaml").read_text() == "the earlier run's\n"
+
+
+def test_a_fresh_run_in_an_earlier_runs_folder_forgets_its_last_checkpoint(tmp_path, monkeypatch):
+    """Without --resume, a crash after this run started but before its first checkpoint must not leave --resume
+    pointing at the earlier run's checkpoint."""
     from detectors.engine.checkpoint import last_checkpoint, save_checkpoint
 
     out = tmp_path / "run"
     out.mkdir()
     save_checkpoint(out, "model_0000010.pth", {"iteration": 10})
 
-    def crash(cfg, train):
+    def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine, "build_dataset", crash)
+    monkeypatch.setattr(engine, "build_train_loader", crash)
     with pytest.raises(KeyboardInterrupt):
-        train(load_config(CONFIG, _tiny_overrides(tmp_path / "data", 2)), out, resume=resume)
-    log = (out / "log.txt").read_text()
-    if resume:
-        assert last_checkpoint(out) == out / "model_0000010.pth" and "earlier run" not in log
-    else:
-        assert last_checkpoint(out) is None and (out / "model_0000010.pth").is_file()
-        assert "holds an earlier run (last checkpoint model_0000010.pth)" in log
+        train(load_config(CONFIG, _tiny_overrides(tmp_path / "data", 2)), out)
+    assert last_checkpoint(out) is None and (out / "model_0000010.pth").is_file()
+    assert "holds an earlier run (last checkpoint model_0000010.pth)" in (out / "log.txt").read_text()
