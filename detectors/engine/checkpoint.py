@@ -52,16 +52,29 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+def _replace_durably(tmp: Path, path: Path) -> None:
+    """Renames the written ``tmp`` to ``path`` once its bytes are on disk, and makes the rename durable too: after a
+    power loss the name must not point at a file the disk never got."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
 def save_checkpoint(output_dir: Path, name: str, state: dict[str, Any]) -> Path:
     """Writes ``state`` to ``output_dir/name`` through a temporary file and a rename, so a crash never leaves a
-    truncated checkpoint, then points ``output_dir/last_checkpoint`` at it the same way."""
+    truncated checkpoint, then points ``output_dir/last_checkpoint`` at it the same way; both are synced to disk."""
     path = output_dir / name
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
-    os.replace(tmp, path)
+    _replace_durably(tmp, path)
     pointer = output_dir / (_LAST + ".tmp")
     pointer.write_text(name)
-    os.replace(pointer, output_dir / _LAST)
+    _replace_durably(pointer, output_dir / _LAST)
     return path
 
 
