@@ -2,15 +2,18 @@
 
 A config file holds only the fields it changes; everything else keeps the defaults below, which are the
 paper's ATSS + DyHead R50 1x values. Unknown keys are errors that list the valid ones, so a typo never
-silently falls back to a default.
+silently falls back to a default, and values no run can use (a period of 0, unsorted steps...) are errors when
+the config is read rather than a crash or a hang later.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -36,7 +39,8 @@ __all__ = [
 
 
 class ConfigError(ValueError):
-    """A config file or override names an unknown key or holds a value of the wrong type."""
+    """A config file or override is not valid YAML, names an unknown key or holds a value of the wrong type or
+    outside its field's range."""
 
 
 @dataclass
@@ -336,10 +340,43 @@ def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+class _Loader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader that also reads ``None`` and ``none`` as null, as detectron2's and mmdetection's
+    configs do: ``--set model.backbone.weights=None`` means no weights, not a file named None."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:null", re.compile(r"^(?:None|none)$"), list("Nn"))
+
+
+def _read_yaml(text: str, source: str) -> Any:
+    """The YAML ``text`` as Python values; ConfigError naming ``source`` and YAML's reason when it is malformed."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        # YAML's own message spans several lines (context, a caret under the text); the problem and its place fit one
+        if isinstance(exc, yaml.MarkedYAMLError) and exc.problem and exc.problem_mark:
+            mark = exc.problem_mark
+            reason = f"{exc.problem} at line {mark.line + 1}, column {mark.column + 1}"
+        else:
+            reason = str(exc).splitlines()[0]
+        raise ConfigError(f"{source} is not valid YAML: {reason}") from None
+
+
+def _merged(base: dict, update: dict) -> dict:
+    """``base`` with ``update``'s values; a mapping that both hold is merged key by key rather than replaced."""
+    merged = dict(base)
+    for key, value in update.items():
+        both = isinstance(base.get(key), dict) and isinstance(value, dict)
+        merged[key] = _merged(base[key], value) if both else value
+    return merged
+
+
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Applies ``key=value`` overrides (dotted keys, YAML values) to ``cfg`` in place and returns it.
 
-    Example: ``["solver.base_lr=0.02", "data.input.min_size_train=[640, 800]"]``.
+    Example: ``["solver.base_lr=0.02", "data.input.min_size_train=[640, 800]"]``. ``None`` and ``none`` are null,
+    as YAML's ``null`` and ``~``. A mapping given to a section changes only the keys it names:
+    ``model.backbone={name: resnet18}`` keeps the backbone's other settings.
     """
     for item in overrides:
         if "=" not in item:
@@ -363,25 +400,90 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
                 f"unknown config key '{path + name}'; valid keys"
                 f"{' under ' + repr(path[:-1]) if path else ''}: {', '.join(types_)}"
             )
-        setattr(node, name, _convert(yaml.safe_load(raw), types_[name], path + name))
+        value = _read_yaml(raw, f"override {item!r}")
+        if dataclasses.is_dataclass(types_[name]) and isinstance(value, dict):
+            value = _merged(dataclasses.asdict(getattr(node, name)), value)
+        setattr(node, name, _convert(value, types_[name], path + name))
     return cfg
 
 
+_AT_LEAST_0 = (lambda v: v >= 0, ">= 0")
+_AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
+_POSITIVE = (lambda v: v > 0, "> 0")
+_FRACTION = (lambda v: 0 <= v <= 1, "in [0, 1]")
+
+# Checked when the config is read because, out of range, these values crash (a period of 0), hang (0 images per
+# batch) or quietly change the run (unsorted steps, a threshold above 1) only later, after the data is read. A 0
+# with a meaning stays allowed: eval_period, warmup_iters, clip_grad_norm, num_workers, num_threads, and max_iter
+# (evaluation without training).
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "solver.base_lr": _POSITIVE,
+    "solver.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "solver.betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two values in [0, 1)"),
+    "solver.weight_decay": _AT_LEAST_0,
+    "solver.weight_decay_norm": _AT_LEAST_0,
+    "solver.weight_decay_bias": _AT_LEAST_0,
+    "solver.ims_per_batch": _AT_LEAST_1,
+    "solver.max_iter": _AT_LEAST_0,
+    "solver.steps": (lambda v: all(s >= 1 for s in v) and v == sorted(v), "iterations >= 1 in increasing order"),
+    "solver.gamma": _POSITIVE,
+    "solver.warmup_iters": _AT_LEAST_0,
+    "solver.warmup_factor": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "solver.clip_grad_norm": _AT_LEAST_0,
+    "solver.checkpoint_period": _AT_LEAST_1,
+    "solver.eval_period": _AT_LEAST_0,
+    "solver.log_period": _AT_LEAST_1,
+    "data.num_workers": _AT_LEAST_0,
+    "data.test_ims_per_batch": _AT_LEAST_1,
+    "data.input.min_size_train": (lambda v: len(v) > 0 and min(v) >= 1, "one or more sizes >= 1"),
+    "data.input.max_size_train": _AT_LEAST_1,
+    "data.input.min_size_test": _AT_LEAST_1,
+    "data.input.max_size_test": _AT_LEAST_1,
+    "data.input.flip_prob": _FRACTION,
+    "data.input.pixel_mean": (lambda v: len(v) == 3, "three values, one per channel"),
+    "data.input.pixel_std": (lambda v: len(v) == 3 and min(v) > 0, "three values > 0, one per channel"),
+    "data.input.size_divisibility": _AT_LEAST_1,
+    "data.shapes.num_train": _AT_LEAST_1,
+    "data.shapes.num_val": _AT_LEAST_1,
+    "data.shapes.image_size": _AT_LEAST_1,
+    "data.shapes.min_objects": _AT_LEAST_0,
+    "model.score_thresh": _FRACTION,
+    "model.nms_thresh": _FRACTION,
+    "num_threads": _AT_LEAST_0,
+}
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Raises ConfigError naming the first key of ``_RANGES`` whose value is outside its range, the value and the
+    range."""
+    for key, (ok, allowed) in _RANGES.items():
+        value = functools.reduce(getattr, key.split("."), cfg)
+        if not ok(value):
+            raise ConfigError(f"{key}: expected {allowed}, got {value!r}")
+    shapes = cfg.data.shapes
+    if shapes.max_objects < shapes.min_objects:
+        raise ConfigError(f"data.shapes.max_objects: expected >= data.shapes.min_objects ({shapes.min_objects}), "
+                          f"got {shapes.max_objects}")
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Reads a YAML file (or the defaults when ``path`` is None) and applies ``overrides``."""
+    """Reads a YAML file (or the defaults when ``path`` is None), applies ``overrides`` and checks the values'
+    ranges (``_RANGES``) on the result, so that an override can correct a file's value."""
     data: dict = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _read_yaml(path.read_text(), f"config file {path}") or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
     try:
         cfg = _from_dict(Config, data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    return apply_overrides(cfg, overrides or [])
+    cfg = apply_overrides(cfg, overrides or [])
+    _check_ranges(cfg)
+    return cfg
 
 
 def config_to_dict(cfg: Config) -> dict:

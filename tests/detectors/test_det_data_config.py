@@ -207,8 +207,8 @@ def test_config_overrides_and_unknown_keys(tmp_path):
         load_config(path, ["solver.max_iter=ten"])
     # YAML 1.1 reads exponents without a dot as strings; a float field takes them, other fields do not
     path.write_text("solver:\n  weight_decay: 1e-4\n")
-    cfg = load_config(path, ["solver.base_lr=-2E-3"])
-    assert (cfg.solver.weight_decay, cfg.solver.base_lr) == (1e-4, -2e-3)
+    cfg = load_config(path, ["solver.base_lr=+2E-3"])
+    assert (cfg.solver.weight_decay, cfg.solver.base_lr) == (1e-4, 2e-3)
     with pytest.raises(ConfigError, match="solver.max_iter: expected int"):
         load_config(path, ["solver.max_iter=1e3"])
     with pytest.raises(ConfigError, match="solver.base_lr: expected float"):
