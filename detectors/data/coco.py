@@ -265,7 +265,7 @@ class CocoDetection(Dataset):
         except (OSError, ValueError) as exc:
             if isinstance(exc, FileNotFoundError):
                 reason = "file not found"
-            elif isinstance(exc, _SizeMismatch):
+            elif isinstance(exc, (_SizeMismatch, _UnsupportedDepth)):
                 reason = str(exc)
             else:
                 reason = f"cannot decode ({exc})"
@@ -290,12 +290,35 @@ class _SizeMismatch(ValueError):
     """An image's pixels are not the size its annotation entry gives."""
 
 
+class _UnsupportedDepth(ValueError):
+    """An image's pixels have no 8-bit reading: floats, or integers beyond 16 bits."""
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """image as 8-bit RGB. 16-bit gray keeps the high byte of each value (value >> 8), the byte that OpenCV's
+    IMREAD_COLOR (mmdetection's reader) keeps of any 16-bit PNG and Pillow of a colour one, in all three
+    channels; 32-bit integers (mode "I") are read so when they fit in 16 bits. Pillow's own conversion clips
+    both at 255: white. Raises _UnsupportedDepth for floats (mode "F") and integers beyond 16 bits, which have
+    no standard 8-bit reading."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image)
+        if values.size and (values.min() < 0 or values.max() > 0xFFFF):
+            raise _UnsupportedDepth(f"its pixels are 32-bit integers from {values.min()} to {values.max()}, "
+                                    "beyond the 16 bits that have an 8-bit reading")
+        return Image.fromarray((values >> 8).astype(np.uint8)).convert("RGB")
+    if image.mode == "F":
+        raise _UnsupportedDepth("its pixels are floating point (mode F), which have no standard 8-bit reading; "
+                                "save it with 8 or 16 bits per channel")
+    return image.convert("RGB")
+
+
 def read_rgb_image(path: Path, width: int | None = None, height: int | None = None) -> Image.Image:
-    """The image at path as RGB, turned upright by its EXIF orientation (as detectron2 and mmdetection read
-    images), checked against an annotation's width and height where given (boxes are in that size's pixels).
-    Raises OSError (FileNotFoundError when missing) or ValueError when it cannot be read or is not that size."""
+    """The image at path as 8-bit RGB (`_to_rgb`), turned upright by its EXIF orientation (as detectron2 and
+    mmdetection read images), checked against an annotation's width and height where given (boxes are in that
+    size's pixels). Raises OSError (FileNotFoundError when missing) or ValueError when it cannot be read, has
+    no 8-bit reading or is not that size."""
     with Image.open(path) as img:
-        image = ImageOps.exif_transpose(img).convert("RGB")
+        image = _to_rgb(ImageOps.exif_transpose(img))
     if (width is not None and width != image.width) or (height is not None and height != image.height):
         raise _SizeMismatch(f"its pixels are {image.width}x{image.height}, the annotation file says {width}x{height}")
     return image

@@ -3,6 +3,7 @@
 import json
 import logging
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from detectors.data.coco import (
     Targets,
     collate,
     load_coco_json,
+    read_rgb_image,
     resolve_dataset,
 )
 from detectors.data.samplers import InferenceBatchSampler, TrainBatchSampler
@@ -294,6 +296,46 @@ def test_exif_orientation_is_applied(tmp_path):
     assert target["orig_size"] == (20, 40)
     assert image[2, :, -1].min() > image[0, :, -1].max()  # blue on the right
     assert image[0, :, 0].min() > image[2, :, 0].max()  # red on the left
+
+
+def _gray16(values, mode):
+    """A gray image of the 16-bit values in mode "I;16", "I;16B" or "I"."""
+    if mode == "I;16B":
+        return Image.frombytes(mode, values.shape[::-1], values.astype(">u2").tobytes())
+    return Image.fromarray(values if mode == "I;16" else values.astype(np.int32))
+
+
+@pytest.mark.parametrize("mode, suffix", [("I;16", ".png"), ("I;16B", ".tif"), ("I", ".tif")])
+def test_16_bit_gray_images_keep_their_high_byte(tmp_path, mode, suffix):
+    """Pillow's convert("RGB") clips 16-bit gray at 255, all white: each value's high byte is read instead, as
+    OpenCV reads 16-bit PNGs, in all three channels."""
+    values = np.random.default_rng(0).integers(0, 65536, (20, 40)).astype(np.uint16)
+    values[0, :4] = 0, 255, 256, 65535
+    path = tmp_path / f"gray16{suffix}"
+    _gray16(values, mode).save(path)
+    assert Image.open(path).mode == mode
+    expected = np.repeat((values // 256).astype(np.uint8)[..., None], 3, axis=2)
+    np.testing.assert_array_equal(np.asarray(read_rgb_image(path)), expected)
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "RGB", "RGBA", "CMYK"])
+def test_8_bit_images_read_as_pillow_converts_them(tmp_path, mode):
+    """Images of 8 bits per channel (or fewer) are read as before: Pillow's conversion to RGB."""
+    stored = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 40, 3)).astype(np.uint8)).convert(mode)
+    path = tmp_path / ("a.jpg" if mode == "CMYK" else "a.png")
+    stored.save(path)
+    np.testing.assert_array_equal(np.asarray(read_rgb_image(path)), np.asarray(Image.open(path).convert("RGB")))
+
+
+@pytest.mark.parametrize("pixels, message", [
+    (np.full((20, 40), 0.5, np.float32), "a.png: its pixels are floating point (mode F)"),
+    (np.full((20, 40), 70000, np.int32), "a.png: its pixels are 32-bit integers from 70000 to 70000, beyond"),
+])
+def test_images_without_an_8_bit_reading_are_named(tmp_path, pixels, message):
+    image_dir, ann_file = _write_set(tmp_path)
+    Image.fromarray(pixels).save(image_dir / "a.png", format="TIFF")  # Pillow reads it by its content
+    with pytest.raises(ImageLoadError, match=re.escape(message)):
+        CocoDetection(image_dir, ann_file, TRANSFORM)[0]
 
 
 def test_annotations_of_unknown_images_are_reported(tmp_path, caplog):
