@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -17,11 +18,11 @@ from .config import Config, ConfigError, load_config
 from .data.build import build_dataset
 from .data.coco import DatasetError, ImageLoadError, read_rgb_image
 from .data.transforms import DetectionTransform, pad_batch
-from .engine.checkpoint import CheckpointError, load_matching_state, load_model_weights
+from .engine.checkpoint import CheckpointError, last_checkpoint, load_matching_state, load_model_weights
 from .engine.evaluate import autocast, check_categories, evaluate
 from .engine.logger import setup_logging
 from .engine.stop import TrainingInterrupted
-from .engine.train import setup_runtime, train
+from .engine.train import FINAL_CHECKPOINT, setup_runtime, train
 
 __all__ = ["main", "build_parser"]
 
@@ -238,9 +239,24 @@ def _convert_detector(args: argparse.Namespace) -> None:
     )
 
 
+def _interrupted(args: argparse.Namespace) -> str:
+    """The line for a command that SIGINT ended; for train, what ``--resume`` does from the output folder's
+    last checkpoint (`FINAL_CHECKPOINT`: training finished and only the final evaluation is left)."""
+    if args.command != "train":
+        return f"dyhead {args.command}: interrupted by SIGINT"
+    checkpoint = last_checkpoint(args.output_dir)
+    if checkpoint is None:
+        return "dyhead train: interrupted by SIGINT before the first checkpoint"
+    if checkpoint.name == FINAL_CHECKPOINT:
+        return (f"dyhead train: interrupted by SIGINT after training; {checkpoint} is saved: --resume runs the "
+                "final evaluation")
+    return f"dyhead train: interrupted by SIGINT; --resume continues from {checkpoint}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs ``dyhead``; returns the exit status (2 for configuration and data errors, reported in one line;
-    128 + the signal's number for a training stopped by SIGINT/SIGTERM, after its checkpoint)."""
+    128 + the signal's number for a training stopped by SIGINT/SIGTERM, after its checkpoint; 130 for any
+    other SIGINT, also reported in one line)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:
         # The benchmarks own their options; a package that detectors do not otherwise depend on.
@@ -272,6 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, DatasetError, ImageLoadError, FileNotFoundError) as exc:
         sys.stderr.write(f"dyhead {args.command}: error: {exc}\n")
         return 2
+    except KeyboardInterrupt:
+        # Where the training loop's own handler is not installed (eval, predict, convert, train's setup and final
+        # evaluation) or after its second SIGINT: a line instead of a traceback.
+        sys.stderr.write(_interrupted(args) + "\n")
+        return 128 + signal.SIGINT
     return 0
 
 

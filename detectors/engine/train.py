@@ -36,13 +36,15 @@ from .evaluate import BadImageLog, autocast, check_categories, evaluate
 from .logger import MetricsWriter, setup_logging
 from .stop import StopSignals, TrainingInterrupted
 
-__all__ = ["setup_runtime", "build_optimizer", "lr_factor", "train"]
+__all__ = ["FINAL_CHECKPOINT", "setup_runtime", "build_optimizer", "lr_factor", "train"]
 
 logger = logging.getLogger("detectors.train")
 
 _NORMS = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.SyncBatchNorm)
 # Solver settings that shape the optimiser's state: a checkpoint only resumes under the same ones.
 _STATE_SHAPING = ("optimizer", "decay_groups")
+
+FINAL_CHECKPOINT = "model_final.pth"  # the checkpoint of the last iteration, written before the final evaluation
 
 
 def setup_runtime(cfg: Config) -> torch.device:
@@ -141,7 +143,7 @@ def _save(output_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, 
           meta: dict) -> Path:
     """Writes the checkpoint of iteration ``done`` from the main process (every process takes part); its path."""
     state = _checkpoint_state(_unwrap(model), optimizer, scheduler, done, cfg, meta)
-    name = "model_final.pth" if done == cfg.solver.max_iter else f"model_{done:07d}.pth"
+    name = FINAL_CHECKPOINT if done == cfg.solver.max_iter else f"model_{done:07d}.pth"
     if is_main_process():
         save_checkpoint(output_dir, name, state)
     barrier()

@@ -209,6 +209,49 @@ def test_a_second_signal_acts_at_once_and_an_ignored_one_stays_ignored(signal_ha
 
 
 @pytest.mark.slow
+def test_sigint_outside_the_training_loop_is_one_line_and_status_130(tmp_path, monkeypatch, capsys, signal_handlers):
+    """Ctrl-C in train's final evaluation, in eval and in predict, where no handler of the training loop is
+    installed: one line and 128 + SIGINT. The final checkpoint is saved, and --resume evaluates it without
+    training again."""
+    import detectors.cli as cli
+
+    def ctrl_c(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)
+
+    def status(argv):
+        try:
+            return cli.main(argv)
+        except KeyboardInterrupt:  # would end the whole pytest session rather than fail this test
+            pytest.fail("KeyboardInterrupt escaped main")
+
+    out, overrides = tmp_path / "out", _tiny_overrides(tmp_path / "data", 2)
+    config = ["--config", str(CONFIG)] + [a for item in overrides for a in ("--set", item)]
+    train_args = ["train", "--output-dir", str(out)] + config
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "evaluate", ctrl_c)
+        assert status(train_args) == 130
+    final = out / "model_final.pth"
+    assert capsys.readouterr().err.endswith(
+        f"dyhead train: interrupted by SIGINT after training; {final} is saved: --resume runs the final evaluation\n"
+    )
+    assert not (out / "metrics.json").exists()
+    trained = final.stat().st_mtime_ns
+    assert status(train_args + ["--resume"]) == 0
+    assert (out / "metrics.json").is_file() and final.stat().st_mtime_ns == trained
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in records] == [1, 2, 2] and "bbox" in records[-1]
+
+    weights = ["--weights", str(final)]
+    monkeypatch.setattr(cli, "evaluate", ctrl_c)
+    assert status(["eval", "--output-dir", str(tmp_path / "eval")] + weights + config) == 130
+    assert capsys.readouterr().err.endswith("dyhead eval: interrupted by SIGINT\n")
+    monkeypatch.setattr(cli, "read_rgb_image", ctrl_c)
+    image = next((tmp_path / "data").glob("shapes-*/val/000001.png"))
+    assert status(["predict", "--output-dir", str(tmp_path / "pred"), str(image)] + weights + config) == 130
+    assert capsys.readouterr().err.endswith("dyhead predict: interrupted by SIGINT\n")
+
+
+@pytest.mark.slow
 def test_a_signal_to_one_ddp_process_stops_both_at_the_same_iteration(tmp_path):
     """Only rank 0 gets SIGTERM (during iteration 2): both processes must agree to stop after it, write one
     checkpoint together and exit, rather than hang in a collective the other never joins."""
