@@ -244,7 +244,10 @@ def _interrupted(args: argparse.Namespace) -> str:
     last checkpoint (`FINAL_CHECKPOINT`: training finished and only the final evaluation is left)."""
     if args.command != "train":
         return f"dyhead {args.command}: interrupted by SIGINT"
-    checkpoint = last_checkpoint(args.output_dir)
+    try:
+        checkpoint = last_checkpoint(args.output_dir)
+    except FileNotFoundError:  # the pointer names a file that is gone: --resume will say so
+        checkpoint = None
     if checkpoint is None:
         return "dyhead train: interrupted by SIGINT before the first checkpoint"
     if checkpoint.name == FINAL_CHECKPOINT:
