@@ -212,6 +212,7 @@ class _EagerDeformConv(torch.autograd.Function):
         return output
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         return _gradients(_backward_impl, ctx, grad_out)
 
@@ -509,6 +510,7 @@ class _EagerSets(torch.autograd.Function):
         return output
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         num_inputs, num_bases, num_sets = ctx.counts
         need = ctx.needs_input_grad[4:]

@@ -218,6 +218,9 @@ def _check_inputs(inputs, weight, bias):
             raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
         if t.device != first.device:
             raise ValueError(f"{name} is on {t.device}, inputs[0] on {first.device}: one device for all")
+        # The levels share one buffer, so one dtype; F.conv2d's weight and bias follow it unless autocast casts all
+        if t.dtype != first.dtype and (name.startswith("inputs") or not autocast_enabled(first)):
+            raise TypeError(f"{name} is {t.dtype}, inputs[0] {first.dtype}: one dtype for all")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must be (Cout,) = ({weight.shape[0]},), got shape {tuple(bias.shape)}")
 

@@ -67,6 +67,20 @@ def test_empty_batch_runs_as_on_torchvision():
         assert torch.equal(g, ref_grads[name]), name
 
 
+def test_double_backward_raises_instead_of_dropping_terms():
+    """A gradient penalty differentiates the input gradient again, which the kernels' backward does not support:
+    it must raise, as torchvision's deform_conv2d does, rather than leave the penalty without a graph (a loss
+    plus that penalty trained silently without it)."""
+    torch.manual_seed(0)
+    model = DyHead(16, 16, 1, backend="triton").to(DEVICE)
+    levels = [torch.randn(1, 16, h, w, device=DEVICE, requires_grad=True) for h, w in [(5, 6), (3, 3)]]
+    loss = sum(o.square().sum() for o in model(levels))
+    grads = torch.autograd.grad(loss, levels, create_graph=True)
+    penalty = sum(g.square().sum() for g in grads)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate twice"):
+        (loss.detach() + penalty).backward()
+
+
 def test_a_first_call_under_inference_mode_leaves_training_working():
     """The block caches tensors per pyramid size; made under inference_mode they could not be saved for a later
     backward. Sizes no other test uses, so that this call is the one that fills the caches."""

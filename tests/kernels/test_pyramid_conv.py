@@ -184,6 +184,8 @@ def test_half_precision_on_the_gpu(dtype):
     (lambda xs, w, b: ([xs[0].long()], w, b), TypeError),
     (lambda xs, w, b: (xs, w.to("meta"), b), ValueError),  # devices differ
     (lambda xs, w, b: (xs, "w", b), TypeError),
+    (lambda xs, w, b: ([xs[0], xs[1].double()], w, b), TypeError),  # dtypes differ: torch.cat promoted them
+    (lambda xs, w, b: (xs, w.double(), b), TypeError),
 ])
 def test_bad_input_names_the_argument(case, error):
     xs, weight, bias = _inputs(PYRAMID[:2], dtype=torch.float32)
