@@ -128,7 +128,8 @@ def block_forward(levels: Sequence[Sequence[tuple[Tensor, nn.GroupNorm]]], scale
     L x 3, a missing branch's slot zero (zero moments, GroupNorm weight and bias, so it adds nothing): a few
     dozen small launches per block instead of per level. Without task attention the dynamic ReLU gets the
     identity coefficients a1 = a2 = 1, b1 = b2 = 0 (max(u, u) = u; the kernel splits a tie's gradient half/half,
-    which sums to 1), so the same fused kernels run.
+    which sums to 1), so the same fused kernels run. The branches are intermediate values: where they are views
+    of one buffer, their gradient goes to it as one tensor, not to them (`kernels.channel_moments_grouped`).
     """
     slot_maps, resized, norm_slots, pixels, inv_branches = [], {}, [], [], []
     norms = list(dict.fromkeys(norm for branches in levels for _, norm in branches))  # the block's GroupNorms
@@ -153,18 +154,19 @@ def block_forward(levels: Sequence[Sequence[tuple[Tensor, nn.GroupNorm]]], scale
     for k, pair in zip(resized, upsampling_pool_weights(list(resized.values()), acc, slot_maps[0].device)):
         pool_weights[k] = pair
     # One launch each way for the block's conv outputs (views of one buffer): (3L, N, C, 3).
-    moments = channel_moments_grouped(slot_maps, pool_weights)
+    # The branches are this block's intermediate values: their gradients go to their buffer as one tensor.
+    moments = channel_moments_grouped(slot_maps, pool_weights, buffer_gradient=True)
     branches = [[y for y, _ in level] for level in levels]
     if torch.compiler.is_compiling():
         weight, shift, coef = _attention(moments, num, pixels, inv_branches, norm_slots, norms, groups, eps, scale,
                                          task)
-        return level_combine_grouped(branches, weight, shift, coef)
+        return level_combine_grouped(branches, weight, shift, coef, buffer_gradient=True)
     task_params = None if task is None else (task.fc1.weight, task.fc1.bias, task.fc2.weight, task.fc2.bias)
     weight, shift, coef = kernels.block_attention(
         moments, pixels, [k if k < len(norms) else -1 for k in norm_slots],
         torch.stack([norm.weight for norm in norms]), torch.stack([norm.bias for norm in norms]), groups, eps,
         scale.conv.weight.view(-1), scale.conv.bias, task_params)
-    return level_combine_grouped(branches, weight, shift, coef)
+    return level_combine_grouped(branches, weight, shift, coef, buffer_gradient=True)
 
 
 def _attention(moments: Tensor, num: int, pixels: list[int], inv_branches: list[float], norm_slots: list[int],

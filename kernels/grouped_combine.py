@@ -32,7 +32,7 @@ from torch import Tensor
 from .deform_conv import acc_tl, autotune_configs
 from .deform_conv_op import _device_guard, autocast_enabled, eager_call
 from .device_table import cached_device_table
-from .grouped_moments import ALIGN, _root, _start_in, find_map, program_run
+from .grouped_moments import ALIGN, _root, _start_in, find_map, program_run, view_gradients
 from .level_pass import (MERGE_BLOCK_C, _INTERPRET_CONFIG, _REDUCTION_SPACE, _aligned, _autocast_combine,
                          _check_combine_inputs, _check_runnable, _coefficients, _lines, _pixel_runs, _store_sums,
                          _tile, combine_tile_backward, keep_tiles, level_autotune, level_combine, zero_sums)
@@ -326,12 +326,12 @@ def grouped_combine_forward(base: Tensor, scale: Tensor, shift: Tensor, coef: Te
 
 
 def grouped_combine_backward(grad: Tensor, base: Tensor, scale: Tensor, shift: Tensor, coef: Tensor,
-                             plan: GroupedPlan, n: int, c: int, covered: bool, need_base: bool,
+                             plan: GroupedPlan, n: int, c: int, need_base: bool,
                              need_params: bool) -> tuple[Tensor | None, Tensor | None]:
     """(d base or None, d params (L, N, 8, C) in scale's dtype or None) from grad (plan.out_numel,) contiguous:
-    rows d scale of slots 0, 1, 2, d shift, d a1, d b1, d a2, d b2. d base is zero outside the branches unless
-    covered (the branches tile the whole buffer)."""
-    d_base = (torch.empty_like(base) if covered else torch.zeros_like(base)) if need_base else None
+    rows d scale of slots 0, 1, 2, d shift, d a1, d b1, d a2, d b2. d base is written only where the branches
+    are (`view_gradients` reads nothing else)."""
+    d_base = torch.empty_like(base) if need_base else None
     scratch = base.new_empty((plan.scratch_numel if need_base else 0,))
     part = scale.new_empty((n, plan.runs, ROWS, c) if need_params else (0,))
     grid = lambda meta: (plan.runs, cdiv(c, meta["BLOCK_C"]), n)
@@ -389,7 +389,7 @@ def _check_grouped_inputs(levels, scale, shift, coef):
 
 
 def _shared_places(levels):
-    """(base, places, covered) where every branch is a contiguous NCHW view of one contiguous tensor, no two
+    """(base, places) where every branch is a contiguous NCHW view of one contiguous tensor, no two
     sharing an element; None otherwise."""
     base = _root(levels[0][0])
     if not (base.is_contiguous() and base.dtype == levels[0][0].dtype):
@@ -407,19 +407,22 @@ def _shared_places(levels):
     spans.sort()
     if any(a_end > b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:])):
         return None
-    return base, tuple(places), sum(end - start for start, end in spans) == base.numel()
+    return base, tuple(places)
 
 
 class _GroupedCombine(torch.autograd.Function):
-    """The levels' outputs as one buffer from the branches' buffer: the buffer's gradient is one tensor."""
+    """The levels' outputs as one buffer from branches that lie in one buffer, read there in one launch. The one
+    branch gradient the backward launch writes goes to the branches' buffer (an input when the caller asks so)
+    or, in spans, to the branches."""
 
     @staticmethod
-    def forward(ctx, base, scale, shift, coef, plan, n, c, covered):
+    def forward(ctx, base, scale, shift, coef, plan, n, c, firsts, *branches):
         _check_runnable(base, "level_combine_grouped")
         with _device_guard(base):
             out = grouped_combine_forward(base, scale, shift, coef, plan, n, c)
         ctx.save_for_backward(base, scale, shift, coef)
-        ctx.plan, ctx.n, ctx.c, ctx.covered = plan, n, c, covered
+        ctx.plan, ctx.n, ctx.c, ctx.firsts = plan, n, c, firsts
+        ctx.shapes = [y.shape for y in branches]
         return out
 
     @staticmethod
@@ -427,22 +430,25 @@ class _GroupedCombine(torch.autograd.Function):
     def backward(ctx, grad):
         base, scale, shift, coef = ctx.saved_tensors
         need_base, need_scale, need_shift, need_coef = ctx.needs_input_grad[:4]
+        need_branches = any(ctx.needs_input_grad[8:])
         with _device_guard(base):
             d_base, d_params = grouped_combine_backward(grad.contiguous(), base, scale, shift, coef, ctx.plan,
-                                                        ctx.n, ctx.c, ctx.covered, need_base,
+                                                        ctx.n, ctx.c, need_base or need_branches,
                                                         need_scale or need_shift or need_coef)
-        return (d_base, d_params[:, :, :3] if need_scale else None, d_params[:, :, 3] if need_shift else None,
-                d_params[:, :, 4:] if need_coef else None, None, None, None, None)
+        d_branches = view_gradients(d_base, ctx.shapes, ctx.firsts) if need_branches else (None,) * len(ctx.shapes)
+        return (d_base if need_base else None, d_params[:, :, :3] if need_scale else None,
+                d_params[:, :, 3] if need_shift else None, d_params[:, :, 4:] if need_coef else None, None, None,
+                None, None, *d_branches)
 
 
-def level_combine_grouped(levels: Sequence[Sequence[Tensor]], scale: Tensor, shift: Tensor,
-                          coef: Tensor) -> list[Tensor]:
+def level_combine_grouped(levels: Sequence[Sequence[Tensor]], scale: Tensor, shift: Tensor, coef: Tensor, *,
+                          buffer_gradient: bool = False) -> list[Tensor]:
     """`level_combine` of L levels: out[l] = level_combine(levels[l], scale[l, :, :B_l], shift[l], coef[l]).
 
     Where every branch is a contiguous NCHW view of one contiguous tensor, no two sharing an element (the
     outputs of `modulated_deform_conv2d_sets`, as a DyHead block passes them), it is one launch forward and
-    three backward for all levels, the outputs are views of one buffer, and the branches' tensor gets its
-    gradient as one. Otherwise, and under tracing (torch.compile), it is `level_combine` per level. The results
+    three backward for all levels, the outputs are views of one buffer, and each branch's gradient is its span
+    of one tensor. Otherwise, and under tracing (torch.compile), it is `level_combine` per level. The results
     agree to rounding: the pixel runs whose sums are added may differ.
 
     Args:
@@ -452,6 +458,10 @@ def level_combine_grouped(levels: Sequence[Sequence[Tensor]], scale: Tensor, shi
         scale: (L, N, 3, C), the mix weight of each level's branch slots (slots past B_l are not read, and get a
             zero gradient); shift: (L, N, C); coef: (L, N, 4, C) (a1, b1, a2, b2): float32 (float64 with float64
             branches).
+        buffer_gradient: on the one-launch path, that one tensor is the gradient of the branches' tensor
+            instead, which autograd adds to the tensor's other gradients once rather than branch by branch; the
+            branches get none of it (hooks on them and autograd.grad with respect to them miss it). For callers
+            whose branches are intermediate values, such as DyHead's level pass.
 
     Under autocast, as `level_combine`: the branches promoted to the widest of their dtypes, scale, shift and
     coef cast to its math dtype.
@@ -478,9 +488,14 @@ def level_combine_grouped(levels: Sequence[Sequence[Tensor]], scale: Tensor, shi
     if shared is None:
         return [level_combine(branches, scale[l, :, :len(branches)], shift[l], coef[l])
                 for l, branches in enumerate(levels)]
-    base, places, covered = shared
+    base, places = shared
     plan = plan_levels(places, n, c, base.device)
-    out = _GroupedCombine.apply(base, scale.contiguous(), shift.contiguous(), coef.contiguous(), plan, n, c,
-                                covered)
+    firsts = [branch[0] for level in places for branch in level]
+    params = (scale.contiguous(), shift.contiguous(), coef.contiguous(), plan, n, c, firsts)
+    every_branch = [y for level in levels for y in level]
+    if buffer_gradient and all(y.requires_grad == base.requires_grad for y in every_branch):
+        out = _GroupedCombine.apply(base, *params)
+    else:
+        out = _GroupedCombine.apply(base.detach(), *params, *every_branch)
     sizes = [branches[0].shape for branches in levels]
     return [part.view(shape) for part, shape in zip(out.split([s.numel() for s in sizes]), sizes)]

@@ -15,6 +15,7 @@ element: one kernel has both paths, chosen per map at run time.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -229,11 +230,10 @@ def grouped_moments_forward(base: Tensor, weights: Tensor, places, n: int, c: in
     return out, plan
 
 
-def grouped_moments_backward(grad: Tensor, base: Tensor, weights: Tensor, moments: Tensor, places, plan,
-                             covered: bool) -> Tensor:
-    """d base (like base) from grad (K, N, C, 3) of `grouped_moments_forward` and its plan; zero outside the
-    maps unless covered (the maps tile the whole buffer)."""
-    d_base = torch.empty_like(base) if covered else torch.zeros_like(base)
+def grouped_moments_backward(grad: Tensor, base: Tensor, weights: Tensor, moments: Tensor, places, plan) -> Tensor:
+    """d base (like base) from grad (K, N, C, 3) of `grouped_moments_forward` and its plan; written only where
+    the maps are (`view_gradients` reads nothing else)."""
+    d_base = torch.empty_like(base)
     if plan is None:
         return d_base
     _, n, c, _ = moments.shape
@@ -297,11 +297,18 @@ def _check_pool_weights(maps, pool_weights, first):
 
 
 def _root(t: Tensor) -> Tensor:
-    """The tensor ``t`` is a view of, where computing on it in place of ``t`` keeps autograd's reading: both or
-    neither require grad. A leaf made from a view of a buffer without grad is its own root: through the buffer
-    its gradient would be lost."""
-    base = t._base
-    return t if base is None or base.requires_grad != t.requires_grad else base
+    """The tensor whose memory ``t`` is a view of (``t`` itself if it is none): the grouped launches read and
+    write the maps where they lie in it. Autograd never goes through it: the maps stay the Functions' inputs and
+    get their spans of the one gradient (`view_gradients`), so their own gradient hooks and autograd.grad see
+    everything, whether or not the tensor itself requires grad."""
+    return t if t._base is None else t._base
+
+
+def view_gradients(d_base: Tensor, shapes, firsts) -> tuple[Tensor, ...]:
+    """The gradient of each view of a buffer from the buffer's gradient ``d_base``: its span, starting at element
+    ``firsts[i]``, in ``shapes[i]`` (views of ``d_base``: no copy; autograd assembles them for the buffer once)."""
+    flat = d_base.view(-1)
+    return tuple(flat[first:first + math.prod(shape)].view(shape) for shape, first in zip(shapes, firsts))
 
 
 def _start_in(t: Tensor, base: Tensor):
@@ -312,8 +319,8 @@ def _start_in(t: Tensor, base: Tensor):
 
 
 def _shared_places(maps, pool_weights):
-    """(base, weights, places, covered) where every map is a contiguous NCHW view of one contiguous tensor, no
-    two maps sharing an element, and every pooling weight a view of another; None otherwise."""
+    """(base, weights, places) where every map is a contiguous NCHW view of one contiguous tensor, no two maps
+    sharing an element, and every pooling weight a view of another; None otherwise."""
     tensors = [m for m in maps if m is not None]
     base = _root(tensors[0])
     pairs = [pair for pair in pool_weights if pair is not None]
@@ -336,29 +343,36 @@ def _shared_places(maps, pool_weights):
     spans.sort()
     if any(a_end > b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:])):
         return None
-    return base, weights, places, sum(end - start for start, end in spans) == base.numel()
+    return base, weights, places
 
 
 class _GroupedMoments(torch.autograd.Function):
-    """The maps' moments from their shared buffer: its gradient is one tensor."""
+    """The moments of maps that lie in one buffer, read there in one launch. The one gradient the backward
+    launch writes goes to the buffer (an input when the caller asks so) or, in spans, to the maps."""
 
     @staticmethod
-    def forward(ctx, base, weights, places, n, c, covered):
+    def forward(ctx, base, weights, places, n, c, *maps):
         _check_runnable(base, "channel_moments_grouped")
         with _device_guard(base):
             out, plan = grouped_moments_forward(base, weights, places, n, c)
         ctx.save_for_backward(base, weights, out)
         # The plan's device table too: the backward writes none of its own.
-        ctx.places, ctx.plan, ctx.covered = places, plan, covered
+        ctx.places, ctx.plan = places, plan
+        ctx.shapes = [m.shape for m in maps]
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         base, weights, out = ctx.saved_tensors
-        with _device_guard(base):
-            d_base = grouped_moments_backward(grad, base, weights, out, ctx.places, ctx.plan, ctx.covered)
-        return d_base, None, None, None, None, None
+        need_base, need_maps = ctx.needs_input_grad[0], any(ctx.needs_input_grad[5:])
+        d_base, d_maps = None, (None,) * len(ctx.shapes)
+        if need_base or need_maps:
+            with _device_guard(base):
+                d_base = grouped_moments_backward(grad, base, weights, out, ctx.places, ctx.plan)
+        if need_maps:
+            d_maps = view_gradients(d_base, ctx.shapes, [place[0] for place in ctx.places if place is not None])
+        return (d_base if need_base else None, None, None, None, None, *d_maps)
 
 
 def _one_map(m, pair):
@@ -373,7 +387,8 @@ def _one_map(m, pair):
 
 
 def channel_moments_grouped(maps: Sequence[Tensor | None],
-                            pool_weights: Sequence[tuple[Tensor, Tensor] | None] | None = None) -> Tensor:
+                            pool_weights: Sequence[tuple[Tensor, Tensor] | None] | None = None, *,
+                            buffer_gradient: bool = False) -> Tensor:
     """`channel_moments` of K maps stacked, and a weighted spatial mean of each: one launch each way.
 
     out[k, ..., :2] = channel_moments(maps[k]); out[k, ..., 2] = sum over (h, w) of row[h] * col[w] *
@@ -383,8 +398,7 @@ def channel_moments_grouped(maps: Sequence[Tensor | None],
 
     Where the maps are contiguous NCHW views of one contiguous tensor, no two sharing an element (the outputs of
     `modulated_deform_conv2d_sets`), and the weights views of another, it takes one moments launch, one merge
-    and one backward launch for all, and the gradient reaches the maps' tensor as one (autograd then adds the
-    maps' other gradients to it once, not once per map). Otherwise, and under tracing (torch.compile), it is
+    and one backward launch for all, and each map's gradient is its span of one tensor. Otherwise, and under tracing (torch.compile), it is
     `channel_moments` per map, stacked. The results agree to rounding: the pixel runs that are merged may
     differ.
 
@@ -394,6 +408,10 @@ def channel_moments_grouped(maps: Sequence[Tensor | None],
             under ``TRITON_INTERPRET=1``), any H_k, W_k.
         pool_weights: None, or K entries, each None or a pair (row (H_k,), col (W_k,)) of float32 tensors
             (float64 for float64 maps) on the maps' device. Constants: they get no gradient.
+        buffer_gradient: on the one-launch path, that one tensor is the gradient of the maps' tensor instead,
+            which autograd adds to the tensor's other gradients once rather than map by map; the maps get none
+            of it (hooks on them and autograd.grad with respect to them miss it). For callers whose maps are
+            intermediate values, such as DyHead's level pass.
 
     Returns:
         (K, N, C, 3) contiguous [mean, M2, pooled] per map, image and channel, float32 (float64 for float64 maps).
@@ -413,5 +431,8 @@ def channel_moments_grouped(maps: Sequence[Tensor | None],
     if shared is None:
         zeros = first.new_zeros((*first.shape[:2], 3), dtype=acc_dtype(first)) if any(m is None for m in maps) else None
         return torch.stack([zeros if m is None else _one_map(m, pair) for m, pair in zip(maps, pool_weights)])
-    base, weights, places, covered = shared
-    return _GroupedMoments.apply(base, weights, places, first.shape[0], first.shape[1], covered)
+    base, weights, places = shared
+    present = [m for m in maps if m is not None]
+    if buffer_gradient and all(m.requires_grad == base.requires_grad for m in present):
+        return _GroupedMoments.apply(base, weights, places, first.shape[0], first.shape[1])
+    return _GroupedMoments.apply(base.detach(), weights, places, first.shape[0], first.shape[1], *present)

@@ -17,6 +17,7 @@ written as zeros in the same pass (no fill launch) and dropped on the way back.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ from torch import Tensor
 from .deform_conv import autotune_configs
 from .deform_conv_op import _FLOAT_DTYPES, _device_guard, autocast_enabled, eager_call
 from .device_table import cached_device_table
-from .grouped_moments import _root, _start_in
+from .grouped_moments import _root, _start_in, view_gradients
 from .runtime import cdiv, check_runnable, first_config_unless_tuning, next_power_of_2
 
 # Table columns per level: its first canvas row, first canvas column, H, W, and its first pixel in the flat
@@ -181,15 +182,22 @@ class _CanvasConv(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         weight, *inputs = ctx.saved_tensors
-        need_flat, need_weight, need_bias = ctx.needs_input_grad[:3]
+        need_weight, need_bias = ctx.needs_input_grad[1:3]
+        need_inputs = any(ctx.needs_input_grad[5:])
         cout, cin = weight.shape[:2]
         # Under autocast the forward convolved a cast of the inputs: the same cast gives the same canvas.
         canvas = levels_to_canvas(_levels_buffer(inputs).to(weight.dtype), ctx.plan, cin)
         d_canvas, d_weight, d_bias = torch.ops.aten.convolution_backward(
             levels_to_canvas(grad.contiguous(), ctx.plan, cout), canvas, weight, [cout] if ctx.has_bias else None,
-            [1, 1], list(ctx.padding), [1, 1], False, [0, 0], 1, [need_flat, need_weight, need_bias])
-        d_flat = canvas_to_levels(d_canvas, ctx.plan) if need_flat else None
-        return (d_flat, d_weight, d_bias, None, None) + (None,) * len(inputs)
+            [1, 1], list(ctx.padding), [1, 1], False, [0, 0], 1, [need_inputs, need_weight, need_bias])
+        d_inputs = (None,) * len(inputs)
+        if need_inputs:
+            # Each level's span of the one gradient, in the level's dtype (autocast convolved a cast of it)
+            d_flat = canvas_to_levels(d_canvas, ctx.plan)
+            firsts = itertools.accumulate((x.numel() for x in inputs[:-1]), initial=0)
+            d_inputs = tuple(g.to(x.dtype) for g, x in zip(view_gradients(d_flat, [x.shape for x in inputs],
+                                                                           firsts), inputs))
+        return (None, d_weight, d_bias, None, None, *d_inputs)
 
 
 def _check_inputs(inputs, weight, bias):
@@ -242,7 +250,7 @@ def pyramid_conv2d(inputs: Sequence[Tensor], weight: Tensor, bias: Tensor | None
 
     Eagerly on plain tensors (CUDA, or CPU under ``TRITON_INTERPRET=1``) it is one convolution of a canvas that
     holds all levels with zero gaps between them (module docstring): the canvas written and read by one Triton
-    launch each way; the inputs' gradient comes back as one tensor where they are views of one buffer. Under
+    launch each way; each input's gradient is its span of one tensor. Under
     tracing (torch.compile) it is a convolution per level, concatenated. The results agree to rounding (the
     convolution algorithm may differ with the size).
 
@@ -270,7 +278,8 @@ def pyramid_conv2d(inputs: Sequence[Tensor], weight: Tensor, bias: Tensor | None
         return torch.cat([F.conv2d(x, weight, bias, padding=padding).reshape(-1) for x in inputs])
     check_runnable(inputs[0], "kernels.pyramid_conv2d", "F.conv2d per level")
     plan = plan_canvas(sizes, n, padding, inputs[0].device)
-    flat = _levels_buffer(inputs)
+    # The inputs themselves are the Function's differentiable inputs: what the launch reads is their data.
+    flat = _levels_buffer(inputs).detach()
     device_type = flat.device.type
     if autocast_enabled(flat):
         # What autocast does to F.conv2d's arguments, done here: the backward's canvas must see the same.

@@ -67,6 +67,23 @@ def test_empty_batch_runs_as_on_torchvision():
         assert torch.equal(g, ref_grads[name]), name
 
 
+def test_levels_that_are_views_of_one_buffer_get_their_whole_gradients():
+    """Levels made by one op (an FPN writing one buffer, or an earlier block): the gradient with respect to
+    them must hold every consumer's share. Computed through their buffer, the offset conv's was missing."""
+    torch.manual_seed(0)
+    model = DyHead(16, 16, 1, backend="triton").to(DEVICE).double()
+    sizes = [(6, 7), (3, 4)]
+    leaf = torch.randn(sum(2 * 16 * h * w for h, w in sizes), device=DEVICE, dtype=torch.float64,
+                       requires_grad=True)
+    parts = (leaf * 1.5).split([2 * 16 * h * w for h, w in sizes])
+    levels = [part.view(2, 16, h, w) for part, (h, w) in zip(parts, sizes)]
+    got = torch.autograd.grad(sum(o.square().sum() for o in model(levels)), [*levels, leaf], retain_graph=True)
+    model.backend = "torchvision"
+    want = torch.autograd.grad(sum(o.square().sum() for o in model(levels)), [*levels, leaf])
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert rel_err(g, w) < 1e-10, i
+
+
 def test_double_backward_raises_instead_of_dropping_terms():
     """A gradient penalty differentiates the input gradient again, which the kernels' backward does not support:
     it must raise, as torchvision's deform_conv2d does, rather than leave the penalty without a graph (a loss

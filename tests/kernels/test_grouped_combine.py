@@ -159,6 +159,28 @@ def test_gradients_are_bitwise_repeatable_and_partial_needs_agree():
 
 
 @needs_kernels
+def test_the_branches_themselves_get_their_gradients():
+    """Branches that are views of a buffer another op made (a non-leaf): autograd.grad with respect to the
+    branches, and to the buffer, as through torch. Computed through the buffer, the branches got none."""
+    flat64, scale, shift, coef, levels_of = make_inputs(DYHEAD_BRANCHES, DYHEAD_ORDER)
+    leaf = flat64.to(DEVICE).requires_grad_()
+    buffer = leaf * 2.0
+    branches = levels_of(buffer)
+    outs = level_combine_grouped(branches, scale.to(DEVICE), shift.to(DEVICE), coef.to(DEVICE))
+    assert took_grouped_path(outs)
+    expected = reference(branches, scale.to(DEVICE), shift.to(DEVICE), coef.to(DEVICE))
+    flat = [y for level in branches for y in level]
+    got = torch.autograd.grad(sum(o.square().sum() for o in outs), [*flat, leaf], retain_graph=True)
+    want = torch.autograd.grad(sum(e.square().sum() for e in expected), [*flat, leaf], retain_graph=True)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert rel_err(g, w) < 1e-12, i
+    # buffer_gradient: the same gradient reaches the buffer as one tensor, and none the branches themselves
+    outs = level_combine_grouped(branches, scale.to(DEVICE), shift.to(DEVICE), coef.to(DEVICE), buffer_gradient=True)
+    got = torch.autograd.grad(sum(o.square().sum() for o in outs), [*flat, leaf], allow_unused=True)
+    assert all(g is None for g in got[:-1]) and rel_err(got[-1], want[-1]) < 1e-12
+
+
+@needs_kernels
 def test_uncovered_elements_get_zero_gradient():
     flat64, scale, shift, coef, levels_of = make_inputs(DYHEAD_BRANCHES, DYHEAD_ORDER)
     flat = torch.cat([flat64, torch.randn(7, dtype=torch.float64)]).to(DEVICE).requires_grad_()

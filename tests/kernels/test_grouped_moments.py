@@ -108,6 +108,25 @@ def test_a_weighted_mean_is_the_mean_of_the_upsampled_map():
 
 
 @needs_kernels
+def test_the_maps_themselves_get_their_gradients():
+    """Maps that are views of a buffer another op made (a non-leaf): autograd.grad with respect to the maps,
+    and to the buffer, as through torch. Computed through the buffer, the maps got none."""
+    leaf, views, _ = buffer_and_maps([(3, 4), None, (2, 5)], torch.float64, DEVICE)
+    maps = views(leaf * 2.0)
+    out = channel_moments_grouped(maps)
+    expected = reference(maps, [None] * len(maps))
+    tensors = [m for m in maps if m is not None] + [leaf]
+    got = torch.autograd.grad((out * torch.arange(1.0, 4.0, device=DEVICE)).sum(), tensors, retain_graph=True)
+    want = torch.autograd.grad((expected * torch.arange(1.0, 4.0, device=DEVICE)).sum(), tensors, retain_graph=True)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert rel_err(g, w) < 1e-12, i
+    # buffer_gradient: the same gradient reaches the buffer as one tensor, and none the maps themselves
+    out = channel_moments_grouped(maps, buffer_gradient=True)
+    got = torch.autograd.grad((out * torch.arange(1.0, 4.0, device=DEVICE)).sum(), tensors, allow_unused=True)
+    assert got[:-1] == (None, None) and rel_err(got[-1], want[-1]) < 1e-12
+
+
+@needs_kernels
 def test_uncovered_elements_get_zero_gradient():
     flat, views, _ = buffer_and_maps([(3, 4), (2, 2)], torch.float32, DEVICE, extra=5)
     out = channel_moments_grouped(views(flat))

@@ -123,6 +123,21 @@ def test_leaf_views_of_a_buffer_without_grad_get_their_own_gradients():
 
 
 @needs_kernels
+def test_non_leaf_views_of_a_buffer_get_their_own_gradients():
+    # levels that are views of another op's output: autograd.grad with respect to them, and to that op's input
+    xs, weight, bias = _inputs(PYRAMID)
+    leaf = torch.cat([x.reshape(-1) for x in xs]).to(DEVICE).requires_grad_()
+    views = [part.view(x.shape) for part, x in zip((leaf * 2.0).split([x.numel() for x in xs]), xs)]
+    weight, bias = weight.to(DEVICE), bias.to(DEVICE)
+    out = pyramid_conv2d(views, weight, bias)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, [*views, leaf], grad, retain_graph=True)
+    want = torch.autograd.grad(_reference(views, weight, bias), [*views, leaf], grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+@needs_kernels
 def test_keeps_no_canvas_for_the_backward():
     # The canvas is written again in the backward: what is kept is the weight and the inputs themselves.
     xs, weight, bias = _inputs(PYRAMID)
