@@ -17,6 +17,7 @@ from .build import build_detector
 from .config import Config, ConfigError, load_config
 from .data.build import build_dataset
 from .data.coco import DatasetError, ImageLoadError, read_rgb_image
+from .data.coco_categories import COCO_CATEGORIES
 from .data.transforms import DetectionTransform, pad_batch
 from .engine.checkpoint import CheckpointError, last_checkpoint, load_matching_state, load_model_weights
 from .engine.evaluate import autocast, check_categories, evaluate
@@ -133,7 +134,7 @@ def _eval(cfg: Config, args: argparse.Namespace) -> None:
     loaded = load_model_weights(args.weights)  # before the data, which may have to be generated first
     test_set = build_dataset(cfg, train=False)
     model, meta = _load_model(cfg, args.weights, len(test_set.category_ids), device, loaded)
-    # converted release weights record no categories: their labels are COCO's in id order, as the test set's
+    # weights that record no categories (a bare state dict) take the test set's, in id order
     category_ids = meta.get("category_ids") or test_set.category_ids
     check_categories(category_ids, test_set)
     args.output_dir.mkdir(parents=True, exist_ok=True)
@@ -231,6 +232,9 @@ def _convert_detector(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     release = load_official_detector(args.weights, cfg.model)
     meta = {"num_classes": release.num_classes, "release_settings": release.settings}
+    if release.num_classes == len(COCO_CATEGORIES):  # the release trained on COCO: its labels are COCO's, by id
+        meta["category_ids"] = [category_id for category_id, _ in COCO_CATEGORIES]
+        meta["class_names"] = [name for _, name in COCO_CATEGORIES]
     _save_atomic({"model": release.state, "meta": meta}, args.output)
     logger.info(
         "%s: %d tensors of a %s + DyHead detector with %d classes -> %s; evaluate it with %s",

@@ -126,6 +126,10 @@ def test_cli_round_trip_loads_for_eval(release_file, tmp_path, monkeypatch, capl
     saved = torch.load(out, weights_only=True)
     assert saved["meta"]["num_classes"] == 80 and saved["meta"]["release_settings"] == RESNET_SETTINGS
     assert saved["model"]["head.scales.0.scale"].shape == ()
+    # COCO's categories, so that predict names its labels and eval scores them under COCO's ids
+    ids, names = saved["meta"]["category_ids"], saved["meta"]["class_names"]
+    assert (ids[0], names[0]) == (1, "person") and (ids[-1], names[-1]) == (90, "toothbrush")
+    assert len(ids) == len(set(ids)) == 80 and ids == sorted(ids) and 12 not in ids
 
     monkeypatch.setattr(logging.getLogger("detectors"), "propagate", True)  # main() turned it off
     with caplog.at_level(logging.WARNING, logger="detectors.cli"):
