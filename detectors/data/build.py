@@ -8,8 +8,8 @@ from functools import partial
 import torch
 from torch.utils.data import DataLoader
 
-from ..config import Config
-from .coco import CocoDetection, collate, resolve_dataset
+from ..config import Config, ConfigError
+from .coco import CocoDetection, DatasetError, collate, resolve_dataset
 from .samplers import InferenceBatchSampler, TrainBatchSampler
 from .transforms import DetectionTransform
 
@@ -57,7 +57,10 @@ def _loader(cfg: Config, dataset: CocoDetection, batch_sampler) -> DataLoader:
 def build_train_loader(cfg: Config, dataset: CocoDetection, rank: int, world_size: int, start_batch: int) -> DataLoader:
     """Endless training batches of ``ims_per_batch / world_size`` images, skipping ``start_batch``."""
     if cfg.solver.ims_per_batch % world_size:
-        raise ValueError(f"solver.ims_per_batch={cfg.solver.ims_per_batch} is not divisible by {world_size} processes")
+        raise ConfigError(f"solver.ims_per_batch={cfg.solver.ims_per_batch} is not divisible by {world_size} processes")
+    if len(dataset) < world_size:
+        raise DatasetError(f"{dataset.ann_file}: {len(dataset)} training images for {world_size} processes; each "
+                           "process needs at least one")
     groups = dataset.aspect_groups() if cfg.data.aspect_ratio_grouping else [0] * len(dataset)
     sampler = TrainBatchSampler(
         groups, cfg.solver.ims_per_batch // world_size, cfg.seed, rank, world_size, start_batch=start_batch

@@ -212,13 +212,20 @@ class CocoDetection(Dataset):
         label_of = {cat: i for i, cat in enumerate(self.category_ids)}
         self.num_degenerate = 0
         self.records: list[dict[str, Any]] = []
+        sized_from_files = 0
         for image_id in sorted(self.coco.imgs):
             info = self.coco.imgs[image_id]
+            width, height = info.get("width"), info.get("height")
+            if width is None or height is None:  # boxes are clipped and images grouped by the size
+                size = _upright_size(self.image_dir / info["file_name"])
+                if size is not None:
+                    (width, height), sized_from_files = size, sized_from_files + 1
             boxes, labels, crowd = [], [], []
             for ann in self.coco.imgToAnns.get(image_id, []):
                 (x, y, w, h), label = _box_and_label(self.ann_file, ann, label_of)
                 x1, y1 = max(0.0, x), max(0.0, y)
-                x2, y2 = min(x + w, info.get("width", x + w)), min(y + h, info.get("height", y + h))
+                x2 = x + w if width is None else min(x + w, width)
+                y2 = y + h if height is None else min(y + h, height)
                 if x2 <= x1 or y2 <= y1:
                     self.num_degenerate += 1
                     continue
@@ -231,13 +238,16 @@ class CocoDetection(Dataset):
                 {
                     "image_id": image_id,
                     "file_name": info["file_name"],
-                    "width": info.get("width"),
-                    "height": info.get("height"),
+                    "width": width,
+                    "height": height,
                     "boxes": np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
                     "labels": np.asarray(labels, dtype=np.int64),
                     "iscrowd": np.asarray(crowd, dtype=bool),
                 }
             )
+        if sized_from_files:
+            logger.info("%s: read the sizes of %d images from their files (their entries give none)", self.ann_file,
+                        sized_from_files)
         if self.num_degenerate:
             logger.warning("%s: dropped %d degenerate boxes (no area)", self.ann_file, self.num_degenerate)
         if remove_empty and not self.records:
@@ -310,6 +320,18 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         raise _UnsupportedDepth("its pixels are floating point (mode F), which have no standard 8-bit reading; "
                                 "save it with 8 or 16 bits per channel")
     return image.convert("RGB")
+
+
+def _upright_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) of the image at path as `read_rgb_image` reads it (EXIF orientations 5 to 8 turn it a
+    quarter), from its header alone; None when it cannot be opened (reading it later reports why)."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            turned = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    except (OSError, ValueError):
+        return None
+    return (height, width) if turned else (width, height)
 
 
 def read_rgb_image(path: Path, width: int | None = None, height: int | None = None) -> Image.Image:

@@ -30,8 +30,8 @@ class TrainBatchSampler(Sampler):
     def __init__(
         self, group_ids: list[int], batch_size: int, seed: int, rank: int = 0, world_size: int = 1, start_batch: int = 0
     ):
-        if not group_ids:
-            raise ValueError("cannot sample batches from an empty dataset")
+        if len(group_ids) < world_size:  # a process without an image would wait for its first batch forever
+            raise ValueError(f"cannot sample batches for {world_size} processes from {len(group_ids)} images")
         self.group_ids = list(group_ids)
         self.batch_size = batch_size
         self.seed = seed

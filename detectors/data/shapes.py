@@ -26,7 +26,7 @@ __all__ = ["SHAPE_CLASSES", "shapes_root", "ensure_shapes", "render_image"]
 logger = logging.getLogger(__name__)
 
 SHAPE_CLASSES = ("square", "circle", "triangle", "diamond")
-_GENERATOR_VERSION = 2
+_GENERATOR_VERSION = 3  # 3: areas are the shapes' pixel counts, not their boxes'
 _MAX_COVERED = 0.35  # overlapping shapes occur, but no shape's box is mostly covered by a later one
 
 
@@ -65,17 +65,19 @@ def _covered(a: list[float], b: list[float]) -> float:
     return ix * iy / smaller
 
 
-def render_image(rng: np.random.RandomState, cfg: ShapesConfig) -> tuple[Image.Image, list[tuple[int, list[float]]]]:
+def render_image(rng: np.random.RandomState,
+                 cfg: ShapesConfig) -> tuple[Image.Image, list[tuple[int, list[float], int]]]:
     """Draws one image.
 
     Returns:
-        The RGB image (``cfg.image_size`` square) and a list of ``(class index, [x1, y1, x2, y2])``, boxes
-        tight around each drawn shape, in drawing order.
+        The RGB image (``cfg.image_size`` square) and a list of ``(class index, [x1, y1, x2, y2], area)``, boxes
+        tight around each drawn shape and the pixels it covers (the area COCO gives an object, from its mask,
+        which COCOeval's small/medium/large ranges read), in drawing order.
     """
     size = cfg.image_size
     img = _background(rng, size)
     draw = ImageDraw.Draw(img)
-    objects: list[tuple[int, list[float]]] = []
+    objects: list[tuple[int, list[float], int]] = []
     wanted = rng.randint(cfg.min_objects, cfg.max_objects + 1)
     for _ in range(wanted * 10):
         if len(objects) == wanted:
@@ -88,11 +90,13 @@ def render_image(rng: np.random.RandomState, cfg: ShapesConfig) -> tuple[Image.I
         pts = _polygon(SHAPE_CLASSES[cls], cx, cy, obj, aspect, angle)
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
         box = [max(0.0, min(xs)), max(0.0, min(ys)), min(float(size), max(xs)), min(float(size), max(ys))]
-        if any(_covered(box, other) > _MAX_COVERED for _, other in objects):
+        if any(_covered(box, other) > _MAX_COVERED for _, other, _ in objects):
             continue
         colour = tuple(int(v) for v in rng.randint(0, 256, size=3))
         draw.polygon(pts, fill=colour, outline=tuple(max(0, v - 60) for v in colour))
-        objects.append((cls, box))
+        mask = Image.new("1", (size, size))
+        ImageDraw.Draw(mask).polygon(pts, fill=1, outline=1)
+        objects.append((cls, box, int(np.count_nonzero(np.asarray(mask)))))
     return img, objects
 
 
@@ -115,14 +119,14 @@ def _write_split(folder: Path, split: str, count: int, seed: int, cfg: ShapesCon
         file_name = f"{image_id:06d}.png"
         img.save(image_dir / file_name)
         images.append({"id": image_id, "file_name": file_name, "width": img.width, "height": img.height})
-        for cls, (x1, y1, x2, y2) in objects:
+        for cls, (x1, y1, x2, y2), area in objects:
             annotations.append(
                 {
                     "id": len(annotations) + 1,
                     "image_id": image_id,
                     "category_id": cls + 1,
                     "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
-                    "area": round((x2 - x1) * (y2 - y1), 2),
+                    "area": area,
                     "iscrowd": 0,
                 }
             )

@@ -55,9 +55,16 @@ class DetectionTransform:
         return cls([cfg.min_size_test], cfg.max_size_test, 0.0, cfg.format, cfg.pixel_mean, cfg.pixel_std)
 
     def output_size(self, height: int, width: int, min_size: int) -> tuple[int, int]:
-        """``(h, w)`` after resizing an image of ``height`` x ``width``."""
-        scale = min(min_size / min(height, width), self.max_size / max(height, width))
-        return max(1, round(height * scale)), max(1, round(width * scale))
+        """``(h, w)`` after resizing an image of ``height`` x ``width``: the short side to ``min_size`` unless the
+        long side would pass ``max_size``, rounded half up. The float operations are detectron2's
+        (ResizeShortestEdge) in its order, so that sizes ending in exactly .5 (a 2:1 image: 666.5 x 1333) round
+        the same way: Python's round() took them to the even side."""
+        scale = min_size / min(height, width)
+        new_h, new_w = (min_size, scale * width) if height < width else (scale * height, min_size)
+        if max(new_h, new_w) > self.max_size:
+            shrink = self.max_size / max(new_h, new_w)
+            new_h, new_w = new_h * shrink, new_w * shrink
+        return max(1, int(new_h + 0.5)), max(1, int(new_w + 0.5))
 
     def __call__(self, image: Image.Image, boxes: Tensor, rng: np.random.Generator | None) -> tuple[Tensor, Tensor]:
         """Transforms one image.

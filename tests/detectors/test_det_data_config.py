@@ -166,6 +166,10 @@ def test_shapes_set_is_deterministic_and_coco(tmp_path):
     for ann in coco.dataset["annotations"]:
         x, y, w, h = ann["bbox"]
         assert x >= 0 and y >= 0 and x + w <= 64 and y + h <= 64 and min(w, h) >= 12 * 0.6 * 0.7
+        # the area is the shape's pixels (COCO's mask area, which COCOeval's size ranges read), not its box's:
+        # about half the box for a triangle or a diamond
+        half_box = SHAPE_CLASSES[ann["category_id"] - 1] in ("triangle", "diamond")
+        assert 0.4 < ann["area"] / (w * h) < 0.75 if half_box else 0.6 < ann["area"] / (w * h) < 1.2
     dataset = CocoDetection(folder / "train", folder / "annotations" / "instances_train.json",
                             DetectionTransform([64], 64, 0.0, "RGB", [0.0] * 3, [1.0] * 3))
     assert len(dataset) == 3 and dataset.num_degenerate == 0
@@ -187,6 +191,24 @@ def test_train_sampler_resumes_and_shards():
     assert not seen0 & seen1 and len(seen0 | seen1) == 20
     shards = [list(InferenceBatchSampler(7, 2, rank=r, world_size=2)) for r in range(2)]
     assert shards == [[[0, 2], [4, 6]], [[1, 3], [5]]]
+
+
+@pytest.mark.parametrize("height, width, expected", [
+    (320, 640, (667, 1333)),  # 2:1: 666.5 rounds up, as detectron2's int(x + 0.5); round() gave 666
+    (480, 640, (800, 1067)),
+    (427, 640, (800, 1199)),
+    (640, 480, (1067, 800)),
+    (100, 1000, (133, 1333)),
+])
+def test_resize_sizes_are_detectron2s(height, width, expected):
+    """COCO-style 800 / 1333 resizing: detectron2's ResizeShortestEdge sizes, worked out by hand."""
+    transform = DetectionTransform([800], 1333, 0.0, "RGB", [0.0] * 3, [1.0] * 3)
+    assert transform.output_size(height, width, 800) == expected
+
+
+def test_more_processes_than_training_images_is_an_error_not_a_hang():
+    with pytest.raises(ValueError, match="4 processes from 3 images"):
+        TrainBatchSampler([0, 0, 0], 1, seed=0, rank=3, world_size=4)
 
 
 def test_training_transform_flips_boxes():
@@ -296,6 +318,27 @@ def test_exif_orientation_is_applied(tmp_path):
     assert target["orig_size"] == (20, 40)
     assert image[2, :, -1].min() > image[0, :, -1].max()  # blue on the right
     assert image[0, :, 0].min() > image[2, :, 0].max()  # red on the left
+
+
+def test_image_entries_without_a_size_take_the_files(tmp_path):
+    """A hand-made file without width/height: boxes are clipped to the image as read (upright, EXIF turned) and
+    the aspect groups are right; before, boxes stayed outside and every image counted as landscape."""
+    image_dir, ann_file = _write_set(tmp_path, annotations=[
+        {"id": 1, "image_id": 1, "bbox": [30, 2, 20, 8], "category_id": 7},  # past the 40-pixel width
+        {"id": 2, "image_id": 2, "bbox": [2, 30, 10, 20], "category_id": 3},  # past the 40-pixel height, upright
+        {"id": 3, "image_id": 2, "bbox": [2, 45, 10, 5], "category_id": 3},  # wholly below it: degenerate
+    ])
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (40, 20)).save(image_dir / "b.png", exif=exif)  # 20 wide and 40 high once upright
+    data = json.loads(ann_file.read_text())
+    for entry in data["images"]:
+        del entry["width"], entry["height"]
+    ann_file.write_text(json.dumps(data))
+    dataset = CocoDetection(image_dir, ann_file, TRANSFORM)
+    assert [r["boxes"].tolist() for r in dataset.records] == [[[30, 2, 40, 10]], [[2, 30, 12, 40]]]
+    assert dataset.num_degenerate == 1 and dataset.aspect_groups() == [0, 1]
+    assert dataset[1][1]["orig_size"] == (40, 20)  # the size check passes against the filled-in size
 
 
 def _gray16(values, mode):
