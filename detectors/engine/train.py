@@ -239,6 +239,7 @@ def train(cfg: Config, output_dir: Path, resume: bool = False) -> dict:
     if is_distributed():
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    loader = build_train_loader(cfg, train_set, get_rank(), get_world_size(), start_batch=start_iter)
     metrics_log = None
     if main:
         # Only now that the data, the model and the checkpoint have loaded: a run that fails to start leaves the
@@ -250,7 +251,6 @@ def train(cfg: Config, output_dir: Path, resume: bool = False) -> dict:
                            "replaced as this run writes its own (--resume continues it instead)", output_dir, earlier)
         metrics_log = MetricsWriter(output_dir / "metrics.jsonl", resume_from=start_iter if resume else None,
                                     redo_evaluation=start_iter == solver.max_iter)
-    loader = build_train_loader(cfg, train_set, get_rank(), get_world_size(), start_batch=start_iter)
     logger.info(
         "training %d images (%d classes) for %d iterations of %d images on %s x %d",
         len(train_set), num_classes, solver.max_iter, solver.ims_per_batch, device, get_world_size(),

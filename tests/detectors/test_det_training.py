@@ -388,7 +388,7 @@ def test_a_fresh_run_in_an_earlier_runs_folder_forgets_its_last_checkpoint(tmp_p
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine, "build_train_loader", crash)
+    monkeypatch.setattr(engine, "BadImageLog", crash)  # the first thing after the run starts
     with pytest.raises(KeyboardInterrupt):
         train(load_config(CONFIG, _tiny_overrides(tmp_path / "data", 2)), out)
     assert last_checkpoint(out) is None and (out / "model_0000010.pth").is_file()
