@@ -398,9 +398,9 @@ def channel_moments_grouped(maps: Sequence[Tensor | None],
 
     Where the maps are contiguous NCHW views of one contiguous tensor, no two sharing an element (the outputs of
     `modulated_deform_conv2d_sets`), and the weights views of another, it takes one moments launch, one merge
-    and one backward launch for all, and each map's gradient is its span of one tensor. Otherwise, and under tracing (torch.compile), it is
-    `channel_moments` per map, stacked. The results agree to rounding: the pixel runs that are merged may
-    differ.
+    and one backward launch for all, and each map's gradient is its span of one tensor. Otherwise, and under
+    tracing (torch.compile), it is `channel_moments` per map, stacked. The results agree to rounding: the pixel
+    runs that are merged may differ.
 
     Args:
         maps: K >= 1 entries, each a tensor (N, C, H_k, W_k) with H_k*W_k > 0 or None (a row of zeros, with no
