@@ -32,7 +32,7 @@ from torch import Tensor
 from .deform_conv import acc_tl, autotune_configs
 from .deform_conv_op import _device_guard, autocast_enabled, eager_call
 from .device_table import cached_device_table
-from .grouped_moments import ALIGN, _root, _start_in, find_map, program_run, view_gradients
+from .grouped_moments import ALIGN, _root, _start_in, autograd_inputs, find_map, program_run, view_gradients
 from .level_pass import (MERGE_BLOCK_C, _INTERPRET_CONFIG, _REDUCTION_SPACE, _aligned, _autocast_combine,
                          _check_combine_inputs, _check_runnable, _coefficients, _lines, _pixel_runs, _store_sums,
                          _tile, combine_tile_backward, keep_tiles, level_autotune, level_combine, zero_sums)
@@ -491,11 +491,8 @@ def level_combine_grouped(levels: Sequence[Sequence[Tensor]], scale: Tensor, shi
     base, places = shared
     plan = plan_levels(places, n, c, base.device)
     firsts = [branch[0] for level in places for branch in level]
-    params = (scale.contiguous(), shift.contiguous(), coef.contiguous(), plan, n, c, firsts)
-    every_branch = [y for level in levels for y in level]
-    if buffer_gradient and all(y.requires_grad == base.requires_grad for y in every_branch):
-        out = _GroupedCombine.apply(base, *params)
-    else:
-        out = _GroupedCombine.apply(base.detach(), *params, *every_branch)
+    base, views = autograd_inputs(base, [y for level in levels for y in level], buffer_gradient)
+    out = _GroupedCombine.apply(base, scale.contiguous(), shift.contiguous(), coef.contiguous(), plan, n, c, firsts,
+                                *views)
     sizes = [branches[0].shape for branches in levels]
     return [part.view(shape) for part, shape in zip(out.split([s.numel() for s in sizes]), sizes)]

@@ -311,6 +311,15 @@ def view_gradients(d_base: Tensor, shapes, firsts) -> tuple[Tensor, ...]:
     return tuple(flat[first:first + math.prod(shape)].view(shape) for shape, first in zip(shapes, firsts))
 
 
+def autograd_inputs(base: Tensor, views, buffer_gradient: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """(buffer, views) to give a grouped Function that reads ``views`` in ``base``: with ``buffer_gradient`` the
+    buffer is the differentiable input and no view is (where the buffer requires grad as the views do: else
+    their gradient would be lost); otherwise the views are, and the buffer is only the memory the launch reads."""
+    if buffer_gradient and all(v.requires_grad == base.requires_grad for v in views):
+        return base, ()
+    return base.detach(), tuple(views)
+
+
 def _start_in(t: Tensor, base: Tensor):
     """t's first element relative to base's, if t is a contiguous view inside it; else None."""
     first = t.storage_offset() - base.storage_offset()
@@ -432,7 +441,5 @@ def channel_moments_grouped(maps: Sequence[Tensor | None],
         zeros = first.new_zeros((*first.shape[:2], 3), dtype=acc_dtype(first)) if any(m is None for m in maps) else None
         return torch.stack([zeros if m is None else _one_map(m, pair) for m, pair in zip(maps, pool_weights)])
     base, weights, places = shared
-    present = [m for m in maps if m is not None]
-    if buffer_gradient and all(m.requires_grad == base.requires_grad for m in present):
-        return _GroupedMoments.apply(base, weights, places, first.shape[0], first.shape[1])
-    return _GroupedMoments.apply(base.detach(), weights, places, first.shape[0], first.shape[1], *present)
+    base, views = autograd_inputs(base, [m for m in maps if m is not None], buffer_gradient)
+    return _GroupedMoments.apply(base, weights, places, first.shape[0], first.shape[1], *views)
