@@ -58,13 +58,13 @@ def build_train_loader(cfg: Config, dataset: CocoDetection, rank: int, world_siz
     """Endless training batches of ``ims_per_batch / world_size`` images, skipping ``start_batch``."""
     if cfg.solver.ims_per_batch % world_size:
         raise ConfigError(f"solver.ims_per_batch={cfg.solver.ims_per_batch} is not divisible by {world_size} processes")
-    if len(dataset) < world_size:
-        raise DatasetError(f"{dataset.ann_file}: {len(dataset)} training images for {world_size} processes; each "
-                           "process needs at least one")
     groups = dataset.aspect_groups() if cfg.data.aspect_ratio_grouping else [0] * len(dataset)
-    sampler = TrainBatchSampler(
-        groups, cfg.solver.ims_per_batch // world_size, cfg.seed, rank, world_size, start_batch=start_batch
-    )
+    try:
+        sampler = TrainBatchSampler(
+            groups, cfg.solver.ims_per_batch // world_size, cfg.seed, rank, world_size, start_batch=start_batch
+        )
+    except ValueError as exc:  # fewer images than processes
+        raise DatasetError(f"{dataset.ann_file}: {exc}") from None
     return _loader(cfg, dataset, sampler)
 
 

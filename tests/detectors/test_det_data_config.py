@@ -23,6 +23,7 @@ from detectors.data.coco import (
     read_rgb_image,
     resolve_dataset,
 )
+from detectors.data.build import build_train_loader
 from detectors.data.samplers import InferenceBatchSampler, TrainBatchSampler
 from detectors.data.shapes import SHAPE_CLASSES, ensure_shapes
 from detectors.data.transforms import DetectionTransform
@@ -206,9 +207,13 @@ def test_resize_sizes_are_detectron2s(height, width, expected):
     assert transform.output_size(height, width, 800) == expected
 
 
-def test_more_processes_than_training_images_is_an_error_not_a_hang():
+def test_more_processes_than_training_images_is_an_error_not_a_hang(tmp_path):
     with pytest.raises(ValueError, match="4 processes from 3 images"):
         TrainBatchSampler([0, 0, 0], 1, seed=0, rank=3, world_size=4)
+    image_dir, ann_file = _write_set(tmp_path)
+    dataset = CocoDetection(image_dir, ann_file, TRANSFORM, remove_empty=True)
+    with pytest.raises(DatasetError, match=r"ann.json: cannot sample batches for 4 processes from 2 images"):
+        build_train_loader(load_config(None, ["solver.ims_per_batch=4"]), dataset, 3, 4, 0)
 
 
 def test_training_transform_flips_boxes():
