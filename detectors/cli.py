@@ -19,7 +19,8 @@ from .data.build import build_dataset
 from .data.coco import DatasetError, ImageLoadError, read_rgb_image
 from .data.coco_categories import COCO_CATEGORIES
 from .data.transforms import DetectionTransform, pad_batch
-from .engine.checkpoint import CheckpointError, last_checkpoint, load_matching_state, load_model_weights
+from .engine.checkpoint import (CheckpointError, last_checkpoint, load_matching_state, load_model_weights,
+                                write_atomically)
 from .engine.evaluate import autocast, check_categories, evaluate
 from .engine.logger import setup_logging
 from .engine.stop import TrainingInterrupted
@@ -207,9 +208,7 @@ def _predict(cfg: Config, args: argparse.Namespace) -> None:
 
 def _save_atomic(obj: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    write_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _convert(args: argparse.Namespace) -> None:

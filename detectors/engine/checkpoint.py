@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -13,7 +13,7 @@ import torch
 from dyhead.official import read_checkpoint
 
 __all__ = ["CheckpointError", "rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint", "last_checkpoint",
-           "forget_last_checkpoint", "load_model_weights", "load_matching_state"]
+           "forget_last_checkpoint", "load_model_weights", "load_matching_state", "write_atomically"]
 
 _LAST = "last_checkpoint"
 
@@ -52,9 +52,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def _replace_durably(tmp: Path, path: Path) -> None:
-    """Renames the written ``tmp`` to ``path`` once its bytes are on disk, and makes the rename durable too: after a
-    power loss the name must not point at a file the disk never got."""
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then renames it to ``path`` once its bytes are on disk,
+    and makes the rename durable too: a crash never leaves a truncated file, and after a power loss the name does
+    not point at a file the disk never got."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -66,15 +69,11 @@ def _replace_durably(tmp: Path, path: Path) -> None:
 
 
 def save_checkpoint(output_dir: Path, name: str, state: dict[str, Any]) -> Path:
-    """Writes ``state`` to ``output_dir/name`` through a temporary file and a rename, so a crash never leaves a
-    truncated checkpoint, then points ``output_dir/last_checkpoint`` at it the same way; both are synced to disk."""
+    """Writes ``state`` to ``output_dir/name``, then points ``output_dir/last_checkpoint`` at it, each through
+    `write_atomically`."""
     path = output_dir / name
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    _replace_durably(tmp, path)
-    pointer = output_dir / (_LAST + ".tmp")
-    pointer.write_text(name)
-    _replace_durably(pointer, output_dir / _LAST)
+    write_atomically(path, lambda tmp: torch.save(state, tmp))
+    write_atomically(output_dir / _LAST, lambda tmp: tmp.write_text(name))
     return path
 
 

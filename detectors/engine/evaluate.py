@@ -6,7 +6,6 @@ import contextlib
 import io
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from tqdm import tqdm
 from ..config import Config
 from ..data.build import build_test_loader
 from ..data.coco import CocoDetection
+from .checkpoint import write_atomically
 from .distributed import all_gather_objects, get_rank, get_world_size, is_main_process
 
 __all__ = ["evaluate", "check_categories", "coco_metrics", "write_json", "autocast", "BadImageLog"]
@@ -33,10 +33,8 @@ def autocast(device: torch.device, enabled: bool):
 
 
 def write_json(path: Path, obj) -> None:
-    """Writes JSON through a temporary file and a rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+    """Writes JSON through `write_atomically`."""
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj)))
 
 
 class BadImageLog:

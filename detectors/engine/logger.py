@@ -10,6 +10,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from .checkpoint import write_atomically
+
 __all__ = ["setup_logging", "MetricsWriter"]
 
 
@@ -76,9 +78,8 @@ class MetricsWriter:
             if broken:
                 logging.getLogger("detectors.train").warning(
                     "%s: dropped %d line(s) that are not JSON records (a write cut short)", path, broken)
-            tmp = path.with_name(path.name + ".tmp")  # a kill while rewriting must not lose the earlier lines
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(path)
+            # a kill while rewriting must not lose the earlier lines
+            write_atomically(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
         elif resume_from is None:
             path.write_text("")
 
