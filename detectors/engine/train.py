@@ -48,7 +48,7 @@ FINAL_CHECKPOINT = "model_final.pth"  # the checkpoint of the last iteration, wr
 
 
 def setup_runtime(cfg: Config) -> torch.device:
-    """Joins the process group, then sets threads, seeds and the cuDNN/TF32 switches from ``cfg``.
+    """Joins the process group, then sets threads, seeds (``seed + rank``) and the cuDNN/TF32 switches from ``cfg``.
 
     TF32 stays off so that fp32 parts of the model (the losses, anything outside autocast) keep fp32
     accuracy; cuDNN autotuning is on unless ``deterministic`` asks for reproducible kernels.
@@ -56,9 +56,12 @@ def setup_runtime(cfg: Config) -> torch.device:
     device = init_distributed(cfg.device)
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    # Each process its own stream (detectron2 seeds with seed + rank): Faster R-CNN's proposal sampling would
+    # otherwise draw the same choices on every process. The models still start equal: DDP broadcasts rank 0's.
+    seed = cfg.seed + get_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cudnn.benchmark = not cfg.deterministic

@@ -115,6 +115,8 @@ def test_two_process_ddp_on_cpu(tmp_path):
     state = load_checkpoint(out / "model_final.pth")
     assert state["iteration"] == 3 and state["data"] == {"seed": 0, "world_size": 2}
     assert len(state["rng"]) == 2  # one RNG state per process
+    # seeded with seed + rank, as detectron2 does: the processes draw different streams
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in records if "loss" in r] == [1, 2, 3]
     # each process evaluated half of the 8 validation images; rank 0 gathered all of them
