@@ -18,6 +18,7 @@ __all__ = [
     "sum_across_processes",
     "all_gather_objects",
     "barrier",
+    "broadcast_buffers",
 ]
 
 
@@ -87,3 +88,11 @@ def barrier() -> None:
     """Waits for every process (no-op when not distributed)."""
     if is_distributed():
         dist.barrier()
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Copies rank 0's buffers (BatchNorm's running statistics) into every process's ``module`` (no-op when not
+    distributed)."""
+    if is_distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, 0)

@@ -25,6 +25,7 @@ from .checkpoint import (CheckpointError, forget_last_checkpoint, last_checkpoin
 from .distributed import (
     all_gather_objects,
     barrier,
+    broadcast_buffers,
     get_rank,
     get_world_size,
     init_distributed,
@@ -116,6 +117,14 @@ def lr_factor(cfg: SolverConfig, iteration: int) -> float:
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _evaluation_model(model: nn.Module) -> nn.Module:
+    """The model every process evaluates: the checkpoint's, rank 0's. DDP hands rank 0's buffers to the others
+    before each training forward, which then updates each process's running statistics from its own batch."""
+    model = _unwrap(model)
+    broadcast_buffers(model)
+    return model
 
 
 def _to_device(targets: list[dict], device: torch.device) -> list[dict]:
@@ -311,7 +320,7 @@ def train(cfg: Config, output_dir: Path, resume: bool = False) -> dict:
             if done % solver.checkpoint_period == 0 or done == solver.max_iter:
                 saved = _save(output_dir, model, optimizer, scheduler, done, cfg, meta)
             if solver.eval_period > 0 and done % solver.eval_period == 0 and done < solver.max_iter:
-                metrics = evaluate(_unwrap(model), test_set, cfg, device, None, train_set.category_ids)
+                metrics = evaluate(_evaluation_model(model), test_set, cfg, device, None, train_set.category_ids)
                 if main:
                     metrics_log.write({"iter": done, **metrics})
             signum = stop.requested(device)
@@ -322,7 +331,7 @@ def train(cfg: Config, output_dir: Path, resume: bool = False) -> dict:
                                solver.max_iter, saved)
                 raise TrainingInterrupted(done, signum, saved)
     progress.close()
-    metrics = evaluate(_unwrap(model), test_set, cfg, device, output_dir, train_set.category_ids)
+    metrics = evaluate(_evaluation_model(model), test_set, cfg, device, output_dir, train_set.category_ids)
     if main:
         metrics_log.write({"iter": solver.max_iter, **metrics})
     return metrics

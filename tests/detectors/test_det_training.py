@@ -123,6 +123,22 @@ def test_two_process_ddp_on_cpu(tmp_path):
     detections = json.loads((out / "coco_instances_results.json").read_text())
     per_image = Counter(d["image_id"] for d in detections)
     assert sorted(per_image) == list(range(1, 9)) and max(per_image.values()) <= 100  # none evaluated twice
+    # both processes evaluated the checkpoint's model: rank 1 with rank 0's BatchNorm statistics too
+    from detectors.cli import main
+
+    args = ["--config", str(CONFIG)] + [a for item in overrides for a in ("--set", item)]
+    weights = str(out / "model_final.pth")
+    assert main(["eval", "--weights", weights, "--output-dir", str(tmp_path / "eval")] + args) == 0
+    alone = json.loads((tmp_path / "eval" / "coco_instances_results.json").read_text())
+
+    # scores sorted per image (equal scores leave the order open), to one step of the results' 5 decimals
+    def scores(results):
+        return {i: sorted(d["score"] for d in results if d["image_id"] == i) for i in range(1, 9)}
+
+    together, separately = scores(detections), scores(alone)
+    for image_id in together:
+        assert together[image_id] == pytest.approx(separately[image_id], abs=1.1e-5), image_id
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == metrics
 
 
 @pytest.mark.slow
