@@ -198,6 +198,22 @@ def test_custom_op_matches_eager_path():
 
 
 @needs_kernels
+@pytest.mark.parametrize("loss", ["linear", "square"])
+def test_double_backward_raises(loss):
+    """A gradient penalty differentiates the input gradient again, which the backward does not support: it must
+    raise, as torchvision's op and the traced path do. A loss linear in the output gives the backward an output
+    gradient that needs no grad, yet the input gradient depends on the weight: the penalty's terms were dropped
+    silently."""
+    conv = dict(stride=1, padding=1, dilation=1)
+    t = leaves(make_inputs(1, 3, 2, 4, 4, **conv), torch.float32, DEVICE)
+    y = triton_op(t, conv)
+    out = y.sum() if loss == "linear" else y.square().sum()
+    g = torch.autograd.grad(out, t["input"], create_graph=True)[0]
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        torch.autograd.grad(out + g.square().sum(), t["weight"])
+
+
+@needs_kernels
 def test_deterministic_default_follows_torch(monkeypatch):
     seen = []
     backward = deform_conv_op.deform_conv_backward.deform_conv_backward

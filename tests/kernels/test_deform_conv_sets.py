@@ -281,6 +281,25 @@ def test_only_wanted_gradients(wanted):
 
 
 @needs_kernels
+@pytest.mark.parametrize("bases", [False, True])
+def test_double_backward_raises(bases):
+    """As the one-conv op: a gradient penalty on a loss linear in the outputs raises instead of losing its
+    terms, with the offsets and masks given as they are or as views of sample_bases."""
+    p = make_sets(1, 3, 2, SIZES[2:], [[0]], 1)
+    t = sets_leaves(p, torch.float32, DEVICE)
+    inputs, weights, biases, offsets, masks = sets_args(t)
+    sample_bases = None
+    if bases:
+        sample_bases = [torch.cat([offsets[0][0], masks[0][0]], 1).detach().requires_grad_()]
+        offsets, masks = [[sample_bases[0][:, :18]]], [[sample_bases[0][:, 18:]]]
+    ys = modulated_deform_conv2d_sets(inputs, weights, biases, [[0]], offsets, masks, sample_bases=sample_bases)
+    out = ys[0][0].sum()
+    g = torch.autograd.grad(out, inputs[0], create_graph=True)[0]
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        torch.autograd.grad(out + g.square().sum(), weights[0])
+
+
+@needs_kernels
 def test_unused_input_gets_no_gradient():
     """An input no set reads gets None or zeros; the others are exact."""
     levels, strides = [[0], [2, 0]], 1
