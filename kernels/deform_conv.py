@@ -551,7 +551,7 @@ def grouped_input(xs, offsets, masks, levels, extra_rows=(), sample_grads=None):
 
 
 def deform_conv_forward(xs, offsets, masks, weights, biases, bias_sets, levels, padding, dilation,
-                        mask_logits=False):
+                        mask_logits=False, shape=None):
     """Forward launch of the convs `levels` plans (`plan_convs`) over the inputs xs (one launch for all; one
     conv on one input is the plain op). offsets, masks: per conv, shapes as `kernels.modulated_deform_conv2d`
     (mask_logits: the masks hold logits, modulation = their sigmoid); weights: per set (Cout, Cin, kh, kw);
@@ -559,16 +559,16 @@ def deform_conv_forward(xs, offsets, masks, weights, biases, bias_sets, levels, 
     padding/dilation are pairs.
 
     Returns y: flat (sum over convs of N*Cout*H_out*W_out,), conv after conv each (N, Cout, H_out, W_out)
-    contiguous, in the inputs' dtype.
+    contiguous, in the inputs' dtype; or, given shape, those elements allocated in that shape (contiguous).
     """
     n, c, cout = levels.n, levels.c, levels.cout
-    y = xs[0].new_empty((levels.o_pixels * cout,))
+    y = xs[0].new_empty(shape or (levels.o_pixels * cout,))
     if levels.o_pixels == 0 or cout == 0:
         return y
     bias = stack_biases(biases, bias_sets, len(weights))
     if c == 0:
         for (_, _, ho, wo), start, wset in zip(levels.sizes, levels.o_starts, levels.sets):
-            level = y[start * cout:(start + n * ho * wo) * cout].view(n, cout, ho * wo)
+            level = y.view(-1)[start * cout:(start + n * ho * wo) * cout].view(n, cout, ho * wo)
             if bias is not None:
                 level.copy_(bias[wset, :, None].expand_as(level))
             else:

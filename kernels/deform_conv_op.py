@@ -130,10 +130,13 @@ def _forward_impl(input: Tensor, offset: Tensor, mask: Tensor, weight: Tensor, b
                   deterministic: bool) -> Tensor:
     _check_runnable(input)
     levels = _one_conv(input, weight, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w)
+    # Allocated in its shape, not viewed from a flat buffer: autograd forbids in-place ops on a view that a
+    # custom Function returns, which torchvision's output takes (an in-place activation, a residual's +=).
     with _device_guard(input):
-        y = deform_conv.deform_conv_forward([input], [offset], [mask], [weight], [] if bias is None else [bias],
-                                            [] if bias is None else [0], levels, (pad_h, pad_w), (dil_h, dil_w))
-    return y.view(input.shape[0], weight.shape[0], offset.shape[2], offset.shape[3])
+        return deform_conv.deform_conv_forward([input], [offset], [mask], [weight], [] if bias is None else [bias],
+                                               [] if bias is None else [0], levels, (pad_h, pad_w), (dil_h, dil_w),
+                                               shape=(input.shape[0], weight.shape[0], offset.shape[2],
+                                                      offset.shape[3]))
 
 
 _forward_op = torch.library.custom_op("dyhead_triton::modulated_deform_conv2d", mutates_args=())(_forward_impl)

@@ -214,6 +214,30 @@ def test_double_backward_raises(loss):
 
 
 @needs_kernels
+@pytest.mark.parametrize("path", ["eager", "custom_op"])
+def test_output_takes_in_place_ops(path):
+    """torchvision's output may be modified in place under autograd (an in-place activation, a residual added
+    with +=): it must be no view that autograd forbids modifying, on either path."""
+    conv = dict(stride=1, padding=1, dilation=1)
+    inputs = make_inputs(2, 4, 3, 5, 6, **conv)
+    ref = leaves(inputs, torch.float64, "cpu")
+    y_ref = reference(ref, conv).relu_()
+    assert 0 < (y_ref > 0).sum() < y_ref.numel()
+    t = leaves(inputs, torch.float64, DEVICE)
+    if path == "eager":
+        y = triton_op(t, conv)
+    else:
+        y = deform_conv_op._forward_op(t["input"], t["offset"], t["mask"], t["weight"], t["bias"], 1, 1, 1, 1, 1, 1,
+                                       False)
+    y.relu_()
+    g_out = grad_out_like(y_ref)
+    g, g_ref = grads(y, g_out.to(DEVICE), t), grads(y_ref, g_out, ref)
+    assert rel_err(y, y_ref) < 1e-12
+    for name in g_ref:
+        assert rel_err(g[name], g_ref[name]) < 1e-12, name
+
+
+@needs_kernels
 def test_deterministic_default_follows_torch(monkeypatch):
     seen = []
     backward = deform_conv_op.deform_conv_backward.deform_conv_backward
