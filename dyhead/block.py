@@ -66,7 +66,9 @@ class DyHeadBlock(nn.Module):
         task_attention: False leaves the task attention out (``task`` is None, no ``task.*`` weights), as the
             paper's two-stage detectors do, whose box head applies it per RoI instead.
 
-    forward(levels: L tensors (N, Cin, H_l, W_l), finest first) -> L tensors (N, C, H_l, W_l), same dtype.
+    forward(levels: L tensors (N, Cin, H_l, W_l), finest first, H_l = ceil(H_{l-1} / 2) (unchecked here: DyHead
+    checks with :func:`check_pyramid`; the deformable convs raise on other sizes)) -> L tensors (N, C, H_l, W_l),
+    same dtype.
     """
 
     def __init__(self, in_channels: int, channels: int, *, backend: str = "auto", high_offsets: str = "official",

@@ -96,15 +96,24 @@ def deform_conv2d_sampled(
     take the one towards the next pixel.
 
     input: (N, Cin, H, W) float32/float64/bfloat16/float16; offset: (N, 2*kh*kw, Hout, Wout);
-    mask: (N, kh*kw, Hout, Wout); weight: (Cout, Cin, kh, kw); bias: (Cout,) or None. Offsets and mask may be
-    strided views. Sampling coordinates and the bilinear blend are computed in at least float32 (a bf16 grid
-    would be off by a fifth of a pixel at 100 px); the contraction runs in the input's dtype (or autocast's).
+    mask: (N, kh*kw, Hout, Wout), Hout and Wout the conv's output size (ValueError otherwise);
+    weight: (Cout, Cin, kh, kw); bias: (Cout,) or None. Offsets and mask may be strided views. Sampling
+    coordinates and the bilinear blend are computed in at least float32 (a bf16 grid would be off by a fifth of a
+    pixel at 100 px); the contraction runs in the input's dtype (or autocast's).
     Returns (N, Cout, Hout, Wout) in the contraction's dtype.
     """
     n, cin, h, w = input.shape
     cout, _, kh, kw = weight.shape
     (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
-    hout, wout = offset.shape[-2:]
+    hout = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wout = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    # The sampling below would take its output size from the offsets and broadcast a mask of one image or one
+    # tap; torchvision and triton refuse such shapes, so this does too.
+    for name, t, per_tap in (("offset", offset, 2), ("mask", mask, 1)):
+        expected = (n, per_tap * kh * kw, hout, wout)
+        if tuple(t.shape) != expected:
+            raise ValueError(f"{name} must be {expected} (N, {name} channels, H_out, W_out), "
+                             f"got shape {tuple(t.shape)}")
     sample_dtype = torch.promote_types(input.dtype, torch.float32)
     source = input.to(sample_dtype)
     # grid_sample with align_corners=False maps pixel coordinate p to (2p + 1) / size - 1; this form stays

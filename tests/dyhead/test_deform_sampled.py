@@ -189,3 +189,26 @@ def test_sets_with_mask_logits_take_their_sigmoid(backend):
     g, = torch.autograd.grad(got.square().sum(), om)
     g_expected, = torch.autograd.grad(expected.square().sum(), om)
     assert rel_err(g, g_expected) < 1e-9
+
+
+@pytest.mark.parametrize("name,offset_shape,mask_shape", [
+    ("offset", (2, 18, 5, 6), (2, 9, 9, 11)),  # offsets of another output size
+    ("mask", (2, 18, 9, 11), (1, 9, 9, 11)),   # one image's mask, which would broadcast over the batch
+    ("mask", (2, 18, 9, 11), (2, 1, 9, 11)),   # one mask channel, which would broadcast over the taps
+])
+def test_offset_and_mask_must_match_the_output(name, offset_shape, mask_shape):
+    """As torchvision and triton, the sampled conv refuses offsets or masks not shaped as its output, instead of
+    computing an output of the offsets' size or broadcasting the mask."""
+    x, _, _, weight, bias = make_case()
+    with pytest.raises(ValueError, match=rf"{name} must be \(2, (18|9), 9, 11\)"):
+        deform_conv2d_sampled(x, torch.zeros(offset_shape, dtype=x.dtype), torch.ones(mask_shape, dtype=x.dtype),
+                              weight, bias)
+
+
+def test_block_refuses_levels_that_are_not_a_pyramid_on_sampled():
+    """A DyHeadBlock called directly (DyHead checks its input first) on levels whose finer branch's stride-2
+    output is not the next level's size: the sampled backend raised nothing and misaligned the branches."""
+    from dyhead import DyHeadBlock
+    block = DyHeadBlock(16, 16, backend="sampled")
+    with pytest.raises(ValueError, match=r"offset must be \(1, 18, 4, 4\)"):
+        block([torch.randn(1, 16, 7, 7), torch.randn(1, 16, 3, 3)])
