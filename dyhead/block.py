@@ -111,6 +111,9 @@ class DyHead(nn.Module):
         high_offsets: str = "official", task_attention: bool = True,
     ) -> None:
         super().__init__()
+        # 0 is a multiple of 16: without this check an empty DyHead failed only at its first forward
+        if in_channels < 1 or channels < 1:
+            raise ValueError(f"in_channels={in_channels} and channels={channels} must be positive")
         if channels % 16 != 0:
             raise ValueError(f"channels={channels} must be divisible by 16 (GroupNorm(16) after every conv)")
         if num_blocks < 1:

@@ -220,6 +220,14 @@ def test_error_constructor_arguments():
         DyHead(16, 16, high_offsets="nearest")
 
 
+def test_error_channels_not_positive():
+    """0 is divisible by 16 and passed the check, to fail at the first forward (IndexError); an empty input
+    level count (in_channels=0) divided by zero in the deformable conv's init."""
+    for cin, c in ((16, 0), (16, -16), (0, 16)):
+        with pytest.raises(ValueError, match="must be positive"):
+            DyHead(cin, c, 1)
+
+
 def test_backend_switch_keeps_weights():
     model = DyHead(16, 16, 1, backend="torch")
     assert model.backend == "torchvision"
