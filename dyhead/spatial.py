@@ -31,6 +31,13 @@ class DeformConvNorm(nn.Module):
         return self.norm(self.conv(x, offset, mask, backend))
 
 
+def check_high_offsets(mode: str) -> str:
+    """Return ``mode`` if it is one of `HIGH_OFFSETS`; ValueError otherwise."""
+    if mode not in HIGH_OFFSETS:
+        raise ValueError(f"unknown high_offsets {mode!r}: expected one of {', '.join(HIGH_OFFSETS)}")
+    return mode
+
+
 def coarser_view(t: Tensor, height: int, width: int, mode: str) -> Tensor:
     """Offsets or mask computed at a level's size (N, K, H, W), as read by the conv on the coarser level.
 
@@ -40,9 +47,11 @@ def coarser_view(t: Tensor, height: int, width: int, mode: str) -> Tensor:
     of the offset conv's output), else a view of a contiguous copy; views rather than ``as_strided`` with a
     storage offset, which ``torch.compile`` cannot trace.
     ``"crop"``: ``t[..., :height, :width]``, as mmdetection >= 3.3 does.
-    Returns (N, K, height, width).
+    Returns (N, K, height, width); ValueError for another mode.
     """
-    if mode == "crop":
+    # checked here too, not only by SpatialAttention: a misspelt mode (or one assigned to its high_offsets
+    # later) would otherwise read as "official"
+    if check_high_offsets(mode) == "crop":
         return t[..., :height, :width]
     n, k, h, w = t.shape
     if t.stride()[1:] != (h * w, w, 1):
@@ -73,10 +82,8 @@ class SpatialAttention(nn.Module):
 
     def __init__(self, in_channels: int, channels: int, *, backend: str = "auto", high_offsets: str = "official"):
         super().__init__()
-        if high_offsets not in HIGH_OFFSETS:
-            raise ValueError(f"unknown high_offsets {high_offsets!r}: expected one of {', '.join(HIGH_OFFSETS)}")
         self.backend = check_backend(backend)
-        self.high_offsets = high_offsets
+        self.high_offsets = check_high_offsets(high_offsets)
         self.offset = nn.Conv2d(in_channels, 27, kernel_size=3, padding=1)
         self.coarser = DeformConvNorm(in_channels, channels, stride=1)
         self.same = DeformConvNorm(in_channels, channels, stride=1)

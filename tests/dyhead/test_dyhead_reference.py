@@ -228,6 +228,17 @@ def test_error_channels_not_positive():
             DyHead(cin, c, 1)
 
 
+def test_error_unknown_high_offsets_after_construction():
+    """coarser_view is exported and high_offsets an attribute: a misspelt mode read as "official"."""
+    from dyhead import coarser_view
+    with pytest.raises(ValueError, match="unknown high_offsets 'Crop'"):
+        coarser_view(torch.zeros(1, 18, 4, 4), 2, 2, "Crop")
+    model = DyHead(16, 16, 1, backend="sampled")
+    model.blocks[0].spatial.high_offsets = "cropped"
+    with pytest.raises(ValueError, match="unknown high_offsets 'cropped'"):
+        model(pyramid(16, dtype=torch.float32, sizes=SIZES[:2]))
+
+
 def test_backend_switch_keeps_weights():
     model = DyHead(16, 16, 1, backend="torch")
     assert model.backend == "torchvision"
