@@ -76,6 +76,9 @@ class SpatialAttention(nn.Module):
         backend: deformable conv implementation, see :mod:`dyhead.deform`.
         high_offsets: "official" or "crop".
 
+    Initialised as the release: the offset conv keeps PyTorch's default Conv2d init, not zeros (the release's
+    init_weights reaches only its deformable convs' containers and the scale attention; mmdetection zero-inits
+    it), so training starts from random offsets and masks; the deformable convs as :class:`ModulatedDeformConv2d`.
     forward(levels: L tensors (N, Cin, H_l, W_l)) -> for each level l its 1 to 3 branches, each
     (N, Cout, H_l, W_l), in the order same, finer, coarser.
     """

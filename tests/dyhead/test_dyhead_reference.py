@@ -128,6 +128,12 @@ def test_initialisation_follows_the_release():
         assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
         assert torch.count_nonzero(branch.conv.bias) == 0
         assert torch.all(branch.norm.weight == 1) and torch.count_nonzero(branch.norm.bias) == 0
+    # the release leaves its offset conv at PyTorch's default init (mmdetection zero-inits it)
+    offset_bound = 1 / (9 * c) ** 0.5
+    w = block.spatial.offset.weight
+    assert w.abs().max() <= offset_bound and w.abs().max() > 0.9 * offset_bound
+    b = block.spatial.offset.bias
+    assert b.abs().max() <= offset_bound and torch.count_nonzero(b) == 27
     attn = block.scale.conv.weight
     assert 0.005 < attn.std().item() < 0.015 and torch.count_nonzero(block.scale.conv.bias) == 0
     assert block.task.fc1.out_features == 16 and block.task.fc2.out_features == 4 * c
