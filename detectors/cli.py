@@ -142,6 +142,14 @@ def _eval(cfg: Config, args: argparse.Namespace) -> None:
     evaluate(model, test_set, cfg, device, args.output_dir, category_ids)
 
 
+def _check_output_dir(path: Path) -> None:
+    """ConfigError naming --output-dir when it, or the nearest of the folders above it that exists, is a file:
+    creating the folder would end in mkdir's traceback (predict's, after the model was built)."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"--output-dir {path}: {existing} is a file, not a folder")
+
+
 def _predict_inputs(paths: list[Path], output_dir: Path) -> list[Path]:
     """The image files predict runs on, checked before the model loads: files as given, each folder's image
     files in name order. Two with one name would write the same outputs, and none may be one of its outputs."""
@@ -279,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(str(exc)) from None
             return 0
         cfg = load_config(args.config, args.overrides)
+        _check_output_dir(args.output_dir)
         if args.command == "train":
             try:
                 train(cfg, args.output_dir, resume=args.resume)

@@ -44,3 +44,21 @@ def test_cli_names_a_missing_image_before_reading_weights(tmp_path, capsys):
                  str(tmp_path / "out"), str(tmp_path / "missing.png")])
     err = capsys.readouterr().err
     assert code == 2 and f"dyhead predict: error: image {tmp_path / 'missing.png'}: file not found" in err
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "predict"])
+def test_an_output_dir_that_is_a_file_is_named(tmp_path, capsys, command):
+    """A file where --output-dir (or a folder above it) would go: one line naming it, before any slow work, not
+    mkdir's traceback after the model was built."""
+    (tmp_path / "taken").write_text("a file")
+    image = _image(tmp_path / "x.png")
+    for output_dir in (tmp_path / "taken", tmp_path / "taken" / "out"):
+        argv = [command, "--config", str(CONFIG), "--set", f"data.shapes.root={tmp_path / 'data'}", "--output-dir",
+                str(output_dir)]
+        argv += {"train": [], "eval": ["--weights", str(image)],
+                 "predict": ["--weights", str(image), str(image)]}[command]
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2 and err == (f"dyhead {command}: error: --output-dir {output_dir}: {tmp_path / 'taken'} is a "
+                                     "file, not a folder\n")
+    assert not (tmp_path / "data").exists()
