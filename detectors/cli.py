@@ -52,7 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate weights on the test split (COCO bbox metrics)")
     common(p, "folder for metrics.json and the detections")
     p.add_argument("--weights", required=True, type=Path, help="checkpoint or state dict")
-    p = sub.add_parser("predict", help="detect objects in images; writes a PNG with boxes and a JSON per image")
+    p = sub.add_parser(
+        "predict", help="detect objects in images; writes a PNG with boxes and a JSON per image",
+        # the JSON's boxes are corners, not COCO's x, y, width, height (eval's results): say so where it is read
+        description="Detect objects in images. For each image DIR/NAME.EXT, writes OUTPUT_DIR/NAME.png (the image "
+        "upright, with each detection's box, class name and score) and OUTPUT_DIR/NAME.json: {\"image\": path, "
+        "\"detections\": [{\"box\": [x1, y1, x2, y2], \"score\", \"label\": class name, \"category_id\": the "
+        "training set's id}]}, boxes by their corners in the original image's pixels (dyhead eval writes COCO's [x, "
+        "y, width, height]). Weights that record no categories (a bare state dict) give each label's index as its "
+        "name and id.",
+    )
     common(p, "folder for the annotated images and JSON files")
     p.add_argument("--weights", required=True, type=Path, help="checkpoint or state dict")
     p.add_argument("--score-thresh", type=float, default=0.2, help="lowest score drawn and written")

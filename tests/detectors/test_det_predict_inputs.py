@@ -62,3 +62,11 @@ def test_an_output_dir_that_is_a_file_is_named(tmp_path, capsys, command):
         assert code == 2 and err == (f"dyhead {command}: error: --output-dir {output_dir}: {tmp_path / 'taken'} is a "
                                      "file, not a folder\n")
     assert not (tmp_path / "data").exists()
+
+
+def test_help_documents_the_json_per_image(capsys):
+    """Its boxes are corners, where eval's COCO results are x, y, width, height: a reader must not have to guess."""
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert '"box": [x1, y1, x2, y2]' in text and '"category_id"' in text and "original image's pixels" in text
