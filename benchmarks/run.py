@@ -58,6 +58,17 @@ def device_arg(text: str) -> torch.device:
     return device
 
 
+def positive_int(text: str) -> int:
+    """--threads: a count of at least 1 (else argparse's type error; torch.set_num_threads raises on 0 or less)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
@@ -81,7 +92,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="capture each step in a CUDA graph and time its replays (no host launch cost; every impl "
                         "alike); written to <gpu>-<date>-graphs.json, without the profile")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
     on_gpu = args.device.type == "cuda"
     if args.cuda_graphs and not on_gpu:

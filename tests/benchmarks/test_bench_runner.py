@@ -182,7 +182,9 @@ def test_table_names_the_shapes_where_a_file_holds_several():
 
 @pytest.mark.parametrize("argv, message", [(["--ops", ","], "no names given"), (["--impls", ""], "no names given"),
                                            (["--device", "gpu"], "'gpu' is not a device"),
-                                           (["--device", "meta"], "'meta' is not a device")])
+                                           (["--device", "meta"], "'meta' is not a device"),
+                                           (["--threads", "0"], "'0' is not a positive integer"),
+                                           (["--threads", "-2"], "'-2' is not a positive integer")])
 def test_bad_options_are_argparse_errors(argv, message, capsys):
     with pytest.raises(SystemExit):
         run.parse_args(argv)
