@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import json
 import logging
 import signal
@@ -65,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(p, "folder for the annotated images and JSON files")
     p.add_argument("--weights", required=True, type=Path, help="checkpoint or state dict")
     p.add_argument("--score-thresh", type=float, default=0.2, help="lowest score drawn and written")
-    p.add_argument("images", nargs="+", type=Path, help="image files, or folders of them")
+    p.add_argument("images", nargs="+", type=Path,
+                   help="image files, folders of them, or quoted glob patterns ('photos/*.jpg')")
     p = sub.add_parser(
         "convert",
         help="official or mmdetection DyHead weights -> a state dict of dyhead.DyHead; with --detector, one of the "
@@ -161,17 +163,27 @@ def _check_output_dir(path: Path) -> None:
 
 def _predict_inputs(paths: list[Path], output_dir: Path) -> list[Path]:
     """The image files predict runs on, checked before the model loads: files as given, each folder's image
-    files in name order. Two with one name would write the same outputs, and none may be one of its outputs."""
+    files and each glob pattern's in name order. Two with one name would write the same outputs, and none may be
+    one of its outputs."""
     extensions = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+    def images_among(candidates) -> list[Path]:
+        return sorted(p for p in candidates if p.suffix.lower() in extensions and p.is_file())
+
     files = []
     for path in paths:
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in extensions and p.is_file())
+            found = images_among(path.iterdir())
             if not found:
                 raise ImageLoadError(f"folder {path} holds no image files")
             files += found
         elif path.is_file():
             files.append(path)
+        elif any(c in str(path) for c in "*?["):  # quoted, so the shell left it: detectron2's demo takes these too
+            found = images_among(map(Path, glob.glob(str(path))))
+            if not found:
+                raise ImageLoadError(f"pattern {path} matches no image files")
+            files += found
         else:
             raise ImageLoadError(f"image {path}: file not found")
     first_of = {}

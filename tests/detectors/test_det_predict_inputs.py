@@ -26,6 +26,16 @@ def test_folders_give_their_images_in_name_order(tmp_path):
     assert _predict_inputs([c, tmp_path / "in"], tmp_path / "out") == [c, a, b]
 
 
+def test_quoted_glob_patterns_give_their_images_in_name_order(tmp_path):
+    """As detectron2's demo takes them ('photos/*.jpg'): the shell leaves a quoted pattern to predict."""
+    b, a = _image(tmp_path / "in" / "b.jpg"), _image(tmp_path / "in" / "a.png")
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    assert _predict_inputs([tmp_path / "in" / "*"], tmp_path / "out") == [a, b]
+    assert _predict_inputs([tmp_path / "in" / "?.jpg"], tmp_path / "out") == [b]
+    with pytest.raises(ImageLoadError, match=r"pattern .*\*\.gif matches no image files"):
+        _predict_inputs([tmp_path / "in" / "*.gif"], tmp_path / "out")
+
+
 def test_bad_inputs_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ImageLoadError, match=f"folder {tmp_path / 'empty'} holds no image files"):
