@@ -83,9 +83,16 @@ OPS = {
 Step = Callable[[], tuple[Tensor | None, ...]]
 
 
-def uses_autocast(impl: str, dtype: torch.dtype) -> bool:
-    """torchvision's op has no bfloat16 kernels: under autocast it computes in float32 and casts back."""
-    return impl == "torchvision" and dtype == torch.bfloat16
+def autocast_dtype(impl: str, dtype: torch.dtype, device: torch.device) -> torch.dtype | None:
+    """The dtype `impl`'s step runs under autocast in, or None: torchvision's op has no bfloat16 kernels, and under
+    CUDA autocast it computes in float32 and casts back. On the CPU, where torchvision registers no autocast for
+    its op, NotImplementedError says so: the op's own error begins with a C++ source path, all of it that the
+    table's note has room for."""
+    if impl != "torchvision" or dtype != torch.bfloat16:
+        return None
+    if device.type != "cuda":
+        raise NotImplementedError("torchvision has no bfloat16 CPU kernel nor CPU autocast")
+    return dtype
 
 
 def dcn_function(impl: str) -> Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]:
@@ -210,7 +217,7 @@ class DcnProblem(Problem):
         function = dcn_function(impl)
         leaves = [t.detach().to(dtype).requires_grad_(self.spec.backward) for t in self.inputs]
         return make_step(lambda: [function(*leaves)], leaves, [self.grad_output.to(dtype)], self.spec.backward,
-                         dtype if uses_autocast(impl, dtype) else None)
+                         autocast_dtype(impl, dtype, self.device))
 
 
 class DyHeadProblem(Problem):
@@ -247,7 +254,7 @@ class DyHeadProblem(Problem):
         named = dict(module.named_parameters())
         params = [named[name] for name in self.param_names]
         return make_step(lambda: list(module(levels)), levels + params, [g.to(dtype) for g in self.grad_outputs],
-                         self.spec.backward, dtype if uses_autocast(impl, dtype) else None)
+                         self.spec.backward, autocast_dtype(impl, dtype, self.device))
 
 
 def make_problem(op: str, shapes: ShapeSet, device: torch.device | str, seed: int = 0) -> Problem:

@@ -290,3 +290,13 @@ def test_default_impls_on_cpu_leave_out_triton_without_the_interpreter(monkeypat
     monkeypatch.setattr(run.runtime, "INTERPRET", interpret)
     assert run.parse_args(["--device", "cpu"]).impls == ["triton", "torchvision", "sampled"][not interpret:]
     assert run.parse_args(["--device", "cpu", "--impls", "triton"]).impls == ["triton"]
+
+
+def test_torchvision_in_bfloat16_on_cpu_says_why_it_has_no_row(tmp_path, capsys):
+    """It has neither a bfloat16 CPU kernel nor CPU autocast: the table's note says so, where torchvision's own
+    error left room for no more than a C++ source path."""
+    _, content = run_main(tmp_path, "--ops", "dcn_fwd", "--impls", "torchvision", "--dtypes", "bfloat16")
+    (r,) = content["records"]
+    assert r["median_ms"] is None
+    assert r["error"] == "NotImplementedError: torchvision has no bfloat16 CPU kernel nor CPU autocast"
+    assert "| NotImplementedError: torchvision has no bfloat16 CPU kernel nor CPU autocast |" in capsys.readouterr().out
