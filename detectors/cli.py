@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common(p, "folder for the annotated images and JSON files")
     p.add_argument("--weights", required=True, type=Path, help="checkpoint or state dict")
-    p.add_argument("--score-thresh", type=float, default=0.2, help="lowest score drawn and written")
+    p.add_argument("--score-thresh", type=float, default=0.2,
+                   help="lowest score drawn and written (below model.score_thresh, the model's too)")
     p.add_argument("images", nargs="+", type=Path,
                    help="image files, folders of them, or quoted glob patterns ('photos/*.jpg')")
     p = sub.add_parser(
@@ -201,6 +202,10 @@ def _predict_inputs(paths: list[Path], output_dir: Path) -> list[Path]:
 def _predict(cfg: Config, args: argparse.Namespace) -> None:
     device = setup_runtime(cfg)
     images = _predict_inputs(args.images, args.output_dir)
+    # The model drops scores below its own threshold before they get here: a lower --score-thresh lowers it too
+    # (as detectron2's demo does), else it would silently act as model.score_thresh.
+    if args.score_thresh < cfg.model.score_thresh:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, score_thresh=args.score_thresh))
     model, meta = _load_model(cfg, args.weights, None, device)
     names = meta.get("class_names") or [str(i) for i in range(model.num_classes)]
     category_ids = meta.get("category_ids") or list(range(model.num_classes))

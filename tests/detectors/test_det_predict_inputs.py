@@ -80,3 +80,27 @@ def test_help_documents_the_json_per_image(capsys):
         main(["predict", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert '"box": [x1, y1, x2, y2]' in text and '"category_id"' in text and "original image's pixels" in text
+
+
+def test_a_score_thresh_below_the_models_keeps_those_detections(tmp_path):
+    """--score-thresh is the lowest score written, also below model.score_thresh (0.05), which the model would
+    otherwise apply first (as detectron2's demo lowers the model's threshold): an untrained model scores ~0.01."""
+    import dataclasses
+    import json
+
+    import torch
+
+    from detectors.build import build_detector
+    from detectors.config import load_config
+
+    cfg = load_config(CONFIG)
+    torch.manual_seed(0)
+    model = build_detector(dataclasses.replace(cfg.model, backbone=dataclasses.replace(cfg.model.backbone,
+                                                                                       weights=None)), 4)
+    weights = tmp_path / "w.pth"
+    torch.save({"model": model.state_dict(), "meta": {"num_classes": 4}}, weights)
+    image = _image(tmp_path / "x.png")
+    argv = ["predict", "--config", str(CONFIG), "--weights", str(weights), "--output-dir", str(tmp_path / "out")]
+    assert main(argv + ["--score-thresh", "0.001", str(image)]) == 0
+    scores = [d["score"] for d in json.loads((tmp_path / "out" / "x.json").read_text())["detections"]]
+    assert scores and min(scores) < cfg.model.score_thresh
