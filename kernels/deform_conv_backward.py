@@ -208,7 +208,7 @@ def _bwd_kernel(x_ptr, off_ptr, msk_ptr, w_ptr, gy_ptr,
 
     if GRAD_WEIGHT:
         if DETERMINISTIC:
-            row = pid_s
+            row = pid_s.to(tl.int64)  # one row per pixel run: row * KK * C can pass 2**31 where Cout is small
         else:
             row = wset
         gw = gw_ptr + ((row * KK + tap) * C + c.to(tl.int64))[None, :] * Cout + co[:, None]
