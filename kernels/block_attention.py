@@ -28,7 +28,7 @@ from torch import Tensor
 from .deform_conv import acc_tl
 from .deform_conv_op import _device_guard, eager_call
 from .device_table import cached_device_table
-from .runtime import check_runnable, next_power_of_2
+from .runtime import check_runnable, first_order_backward, next_power_of_2
 
 # Table columns per level: its branch count B, then per slot b < 3: the slot's pixel count and the index of its
 # GroupNorm in the stacked parameters (-1: no branch in the slot).
@@ -349,7 +349,7 @@ class _BlockAttention(torch.autograd.Function):
         return weight, shift, coef
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_backward
     def backward(ctx, d_weight, d_shift, d_coef):
         moments, norm_weight, norm_bias, scale_weight, scale_bias, w1, b1, w2, b2, pu, h = ctx.saved_tensors
         plan, has_task = ctx.plan, ctx.has_task

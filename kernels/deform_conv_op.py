@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import deform_conv, deform_conv_backward
-from .runtime import check_runnable
+from .runtime import check_runnable, first_order_backward
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -215,12 +215,9 @@ class _EagerDeformConv(torch.autograd.Function):
         return output
 
     @staticmethod
+    @first_order_backward
     def backward(ctx, grad_out):
-        # Under create_graph the custom backward op, whose results raise when differentiated (no double backward),
-        # as in traced calls. once_differentiable raised only through grad_out, and only in backward() over the
-        # whole graph: a loss linear in the output, or autograd.grad of the parameters, dropped a gradient
-        # penalty's terms silently.
-        return _gradients(_backward_op if torch.is_grad_enabled() else _backward_impl, ctx, grad_out)
+        return _gradients(_backward_impl, ctx, grad_out)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -516,15 +513,14 @@ class _EagerSets(torch.autograd.Function):
         return output
 
     @staticmethod
+    @first_order_backward
     def backward(ctx, grad_out):
         num_inputs, num_bases, num_sets = ctx.counts
         need = ctx.needs_input_grad[4:]
         sizes = (num_inputs, num_bases, num_sets, len(ctx.bias_sets))
         bounds = [sum(sizes[:k]) for k in range(5)]
         needs = [need[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-        # Under create_graph the custom backward op, which raises when differentiated (see `_EagerDeformConv`).
-        grads = _sets_gradients(_sets_backward_op if torch.is_grad_enabled() else _sets_backward_impl, ctx, grad_out,
-                                needs)
+        grads = _sets_gradients(_sets_backward_impl, ctx, grad_out, needs)
         return (None, None, None, None, *(g for group in grads[:4] for g in group), *(None,) * 11)
 
 

@@ -36,7 +36,7 @@ from .grouped_moments import ALIGN, _root, _start_in, autograd_inputs, find_map,
 from .level_pass import (MERGE_BLOCK_C, _INTERPRET_CONFIG, _REDUCTION_SPACE, _aligned, _autocast_combine,
                          _check_combine_inputs, _check_runnable, _coefficients, _lines, _pixel_runs, _store_sums,
                          _tile, combine_tile_backward, keep_tiles, level_autotune, level_combine, zero_sums)
-from .runtime import cdiv, first_config_unless_tuning, next_power_of_2
+from .runtime import cdiv, first_config_unless_tuning, first_order_backward, next_power_of_2
 from .upsample import GATHER_SPACE, axis_scale, bilinear_tile, float32_scale, gather_tile
 
 # Table columns per level:
@@ -426,7 +426,7 @@ class _GroupedCombine(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_backward
     def backward(ctx, grad):
         base, scale, shift, coef = ctx.saved_tensors
         need_base, need_scale, need_shift, need_coef = ctx.needs_input_grad[:4]

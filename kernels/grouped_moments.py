@@ -29,7 +29,7 @@ from .device_table import cached_device_table
 from .level_pass import (MERGE_BLOCK_C, _REDUCTION_SPACE, _aligned, _check_float_tensor, _check_runnable,
                          _pixel_runs, _tile, channel_moments, keep_tiles, level_autotune, merge_runs,
                          moments_grad, run_moments)
-from .runtime import cdiv, next_power_of_2
+from .runtime import cdiv, first_order_backward, next_power_of_2
 
 # Elements: 16 bytes of bf16/fp16, 32 of fp32. DyHead's two largest map sizes at COCO shapes (100x168, 50x84)
 # are multiples of it; the small maps read element by element cost little.
@@ -371,7 +371,7 @@ class _GroupedMoments(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_backward
     def backward(ctx, grad):
         base, weights, out = ctx.saved_tensors
         need_base, need_maps = ctx.needs_input_grad[0], any(ctx.needs_input_grad[5:])

@@ -32,7 +32,8 @@ from torch import Tensor
 
 from .deform_conv import acc_dtype, acc_tl, autotune_configs
 from .deform_conv_op import _FLOAT_DTYPES, _device_guard, eager_call
-from .runtime import INTERPRET, cdiv, check_runnable, first_config_unless_tuning, next_power_of_2, sm_count
+from .runtime import (INTERPRET, cdiv, check_runnable, first_config_unless_tuning, first_order_backward,
+                      next_power_of_2, sm_count)
 from .upsample import axis_scale, bilinear_tile, float32_scale, upsample_backward
 
 # A reduction's pixel run is a multiple of this, and so of every BLOCK_P of its configs (and of 16, see
@@ -683,7 +684,7 @@ class _EagerMoments(torch.autograd.Function):
         return output
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_backward
     def backward(ctx, grad):
         return _moments_backward_impl(grad, *ctx.saved_tensors)
 
@@ -785,7 +786,7 @@ class _EagerCombine(torch.autograd.Function):
         return output
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_backward
     def backward(ctx, grad):
         need_scale, need_shift, need_coef, *need_branches = ctx.needs_input_grad
         d_branches, *d_params = _combine_gradients(_combine_backward_impl, ctx, grad, need_branches, need_scale,

@@ -31,7 +31,7 @@ from .deform_conv import autotune_configs
 from .deform_conv_op import _FLOAT_DTYPES, _device_guard, autocast_enabled, eager_call
 from .device_table import cached_device_table
 from .grouped_moments import _root, _start_in, view_gradients
-from .runtime import cdiv, check_runnable, first_config_unless_tuning, next_power_of_2
+from .runtime import cdiv, check_runnable, first_config_unless_tuning, first_order_backward, next_power_of_2
 
 # Table columns per level: its first canvas row, first canvas column, H, W, and its first pixel in the flat
 # buffers (element = pixel * C: one table for the input and output buffers whatever their channel counts).
@@ -179,7 +179,7 @@ class _CanvasConv(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_backward
     def backward(ctx, grad):
         weight, *inputs = ctx.saved_tensors
         need_weight, need_bias = ctx.needs_input_grad[1:3]

@@ -18,7 +18,7 @@ import triton
 from torch import Tensor
 
 __all__ = ["AUTOTUNE", "INTERPRET", "cdiv", "check_runnable", "compile_only", "first_config_unless_tuning",
-           "interpreter_problem", "matmul_allows_tf32", "next_power_of_2", "sm_count"]
+           "first_order_backward", "interpreter_problem", "matmul_allows_tf32", "next_power_of_2", "sm_count"]
 
 # Triton's own reading of TRITON_INTERPRET (1, true, on, yes in any case), so that the two never disagree
 INTERPRET = bool(triton.knobs.runtime.interpret)
@@ -69,6 +69,51 @@ def compile_only(sms: int) -> Iterator[None]:
         yield
     finally:
         _compile_only_sms = previous
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """The first ``count`` inputs (gradients) passed on unchanged, tied to the rest (what they depend on) by an
+    edge whose backward raises."""
+
+    @staticmethod
+    def forward(ctx, count, *tensors):
+        return tensors[:count]
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError("trying to differentiate twice a Triton kernel's backward, which has no derivative of its "
+                           "own (a gradient penalty, create_graph=True): use the reference backend for that")
+
+
+def first_order_backward(backward):
+    """Decorates an autograd Function's ``backward``, written without autograd (it runs under ``no_grad``), so
+    that differentiating its gradients raises.
+
+    `torch.autograd.function.once_differentiable` ties the gradients to an error only through output gradients
+    that require grad: a loss linear in the output hands the backward a constant one, yet the gradients still
+    depend on saved tensors that require grad (the weight), and a gradient penalty lost those terms silently.
+    Here the tie runs to both, whenever autograd records the backward (``create_graph``), so that differentiating
+    the gradients with respect to anything they depend on reaches the error.
+    """
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grad_outputs):
+        with torch.no_grad():
+            grads = backward(ctx, *grad_outputs)
+        if not torch.is_grad_enabled():
+            return grads
+        depends_on = [t for t in (*grad_outputs, *ctx.saved_tensors) if isinstance(t, Tensor) and t.requires_grad]
+        if not depends_on:
+            return grads
+        single = not isinstance(grads, tuple)
+        grads = [grads] if single else list(grads)
+        places = [i for i, g in enumerate(grads) if isinstance(g, Tensor)]
+        tied = _NoSecondDerivative.apply(len(places), *(grads[i] for i in places), *depends_on)
+        for i, g in zip(places, (tied,) if isinstance(tied, Tensor) else tied):
+            grads[i] = g
+        return grads[0] if single else tuple(grads)
+
+    return wrapper
 
 
 def first_config_unless_tuning(configs: list) -> list:

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .deform_conv import acc_tl, autotune_configs
 from .deform_conv_op import _FLOAT_DTYPES, _device_guard, eager_call
-from .runtime import cdiv, check_runnable, first_config_unless_tuning, next_power_of_2
+from .runtime import cdiv, check_runnable, first_config_unless_tuning, first_order_backward, next_power_of_2
 
 # (meta, num_warps, num_stages): input pixels x channels, long along pixels (the maps are NCHW).
 GATHER_SPACE = [
@@ -187,7 +187,7 @@ class _Upsample(torch.autograd.Function):
         return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_backward
     def backward(ctx, grad):
         check_runnable(grad, "kernels.upsample_bilinear", "F.interpolate")
         with _device_guard(grad):

@@ -84,3 +84,35 @@ def test_host_integer_helpers_match_triton():
         for d in (1, 2, 7, 16, 64, 128):
             assert runtime.cdiv(n, d) == triton.cdiv(n, d)
     assert runtime.next_power_of_2(2**40 + 1) == 2**41
+
+
+class _Scale(torch.autograd.Function):
+    """y = w * x, its backward written without autograd as the kernels' are."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return w * x
+
+    @staticmethod
+    @runtime.first_order_backward
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        return g * w, (g * x).sum().reshape(w.shape) if ctx.needs_input_grad[1] else None
+
+
+def test_first_order_backward_gives_the_gradients_and_raises_when_they_are_differentiated():
+    """A loss linear in the output hands backward a constant gradient, yet d loss/dx = w depends on w: a penalty
+    on it must raise, not train without its terms (`once_differentiable` let it through)."""
+    x = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    w = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    gx, gw = torch.autograd.grad(_Scale.apply(x, w).sum(), [x, w])
+    assert not gx.requires_grad and torch.equal(gx, torch.full_like(x, 1.5)) and gw.item() == x.sum().item()
+    loss = _Scale.apply(x, w).sum()
+    gx, = torch.autograd.grad(loss, x, create_graph=True)
+    assert torch.equal(gx, torch.full_like(x, 1.5))
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        torch.autograd.grad(loss + gx.square().sum(), w)
+    # unused by the penalty, the marked gradients cost nothing: create_graph alone does not raise
+    gx, gw = torch.autograd.grad(_Scale.apply(x, w).square().sum(), [x, w], create_graph=True)
+    assert torch.allclose(gx, 2 * w * w * x) and gw.requires_grad
