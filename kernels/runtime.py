@@ -82,7 +82,8 @@ class _NoSecondDerivative(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *_):
         raise RuntimeError("trying to differentiate twice a Triton kernel's backward, which has no derivative of its "
-                           "own (a gradient penalty, create_graph=True): use the reference backend for that")
+                           "own (a gradient penalty, create_graph=True): use a pure PyTorch path for that (DyHead's "
+                           "backend='sampled'; torchvision's deform_conv2d has none either)")
 
 
 def first_order_backward(backward):
