@@ -61,7 +61,11 @@ class ATSSAssigner:
         anchor_centres = _centres(anchors)
         if num_gt > 0:
             ious = box_iou(anchors, boxes)  # (A, G)
-            distances = torch.cdist(anchor_centres, _centres(boxes))  # (A, G)
+            # exact differences, as the release: cdist's default matrix-product form (past 25 points) errs by
+            # ~0.1 pixel at a thousand pixels from the origin and would swap near-equidistant candidates
+            distances = torch.cdist(
+                anchor_centres, _centres(boxes), compute_mode="donot_use_mm_for_euclid_dist"
+            )  # (A, G)
             candidates = []
             start = 0
             for count in num_anchors_per_level:

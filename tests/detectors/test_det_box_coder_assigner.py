@@ -78,3 +78,18 @@ def test_assigner_crowd_boxes_take_no_anchor_and_hide_background():
     assert _assign(anchors, gt, crowd=crowd) == [0, IGNORE, BACKGROUND]
     # the crowd box alone: no positives at all, the anchor inside it is still ignored
     assert _assign(anchors, gt[1:], crowd=crowd[1:]) == [BACKGROUND, IGNORE, BACKGROUND]
+
+
+def test_assigner_candidates_are_the_nearest_anchors_far_from_the_origin():
+    # the anchor centred at (1774, 316) lies 5.657 from the box centre (1770, 312), the one at (1774, 307.99)
+    # 5.664: the nearest one must be the level's candidate (and, against two far candidates, the positive).
+    # cdist's matrix-product distances (|a|^2 + |b|^2 - 2ab, used past 25 points) err by ~0.1 pixel this
+    # far from the origin and swapped the two
+    def square(cx, cy, half=8.0):
+        return [cx - half, cy - half, cx + half, cy + half]
+
+    fillers = [square(8.0 + 16 * i, 8.0) for i in range(30)]
+    anchors = torch.tensor(fillers + [square(1774.0, 307.99), square(1774.0, 316.0), FAR1, FAR2])
+    gt = torch.tensor([square(1770.0, 312.0, 20.0)])
+    matched = ATSSAssigner(1)(anchors, [32, 1, 1], gt)
+    assert torch.nonzero(matched != BACKGROUND).flatten().tolist() == [31]
