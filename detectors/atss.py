@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
-from .atss_assigner import IGNORE, ATSSAssigner
+from .atss_assigner import ATSSAssigner
 from .box_coder import BoxCoder
 from .config import ModelConfig
 from .detections import select_detections
@@ -152,28 +152,31 @@ class ATSSHead(nn.Module):
             outputs: the result of ``forward``.
             anchors: per level ``(H_l W_l, 4)`` float32, as from ``make_anchors``.
             targets: per image ``boxes`` ``(G, 4)`` float x1,y1,x2,y2 in input pixels, ``labels`` ``(G,)``
-                int64 in ``[0, K)``, optionally ``iscrowd`` ``(G,)``.
+                int64 in ``[0, K)``, optionally ``iscrowd`` ``(G,)`` (crowd boxes are left out, as detectron2's
+                data loader does for the release: anchors over them stay negatives).
 
         Returns:
             ``loss_cls``, ``loss_box`` and ``loss_centerness``, scalar float32 tensors.
         """
         all_anchors = torch.cat(anchors)
         per_level = [a.shape[0] for a in anchors]
-        cls_targets, valid, pos_anchor, pos_box, pos_img, pos_idx = [], [], [], [], [], []
+        cls_targets, pos_anchor, pos_box, pos_img, pos_idx = [], [], [], [], []
         for i, target in enumerate(targets):
+            boxes, labels = target["boxes"], target["labels"]
             crowd = target.get("iscrowd")
-            matched = self.assigner(all_anchors, per_level, target["boxes"], None if crowd is None else crowd.bool())
+            if crowd is not None:
+                keep = ~crowd.bool()
+                boxes, labels = boxes[keep], labels[keep]
+            matched = self.assigner(all_anchors, per_level, boxes)
             pos = torch.nonzero(matched >= 0).squeeze(1)
             onehot = torch.zeros_like(outputs["cls_logits"][i])
-            onehot[pos, target["labels"][matched[pos]]] = 1.0
+            onehot[pos, labels[matched[pos]]] = 1.0
             cls_targets.append(onehot)
-            valid.append(matched != IGNORE)
             pos_anchor.append(all_anchors[pos])
-            pos_box.append(target["boxes"][matched[pos]])
+            pos_box.append(boxes[matched[pos]])
             pos_img.append(torch.full_like(pos, i))
             pos_idx.append(pos)
         cls_targets_t = torch.stack(cls_targets)  # (N, A, K)
-        valid_t = torch.stack(valid)  # (N, A)
         pos_img_t, pos_idx_t = torch.cat(pos_img), torch.cat(pos_idx)
         pos_anchor_t, pos_box_t = torch.cat(pos_anchor), torch.cat(pos_box).float()
 
@@ -182,8 +185,8 @@ class ATSSHead(nn.Module):
         num_pos_avg = max(num_pos.item() / world, 1.0)
         loss_cls = (
             sigmoid_focal_loss(
-                outputs["cls_logits"][valid_t],
-                cls_targets_t[valid_t],
+                outputs["cls_logits"],
+                cls_targets_t,
                 alpha=self.focal_alpha,
                 gamma=self.focal_gamma,
                 reduction="sum",

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from detectors.atss_assigner import BACKGROUND, IGNORE, ATSSAssigner
+from detectors.atss_assigner import BACKGROUND, ATSSAssigner
 from detectors.box_coder import BoxCoder
 
 FAR1 = [200.0, 200.0, 240.0, 240.0]
@@ -33,9 +33,9 @@ def test_box_coder_clamps_huge_scales():
     torch.testing.assert_close(box, torch.tensor([[8.0 - 500, 8.0 - 500, 8.0 + 500, 8.0 + 500]]))
 
 
-def _assign(anchors, gt, topk=1, crowd=None):
+def _assign(anchors, gt, topk=1):
     anchors = torch.tensor(anchors)
-    return ATSSAssigner(topk)(anchors, [1] * len(anchors), torch.tensor(gt), crowd).tolist()
+    return ATSSAssigner(topk)(anchors, [1] * len(anchors), torch.tensor(gt)).tolist()
 
 
 def test_assigner_threshold_is_mean_plus_std_of_candidates():
@@ -71,13 +71,6 @@ def test_assigner_ties_go_to_highest_iou():
     assert _assign(anchors, [exact, inner]) == [0, -1, -1]
 
 
-def test_assigner_crowd_boxes_take_no_anchor_and_hide_background():
-    anchors = [[0.0, 0.0, 10.0, 10.0], [100.0, 100.0, 110.0, 110.0], FAR2]
-    gt = [[0.0, 0.0, 10.0, 10.0], [90.0, 90.0, 130.0, 130.0]]
-    crowd = torch.tensor([False, True])
-    assert _assign(anchors, gt, crowd=crowd) == [0, IGNORE, BACKGROUND]
-    # the crowd box alone: no positives at all, the anchor inside it is still ignored
-    assert _assign(anchors, gt[1:], crowd=crowd[1:]) == [BACKGROUND, IGNORE, BACKGROUND]
 
 
 def test_assigner_candidates_are_the_nearest_anchors_far_from_the_origin():

@@ -61,12 +61,20 @@ def test_exact_box_prediction_has_zero_box_loss():
     assert losses["loss_box"].abs().item() < 1e-6
 
 
-def test_crowd_anchor_is_left_out_of_classification_loss():
-    targets = [{"boxes": torch.tensor([[1.0, 1.0, 9.0, 9.0], [190.0, 190.0, 250.0, 250.0]]),
-                "labels": torch.tensor([1, 0]), "iscrowd": torch.tensor([False, True])}]
-    losses = _head().compute_loss(_outputs(), ANCHORS, targets)
-    # the anchor inside the crowd box drops its two negative terms
-    torch.testing.assert_close(losses["loss_cls"], torch.tensor(LN2 * (0.0625 + 3 * 0.1875)))
+def test_crowd_boxes_are_removed_before_assignment_as_the_release():
+    # detectron2's data loader drops crowd annotations before the release's ATSS sees them: a crowd box takes no
+    # anchor and the anchor inside it stays an ordinary negative of the classification loss
+    box = torch.tensor([[1.0, 1.0, 9.0, 9.0]])
+    crowd_box = torch.tensor([[190.0, 190.0, 250.0, 250.0]])  # around the second anchor
+    with_crowd = [{"boxes": torch.cat((box, crowd_box)), "labels": torch.tensor([1, 0]),
+                   "iscrowd": torch.tensor([False, True])}]
+    plain = [{"boxes": box, "labels": torch.tensor([1])}]
+    crowd_losses = _head().compute_loss(_outputs(), ANCHORS, with_crowd)
+    plain_losses = _head().compute_loss(_outputs(), ANCHORS, plain)
+    for name in plain_losses:
+        torch.testing.assert_close(crowd_losses[name], plain_losses[name])
+    # one positive term and five negative ones, as test_losses_on_known_case
+    torch.testing.assert_close(crowd_losses["loss_cls"], torch.tensor(LN2 * (0.0625 + 5 * 0.1875)))
 
 
 def test_no_positives_gives_zero_box_losses_with_gradients():
