@@ -1,7 +1,11 @@
 """Experiment configuration: nested dataclasses loaded from YAML, with dotted ``key=value`` overrides.
 
 A config file holds only the fields it changes; everything else keeps the defaults below, which are the
-paper's ATSS + DyHead R50 1x values. Unknown keys are errors that list the valid ones, so a typo never
+paper's ATSS + DyHead R50 1x values as microsoft/DynamicHead trained them (configs/dyhead_r50_atss_fpn_1x.yaml,
+extra/config.py and train_net.py over detectron2's defaults): nothing frozen, weight decay grouped by name with 1e-4
+on biases. Deliberately not the release's: torchvision's ImageNet R50 and its RGB input (stride in the 3x3 conv, see
+``BackboneConfig`` and ``InputConfig``), and ``solver.amp`` (bf16 autocast; the published configs set it false,
+as the release trained in fp32). Unknown keys are errors that list the valid ones, so a typo never
 silently falls back to a default, and values no run can use (a period of 0, unsorted steps...) are errors when
 the config is read rather than a crash or a hang later.
 """
@@ -54,8 +58,8 @@ class BackboneConfig:
     (detectron2's ``ImageNetPretrained/MSRA/R-50.pkl``, ``detectors.msra_weights``) is converted, and for Swin the
     ``.pth`` may also be an official microsoft/Swin-Transformer checkpoint, whose keys are converted. ``norm`` is
     ``frozen_bn`` (pretrained, detectron2's choice), ``bn`` or ``gn`` (from scratch) for the ResNets, and must
-    be ``ln`` for Swin, which only has LayerNorm. ``freeze_at`` freezes the stem (1) and the first
-    ``freeze_at - 1`` stages, as detectron2's FREEZE_AT; for Swin the stem is the patch embedding and a
+    be ``ln`` for Swin, which only has LayerNorm. ``freeze_at`` 0 trains everything (the release's FREEZE_AT -1), k freezes the stem (1) and the
+    first ``k - 1`` stages, as detectron2's FREEZE_AT; for Swin the stem is the patch embedding and a
     frozen stage takes the patch merging after it along. ``stride_in_1x1`` puts each stage's stride 2 in the
     first block's 1x1 conv instead of its 3x3 conv (resnet50/101/152 only): the original MSRA ResNet and
     detectron2's default (RESNETS.STRIDE_IN_1X1), which the release's R50 models were trained with; torchvision's
@@ -66,7 +70,7 @@ class BackboneConfig:
                   "swin_b"] = "resnet50"
     weights: str | None = "IMAGENET1K_V1"
     norm: Literal["frozen_bn", "bn", "gn", "ln"] = "frozen_bn"
-    freeze_at: int = 2
+    freeze_at: int = 0  # the release's FREEZE_AT -1 (extra/config.py), not detectron2's generic 2
     stride_in_1x1: bool = False
     widths: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
     depths: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
@@ -244,8 +248,9 @@ class SolverConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-4
     weight_decay_norm: float = 0.0
-    weight_decay_bias: float = 0.0
-    decay_groups: Literal["by_type", "by_name"] = "by_type"
+    # the release's train_net.py: by name, with detectron2's 2021 WEIGHT_DECAY_BIAS (a copy of WEIGHT_DECAY, 1e-4)
+    weight_decay_bias: float = 1e-4
+    decay_groups: Literal["by_type", "by_name"] = "by_name"
     ims_per_batch: int = 16
     max_iter: int = 90000
     steps: list[int] = field(default_factory=lambda: [60000, 80000])

@@ -31,7 +31,7 @@ def _solver(**changes):
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_by_type_is_detectron2s_grouping(optimizer):
     model = _Toy()
-    decay = _decay_of(build_optimizer(_solver(optimizer=optimizer), model), model)
+    decay = _decay_of(build_optimizer(_solver(optimizer=optimizer, decay_groups="by_type"), model), model)
     assert decay == {
         "conv.weight": 1.0, "conv.bias": 3.0,
         "gn.weight": 2.0, "gn.bias": 2.0, "ln.weight": 2.0, "ln.bias": 2.0,
