@@ -58,12 +58,12 @@ class BackboneConfig:
     (detectron2's ``ImageNetPretrained/MSRA/R-50.pkl``, ``detectors.msra_weights``) is converted, and for Swin the
     ``.pth`` may also be an official microsoft/Swin-Transformer checkpoint, whose keys are converted. ``norm`` is
     ``frozen_bn`` (pretrained, detectron2's choice), ``bn`` or ``gn`` (from scratch) for the ResNets, and must
-    be ``ln`` for Swin, which only has LayerNorm. ``freeze_at`` 0 trains everything (the release's FREEZE_AT -1), k freezes the stem (1) and the
-    first ``k - 1`` stages, as detectron2's FREEZE_AT; for Swin the stem is the patch embedding and a
-    frozen stage takes the patch merging after it along. ``stride_in_1x1`` puts each stage's stride 2 in the
-    first block's 1x1 conv instead of its 3x3 conv (resnet50/101/152 only): the original MSRA ResNet and
-    detectron2's default (RESNETS.STRIDE_IN_1X1), which the release's R50 models were trained with; torchvision's
-    ImageNet weights want it false.
+    be ``ln`` for Swin, which only has LayerNorm. ``freeze_at`` 0 trains everything (the release's FREEZE_AT -1),
+    k freezes the stem (1) and the first ``k - 1`` stages, as detectron2's FREEZE_AT; for Swin the stem is the
+    patch embedding and a frozen stage takes the patch merging after it along. ``stride_in_1x1`` puts each
+    stage's stride 2 in the first block's 1x1 conv instead of its 3x3 conv (resnet50/101/152 only): the original
+    MSRA ResNet and detectron2's default (RESNETS.STRIDE_IN_1X1), which the release's R50 models were trained
+    with; torchvision's ImageNet weights want it false.
     """
 
     name: Literal["slim", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "swin_t", "swin_s",
