@@ -100,7 +100,9 @@ class RetinaNetConfig:
 
 @dataclass
 class RCNNConfig:
-    """Faster R-CNN specifics: RPN and box head (detectron2's ``MODEL.RPN``/``MODEL.ROI_HEADS`` defaults).
+    """Faster R-CNN specifics: RPN and box head, as the release's dyhead_r50_rcnn_fpn_1x.yaml over detectron2's
+    defaults (its RPN top-k 2000/1000 and 1000 after NMS, its 7x7 pooler, where detectron2's are 12000/6000,
+    2000 and 14).
 
     ``box_head`` is ``fc`` (the release's detector: the whole DyHead, task attention included, on P2-P6, then
     detectron2's two fully connected layers of ``fc_dim``) or ``task_attention`` (the paper's Sec. 3.4 recipe:
