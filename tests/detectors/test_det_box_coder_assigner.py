@@ -86,3 +86,18 @@ def test_assigner_candidates_are_the_nearest_anchors_far_from_the_origin():
     gt = torch.tensor([square(1770.0, 312.0, 20.0)])
     matched = ATSSAssigner(1)(anchors, [32, 1, 1], gt)
     assert torch.nonzero(matched != BACKGROUND).flatten().tolist() == [31]
+
+
+def test_assigner_centre_must_lie_more_than_001_inside_as_the_release():
+    # the release's is_in_gts: min(l, t, r, b) > 0.01. The anchor centred at (9.995, 5) lies 0.005 inside the box:
+    # IoU 50.05 / 149.95 = 0.334 reaches mean + std 0.304 of (0.334, 0, 0), but the centre is not 0.01 inside
+    assert _assign([[4.995, 0.0, 14.995, 10.0], FAR1, FAR2], [[0.0, 0.0, 10.0, 10.0]]) == [-1, -1, -1]
+    # 0.02 inside (IoU 0.335 over 0.305): positive
+    assert _assign([[4.98, 0.0, 14.98, 10.0], FAR1, FAR2], [[0.0, 0.0, 10.0, 10.0]]) == [0, -1, -1]
+
+
+def test_assigner_iou_equal_to_the_threshold_is_positive():
+    # the release's candidate_ious >= mean + std: two candidates mirror images about the box centre have the same
+    # IoU 80 / 120, so std 0 and the threshold is that IoU; both are positive
+    anchors = torch.tensor([[-2.0, 0.0, 8.0, 10.0], [2.0, 0.0, 12.0, 10.0]])
+    assert ATSSAssigner(1)(anchors, [1, 1], torch.tensor([[0.0, 0.0, 10.0, 10.0]])).tolist() == [0, 0]
