@@ -101,3 +101,16 @@ def test_assigner_iou_equal_to_the_threshold_is_positive():
     # IoU 80 / 120, so std 0 and the threshold is that IoU; both are positive
     anchors = torch.tensor([[-2.0, 0.0, 8.0, 10.0], [2.0, 0.0, 12.0, 10.0]])
     assert ATSSAssigner(1)(anchors, [1, 1], torch.tensor([[0.0, 0.0, 10.0, 10.0]])).tolist() == [0, 0]
+
+
+def test_box_coder_weights_are_10_10_5_5_on_every_coordinate():
+    # detectron2's / the release's (10, 10, 5, 5): on a box moved and grown along y only (and x only), each delta
+    # is its weight times the shift in anchor sizes or the log of the growth
+    coder = BoxCoder()
+    anchor = torch.tensor([[0.0, 0.0, 10.0, 20.0]])
+    tall = torch.tensor([[0.0, 10.0, 10.0, 50.0]])  # centre y 10 -> 30 (one anchor height), height doubled
+    torch.testing.assert_close(coder.encode(tall, anchor), torch.tensor([[0.0, 10.0, 0.0, 5 * math.log(2)]]))
+    wide = torch.tensor([[-5.0, 0.0, 35.0, 20.0]])  # centre x 5 -> 15 (one anchor width), width times 4
+    torch.testing.assert_close(coder.encode(wide, anchor), torch.tensor([[10.0, 0.0, 5 * math.log(4), 0.0]]))
+    torch.testing.assert_close(coder.decode(torch.tensor([[0.0, 10.0, 0.0, 5 * math.log(2)]]), anchor), tall)
+    torch.testing.assert_close(coder.decode(torch.tensor([[10.0, 0.0, 5 * math.log(4), 0.0]]), anchor), wide)
