@@ -192,3 +192,26 @@ def test_r50_config_builds_frozen_backbone_and_runs():
     assert [tuple(f.shape) for f in features.values()] == [
         (1, 256, 32, 16), (1, 256, 16, 8), (1, 256, 8, 4), (1, 256, 4, 2), (1, 256, 2, 1)
     ]
+
+
+def test_box_loss_is_centerness_weighted_and_centerness_loss_is_per_positive():
+    """The release's ATSS loss: GIoU weighted by each positive's centerness target and divided by the targets'
+    sum; the centerness BCE divided by the positives' count. Two images, one positive each, with centerness
+    targets 1 and sqrt(4 / 8 * 4 / 4) and different GIoUs, so that either normaliser swapped gives another value."""
+    outputs = {"cls_logits": torch.zeros(2, 3, 2), "bbox_deltas": torch.zeros(2, 3, 4),
+               "centerness": torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0]])}
+    targets = [{"boxes": torch.tensor([[1.0, 1.0, 9.0, 9.0]]), "labels": torch.tensor([1])},
+               # IoU 72 / 124 with the origin anchor, over mean + std 0.529 of (0.581, 0, 0); centre (7, 5)
+               {"boxes": torch.tensor([[1.0, 1.0, 13.0, 9.0]]), "labels": torch.tensor([0])}]
+    losses = _head().compute_loss(outputs, ANCHORS, targets)
+    ctr = torch.tensor([1.0, math.sqrt(0.5)], dtype=torch.float64)  # (l, r, t, b) = (4, 4, 4, 4) and (4, 8, 4, 4)
+    # zero deltas decode to the anchor [0,0,10,10]: GIoU 0.64 (it encloses the first box); the second's enclosing
+    # box [0,0,13,10] has area 130 against the union 124
+    giou_loss = torch.tensor([1 - 0.64, 1 - (72 / 124 - (130 - 124) / 130)], dtype=torch.float64)
+    expected_box = 2 * (giou_loss * ctr).sum() / ctr.sum()
+    torch.testing.assert_close(losses["loss_box"], expected_box.float())
+    # BCE of logits 0 and 1 against the targets, over two positives
+    bce = LN2 + (math.log1p(math.exp(1.0)) - ctr[1].item() * 1.0)
+    torch.testing.assert_close(losses["loss_centerness"], torch.tensor(bce / 2))
+    # two positive terms and ten negative ones, over two positives
+    torch.testing.assert_close(losses["loss_cls"], torch.tensor(LN2 * (2 * 0.0625 + 10 * 0.1875) / 2))
