@@ -215,3 +215,22 @@ def test_box_loss_is_centerness_weighted_and_centerness_loss_is_per_positive():
     torch.testing.assert_close(losses["loss_centerness"], torch.tensor(bce / 2))
     # two positive terms and ten negative ones, over two positives
     torch.testing.assert_close(losses["loss_cls"], torch.tensor(LN2 * (2 * 0.0625 + 10 * 0.1875) / 2))
+
+
+def test_normalisers_are_the_counts_averaged_over_processes(monkeypatch):
+    # the release's ATSS: num_pos_avg_per_gpu = max(reduce_sum(num_pos) / num_gpus, 1) and the centerness sum
+    # likewise. Two processes with the same batch: the sums double, the averages and so the losses stay those of
+    # test_losses_on_known_case
+    import detectors.atss as atss
+
+    monkeypatch.setattr(atss, "get_world_size", lambda: 2)
+    monkeypatch.setattr(atss, "sum_across_processes", lambda t: t * 2)
+    outputs = _outputs()
+    with torch.no_grad():
+        outputs["centerness"][0, 0] = 1.0
+    targets = [{"boxes": torch.tensor([[1.0, 1.0, 9.0, 9.0]]), "labels": torch.tensor([1])}]
+    losses = _head().compute_loss(outputs, ANCHORS, targets)
+    torch.testing.assert_close(losses["loss_cls"], torch.tensor(LN2 * (0.0625 + 5 * 0.1875)))
+    torch.testing.assert_close(losses["loss_box"], torch.tensor(2 * (1 - 0.64)))
+    # centerness target 1, logit 1: BCE softplus(1) - 1
+    torch.testing.assert_close(losses["loss_centerness"], torch.tensor(math.log1p(math.exp(1.0)) - 1.0))
