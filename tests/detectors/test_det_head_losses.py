@@ -234,3 +234,18 @@ def test_normalisers_are_the_counts_averaged_over_processes(monkeypatch):
     torch.testing.assert_close(losses["loss_box"], torch.tensor(2 * (1 - 0.64)))
     # centerness target 1, logit 1: BCE softplus(1) - 1
     torch.testing.assert_close(losses["loss_centerness"], torch.tensor(math.log1p(math.exp(1.0)) - 1.0))
+
+
+def test_postprocess_thresholds_the_class_probability_before_the_centerness_product():
+    # the release's ATSS inference: candidates are sigmoid(cls) > 0.05; only then are scores multiplied by
+    # sigmoid(centerness). p = 0.08 with centerness 0.5 scores 0.04, under the threshold, and is still kept
+    anchors = [torch.tensor([[0.0, 0.0, 10.0, 10.0], [40.0, 40.0, 60.0, 60.0]])]
+    cls = torch.full((1, 2, 2), -10.0)
+    cls[0, 0, 0] = _logit(0.08)
+    cls[0, 1, 1] = _logit(0.04)  # under the threshold whatever its centerness
+    ctr = torch.tensor([[0.0, 10.0]])
+    outputs = {"cls_logits": cls, "bbox_deltas": torch.zeros(1, 2, 4), "centerness": ctr}
+    (det,) = _head().postprocess(outputs, anchors, [(100, 100)])
+    torch.testing.assert_close(det["scores"], torch.tensor([0.04]))
+    assert det["labels"].tolist() == [0]
+    torch.testing.assert_close(det["boxes"], anchors[0][:1])
