@@ -249,3 +249,13 @@ def test_postprocess_thresholds_the_class_probability_before_the_centerness_prod
     torch.testing.assert_close(det["scores"], torch.tensor([0.04]))
     assert det["labels"].tolist() == [0]
     torch.testing.assert_close(det["boxes"], anchors[0][:1])
+
+
+def test_rescale_detections_scales_x_by_widths_and_y_by_heights_then_clips():
+    from detectors.detections import rescale_detections
+
+    # input content 100 x 120 (h, w) from an original 150 x 360: x times 3, y times 1.5, then clipped to 360 x 150
+    det = {"boxes": torch.tensor([[10.0, 20.0, 30.0, 40.0], [100.0, 90.0, 130.0, 110.0]]),
+           "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([0, 1])}
+    (out,) = rescale_detections([det], [(100, 120)], [(150, 360)])
+    torch.testing.assert_close(out["boxes"], torch.tensor([[30.0, 30.0, 90.0, 60.0], [300.0, 135.0, 360.0, 150.0]]))
