@@ -453,3 +453,21 @@ def test_a_training_set_without_boxes_names_the_file(tmp_path, annotations):
     assert len(CocoDetection(image_dir, ann_file, TRANSFORM)) == 2  # a test set may have no boxes
     with pytest.raises(DatasetError, match=f"{ann_file}: none of its 2 images has a box to train on"):
         CocoDetection(image_dir, ann_file, TRANSFORM, remove_empty=True)
+
+
+def test_rgb_transform_scales_to_unit_range_then_subtracts_the_mean_and_divides_by_the_std():
+    # torchvision-style RGB input: pixels / 255 in RGB order, then (x - mean) / std per channel
+    mean, std = [0.1, 0.2, 0.3], [0.5, 0.25, 2.0]
+    transform = DetectionTransform([20], 100, 0.0, "RGB", mean, std)
+    image = Image.fromarray(np.zeros((20, 40, 3), dtype=np.uint8) + np.array([51, 102, 204], dtype=np.uint8))
+    pixels, _ = transform(image, torch.zeros(0, 4), None)
+    expected = [(51 / 255 - 0.1) / 0.5, (102 / 255 - 0.2) / 0.25, (204 / 255 - 0.3) / 2.0]
+    torch.testing.assert_close(pixels[:, 5, 7], torch.tensor(expected))
+
+
+def test_bgr255_transform_subtracts_the_mean_then_divides_by_the_std():
+    # caffe-style: BGR order in [0, 255], then (x - mean) / std with the std not 1
+    transform = DetectionTransform([20], 100, 0.0, "BGR255", [1.0, 2.0, 3.0], [2.0, 4.0, 8.0])
+    image = Image.fromarray(np.zeros((20, 40, 3), dtype=np.uint8) + np.array([10, 20, 30], dtype=np.uint8))
+    pixels, _ = transform(image, torch.zeros(0, 4), None)
+    torch.testing.assert_close(pixels[:, 0, 0], torch.tensor([(30 - 1) / 2, (20 - 2) / 4, (10 - 3) / 8]))
