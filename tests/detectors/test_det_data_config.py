@@ -471,3 +471,23 @@ def test_bgr255_transform_subtracts_the_mean_then_divides_by_the_std():
     image = Image.fromarray(np.zeros((20, 40, 3), dtype=np.uint8) + np.array([10, 20, 30], dtype=np.uint8))
     pixels, _ = transform(image, torch.zeros(0, 4), None)
     torch.testing.assert_close(pixels[:, 0, 0], torch.tensor([(30 - 1) / 2, (20 - 2) / 4, (10 - 3) / 8]))
+
+
+def test_evaluation_writes_coco_xywh_boxes(tmp_path):
+    """Detections are x1,y1,x2,y2; COCO results are x,y,w,h: the ground truth [2, 2, 10, 8] detected exactly is
+    written as itself and scores AP75 100 (read as x1,y1,x2,y2 it would be [2, 2, 12, 10], IoU 0.67)."""
+    image_dir = tmp_path / "images"
+    image_dir.mkdir()
+    Image.new("RGB", (40, 20)).save(image_dir / "a.png")
+    ann_file = tmp_path / "val.json"
+    ann_file.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 20}],
+        "annotations": [{"id": 1, "image_id": 1, "bbox": [2, 2, 10, 8], "category_id": 7, "iscrowd": 0}],
+        "categories": [{"id": 7, "name": "seven"}],
+    }))
+    test_set = CocoDetection(image_dir, ann_file, TRANSFORM)
+    cfg = load_config(None, ["data.num_workers=0", "data.input.min_size_test=32", "data.input.max_size_test=64"])
+    metrics = evaluate(_FixedDetector(test_set, label=0).eval(), test_set, cfg, torch.device("cpu"), tmp_path)
+    (result,) = json.loads((tmp_path / "coco_instances_results.json").read_text())
+    assert result["bbox"] == [2, 2, 10, 8] and result["category_id"] == 7
+    assert metrics["bbox"]["AP75"] == pytest.approx(100.0)
