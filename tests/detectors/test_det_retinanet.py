@@ -371,3 +371,12 @@ def test_shapes_tiny_retinanet_runs_and_loss_falls(tmp_path):
     # 0.11-0.70, 0.07-0.64 and 0.73-0.80 over seeds 0-2 (with detectron2's four-conv towers): the box loss moves
     # slowly in 60 iterations of a tiny model
     assert fall("loss") < 0.8 and fall("loss_cls") < 0.7 and fall("loss_box") < 1.0
+
+
+def test_match_anchors_threshold_edges_are_detectron2s():
+    # detectron2's Matcher(thresholds [0.4, 0.5]): IoU < 0.4 background, 0.4 <= IoU < 0.5 ignored, >= 0.5 foreground.
+    # IoUs 40 / 100 = 0.4 and 50 / 100 = 0.5 exactly; the box's best anchor (IoU 1) is foreground as well
+    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 4.0], [0.0, 0.0, 10.0, 5.0],
+                            [0.0, 0.0, 10.0, 3.9]])
+    assert match_anchors(anchors, gt, 0.5, 0.4).tolist() == [0, IGNORE, 0, BACKGROUND]
