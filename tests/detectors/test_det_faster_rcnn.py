@@ -345,3 +345,32 @@ def test_shapes_tiny_trains_and_loss_falls(tmp_path):
     # objectness shows the RPN learning too
     for name in ("loss", "loss_objectness"):
         assert sum(logged[name][-5:]) < 0.8 * sum(logged[name][:5]), name
+
+
+def test_built_rpn_and_roi_heads_take_their_own_matcher_and_sampler_settings():
+    """Each RPN and RoI-head setting reaches its own torchvision module: distinct values, so that one read from
+    the other stage's field (or from its fg / bg twin) fails. The defaults are the release's (detectron2's):
+    RPN IoU 0.7 / 0.3, 256 anchors half positive; RoIs IoU 0.5, 512 a quarter positive."""
+    settings = {"rpn_fg_iou_thresh": 0.71, "rpn_bg_iou_thresh": 0.29, "rpn_batch_size_per_image": 250,
+                "rpn_positive_fraction": 0.45, "rpn_pre_nms_topk_train": 1900, "rpn_pre_nms_topk_test": 900,
+                "rpn_post_nms_topk_train": 800, "rpn_post_nms_topk_test": 700, "rpn_nms_thresh": 0.66,
+                "roi_fg_iou_thresh": 0.55, "roi_bg_iou_thresh": 0.45, "roi_batch_size_per_image": 500,
+                "roi_positive_fraction": 0.3}
+    base = ["model.meta_architecture=faster_rcnn", "model.backbone.widths=[8, 16, 16, 32]", "model.fpn_channels=16",
+            "model.dyhead_channels=16", "model.dyhead_blocks=1", "model.dyhead_backend=sampled"]
+    cfg = load_config(CONFIGS / "shapes_tiny.yaml", base + [f"model.rcnn.{k}={v}" for k, v in settings.items()])
+    model = build_detector(cfg.model, NUM_CLASSES)
+    rpn, roi = model.rpn, model.roi_heads
+    assert (rpn.proposal_matcher.high_threshold, rpn.proposal_matcher.low_threshold) == (0.71, 0.29)
+    assert (rpn.fg_bg_sampler.batch_size_per_image, rpn.fg_bg_sampler.positive_fraction) == (250, 0.45)
+    assert rpn._pre_nms_top_n == {"training": 1900, "testing": 900}
+    assert rpn._post_nms_top_n == {"training": 800, "testing": 700} and rpn.nms_thresh == 0.66
+    assert (roi.proposal_matcher.high_threshold, roi.proposal_matcher.low_threshold) == (0.55, 0.45)
+    assert (roi.fg_bg_sampler.batch_size_per_image, roi.fg_bg_sampler.positive_fraction) == (500, 0.3)
+
+    default = build_detector(load_config(CONFIGS / "shapes_tiny.yaml", base).model, NUM_CLASSES)
+    rpn, roi = default.rpn, default.roi_heads
+    assert (rpn.proposal_matcher.high_threshold, rpn.proposal_matcher.low_threshold) == (0.7, 0.3)
+    assert (rpn.fg_bg_sampler.batch_size_per_image, rpn.fg_bg_sampler.positive_fraction) == (256, 0.5)
+    assert (roi.proposal_matcher.high_threshold, roi.proposal_matcher.low_threshold) == (0.5, 0.5)
+    assert (roi.fg_bg_sampler.batch_size_per_image, roi.fg_bg_sampler.positive_fraction) == (512, 0.25)
