@@ -387,3 +387,13 @@ def test_too_small_input_raises():
     t = _bad()
     with pytest.raises(ValueError, match="smaller than"):
         modulated_deform_conv2d(t["input"], t["offset"], t["mask"], t["weight"], padding=0, dilation=3)
+
+
+@needs_kernels
+def test_deterministic_with_several_channel_and_output_chunks():
+    """Deterministic partials over more than one input channel chunk and more than one output channel chunk
+    (the interpreter's blocks are 16 wide: 18 in, 20 out): each (channel chunk, output chunk) program has its
+    own row of offset and mask partials, and the grad input sums the gcol of every output chunk. Kills keying
+    the partial row by the channel chunk alone and gathering only the first output chunk's gcol."""
+    conv = dict(stride=1, padding=1, dilation=1)
+    check(make_inputs(1, 18, 20, 5, 6, **conv), conv, dtype=torch.float64, tol=1e-12, deterministic=True)
