@@ -491,3 +491,31 @@ def test_strides_list_of_wrong_length_raises():
     with pytest.raises((TypeError, ValueError)):
         modulated_deform_conv2d_sets(args["inputs"], args["weights"], args["biases"], args["levels"],
                                      args["offsets"], args["masks"], strides=[1, 2, 1, 1])
+
+
+@needs_kernels
+@pytest.mark.parametrize("op", ["sets", "pyramid"])
+def test_deterministic_default_follows_torch(monkeypatch, op):
+    """deterministic=None takes torch.are_deterministic_algorithms_enabled() in the sets and pyramid ops too,
+    as in the one-level op. Kills the sets launch defaulting to False (atomics under
+    torch.use_deterministic_algorithms(True))."""
+    seen = []
+    backward = deform_conv_op.deform_conv_backward.deform_conv_backward
+    monkeypatch.setattr(deform_conv_op.deform_conv_backward, "deform_conv_backward",
+                        lambda *args: seen.append(args[8]) or backward(*args))
+    sizes, levels, strides = SMALL
+    t = sets_leaves(make_sets(1, 3, 2, sizes, levels, strides), torch.float32, DEVICE)
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        for flag in (True, False):
+            torch.use_deterministic_algorithms(flag)
+            if op == "sets":
+                ys = flat(sets_op(t, levels, strides))
+            else:
+                ys = modulated_deform_conv2d_pyramid([t["input0"], t["input1"]], [t["offset0_0"], t["offset0_1"]],
+                                                     [t["mask0_0"], t["mask0_1"]], t["weight0"], t["bias0"],
+                                                     padding=1)
+            sum(y.sum() for y in ys).backward()
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert seen == [True, False]
