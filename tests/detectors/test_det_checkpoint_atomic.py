@@ -1,0 +1,77 @@
+"""Checkpoint files: the bytes are on disk before the name points at them, the checkpoint before the pointer, a
+pointer to a missing file is an error, and a bare state dict is returned whole."""
+
+import os
+
+import pytest
+import torch
+
+import detectors.engine.checkpoint as ckpt
+from detectors.engine.checkpoint import last_checkpoint, load_model_weights, save_checkpoint
+
+
+def _record_file_calls(monkeypatch):
+    """Records os.fsync (with the path of the descriptor) and os.replace, in call order, while still doing them."""
+    calls = []
+    fsync, replace = os.fsync, os.replace
+
+    def spy_fsync(fd):
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def spy_replace(src, dst):
+        calls.append(("replace", os.fspath(src), os.fspath(dst)))
+        replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "fsync", spy_fsync)
+    monkeypatch.setattr(ckpt.os, "replace", spy_replace)
+    return calls
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name a descriptor's file")
+def test_write_atomically_syncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    calls = _record_file_calls(monkeypatch)
+    target = tmp_path / "x.json"
+    ckpt.write_atomically(target, lambda tmp: tmp.write_text("new"))
+    tmp = str(tmp_path / "x.json.tmp")
+    assert calls == [("fsync", tmp), ("replace", tmp, str(target)), ("fsync", str(tmp_path))]
+    assert target.read_text() == "new" and not (tmp_path / "x.json.tmp").exists()
+
+
+def test_the_checkpoint_is_complete_before_the_pointer_names_it(tmp_path, monkeypatch):
+    """A crash between the two writes must leave the pointer at the previous checkpoint, never at a missing one."""
+    save_checkpoint(tmp_path, "model_0000001.pth", {"iteration": 1})
+    renamed = []
+    replace = os.replace
+
+    def crash_on_second_rename(src, dst):
+        renamed.append(os.path.basename(dst))
+        if len(renamed) == 2:
+            raise KeyboardInterrupt
+        replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", crash_on_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, "model_0000002.pth", {"iteration": 2})
+    assert renamed == ["model_0000002.pth", "last_checkpoint"]
+    assert last_checkpoint(tmp_path) == tmp_path / "model_0000001.pth"
+
+
+def test_a_pointer_to_a_missing_checkpoint_is_an_error(tmp_path):
+    assert last_checkpoint(tmp_path) is None
+    (tmp_path / "last_checkpoint").write_text("model_0000005.pth\n")
+    with pytest.raises(FileNotFoundError, match="names .*model_0000005.pth, which does not exist"):
+        last_checkpoint(tmp_path)
+    torch.save({"iteration": 5}, tmp_path / "model_0000005.pth")
+    assert last_checkpoint(tmp_path) == tmp_path / "model_0000005.pth"  # the newline of a hand-written pointer too
+
+
+def test_a_bare_state_dict_with_a_tensor_named_model_is_returned_whole(tmp_path):
+    """Only a dict under "model" makes a training checkpoint; a state dict may hold a tensor of that name."""
+    state = {"model": torch.ones(2), "head.weight": torch.zeros(3)}
+    torch.save(state, tmp_path / "w.pth")
+    loaded, meta = load_model_weights(tmp_path / "w.pth")
+    assert set(loaded) == {"model", "head.weight"} and meta == {}
+    torch.save({"model": {"a": torch.ones(1)}, "meta": {"num_classes": 3}}, tmp_path / "c.pth")
+    loaded, meta = load_model_weights(tmp_path / "c.pth")
+    assert set(loaded) == {"a"} and meta == {"num_classes": 3}
