@@ -491,3 +491,16 @@ def test_evaluation_writes_coco_xywh_boxes(tmp_path):
     (result,) = json.loads((tmp_path / "coco_instances_results.json").read_text())
     assert result["bbox"] == [2, 2, 10, 8] and result["category_id"] == 7
     assert metrics["bbox"]["AP75"] == pytest.approx(100.0)
+
+
+def test_only_the_training_split_drops_images_without_boxes(tmp_path):
+    """The test split keeps them: detections on an image without objects are false positives COCOeval must count."""
+    from detectors.data.build import build_dataset
+
+    image_dir, ann_file = _write_set(tmp_path, annotations=[
+        {"id": 1, "image_id": 1, "bbox": [2, 2, 10, 8], "category_id": 7, "iscrowd": 0}])
+    split = f"{{name: mine, image_dir: {image_dir}, ann_file: {ann_file}}}"
+    cfg = load_config(None, [f"data.train={split}", f"data.test={split}"])
+    assert [r["image_id"] for r in build_dataset(cfg, train=True).records] == [1]
+    assert [r["image_id"] for r in build_dataset(cfg, train=False).records] == [1, 2]
+
