@@ -504,3 +504,16 @@ def test_only_the_training_split_drops_images_without_boxes(tmp_path):
     assert [r["image_id"] for r in build_dataset(cfg, train=True).records] == [1]
     assert [r["image_id"] for r in build_dataset(cfg, train=False).records] == [1, 2]
 
+
+def test_the_shapes_cache_folder_is_named_by_the_parameters_and_the_generator_version(tmp_path, monkeypatch):
+    """Same parameters, same folder (whatever the root); another parameter or generator version, another folder: a
+    set from an older generator must not be reused."""
+    import detectors.data.shapes as shapes
+
+    cfg = ShapesConfig(root=str(tmp_path))
+    folder = shapes.shapes_root(cfg)
+    assert folder.parent == tmp_path and shapes.shapes_root(ShapesConfig(root=str(tmp_path))) == folder
+    assert shapes.shapes_root(ShapesConfig(root=str(tmp_path / "x"))).name == folder.name
+    assert shapes.shapes_root(ShapesConfig(root=str(tmp_path), seed=cfg.seed + 1)) != folder
+    monkeypatch.setattr(shapes, "_GENERATOR_VERSION", shapes._GENERATOR_VERSION + 1)
+    assert shapes.shapes_root(cfg) != folder
