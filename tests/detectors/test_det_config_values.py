@@ -64,6 +64,8 @@ def test_malformed_yaml_is_a_config_error_naming_the_override_or_file(tmp_path, 
     ("solver.warmup_factor=1.5", r"in \(0, 1\]"),
     ("solver.eval_period=-1", ">= 0"),
     ("solver.betas=[0.9, 1.0]", r"two values in \[0, 1\)"),
+    ("solver.momentum=1", r"in \[0, 1\)"),
+    ("solver.momentum=-0.1", r"in \[0, 1\)"),
     ("solver.weight_decay=-1e-4", ">= 0"),
     ("data.input.size_divisibility=0", ">= 1"),
     ("data.input.min_size_train=[]", "one or more sizes >= 1"),
@@ -92,3 +94,9 @@ def test_values_at_the_edge_of_their_range_load(tmp_path):
     assert load_config(path, ["solver.log_period=1"]).solver.log_period == 1
     with pytest.raises(ConfigError, match=r"data.shapes.max_objects: expected >= data.shapes.min_objects \(5\), got 3"):
         load_config(None, ["data.shapes.min_objects=5", "data.shapes.max_objects=3"])
+
+
+def test_an_override_value_may_hold_an_equals_sign():
+    """The key ends at the first '=': a path such as a=b/ann.json is the value, whole."""
+    cfg = load_config(None, ["data.train.ann_file=/data/run=3/ann.json", "data.test.image_dir=x==y"])
+    assert (cfg.data.train.ann_file, cfg.data.test.image_dir) == ("/data/run=3/ann.json", "x==y")
