@@ -104,3 +104,29 @@ def test_a_score_thresh_below_the_models_keeps_those_detections(tmp_path):
     assert main(argv + ["--score-thresh", "0.001", str(image)]) == 0
     scores = [d["score"] for d in json.loads((tmp_path / "out" / "x.json").read_text())["detections"]]
     assert scores and min(scores) < cfg.model.score_thresh
+
+
+def test_predict_drops_labels_past_the_recorded_categories(tmp_path):
+    """A model with more outputs than the weights' categories (model.num_classes above the training set's count):
+    its extra labels have no class name or id, and predict leaves them out, as evaluate does."""
+    import dataclasses
+    import json
+
+    import torch
+
+    from detectors.build import build_detector
+    from detectors.config import load_config
+
+    cfg = load_config(CONFIG)
+    torch.manual_seed(0)
+    model = build_detector(dataclasses.replace(cfg.model, backbone=dataclasses.replace(cfg.model.backbone,
+                                                                                       weights=None)), 6)
+    weights = tmp_path / "w.pth"
+    meta = {"num_classes": 6, "class_names": ["a", "b"], "category_ids": [11, 12]}
+    torch.save({"model": model.state_dict(), "meta": meta}, weights)
+    image = _image(tmp_path / "x.png")
+    argv = ["predict", "--config", str(CONFIG), "--weights", str(weights), "--output-dir", str(tmp_path / "out"),
+            "--score-thresh", "0.001", str(image)]
+    assert main(argv) == 0
+    detections = json.loads((tmp_path / "out" / "x.json").read_text())["detections"]
+    assert detections and {(d["label"], d["category_id"]) for d in detections} <= {("a", 11), ("b", 12)}
