@@ -106,7 +106,8 @@ def test_two_process_ddp_on_cpu(tmp_path):
            "-m", "detectors.cli", "train", "--config", str(CONFIG), "--output-dir", str(tmp_path / "out")]
     for item in overrides:
         cmd += ["--set", item]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # this checkout's detectors, not whichever copy the environment has installed (cwd is tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "out"
