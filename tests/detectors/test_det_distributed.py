@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import detectors.engine.train as engine
+from detectors.engine.distributed import all_gather_objects, get_rank, get_world_size, sum_across_processes
 
 
 def _evaluate_after_a_step(rank: int, store: str, out: str) -> None:
@@ -35,3 +36,27 @@ def test_every_process_evaluates_rank_0s_running_statistics(tmp_path):
     assert not torch.equal(first[0], torch.zeros(4))  # the step updated the running mean
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+def _reduce_and_gather(rank: int, store: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        value = torch.tensor([1.0, 10.0]) * (rank + 1)
+        summed = sum_across_processes(value)
+        gathered = all_gather_objects({"rank": rank})
+        if rank == 0:
+            torch.save({"summed": summed, "value": value, "gathered": gathered, "rank": get_rank(),
+                        "world_size": get_world_size()}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_losses_are_summed_and_objects_gathered_across_processes(tmp_path):
+    """What the training log's losses (their mean over processes) and the evaluation's detections rest on."""
+    out = tmp_path / "reduced.pt"
+    mp.spawn(_reduce_and_gather, args=(str(tmp_path / "store"), str(out)), nprocs=2)
+    result = torch.load(out)
+    assert result["summed"].tolist() == [3.0, 30.0] and result["value"].tolist() == [1.0, 10.0]  # input untouched
+    assert result["gathered"] == [{"rank": 0}, {"rank": 1}]  # in rank order
+    assert (result["rank"], result["world_size"]) == (0, 2)
