@@ -418,9 +418,9 @@ class _FixedDetector(torch.nn.Module):
         return out
 
 
-def test_evaluation_maps_labels_through_the_training_categories(tmp_path, caplog):
-    """A model trained on categories (3, 7) says label 1 for category 7; a test set naming only 7 (and 9, which
-    the model lacks) must score it as 7, not as its own second category."""
+def _one_box_test_set(tmp_path, categories):
+    """A test set of one 40x20 image holding one box [2, 2, 10, 8] (x, y, w, h) of category 7; the file's
+    categories are ``categories`` ({id: name})."""
     image_dir = tmp_path / "images"
     image_dir.mkdir()
     Image.new("RGB", (40, 20)).save(image_dir / "a.png")
@@ -428,9 +428,15 @@ def test_evaluation_maps_labels_through_the_training_categories(tmp_path, caplog
     ann_file.write_text(json.dumps({
         "images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 20}],
         "annotations": [{"id": 1, "image_id": 1, "bbox": [2, 2, 10, 8], "category_id": 7, "iscrowd": 0}],
-        "categories": [{"id": 7, "name": "seven"}, {"id": 9, "name": "nine"}],
+        "categories": [{"id": i, "name": name} for i, name in categories.items()],
     }))
-    test_set = CocoDetection(image_dir, ann_file, TRANSFORM)
+    return CocoDetection(image_dir, ann_file, TRANSFORM)
+
+
+def test_evaluation_maps_labels_through_the_training_categories(tmp_path, caplog):
+    """A model trained on categories (3, 7) says label 1 for category 7; a test set naming only 7 (and 9, which
+    the model lacks) must score it as 7, not as its own second category."""
+    test_set = _one_box_test_set(tmp_path, {7: "seven", 9: "nine"})
     cfg = load_config(None, ["data.num_workers=0", "data.input.min_size_test=32", "data.input.max_size_test=64"])
     trained_on = [3, 7]
     check_categories(trained_on, test_set)
@@ -476,16 +482,7 @@ def test_bgr255_transform_subtracts_the_mean_then_divides_by_the_std():
 def test_evaluation_writes_coco_xywh_boxes(tmp_path):
     """Detections are x1,y1,x2,y2; COCO results are x,y,w,h: the ground truth [2, 2, 10, 8] detected exactly is
     written as itself and scores AP75 100 (read as x1,y1,x2,y2 it would be [2, 2, 12, 10], IoU 0.67)."""
-    image_dir = tmp_path / "images"
-    image_dir.mkdir()
-    Image.new("RGB", (40, 20)).save(image_dir / "a.png")
-    ann_file = tmp_path / "val.json"
-    ann_file.write_text(json.dumps({
-        "images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 20}],
-        "annotations": [{"id": 1, "image_id": 1, "bbox": [2, 2, 10, 8], "category_id": 7, "iscrowd": 0}],
-        "categories": [{"id": 7, "name": "seven"}],
-    }))
-    test_set = CocoDetection(image_dir, ann_file, TRANSFORM)
+    test_set = _one_box_test_set(tmp_path, {7: "seven"})
     cfg = load_config(None, ["data.num_workers=0", "data.input.min_size_test=32", "data.input.max_size_test=64"])
     metrics = evaluate(_FixedDetector(test_set, label=0).eval(), test_set, cfg, torch.device("cpu"), tmp_path)
     (result,) = json.loads((tmp_path / "coco_instances_results.json").read_text())

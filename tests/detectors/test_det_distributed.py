@@ -11,52 +11,52 @@ import detectors.engine.train as engine
 from detectors.engine.distributed import all_gather_objects, get_rank, get_world_size, sum_across_processes
 
 
-def _evaluate_after_a_step(rank: int, store: str, out: str) -> None:
+def _on_process(rank: int, work, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
-        torch.manual_seed(0)
-        model = DistributedDataParallel(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)))
-        model(torch.randn(2, 3, 5, 5) + rank).sum().backward()  # each process's own batch statistics
-        evaluated = engine._evaluation_model(model)
-        assert evaluated is model.module
-        buffers = [b.clone() for b in evaluated.buffers()]
-        gathered = [None, None]
-        dist.all_gather_object(gathered, buffers)
+        result = work(rank)
         if rank == 0:
-            torch.save(gathered, out)
+            torch.save(result, out)
     finally:
         dist.destroy_process_group()
 
 
+def _on_two_processes(work, tmp_path):
+    """``work(rank)`` on 2 gloo processes; what rank 0's returned."""
+    out = tmp_path / "result.pt"
+    mp.spawn(_on_process, args=(work, str(tmp_path / "store"), str(out)), nprocs=2)
+    return torch.load(out)
+
+
+def _evaluate_after_a_step(rank: int) -> list:
+    torch.manual_seed(0)
+    model = DistributedDataParallel(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)))
+    model(torch.randn(2, 3, 5, 5) + rank).sum().backward()  # each process's own batch statistics
+    evaluated = engine._evaluation_model(model)
+    assert evaluated is model.module
+    return all_gather_objects([b.clone() for b in evaluated.buffers()])
+
+
 @pytest.mark.slow
 def test_every_process_evaluates_rank_0s_running_statistics(tmp_path):
-    out = tmp_path / "buffers.pt"
-    mp.spawn(_evaluate_after_a_step, args=(str(tmp_path / "store"), str(out)), nprocs=2)
-    first, second = torch.load(out)
+    first, second = _on_two_processes(_evaluate_after_a_step, tmp_path)
     assert not torch.equal(first[0], torch.zeros(4))  # the step updated the running mean
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
 
-def _reduce_and_gather(rank: int, store: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
-        value = torch.tensor([1.0, 10.0]) * (rank + 1)
-        summed = sum_across_processes(value)
-        gathered = all_gather_objects({"rank": rank})
-        if rank == 0:
-            torch.save({"summed": summed, "value": value, "gathered": gathered, "rank": get_rank(),
-                        "world_size": get_world_size()}, out)
-    finally:
-        dist.destroy_process_group()
+def _reduce_and_gather(rank: int) -> dict:
+    value = torch.tensor([1.0, 10.0]) * (rank + 1)
+    summed = sum_across_processes(value)
+    gathered = all_gather_objects({"rank": rank})
+    return {"summed": summed, "value": value, "gathered": gathered, "rank": get_rank(),
+            "world_size": get_world_size()}
 
 
 @pytest.mark.slow
 def test_losses_are_summed_and_objects_gathered_across_processes(tmp_path):
     """What the training log's losses (their mean over processes) and the evaluation's detections rest on."""
-    out = tmp_path / "reduced.pt"
-    mp.spawn(_reduce_and_gather, args=(str(tmp_path / "store"), str(out)), nprocs=2)
-    result = torch.load(out)
+    result = _on_two_processes(_reduce_and_gather, tmp_path)
     assert result["summed"].tolist() == [3.0, 30.0] and result["value"].tolist() == [1.0, 10.0]  # input untouched
     assert result["gathered"] == [{"rank": 0}, {"rank": 1}]  # in rank order
     assert (result["rank"], result["world_size"]) == (0, 2)
