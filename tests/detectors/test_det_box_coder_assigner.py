@@ -71,8 +71,6 @@ def test_assigner_ties_go_to_highest_iou():
     assert _assign(anchors, [exact, inner]) == [0, -1, -1]
 
 
-
-
 def test_assigner_candidates_are_the_nearest_anchors_far_from_the_origin():
     # the anchor centred at (1774, 316) lies 5.657 from the box centre (1770, 312), the one at (1774, 307.99)
     # 5.664: the nearest one must be the level's candidate (and, against two far candidates, the positive).

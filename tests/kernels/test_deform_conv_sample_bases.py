@@ -165,7 +165,6 @@ def test_torch_compile_fullgraph_differentiates_the_views():
     assert check_compiled_matches_eager(module, xs, "aot_eager") == 4
 
 
-
 @needs_kernels
 def test_autocast_copies_leave_the_bases_aside():
     """Under autocast float32 offsets and masks are cast to copies, which are no views of the bases: the call
