@@ -23,6 +23,8 @@ from torch import Tensor, nn
 from torchvision.ops import deform_conv2d as _torchvision_deform_conv2d
 
 import kernels
+from kernels.deform_conv import conv_output_size
+from kernels.deform_conv_op import check_offset_mask_shapes
 
 BACKENDS = ("torchvision", "sampled", "triton", "auto")
 _ALIASES = {"torch": "torchvision"}
@@ -105,15 +107,10 @@ def deform_conv2d_sampled(
     n, cin, h, w = input.shape
     cout, _, kh, kw = weight.shape
     (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
-    hout = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    wout = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    hout, wout = conv_output_size(h, w, kh, kw, (sh, sw), (ph, pw), (dh, dw))
     # The sampling below would take its output size from the offsets and broadcast a mask of one image or one
     # tap; torchvision and triton refuse such shapes, so this does too.
-    for name, t, per_tap in (("offset", offset, 2), ("mask", mask, 1)):
-        expected = (n, per_tap * kh * kw, hout, wout)
-        if tuple(t.shape) != expected:
-            raise ValueError(f"{name} must be {expected} (N, {name} channels, H_out, W_out), "
-                             f"got shape {tuple(t.shape)}")
+    check_offset_mask_shapes(offset, mask, n, kh, kw, hout, wout)
     sample_dtype = torch.promote_types(input.dtype, torch.float32)
     source = input.to(sample_dtype)
     # grid_sample with align_corners=False maps pixel coordinate p to (2p + 1) / size - 1; this form stays

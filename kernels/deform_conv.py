@@ -468,6 +468,12 @@ class Levels:
         return len(self.sizes) > 1 or len(self.input_sizes) > 1
 
 
+def conv_output_size(h, w, kh, kw, stride, padding, dilation):
+    """(H_out, W_out) of a kh x kw conv over an H x W input; stride, padding, dilation: (h, w) pairs."""
+    return ((h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1,
+            (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1)
+
+
 def plan_convs(inputs, weight_shape, conv_inputs, set_sizes, strides, padding, dilation):
     """The `Levels` of convs over inputs (each (N, Cin, H_i, W_i)): conv k reads inputs[conv_inputs[k]]; the
     first set_sizes[0] convs use weight set 0 and strides[0], the next set_sizes[1] set 1, and so on."""
@@ -482,8 +488,7 @@ def plan_convs(inputs, weight_shape, conv_inputs, set_sizes, strides, padding, d
     sizes, conv_strides, o_starts, o_pixels = [], [], [], 0
     for i, s in zip(conv_inputs, sets):
         h, w = input_sizes[i]
-        ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // strides[s][0] + 1
-        wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // strides[s][1] + 1
+        ho, wo = conv_output_size(h, w, kh, kw, strides[s], padding, dilation)
         sizes.append((h, w, ho, wo))
         conv_strides.append(tuple(strides[s]))
         o_starts.append(o_pixels)

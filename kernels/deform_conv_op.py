@@ -65,6 +65,15 @@ def _device_guard(t: Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def check_offset_mask_shapes(offset: Tensor, mask: Tensor, n: int, kh: int, kw: int, ho: int, wo: int) -> None:
+    """ValueError unless offset is (n, 2*kh*kw, ho, wo) and mask (n, kh*kw, ho, wo), naming the one that is not."""
+    for name, t, per_tap in (("offset", offset, 2), ("mask", mask, 1)):
+        expected = (n, per_tap * kh * kw, ho, wo)
+        if tuple(t.shape) != expected:
+            raise ValueError(f"{name} must be {expected} (N, {name} channels, H_out, W_out), "
+                             f"got shape {tuple(t.shape)}")
+
+
 def _check_inputs(input, offset, mask, weight, bias, stride, padding, dilation):
     """Raise TypeError/ValueError/NotImplementedError for anything the kernels do not compute."""
     named = {"input": input, "offset": offset, "mask": mask, "weight": weight}
@@ -96,23 +105,15 @@ def _check_inputs(input, offset, mask, weight, bias, stride, padding, dilation):
         raise ValueError(f"bias must be ({cout},) to match weight, got shape {tuple(bias.shape)}")
     if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
         raise ValueError(f"need stride >= 1, dilation >= 1, padding >= 0; got {stride}, {dilation}, {padding}")
-    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    ho, wo = deform_conv.conv_output_size(h, w, kh, kw, stride, padding, dilation)
     if ho < 1 or wo < 1:
         raise ValueError(f"input {tuple(input.shape)} is smaller than the dilated {kh}x{kw} kernel")
-    kk = kh * kw
-    for name, t, per_group in (("offset", offset, 2 * kk), ("mask", mask, kk)):
-        expected = (n, per_group, ho, wo)
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be {expected} (N, {name} channels, H_out, W_out), "
-                             f"got shape {tuple(t.shape)}")
-        # the offset's channels say the offset groups (as in torchvision); the mask then has to match them
-        if name == "offset" and t.shape[1] != per_group and t.shape[1] % per_group == 0 and t.shape[1] > 0:
-            raise NotImplementedError(f"offset has {t.shape[1]} channels: {t.shape[1] // per_group} offset groups "
-                                      "are not supported (only 1)")
-        if tuple(t.shape) != expected:
-            raise ValueError(f"{name} must be {expected} (N, {name} channels, H_out, W_out), "
-                             f"got shape {tuple(t.shape)}")
+    # the offset's channels say the offset groups (as in torchvision); the mask then has to match them
+    per_group = 2 * kh * kw
+    if offset.dim() == 4 and offset.shape[1] != per_group and offset.shape[1] % per_group == 0 and offset.shape[1] > 0:
+        raise NotImplementedError(f"offset has {offset.shape[1]} channels: {offset.shape[1] // per_group} offset "
+                                  "groups are not supported (only 1)")
+    check_offset_mask_shapes(offset, mask, n, kh, kw, ho, wo)
     # Per-image sizes the kernels index in int32 (the image, pixel and channel terms are int64)
     if weight.numel() >= 2**31 or (w + 1) * cin >= 2**31:
         raise ValueError(f"weight {tuple(weight.shape)} or an input row (W*Cin = {w * cin}) has 2**31 elements or "
