@@ -27,7 +27,7 @@ from .deform_conv import acc_dtype, acc_tl
 from .deform_conv_op import _device_guard, eager_call
 from .device_table import cached_device_table
 from .level_pass import (MERGE_BLOCK_C, _REDUCTION_SPACE, _aligned, _check_float_tensor, _check_runnable,
-                         _pixel_runs, _tile, channel_moments, keep_tiles, level_autotune, merge_runs,
+                         _pixel_runs, _tile, channel_moments, first_pixel, keep_tiles, level_autotune, merge_runs,
                          moments_grad, run_moments)
 from .runtime import cdiv, first_order_backward, next_power_of_2
 
@@ -94,18 +94,21 @@ def _run_weighted_sum(x_ptr, w_ptr, row, n, c, C, start, end, hw,
 @triton.jit
 def _grouped_moments_kernel(x_ptr, w_ptr, table_ptr, part_ptr, C, P_BUCKET, RUN, NUM_MAPS: tl.constexpr,
                             ALIGN: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """(mean, M2, weighted sum or 0) per channel of image n over pixel run r of its map.
+    """(mean - x[n, c, 0], M2, weighted sum or 0) per channel of image n over pixel run r of its map (x[n, c, 0]
+    the map's first pixel: `run_moments`'s shift).
 
     Grid (R, cdiv(C, BLOCK_C), N), R the maps' runs in all. x: the buffer, each map (N, C, HW) contiguous at its
     first element; w: the pooling weights (ACC); table: (NUM_MAPS, FIELDS) int64; part: (R, N, C, 3)
     contiguous, ACC.
     """
     r, c, n, row, _, first, hw, start, end = program_run(table_ptr, RUN, NUM_MAPS, FIELDS, BLOCK_C)
+    shift = first_pixel(x_ptr + first, n, c, C, C * hw, hw, ACC)
     if (first % ALIGN == 0) & (hw % ALIGN == 0):
-        mean, m2 = run_moments(x_ptr + _aligned(first, ALIGN), n, c, C, start, end, C * hw, hw, 1,
+        mean, m2 = run_moments(x_ptr + _aligned(first, ALIGN), n, c, C, start, end, C * hw, hw, 1, shift,
                                ALIGN, ACC, BLOCK_C, BLOCK_P)
     else:
-        mean, m2 = run_moments(x_ptr + first, n, c, C, start, end, C * hw, hw, 1, 1, ACC, BLOCK_C, BLOCK_P)
+        mean, m2 = run_moments(x_ptr + first, n, c, C, start, end, C * hw, hw, 1, shift, 1, ACC, BLOCK_C,
+                               BLOCK_P)
     pooled = tl.zeros_like(mean)
     if tl.load(row + 5) >= 0:
         pooled = _run_weighted_sum(x_ptr + first, w_ptr, row, n, c, C, start, end, hw, ACC, BLOCK_C, BLOCK_P)
@@ -116,11 +119,13 @@ def _grouped_moments_kernel(x_ptr, w_ptr, table_ptr, part_ptr, C, P_BUCKET, RUN,
 
 
 @triton.jit
-def _grouped_merge_kernel(part_ptr, table_ptr, out_ptr, C, RUN, BLOCK_C: tl.constexpr):
-    """out[k, n, c] = map k's runs' (mean, M2) merged in run order, then the sum of the runs' weighted sums if
-    the map has weights, else the mean; zero for a map without runs.
+def _grouped_merge_kernel(x_ptr, part_ptr, table_ptr, out_ptr, C, RUN, BLOCK_C: tl.constexpr):
+    """out[k, n, c] = map k's runs' (mean, M2) merged in run order (the map's first pixel added back to the
+    mean), then the sum of the runs' weighted sums if the map has weights, else the mean; zero for a map without
+    runs.
 
-    Grid (cdiv(C, BLOCK_C), N, K). part: (R, N, C, 3), out: (K, N, C, 3), both contiguous in one float dtype.
+    Grid (cdiv(C, BLOCK_C), N, K). x and table: `_grouped_moments_kernel`'s; part: (R, N, C, 3), out:
+    (K, N, C, 3), both contiguous in one float dtype.
     """
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     n = tl.program_id(1).to(tl.int64)
@@ -131,7 +136,10 @@ def _grouped_merge_kernel(part_ptr, table_ptr, out_ptr, C, RUN, BLOCK_C: tl.cons
     valid = c < C
     run = part_ptr + ((tl.load(row + 2) * num_n + n) * C + c) * 3
     step = num_n * C * 3
-    mean, m2 = merge_runs(run, step, valid, runs, RUN, tl.load(row + 1))
+    hw = tl.load(row + 1)
+    mean, m2 = merge_runs(run, step, valid, runs, RUN, hw)
+    if runs > 0:
+        mean += first_pixel(x_ptr + tl.load(row), n, c, C, C * hw, hw, mean.dtype)
     pooled = mean
     if tl.load(row + 5) >= 0:
         pooled = tl.zeros_like(mean)
@@ -225,7 +233,7 @@ def grouped_moments_forward(base: Tensor, weights: Tensor, places, n: int, c: in
     grid = lambda meta: (total, cdiv(c, meta["BLOCK_C"]), n)
     _grouped_moments_kernel[grid](base, weights, table, part, c, bucket, run, NUM_MAPS=len(places), ALIGN=ALIGN,
                                   ACC=acc_tl(base))
-    _grouped_merge_kernel[(cdiv(c, MERGE_BLOCK_C), n, len(places))](part, table, out, c, run,
+    _grouped_merge_kernel[(cdiv(c, MERGE_BLOCK_C), n, len(places))](base, part, table, out, c, run,
                                                                     BLOCK_C=MERGE_BLOCK_C)
     return out, plan
 

@@ -113,18 +113,28 @@ def _chan_merge(mean, m2, count_a, delta, m2_b, count_b):
 
 
 @triton.jit
-def run_moments(x_ptr, n, c, C, start, end, stride_n, stride_c, stride_p,
+def first_pixel(x_ptr, n, c, C, stride_n, stride_c, ACC: tl.constexpr):
+    """x[n, c, pixel 0] per channel c ([BLOCK_C], ACC; zero where c >= C): the shift of `run_moments`."""
+    offs = n.to(tl.int64) * stride_n + c.to(tl.int64) * stride_c
+    return tl.load(x_ptr + offs, mask=c < C, other=0.0).to(ACC)
+
+
+@triton.jit
+def run_moments(x_ptr, n, c, C, start, end, stride_n, stride_c, stride_p, shift,
                  ALIGN: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """(mean, M2) per channel c of image n over pixels [start, end) of x, in ACC ([BLOCK_C] each).
+    """(mean - shift, M2) per channel c of image n over pixels [start, end) of x, in ACC ([BLOCK_C] each).
 
     Tiles are merged in pixel order, each from its exact two-pass moments about the running mean: centred
-    values keep their precision where the mean is large against the spread.
+    values keep their precision where the mean is large against the spread. The runs of a map share one shift
+    per channel (a value of the map: `first_pixel`) and their means are kept about it, so that the merge of the
+    runs adds no rounding of a large mean either.
     """
     mean = tl.zeros((BLOCK_C,), dtype=ACC)
     m2 = tl.zeros((BLOCK_C,), dtype=ACC)
     for p0 in range(start, end, BLOCK_P):
         offs, mask = _tile(n, c, p0 + tl.arange(0, BLOCK_P), C, end, stride_n, stride_c, stride_p, ALIGN)
-        x = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC) - mean[:, None], 0.0)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC) - shift[:, None]
+        x = tl.where(mask, x - mean[:, None], 0.0)
         count = tl.minimum(end - p0, BLOCK_P).to(ACC)
         delta = tl.sum(x, axis=1) / count
         d = tl.where(mask, x - delta[:, None], 0.0)
@@ -136,7 +146,8 @@ def run_moments(x_ptr, n, c, C, start, end, stride_n, stride_c, stride_p,
 @triton.jit
 def _moments_kernel(x_ptr, part_ptr, C, HW, P_BUCKET, RUN, stride_n, stride_c, stride_p,
                     ALIGN: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """(mean, M2) of x over pixel run s (pixels [s*RUN, min((s+1)*RUN, HW))) per channel of image n.
+    """(mean - x[n, c, 0], M2) of x over pixel run s (pixels [s*RUN, min((s+1)*RUN, HW))) per channel of
+    image n; the mean itself where S == 1 (part is then the output: no merge follows).
 
     Grid (S, cdiv(C, BLOCK_C), N). x: (N, C, HW) through its strides; part: (N, S, C, 2) contiguous, ACC.
     """
@@ -144,8 +155,11 @@ def _moments_kernel(x_ptr, part_ptr, C, HW, P_BUCKET, RUN, stride_n, stride_c, s
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     n = tl.program_id(2)
     start = s * RUN
+    shift = first_pixel(x_ptr, n, c, C, stride_n, stride_c, ACC)
     mean, m2 = run_moments(x_ptr, n, c, C, start, tl.minimum(start + RUN, HW), stride_n, stride_c, stride_p,
-                            ALIGN, ACC, BLOCK_C, BLOCK_P)
+                           shift, ALIGN, ACC, BLOCK_C, BLOCK_P)
+    if tl.num_programs(0) == 1:
+        mean += shift
     out = part_ptr + ((n.to(tl.int64) * tl.num_programs(0) + s) * C + c) * 2
     tl.store(out, mean, mask=c < C)
     tl.store(out + 1, m2, mask=c < C)
@@ -169,15 +183,18 @@ def merge_runs(run, step, valid, S, RUN, HW):
 
 
 @triton.jit
-def _moments_merge_kernel(part_ptr, out_ptr, C, HW, RUN, S, BLOCK_C: tl.constexpr):
-    """out[n, c] = the S runs' (mean, M2) of part[n, :, c] merged in run order.
+def _moments_merge_kernel(x_ptr, part_ptr, out_ptr, C, HW, RUN, S, stride_n, stride_c, BLOCK_C: tl.constexpr):
+    """out[n, c] = the S runs' (mean, M2) of part[n, :, c] merged in run order, the shift x[n, c, 0] added back
+    to the mean.
 
-    Grid (cdiv(C, BLOCK_C), N). part: (N, S, C, 2), out: (N, C, 2), both contiguous in one float dtype.
+    Grid (cdiv(C, BLOCK_C), N). x: `_moments_kernel`'s; part: (N, S, C, 2), out: (N, C, 2), both contiguous in
+    one float dtype.
     """
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     n = tl.program_id(1).to(tl.int64)
     valid = c < C
     mean, m2 = merge_runs(part_ptr + n * S * C * 2 + c * 2, C * 2, valid, S, RUN, HW)
+    mean += first_pixel(x_ptr, n, c, C, stride_n, stride_c, mean.dtype)
     out = out_ptr + (n * C + c) * 2
     tl.store(out, mean, mask=valid)
     tl.store(out + 1, m2, mask=valid)
@@ -458,7 +475,7 @@ def moments_forward(x: Tensor) -> Tensor:
     _moments_kernel[grid](x, part, c, hw, next_power_of_2(hw), run, *strides,
                           ALIGN=_align(hw, *strides[:2]), ACC=acc_tl(x))
     if splits > 1:
-        _moments_merge_kernel[(cdiv(c, MERGE_BLOCK_C), n)](part, out, c, hw, run, splits,
+        _moments_merge_kernel[(cdiv(c, MERGE_BLOCK_C), n)](x, part, out, c, hw, run, splits, *strides[:2],
                                                            BLOCK_C=MERGE_BLOCK_C)
     return out
 
@@ -693,8 +710,9 @@ def channel_moments(x: Tensor) -> Tensor:
     """Per-(image, channel) mean and M2 over the pixels: the statistics of GroupNorm and of average pooling.
 
     out[n, c, 0] = mean over (h, w) of x[n, c], out[n, c, 1] = M2 = sum over (h, w) of (x[n, c] - mean)^2
-    (so the biased variance is M2 / (H*W)). Robust to a large mean: each program's pixel run gets an exact
-    per-tile mean and M2, merged with Chan's formula in a fixed order (deterministic, no atomics).
+    (so the biased variance is M2 / (H*W)). Robust to a large mean: values are taken about the map's first
+    pixel, and each program's pixel run gets an exact per-tile mean and M2, merged with Chan's formula in a
+    fixed order (deterministic, no atomics).
     Differentiable: d x = d mean / (H*W) + 2 * d M2 * (x - mean), one elementwise kernel.
 
     Args:

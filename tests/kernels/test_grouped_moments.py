@@ -92,6 +92,20 @@ def test_matches_float64(dtype, weighted):
 
 
 @needs_kernels
+def test_m2_keeps_its_precision_where_the_mean_is_1e4_times_the_spread():
+    """Every map's M2 as precise as torch's fp32 variance (~5e-8 relative), also the maps of two runs, whose
+    runs were merged about their own fp32 means (off by ~1e-4); None rows stay zero."""
+    flat, views, flat64 = buffer_and_maps(SIZES, torch.float32, DEVICE, offset=1e4)
+    out = channel_moments_grouped(views(flat), None)
+    expected = reference(views(flat64), [None] * len(SIZES))
+    for k, size in enumerate(SIZES):
+        if size is None:
+            assert not out[k].any()
+        else:
+            assert rel_err(out[k, ..., 1], expected[k, ..., 1]) < 1e-6, (k, size)
+
+
+@needs_kernels
 def test_a_weighted_mean_is_the_mean_of_the_upsampled_map():
     """What DyHead relies on: the pooled column of a map with upsampling weights is the mean of
     F.interpolate(map, size, bilinear, align_corners=True), and so are its gradients."""

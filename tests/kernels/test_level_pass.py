@@ -185,6 +185,15 @@ def test_moments_match_float64(case, dtype):
 
 
 @needs_kernels
+def test_moments_keep_m2_where_the_mean_is_1e4_times_the_spread():
+    """M2 as precise as torch's fp32 variance (~5e-8 relative) with a mean 1e4x the spread over two pixel runs;
+    runs merged about their own fp32 means were off by ~1e-4."""
+    x = (torch.randn(2, 5, 13, 17, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 1e4).float()
+    m2 = moments_reference(x.double())[..., 1]
+    assert rel_err(channel_moments(x.to(DEVICE))[..., 1], m2) < 1e-6
+
+
+@needs_kernels
 def test_moments_expanded_and_partial_gradients():
     """An expanded output gradient (from .sum()) is read in place; a mean-only or M2-only use is exact."""
     x64 = torch.randn(2, 5, 7, 5, dtype=torch.float64) + 3
