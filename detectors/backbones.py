@@ -10,6 +10,7 @@ from typing import Callable, Iterator
 from urllib.error import URLError
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import resnet, swin_transformer
 from torchvision.models._utils import IntermediateLayerGetter
@@ -20,8 +21,8 @@ from .engine.checkpoint import CheckpointError, load_checkpoint
 from .msra_weights import is_msra_pickle, load_msra_resnet
 from .swin_weights import load_swin_state_dict
 
-__all__ = ["SlimResNet", "ResNetBackbone", "SwinBackbone", "build_backbone", "move_stride_to_1x1",
-           "prepare_backbone_weights"]
+__all__ = ["SlimResNet", "ResNetBackbone", "SwinBackbone", "AlwaysShiftedWindowAttention", "build_backbone",
+           "move_stride_to_1x1", "prepare_backbone_weights"]
 
 SWIN_NAMES = ("swin_t", "swin_s", "swin_b")
 
@@ -117,11 +118,67 @@ class ResNetBackbone(nn.Module):
         return self.body(x)
 
 
+class AlwaysShiftedWindowAttention(swin_transformer.ShiftedWindowAttention):
+    """torchvision's Swin window attention as the official Swin detection backbone runs it: always shifted.
+
+    torchvision stops shifting along an axis whose padded map is a single window (size <= window, e.g. a Swin-T
+    stage 4 under 224 px). The detection release (Swin-Transformer-Object-Detection, whose backbone DyHead's
+    ``extra/swint.py`` copies) pads every map to a multiple of the window and rolls by ``shift_size`` in every
+    shifted block whatever its size, with the mask that splits each axis into ``[0, Hp - window)``,
+    ``[Hp - window, Hp - shift)`` and ``[Hp - shift, Hp)``; within a single window that splits the window in
+    two, so the outputs differ. Maps larger than the window on both axes give torchvision's result.
+
+    Same parameters, buffers and names as ``ShiftedWindowAttention`` (it only replaces ``forward``); a shift
+    of 0 is plain window attention (no roll, an all-zero mask).
+
+    Forward: ``(B, H, W, C)`` float -> ``(B, H, W, C)`` in the same dtype.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, height, width, channels = x.shape
+        win_h, win_w = self.window_size
+        shift_h, shift_w = self.shift_size
+        x = F.pad(x, (0, 0, 0, -width % win_w, 0, -height % win_h))
+        padded_h, padded_w = x.shape[1:3]
+        x = torch.roll(x, shifts=(-shift_h, -shift_w), dims=(1, 2))
+        rows, cols = padded_h // win_h, padded_w // win_w
+        tokens = win_h * win_w
+        x = x.view(batch, rows, win_h, cols, win_w, channels).permute(0, 1, 3, 2, 4, 5)
+        x = x.reshape(batch * rows * cols, tokens, channels)
+
+        head_dim = channels // self.num_heads
+        qkv = self.qkv(x).reshape(x.shape[0], tokens, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0] * head_dim**-0.5, qkv[1], qkv[2]
+        attn = q.matmul(k.transpose(-2, -1)) + self.get_relative_position_bias()  # (B*nW, heads, N, N)
+        # region of every rolled position: 0 before the last window, 1 in it up to the wrapped-around strip, 2 in
+        # that strip; tokens of different regions were not neighbours before the roll
+        region_h = torch.zeros(padded_h, dtype=torch.long, device=x.device)
+        region_h[padded_h - win_h:] = 1
+        region_h[padded_h - shift_h:] = 2  # empty for a shift of 0
+        region_w = torch.zeros(padded_w, dtype=torch.long, device=x.device)
+        region_w[padded_w - win_w:] = 1
+        region_w[padded_w - shift_w:] = 2
+        region = (3 * region_h[:, None] + region_w).view(rows, win_h, cols, win_w).permute(0, 2, 1, 3)
+        region = region.reshape(rows * cols, tokens)
+        # -100 rather than -inf, as the release (and torchvision): a masked pair keeps a negligible weight
+        mask = (region[:, :, None] != region[:, None, :]).to(x.dtype) * -100.0  # (nW, N, N)
+        attn = (attn.view(batch, rows * cols, self.num_heads, tokens, tokens) + mask[None, :, None]).flatten(0, 1)
+        attn = F.dropout(F.softmax(attn, dim=-1), p=self.attention_dropout, training=self.training)
+        x = attn.matmul(v).transpose(1, 2).reshape(x.shape[0], tokens, channels)
+        x = F.dropout(self.proj(x), p=self.dropout, training=self.training)
+
+        x = x.view(batch, rows, cols, win_h, win_w, channels).permute(0, 1, 3, 2, 4, 5)
+        x = torch.roll(x.reshape(batch, padded_h, padded_w, channels), shifts=(shift_h, shift_w), dims=(1, 2))
+        return x[:, :height, :width].contiguous()
+
+
 class SwinBackbone(nn.Module):
     """Wraps a torchvision Swin Transformer so that it returns C2-C5 or C3-C5 in NCHW.
 
     Every returned level has its own LayerNorm on its stage's output (before the patch merging), as the
     official Swin detection backbone's ``norm{i}`` layers; the classifier's final norm and head are not kept.
+    The shifted blocks' attention becomes ``AlwaysShiftedWindowAttention`` (in ``body`` too, whose modules
+    this shares), so maps of at most one window per axis shift as in the official backbone.
 
     Args:
         body: a torchvision ``SwinTransformer``; only its ``features`` (patch embedding, then stages with a
@@ -134,7 +191,7 @@ class SwinBackbone(nn.Module):
     Forward: ``(N, 3, H, W)`` float with H, W multiples of 32 -> ``OrderedDict`` ``{"c2"?, "c3", "c4", "c5"}``
     of contiguous ``(N, C_l, H/s, W/s)`` float for strides s = 4, 8, 16, 32, where C_l is the embedding width
     times 1, 2, 4, 8 (96..768 for Swin-T/S, 128..1024 for Swin-B). ``out_channels`` lists the returned
-    levels' channels. Windows that do not divide a stage's size are padded inside torchvision's attention.
+    levels' channels. Windows that do not divide a stage's size are padded inside the window attention.
     """
 
     def __init__(self, body: swin_transformer.SwinTransformer, freeze_at: int = 0, first_level: int = 3):
@@ -144,6 +201,11 @@ class SwinBackbone(nn.Module):
         if not 0 <= freeze_at <= 5:
             raise ValueError(f"freeze_at={freeze_at}: expected 0 to 5 for Swin (patch embedding, then 4 stages)")
         self.features = body.features
+        for module in self.features.modules():
+            # the exact class: Swin V2's subclass has other parameters. Swapping the class rather than building
+            # a new module keeps the loaded parameters themselves, their names and the random state.
+            if type(module) is swin_transformer.ShiftedWindowAttention and any(module.shift_size):
+                module.__class__ = AlwaysShiftedWindowAttention
         embed_dim = self.features[0][0].out_channels
         # features[2i + 1] is stage i + 1, whose output is level C(i + 2)
         self.taps = {2 * (level - 2) + 1: f"c{level}" for level in range(first_level, 6)}

@@ -1,12 +1,16 @@
-"""Swin Transformer backbones: level contract, freezing, official-checkpoint conversion, ATSS + DyHead on Swin-T."""
+"""Swin Transformer backbones: level contract, freezing, official-checkpoint conversion, the official backbone's
+always-shifted windows, ATSS + DyHead on Swin-T."""
 
+import copy
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torchvision.models import swin_t
+from torchvision.models.swin_transformer import SwinTransformer
 
-from detectors.backbones import build_backbone
+from detectors.backbones import SwinBackbone, build_backbone
 from detectors.build import build_detector
 from detectors.config import BackboneConfig, ModelConfig, load_config
 from detectors.swin_weights import load_swin_state_dict, official_key_to_torchvision
@@ -184,6 +188,74 @@ def test_missing_unexpected_and_misshapen_tensors_are_named(source):
         load_swin_state_dict(target, _corrupt(official, "absolute_pos_embed", torch.zeros(1, 96, 56, 56)))
     with pytest.raises(ValueError, match="neither a torchvision nor an official"):
         load_swin_state_dict(target, {"conv1.weight": torch.zeros(1)})
+
+
+def _release_window_attention(x: torch.Tensor, attn: torch.nn.Module, shift: int) -> torch.Tensor:
+    """The official Swin detection backbone's (shifted) window attention of ``x`` (1, H, W, C), written over the
+    whole padded map rather than window by window: a token attends to the tokens of its window, with the
+    relative position bias read from the table by coordinates and -100 between the shift mask's regions. The
+    map is padded to a multiple of the 7x7 window and rolled by ``shift`` whatever its size."""
+    _, height, width, channels = x.shape
+    window, heads = 7, attn.num_heads
+    x = torch.roll(F.pad(x, (0, 0, 0, -width % window, 0, -height % window)), (-shift, -shift), (1, 2))
+    padded_h, padded_w = x.shape[1:3]
+    regions = torch.zeros(padded_h, padded_w)
+    if shift:  # the release's slices, assigned in its order
+        count = 0
+        for rows in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
+            for cols in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
+                regions[rows, cols] = count
+                count += 1
+    ys, xs = torch.meshgrid(torch.arange(padded_h), torch.arange(padded_w), indexing="ij")
+    ys, xs, regions = ys.flatten(), xs.flatten(), regions.flatten()
+    dy, dx = ys[:, None] - ys[None], xs[:, None] - xs[None]
+    bias = attn.relative_position_bias_table[((dy + window - 1) * (2 * window - 1) + dx + window - 1).clamp(0, 168)]
+    bias = bias.permute(2, 0, 1) - 100.0 * (regions[:, None] != regions[None])  # (heads, HW, HW)
+    same_window = (ys[:, None] // window == ys[None] // window) & (xs[:, None] // window == xs[None] // window)
+    bias = bias.masked_fill(~same_window, float("-inf"))
+    qkv = F.linear(x.reshape(-1, channels), attn.qkv.weight, attn.qkv.bias).view(-1, 3, heads, channels // heads)
+    q, k, v = qkv.unbind(1)  # (HW, heads, head_dim) each
+    logits = torch.einsum("qhd,khd->hqk", q, k) * (channels // heads) ** -0.5 + bias
+    out = torch.einsum("hqk,khd->qhd", logits.softmax(-1), v).reshape(-1, channels)
+    out = F.linear(out, attn.proj.weight, attn.proj.bias).view(1, padded_h, padded_w, channels)
+    return torch.roll(out, (shift, shift), (1, 2))[:, :height, :width]
+
+
+def _small_swin() -> SwinTransformer:
+    """A 4-stage Swin with 7x7 windows, 16 channels and every parameter distinct noise."""
+    torch.manual_seed(0)
+    body = SwinTransformer([4, 4], 16, [2, 2, 2, 2], [1, 2, 2, 4], [7, 7], stochastic_depth_prob=0.0)
+    with torch.no_grad():
+        for param in body.parameters():
+            param.normal_(0, 0.3)
+    return body.eval()
+
+
+@pytest.mark.parametrize("stage4_size", [(5, 6), (5, 12), (10, 12)])
+def test_windows_shift_as_in_the_official_backbone_at_every_size(stage4_size):
+    # stage 4 at 5x6 is one padded window (torchvision shifts neither axis), at 5x12 one window high (it shifts
+    # only along the width), at 10x12 two by two (it shifts both, as the release)
+    plain = _small_swin()
+    backbone = SwinBackbone(copy.deepcopy(plain)).eval()
+    height, width = stage4_size
+    image = torch.randn(1, 3, 32 * height, 32 * width)
+    with torch.no_grad():
+        stage4_input = plain.features[:7](image)
+        torch.testing.assert_close(backbone.features[:7](image), stage4_input)  # stages 1-3 shift in both
+        ours = backbone.features[7](stage4_input)
+        reference = stage4_input
+        for index, block in enumerate(plain.features[7]):
+            attended = _release_window_attention(block.norm1(reference), block.attn, shift=3 * (index % 2))
+            reference = reference + attended
+            reference = reference + block.mlp(block.norm2(reference))
+        torchvision_out = plain.features[7](stage4_input)
+    # values reach ~30: float32 rounding of the two orders of summation stays near 2e-5
+    torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-5)
+    if stage4_size == (10, 12):
+        torch.testing.assert_close(ours, torchvision_out)
+    else:  # not shifting moves outputs by ~7 or more
+        assert (torchvision_out - reference).abs().max() > 1.0
+    assert backbone.features.state_dict().keys() == plain.features.state_dict().keys()
 
 
 def test_atss_dyhead_on_swin_t_trains():
