@@ -122,7 +122,8 @@ def block_forward(levels: Sequence[Sequence[tuple[Tensor, nn.GroupNorm]]], scale
     levels: per level 1 to 3 (y, norm) pairs as `SpatialAttention.convolve` returns them, y (N, C, H_b, W_b) in
         the model's dtype; the first has the level's size, a branch of another size (the coarser one, last) is
         normalised and upsampled to it (bilinear, align_corners=True).
-    Returns L tensors (N, C, H_l, W_l) in y's dtype.
+    Returns L tensors (N, C, H_l, W_l) in y's dtype. ValueError where a level's maps hold one value per
+    GroupNorm group in all (N * C / groups * H_l * W_l == 1), as torch's GroupNorm raises on the reference path.
 
     The small per-(image, channel) math of all levels runs batched over a (level, branch slot) grid of
     L x 3, a missing branch's slot zero (zero moments, GroupNorm weight and bias, so it adds nothing): a few
@@ -133,7 +134,16 @@ def block_forward(levels: Sequence[Sequence[tuple[Tensor, nn.GroupNorm]]], scale
     """
     slot_maps, resized, norm_slots, pixels, inv_branches = [], {}, [], [], []
     norms = list(dict.fromkeys(norm for branches in levels for _, norm in branches))  # the block's GroupNorms
-    for branches in levels:
+    groups = norms[0].num_groups
+    for l, branches in enumerate(levels):
+        n, c, h, w = branches[0][0].shape
+        # torch's GroupNorm raises on N * C / groups * H * W == 1 (one value per group: the output would be the
+        # bias alone), and so does the reference path; no GroupNorm runs here, so the check is ours. Every branch
+        # has some level's size, so checking each level's covers the coarser branches too.
+        if n * (c // groups) * h * w == 1:
+            raise ValueError(f"level {l}: its {h}x{w} maps of N={n} image(s) and C={c} channels hold one value per "
+                             f"GroupNorm({groups}) group, which torch's GroupNorm refuses on the reference "
+                             "backends: use more channels, a larger image or more images")
         size = branches[0][0].shape[-2:]
         for y, norm in branches:
             pixels.append(y.shape[-2] * y.shape[-1])
@@ -148,7 +158,7 @@ def block_forward(levels: Sequence[Sequence[tuple[Tensor, nn.GroupNorm]]], scale
         norm_slots += [len(norms)] * missing  # the zero row appended to the norms' parameters
         pixels += [1] * missing
         inv_branches.append(1.0 / len(branches))
-    num, groups, eps = len(levels), norms[0].num_groups, norms[0].eps
+    num, eps = len(levels), norms[0].eps
     acc = torch.float64 if slot_maps[0].dtype == torch.float64 else torch.float32
     pool_weights = [None] * len(slot_maps)
     for k, pair in zip(resized, upsampling_pool_weights(list(resized.values()), acc, slot_maps[0].device)):

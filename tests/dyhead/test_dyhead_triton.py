@@ -166,3 +166,19 @@ def test_a_penalty_through_the_level_pass_alone_raises():
     grads = torch.autograd.grad(loss, task, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):
         torch.autograd.grad(loss + sum(g.square().sum() for g in grads), model.blocks[0].spatial.offset.weight)
+
+
+def test_one_value_per_group_raises_as_on_torchvision():
+    """A 1x1 level of one image at 16 channels gives GroupNorm(16) one value per group: torch's GroupNorm raises
+    on the reference path, and so must the fused path (it returned the GroupNorm bias). Two images pass torch's
+    check (it counts N * C / groups * H * W): both paths then give the bias."""
+    torch.manual_seed(0)
+    model = DyHead(16, 16, 1, backend="triton").to(DEVICE)
+    for backend in ("torchvision", "triton"):
+        model.backend = backend
+        with pytest.raises(ValueError, match="level 1: its 1x1 maps" if backend == "triton" else "more than 1"):
+            model([torch.randn(1, 16, 2, 2, device=DEVICE), torch.randn(1, 16, 1, 1, device=DEVICE)])
+    levels = [torch.randn(2, 16, 1, 1, device=DEVICE)]
+    out = model(levels)  # on triton, the loop's last backend
+    model.backend = "torchvision"
+    torch.testing.assert_close(out[0], model(levels)[0], rtol=1e-4, atol=1e-5)
