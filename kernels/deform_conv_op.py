@@ -11,6 +11,7 @@ flat buffer per result (custom op outputs may not alias each other), split into 
 """
 
 import contextlib
+import operator
 from collections.abc import Sequence
 from math import prod
 from typing import Optional
@@ -38,17 +39,21 @@ def autocast_enabled(t) -> bool:
     return isinstance(t, Tensor) and not t.is_meta and torch.is_autocast_enabled(t.device.type)
 
 
-def _pair(value, name):
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value, value)
-    if (isinstance(value, (tuple, list)) and len(value) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
-        return (value[0], value[1])
+def conv_pair(value, name: str) -> tuple[int, int]:
+    """A stride, padding or dilation as (h, w) Python ints, from an integer or a sequence of two: any integer
+    type (``operator.index``: numpy integers, integer 0-d tensors), as torchvision takes them. TypeError, naming
+    the argument, for anything else, floats and bools included (torchvision would read True as 1)."""
+    pair = tuple(value) if isinstance(value, Sequence) and not isinstance(value, str) else (value, value)
+    if len(pair) == 2 and not any(isinstance(v, bool) for v in pair):
+        try:
+            return operator.index(pair[0]), operator.index(pair[1])
+        except TypeError:
+            pass
     raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
 
 
 def _conv_pairs(stride, padding, dilation):
-    return _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    return conv_pair(stride, "stride"), conv_pair(padding, "padding"), conv_pair(dilation, "dilation")
 
 
 def _check_runnable(t: Tensor):
@@ -245,7 +250,7 @@ def modulated_deform_conv2d(input: Tensor, offset: Tensor, mask: Tensor, weight:
         mask: (N, kh*kw, H_out, W_out), the modulation (already passed through the sigmoid); any strides.
         weight: (Cout, Cin, kh, kw).
         bias: (Cout,) or None.
-        stride, padding, dilation: int or (h, w) pair.
+        stride, padding, dilation: an integer (numpy and integer 0-d tensors too) or an (h, w) pair of them.
         deterministic: bitwise-reproducible gradients (grad input by a sorted gather instead of atomics, which
             costs a (N*H_out*W_out*kh*kw, Cin) fp32 buffer); None follows
             ``torch.are_deterministic_algorithms_enabled()``.
@@ -705,12 +710,12 @@ def modulated_deform_conv2d_sets(inputs: Sequence[Tensor], weights: Sequence[Ten
         RuntimeError: CPU tensors without ``TRITON_INTERPRET=1``.
     """
     _check_list("weights", weights)
-    if strides is None or isinstance(strides, int):
+    if strides is None or not isinstance(strides, Sequence):  # one stride for every set
         strides = [1 if strides is None else strides] * len(weights)
     biases = [None] * len(weights) if biases is None else biases
     _check_set_lists(inputs, weights, biases, levels, offsets, masks, strides)
-    strides = [_pair(stride, f"strides[{s}]") for s, stride in enumerate(strides)]
-    padding, dilation = _pair(padding, "padding"), _pair(dilation, "dilation")
+    strides = [conv_pair(stride, f"strides[{s}]") for s, stride in enumerate(strides)]
+    padding, dilation = conv_pair(padding, "padding"), conv_pair(dilation, "dilation")
     inputs, weights, biases = list(inputs), list(weights), list(biases)
     offsets, masks = [list(seq) for seq in offsets], [list(seq) for seq in masks]
     if autocast_enabled(inputs[0]):

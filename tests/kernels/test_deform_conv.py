@@ -4,6 +4,7 @@ The kernel tests run the Triton kernels on the CPU under the interpreter (CI set
 pytest starts: triton reads it at import) or, without it, on a CUDA GPU. Input checks run everywhere.
 """
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -376,11 +377,26 @@ def test_sizes_past_int32_indexing_raise(cin, cout, w):
 
 
 @pytest.mark.parametrize("conv, error", [(dict(stride=0), ValueError), (dict(padding=(1, 2, 3)), TypeError),
-                                         (dict(dilation=1.5), TypeError), (dict(padding=-1), ValueError)])
+                                         (dict(dilation=1.5), TypeError), (dict(padding=-1), ValueError),
+                                         (dict(stride=True), TypeError), (dict(padding=np.float64(1)), TypeError),
+                                         (dict(dilation=(1, 1.0)), TypeError)])
 def test_bad_conv_arguments_raise(conv, error):
     t = _bad()
     with pytest.raises(error):
         modulated_deform_conv2d(t["input"], t["offset"], t["mask"], t["weight"], **conv)
+
+
+@needs_kernels
+def test_integer_like_conv_arguments_act_as_ints():
+    """numpy integers (sizes worked out with numpy) and integer 0-d tensors, which torchvision takes: the same
+    output as torchvision's, where they raised TypeError."""
+    conv = dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2))
+    t = {k: v.float() for k, v in make_inputs(1, 4, 3, 5, 5, **conv).items()}
+    expected = reference(t, conv)
+    out = modulated_deform_conv2d(t["input"], t["offset"], t["mask"], t["weight"], t["bias"],
+                                  stride=(np.int64(2), 1), padding=(np.int32(1), torch.tensor(2)),
+                                  dilation=[np.int16(1), np.uint8(2)])
+    torch.testing.assert_close(out, expected)
 
 
 def test_too_small_input_raises():

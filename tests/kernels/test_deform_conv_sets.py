@@ -10,6 +10,7 @@ input feeds several convs, so its gradient is a sum over sets. Each conv gets it
 convs with outputs of one shape would otherwise get the same one and hide gradients sent to the wrong conv.
 """
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -484,6 +485,15 @@ def test_bad_lists_raise(case):
     with pytest.raises(ValueError):
         modulated_deform_conv2d_sets(args["inputs"], args["weights"], args["biases"], args["levels"],
                                      args["offsets"], args["masks"], strides=args["strides"])
+
+
+@needs_kernels
+def test_one_numpy_integer_stride_serves_every_set():
+    """A numpy integer as the one stride of every set, as a Python int is (it was refused as no list)."""
+    sizes, levels = SMALL[0], [[0, 1], [1]]
+    t = sets_leaves(make_sets(1, 3, 2, sizes, levels, 2), torch.float32, DEVICE)
+    for a, b in zip(flat(sets_op(t, levels, np.int64(2))), flat(sets_op(t, levels, 2))):
+        assert torch.equal(a, b)
 
 
 def test_strides_list_of_wrong_length_raises():
