@@ -24,14 +24,10 @@ from torchvision.ops import deform_conv2d as _torchvision_deform_conv2d
 
 import kernels
 from kernels.deform_conv import conv_output_size
-from kernels.deform_conv_op import check_offset_mask_shapes
+from kernels.deform_conv_op import check_offset_mask_shapes, conv_pair
 
 BACKENDS = ("torchvision", "sampled", "triton", "auto")
 _ALIASES = {"torch": "torchvision"}
-
-
-def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 def check_backend(backend: str) -> str:
@@ -67,7 +63,8 @@ def deform_conv2d_torchvision(
     float32/float64/float16 (torchvision has no bfloat16 kernel). Returns (N, Cout, Hout, Wout).
     """
     return _torchvision_deform_conv2d(
-        input, offset, weight, bias, stride=_pair(stride), padding=_pair(padding), dilation=_pair(dilation), mask=mask
+        input, offset, weight, bias, stride=conv_pair(stride, "stride"), padding=conv_pair(padding, "padding"),
+        dilation=conv_pair(dilation, "dilation"), mask=mask
     )
 
 
@@ -106,7 +103,8 @@ def deform_conv2d_sampled(
     """
     n, cin, h, w = input.shape
     cout, _, kh, kw = weight.shape
-    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    (sh, sw), (ph, pw), (dh, dw) = (conv_pair(v, name) for v, name in ((stride, "stride"), (padding, "padding"),
+                                                                      (dilation, "dilation")))
     hout, wout = conv_output_size(h, w, kh, kw, (sh, sw), (ph, pw), (dh, dw))
     # The sampling below would take its output size from the offsets and broadcast a mask of one image or one
     # tap; torchvision and triton refuse such shapes, so this does too.

@@ -1,5 +1,6 @@
 """The grid_sample formulation of the modulated deformable conv against torchvision's op."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -83,6 +84,18 @@ def test_single_pixel_image():
     x, offset, mask, weight, bias = make_case(h=1, w=1, offset_scale=0.3)
     ours, ref = both((x, offset, mask, weight, bias), 1, 1)
     assert rel_err(ours, ref) < 1e-12
+
+
+@pytest.mark.parametrize("backend", ["sampled", "torchvision"])
+def test_conv_arguments_are_read_as_the_kernels_read_them(backend):
+    """numpy integers act as ints, as torchvision's own op takes them (both wrappers indexed them as pairs:
+    TypeError); a float pair is refused, not truncated (the sampled conv read (2.5, 2.5) as stride 2)."""
+    x, offset, mask, weight, bias = make_case(stride=2)
+    expected = tv_deform_conv2d(x, offset, weight, bias, stride=2, padding=1, mask=mask)
+    out = deform.deform_conv2d(backend, x, offset, mask, weight, bias, np.int64(2), (np.int32(1), 1), np.int64(1))
+    assert rel_err(out, expected) < 1e-12
+    with pytest.raises(TypeError, match="stride must be an int or a pair of ints"):
+        deform.deform_conv2d(backend, x, offset, mask, weight, bias, (2.5, 2.5))
 
 
 @pytest.mark.parametrize("mode", ["official", "crop"])
