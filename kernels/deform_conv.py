@@ -426,11 +426,11 @@ def pack_weights(weights):
 
 def stack_biases(biases, bias_sets, num_sets):
     """The (S, Cout) biases of a launch from the biases of the sets bias_sets (zeros for the others), or None
-    when no set has one."""
+    when no set has one; contiguous, as the kernel reads them."""
     if not biases:
         return None
     if num_sets == 1:
-        return biases[0][None]
+        return biases[0].contiguous()[None]  # a strided view (a slice of a larger tensor) would be misread
     if list(bias_sets) == list(range(num_sets)):
         return torch.stack(biases)
     zeros = biases[0].new_zeros(biases[0].shape)

@@ -172,6 +172,17 @@ def test_channels_last_and_expanded_grad_out():
 
 
 @needs_kernels
+def test_bias_that_is_a_strided_view():
+    """A bias sliced from a larger tensor (stride 2): the kernel read it as contiguous, so the output added
+    other elements of the base as bias (its gradient was right)."""
+    t = leaves(make_inputs(1, 4, 3, 5, 5), torch.float64, DEVICE)
+    pairs = torch.stack([t["bias"], -10 * t["bias"]], 1)  # (Cout, 2): column 0 is a bias of stride 2
+    out = modulated_deform_conv2d(t["input"], t["offset"], t["mask"], t["weight"], pairs[:, 0])
+    expected = torchvision.ops.deform_conv2d(t["input"], t["offset"], t["weight"], t["bias"], padding=1, mask=t["mask"])
+    torch.testing.assert_close(out, expected)
+
+
+@needs_kernels
 def test_deterministic_gradients_are_bitwise_equal():
     conv = dict(stride=1, padding=1, dilation=1)
     t = leaves(make_inputs(2, 7, 5, 7, 7, **conv), torch.float32, DEVICE)
