@@ -24,7 +24,7 @@ from torchvision.ops import deform_conv2d as _torchvision_deform_conv2d
 
 import kernels
 from kernels.deform_conv import conv_output_size
-from kernels.deform_conv_op import check_offset_mask_shapes, conv_pair
+from kernels.deform_conv_op import check_conv_arguments, check_offset_mask_shapes, conv_pair
 
 BACKENDS = ("torchvision", "sampled", "triton", "auto")
 _ALIASES = {"torch": "torchvision"}
@@ -105,6 +105,8 @@ def deform_conv2d_sampled(
     cout, _, kh, kw = weight.shape
     (sh, sw), (ph, pw), (dh, dw) = (conv_pair(v, name) for v, name in ((stride, "stride"), (padding, "padding"),
                                                                       (dilation, "dilation")))
+    # as torchvision and triton: a zero stride divided by zero, a zero dilation sampled every tap at one place
+    check_conv_arguments((sh, sw), (ph, pw), (dh, dw))
     hout, wout = conv_output_size(h, w, kh, kw, (sh, sw), (ph, pw), (dh, dw))
     # The sampling below would take its output size from the offsets and broadcast a mask of one image or one
     # tap; torchvision and triton refuse such shapes, so this does too.

@@ -79,6 +79,12 @@ def check_offset_mask_shapes(offset: Tensor, mask: Tensor, n: int, kh: int, kw: 
                              f"got shape {tuple(t.shape)}")
 
 
+def check_conv_arguments(stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int]) -> None:
+    """ValueError unless the (h, w) pairs have stride >= 1, dilation >= 1 and padding >= 0."""
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"need stride >= 1, dilation >= 1, padding >= 0; got {stride}, {dilation}, {padding}")
+
+
 def _check_inputs(input, offset, mask, weight, bias, stride, padding, dilation):
     """Raise TypeError/ValueError/NotImplementedError for anything the kernels do not compute."""
     named = {"input": input, "offset": offset, "mask": mask, "weight": weight}
@@ -108,8 +114,7 @@ def _check_inputs(input, offset, mask, weight, bias, stride, padding, dilation):
         raise ValueError(f"weight must have a non-empty kernel, got shape {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (cout,):
         raise ValueError(f"bias must be ({cout},) to match weight, got shape {tuple(bias.shape)}")
-    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
-        raise ValueError(f"need stride >= 1, dilation >= 1, padding >= 0; got {stride}, {dilation}, {padding}")
+    check_conv_arguments(stride, padding, dilation)
     ho, wo = deform_conv.conv_output_size(h, w, kh, kw, stride, padding, dilation)
     if ho < 1 or wo < 1:
         raise ValueError(f"input {tuple(input.shape)} is smaller than the dilated {kh}x{kw} kernel")

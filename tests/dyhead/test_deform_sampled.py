@@ -98,6 +98,16 @@ def test_conv_arguments_are_read_as_the_kernels_read_them(backend):
         deform.deform_conv2d(backend, x, offset, mask, weight, bias, (2.5, 2.5))
 
 
+@pytest.mark.parametrize("conv", [dict(stride=0), dict(dilation=(1, 0)), dict(padding=-1)])
+def test_conv_arguments_out_of_range_raise(conv):
+    """As torchvision and triton: a zero stride raised ZeroDivisionError, and a zero dilation with offsets of
+    its output size sampled every tap at one place."""
+    x, _, _, weight, bias = make_case(n=1, h=5, w=5)
+    with pytest.raises(ValueError, match="need stride >= 1, dilation >= 1, padding >= 0"):
+        deform_conv2d_sampled(x, torch.zeros(1, 18, 5, 7, dtype=x.dtype), torch.ones(1, 9, 5, 7, dtype=x.dtype),
+                              weight, bias, **conv)
+
+
 @pytest.mark.parametrize("mode", ["official", "crop"])
 def test_strided_views_of_the_offset_conv_output(mode):
     """Offsets/mask as slices of a 27-channel tensor, read as the coarser-level quirk's view."""
