@@ -211,11 +211,17 @@ def _predict(cfg: Config, args: argparse.Namespace) -> None:
     category_ids = meta.get("category_ids") or list(range(model.num_classes))
     transform = DetectionTransform.from_config(cfg.data.input, train=False)
     args.output_dir.mkdir(parents=True, exist_ok=True)
+    skipped = 0
     for path in images:
         try:
             image = read_rgb_image(path)
         except (OSError, ValueError) as exc:
-            raise ImageLoadError(f"image {path}: cannot read ({exc})") from None
+            if not cfg.data.skip_bad_images:
+                raise ImageLoadError(f"image {path}: cannot read ({exc}); data.skip_bad_images=true predicts the "
+                                     "others") from None
+            logger.warning("image %s: cannot read (%s); skipped", path, exc)
+            skipped += 1
+            continue
         pixels, _ = transform(image, torch.zeros(0, 4), None)
         with autocast(device, cfg.solver.amp):
             (det,) = model(
@@ -238,6 +244,8 @@ def _predict(cfg: Config, args: argparse.Namespace) -> None:
         image.save(args.output_dir / f"{path.stem}.png")
         (args.output_dir / f"{path.stem}.json").write_text(json.dumps({"image": str(path), "detections": records}))
         logger.info("%s: %d detections -> %s", path, len(records), args.output_dir / f"{path.stem}.png")
+    if skipped:
+        logger.warning("predicted %d of %d images; %d could not be read", len(images) - skipped, len(images), skipped)
 
 
 def _save_atomic(obj: dict, path: Path) -> None:

@@ -130,3 +130,29 @@ def test_predict_drops_labels_past_the_recorded_categories(tmp_path):
     assert main(argv) == 0
     detections = json.loads((tmp_path / "out" / "x.json").read_text())["detections"]
     assert detections and {(d["label"], d["category_id"]) for d in detections} <= {("a", 11), ("b", 12)}
+
+
+def test_an_unreadable_image_stops_predict_unless_skipped(tmp_path, capsys):
+    """Checked before the model loads: the names. Read one by one: an image that does not decode stops the run
+    with its name, or with data.skip_bad_images is skipped with a warning while the others are predicted."""
+    import torch
+
+    from detectors.build import build_detector
+    from detectors.config import load_config
+
+    torch.manual_seed(0)
+    cfg = load_config(CONFIG)
+    weights = tmp_path / "w.pth"
+    torch.save({"model": build_detector(cfg.model, 4).state_dict(), "meta": {"num_classes": 4}}, weights)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(b"not a png")
+    _image(tmp_path / "in" / "b.png")
+    argv = ["predict", "--config", str(CONFIG), "--weights", str(weights), "--output-dir", str(tmp_path / "out"),
+            str(tmp_path / "in")]
+    assert main(argv) == 2
+    assert f"image {tmp_path / 'in' / 'a.png'}: cannot read" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "b.json").exists()
+    assert main(argv + ["--set", "data.skip_bad_images=true"]) == 0
+    assert (tmp_path / "out" / "b.json").exists() and not (tmp_path / "out" / "a.json").exists()
+    err = capsys.readouterr().err
+    assert "a.png: cannot read" in err and "predicted 1 of 2 images; 1 could not be read" in err
