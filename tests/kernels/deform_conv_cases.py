@@ -1,5 +1,7 @@
 """Shared inputs and references of the deformable conv kernel tests (CPU interpreter and CUDA)."""
 
+import contextlib
+
 import pytest
 import torch
 import torchvision
@@ -14,6 +16,21 @@ DEVICE = "cpu" if INTERPRET else "cuda"
 needs_kernels = pytest.mark.skipif(
     not INTERPRET and not torch.cuda.is_available(),
     reason="the Triton kernels need a CUDA GPU or TRITON_INTERPRET=1 set before pytest starts")
+
+
+@contextlib.contextmanager
+def matmul_tf32(enabled):
+    """torch's CUDA matmul TF32 switch set within the block, through the precision API, which can be read back
+    whatever set it (the legacy allow_tf32 raises once that API was used). Not pytest's monkeypatch:
+    cuBLASModule resolves allow_tf32 in __getattr__, so pytest 9 finds no instance attribute to restore and
+    its undo raises AttributeError (an error at every such test's teardown)."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "tf32" if enabled else "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
 
 
 def rel_err(actual, expected):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kernels import modulated_deform_conv2d
-from deform_conv_cases import DyConvLike, grads, leaves, make_inputs, reference, rel_err
+from deform_conv_cases import DyConvLike, grads, leaves, make_inputs, matmul_tf32, reference, rel_err
 from kernels.runtime import INTERPRET
 
 pytestmark = [
@@ -44,10 +44,10 @@ def run_both(inputs, conv, dtype, deterministic=None):
     (torch.float32, False, 1e-5), (torch.float32, True, 5e-3), (torch.float16, False, 5e-3),
     (torch.bfloat16, False, 2e-2)], ids=["fp32", "tf32", "fp16", "bf16"])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_dtype_against_float64(dtype, tf32, tol, stride, monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+def test_dtype_against_float64(dtype, tf32, tol, stride):
     conv = dict(stride=stride, padding=1, dilation=1)
-    (y, g), (y_ref, g_ref) = run_both(make_inputs(2, 70, 45, 23, 19, **conv), conv, dtype)
+    with matmul_tf32(tf32):
+        (y, g), (y_ref, g_ref) = run_both(make_inputs(2, 70, 45, 23, 19, **conv), conv, dtype)
     assert y.dtype == dtype
     errors = {"output": rel_err(y, y_ref), **{k: rel_err(g[k], g_ref[k]) for k in g_ref}}
     assert max(errors.values()) < tol, errors

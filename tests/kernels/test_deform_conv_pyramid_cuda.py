@@ -9,8 +9,8 @@ fp32 1e-5, fp32 with TF32 on 5e-3, fp16 5e-3, bf16 2e-2.
 
 import pytest
 import torch
-from deform_conv_cases import (PyramidConvLike, make_pyramid, pyramid_args, pyramid_grads, pyramid_leaves,
-                               pyramid_op, pyramid_reference, rel_err)
+from deform_conv_cases import (PyramidConvLike, make_pyramid, matmul_tf32, pyramid_args, pyramid_grads,
+                               pyramid_leaves, pyramid_op, pyramid_reference, rel_err)
 
 from kernels import modulated_deform_conv2d
 from kernels.deform_conv_op import modulated_deform_conv2d_pyramid
@@ -55,11 +55,11 @@ def errors(ys, g, ys_ref, g_ref):
     (torch.bfloat16, False, 2e-2)], ids=["fp32", "tf32", "fp16", "bf16"])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
-def test_dtype_against_float64(dtype, tf32, tol, stride, deterministic, monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+def test_dtype_against_float64(dtype, tf32, tol, stride, deterministic):
     conv = dict(stride=stride, padding=1, dilation=1)
-    (ys, g), (ys_ref, g_ref) = run_both(make_pyramid(2, 70, 45, SIZES, stride=stride), conv, dtype,
-                                        deterministic)
+    with matmul_tf32(tf32):
+        (ys, g), (ys_ref, g_ref) = run_both(make_pyramid(2, 70, 45, SIZES, stride=stride), conv, dtype,
+                                            deterministic)
     assert all(y.dtype == dtype for y in ys)
     assert max(errors(ys, g, ys_ref, g_ref).values()) < tol, errors(ys, g, ys_ref, g_ref)
 
