@@ -110,6 +110,32 @@ def test_level_structures_match_float64(name):
     check_against_reference(*STRUCTURES[name], torch.float64, seed=2)
 
 
+# Levels 1 and 3 have pixel counts and branch places that are multiples of ALIGN (8), but level 1's output place
+# (12 * 3 pixels of level 0 before it) is not, nor is level 3's place in the scratch buffer of resized branches'
+# gradients (level 0's 36 elements before it), while level 3's output place (36 + 96 + 60 = 192) is.
+MISALIGNED_PLACES = ([[(1, 3), (1, 2)], [(2, 4)], [(1, 5)], [(2, 4), (1, 2)]],
+                     [(1, 0), (3, 0), (0, 0), (0, 1), (2, 0), (3, 1)])
+
+
+@needs_kernels
+def test_a_level_with_one_misaligned_place_takes_the_element_path():
+    """Every place a level reads or writes at its size counts for the wide-load path (which rounds places down to
+    multiples of ALIGN): an unaligned output place, or an unaligned place of a resized branch's gradient in the
+    scratch buffer, must put the level on the element path, or its output or that gradient lands elsewhere."""
+    from kernels.grouped_combine import WIDTH, plan_levels
+    from kernels.grouped_moments import ALIGN
+
+    branch_sizes, order = MISALIGNED_PLACES
+    counts = {lb: N * C * branch_sizes[lb[0]][lb[1]][0] * branch_sizes[lb[0]][lb[1]][1] for lb in order}
+    firsts = {lb: sum(counts[o] for o in order[:k]) for k, lb in enumerate(order)}
+    places = [tuple((firsts[(l, b)], *size) for b, size in enumerate(sizes)) for l, sizes in enumerate(branch_sizes)]
+    table = plan_levels(places, N, C, torch.device(DEVICE)).table.view(-1, int(WIDTH)).cpu()
+    # The layout is the one meant: level 1 and 3 aligned but for one place each.
+    assert ALIGN == 8 and table[1, 0] % 8 != 0 and table[3, 0] % 8 == 0 and table[3, 13] % 8 != 0
+    assert table[:, 14].tolist() == [0, 0, 0, 0]
+    check_against_reference(branch_sizes, order, torch.float64, seed=3)
+
+
 @needs_kernels
 def test_branches_that_share_no_buffer_take_the_per_level_path():
     """Separate tensors and overlapping views: each level on its own, with the same results."""
