@@ -138,15 +138,23 @@ def test_a_level_with_one_misaligned_place_takes_the_element_path():
 
 @needs_kernels
 def test_branches_that_share_no_buffer_take_the_per_level_path():
-    """Separate tensors and overlapping views: each level on its own, with the same results."""
+    """Separate tensors, overlapping views and views that share one element: each level on its own, with the
+    same results (the one launch would write a shared element's gradient twice, one over the other). The
+    branches come from a leaf that requires grad: without a graph `took_grouped_path` cannot tell the paths apart."""
     flat64, scale, shift, coef, levels_of = make_inputs(DYHEAD_BRANCHES, DYHEAD_ORDER)
-    separate = [[y.clone().to(DEVICE) for y in branches] for branches in levels_of(flat64)]
-    overlapping = levels_of(flat64.to(DEVICE))
+    params = [t.to(DEVICE) for t in (scale, shift, coef)]
+    leaf = flat64.to(DEVICE).clone().requires_grad_()
+    separate = [[y.clone() for y in branches] for branches in levels_of(leaf)]
+    overlapping = levels_of(leaf)
     overlapping[2][1] = overlapping[2][0]
-    for name, levels in (("separate", separate), ("overlapping", overlapping)):
-        outs = level_combine_grouped(levels, *(t.to(DEVICE) for t in (scale, shift, coef)))
+    # A branch that starts one element before the previous one in the buffer ends: they share that element only.
+    touching = levels_of(leaf)
+    y = touching[2][1]
+    touching[2][1] = y.as_strided(y.shape, y.stride(), y.storage_offset() - 1)
+    for name, levels in (("separate", separate), ("overlapping", overlapping), ("one shared element", touching)):
+        outs = level_combine_grouped(levels, *params)
         assert not took_grouped_path(outs), name
-        expected = reference([[y.cpu() for y in b] for b in levels], scale, shift, coef)
+        expected = reference(levels, *params)
         for out, e in zip(outs, expected):
             assert rel_err(out, e) < 1e-12, name
 
