@@ -137,3 +137,17 @@ def test_bad_input_names_the_argument(index, bad, error):
     args[index] = bad(args[index])
     with pytest.raises(error):
         block_attention(*args)
+
+
+@pytest.mark.parametrize("c", [80, 272])
+def test_channels_and_hidden_width_past_one_chunk(c):
+    """The MLP's mat-vecs run in chunks of BLOCK_M = 64: past 64 channels the fc1 mat-vec and the pooled mean's
+    gradient take several chunks of C, and past 256 channels (hidden = C / 4 > 64) fc2's mat-vec and the hidden
+    layer several chunks of the hidden width. The other tests' C <= 48 fit one chunk of both."""
+    expected, got, want, have = _run_both(c, 1, True, torch.float64)
+    for e, o in zip(expected, got):
+        torch.testing.assert_close(o, e, rtol=1e-10, atol=1e-12)
+    for w, h in zip(want, have):
+        if w is not None:
+            torch.testing.assert_close(h, w, rtol=1e-9, atol=1e-11)
+
