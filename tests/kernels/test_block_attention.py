@@ -151,3 +151,19 @@ def test_channels_and_hidden_width_past_one_chunk(c):
         if w is not None:
             torch.testing.assert_close(h, w, rtol=1e-9, atol=1e-11)
 
+
+def test_incoming_gradients_with_unevenly_spaced_rows():
+    """Gradients that are views of a larger batch (rows of one level N apart, levels more than N rows apart): the
+    kernel steps rows by one stride, so such a gradient must be copied first, and give what a contiguous one does."""
+    norms, scale, task = _modules(32, torch.float64, seed=6)
+    moments = _moments(PYRAMID_NORMS, PYRAMID_PIXELS, 2, 32, torch.float64).requires_grad_()
+    outputs = block_attention(moments, PYRAMID_PIXELS, PYRAMID_NORMS, torch.stack([m.weight for m in norms]),
+                              torch.stack([m.bias for m in norms]), 16, norms[0].eps, scale.conv.weight.view(-1),
+                              scale.conv.bias, (task.fc1.weight, task.fc1.bias, task.fc2.weight, task.fc2.bias))
+    g = torch.Generator().manual_seed(4)
+    larger = [torch.randn(t.shape[0], 3, *t.shape[2:], generator=g, dtype=torch.float64).to(DEVICE) for t in outputs]
+    views = [t[:, :2] for t in larger]
+    assert all(v.stride(0) == 3 * v.stride(1) for v in views)
+    want = torch.autograd.grad(outputs, moments, [v.contiguous() for v in views], retain_graph=True)[0]
+    have = torch.autograd.grad(outputs, moments, views)[0]
+    torch.testing.assert_close(have, want, rtol=1e-12, atol=1e-14)
