@@ -138,6 +138,26 @@ def test_non_leaf_views_of_a_buffer_get_their_own_gradients():
 
 
 @needs_kernels
+def test_views_of_one_buffer_out_of_level_order():
+    """Levels that are views of one buffer but not level after level in it (here the coarser level first): the
+    canvas is written from a buffer read as the levels in turn, so such views must be gathered in level order,
+    forward and for the backward's canvas, not read in place."""
+    xs, weight, bias = _inputs(PYRAMID[:3], n=1, cin=3, cout=4)
+    order = [2, 0, 1]  # the levels' order in the buffer
+    buffer = torch.cat([xs[l].reshape(-1) for l in order]).to(DEVICE).requires_grad_()
+    parts = dict(zip(order, buffer.split([xs[l].numel() for l in order])))
+    views = [parts[l].view(x.shape) for l, x in enumerate(xs)]
+    params = [weight.to(DEVICE).requires_grad_(), bias.to(DEVICE).requires_grad_()]
+    out = pyramid_conv2d(views, *params)
+    expected = _reference(views, *params)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype).to(DEVICE)
+    for g, w in zip(torch.autograd.grad(out, [buffer, *params], grad),
+                    torch.autograd.grad(expected, [buffer, *params], grad)):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+@needs_kernels
 def test_keeps_no_canvas_for_the_backward():
     # The canvas is written again in the backward: what is kept is the weight and the inputs themselves.
     xs, weight, bias = _inputs(PYRAMID)
