@@ -96,8 +96,11 @@ def test_dyhead_levels_match_float64(dtype):
 
 
 # Other level structures: one level of one branch; a last branch of the level's size (not resized) among three;
-# a resize down and a resize up along each axis; unaligned sizes only.
+# a resize down and a resize up along each axis; unaligned sizes only; resized branches of more pixels than a
+# gather run (64 here: 90 and 72 pixels), so that their gradients are gathered in two runs each, the second partial
+# and, for level 1, not the level's first.
 STRUCTURES = {
+    "large_resized": ([[(3, 4), (9, 10)], [(2, 3), (8, 9)]], [(0, 0), (1, 0), (0, 1), (1, 1)]),
     "one_branch": ([[(5, 7)]], [(0, 0)]),
     "same_size_last": ([[(4, 4), (4, 4), (4, 4)], [(3, 5), (6, 2)]], [(0, 0), (1, 0), (0, 1), (0, 2), (1, 1)]),
     "down_and_up": ([[(3, 5), (5, 2)], [(5, 3), (5, 3), (2, 7)]], [(1, 2), (0, 0), (1, 0), (0, 1), (1, 1)]),
