@@ -45,6 +45,9 @@ CASES = {
     "3levels_fp32": (3, 2, 5, 7, 1, True, torch.float32, False),
     "3levels_stride2_fp64_det": (3, 1, 6, 5, 2, True, torch.float64, True),
     "2levels_fp64_no_bias": (2, 1, 6, 5, 1, False, torch.float64, False),
+    # Two output-channel chunks (the interpreter's blocks are 16 wide) in a grouped launch, whose backward reads
+    # dY from its channels-last copy at each chunk's channels.
+    "2levels_cout20_fp64": (2, 1, 5, 20, 1, True, torch.float64, False),
 }
 
 
