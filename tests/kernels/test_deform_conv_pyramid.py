@@ -60,6 +60,19 @@ def test_matches_torchvision(case):
     check(p, conv, dtype, 1e-5 if dtype == torch.float32 else 1e-12, deterministic)
 
 
+@needs_kernels
+def test_channels_last_inputs():
+    """Levels whose inputs are channels-last (NHWC memory, as a channels-last model hands them over) give
+    torchvision's outputs and gradients: the grouped launch packs each input through its own strides. Kills
+    packing the inputs as if they were NCHW-contiguous (`grouped_input`'s pack rows ignoring the strides)."""
+    p = make_pyramid(1, 3, 4, [(4, 5), (3, 3)])
+    p["input"] = [x.contiguous(memory_format=torch.channels_last) for x in p["input"]]
+    # The leaves keep the layout (copies preserve it), else the test would not test it.
+    t = pyramid_leaves(p, torch.float64, DEVICE)
+    assert all(not t[f"input{i}"].is_contiguous() for i in range(2))
+    check(p, dict(stride=1, padding=1, dilation=1), torch.float64, 1e-12, deterministic=False)
+
+
 def quirk_pyramid(dtype, device):
     """Leaves and per-level (input, offset, mask) of a 3-level call whose offsets and masks are views:
     level 0 reads channel slices of its offset conv's output om0 (8x9), level 1 (4x5) the official coarser
