@@ -179,3 +179,48 @@ def test_autocast_copies_leave_the_bases_aside():
         results.append(gradients(ys, t))
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
+
+
+def _check_against_torchvision(leaves, convs):
+    """The sets op in float64 with mask_logits and sample_bases against torchvision on the same views (sigmoid
+    and view backward by autograd): outputs and the gradients of every leaf. leaves: float64 tensors; convs(t)
+    builds, from leaves t that require grad, (inputs, weights, levels, offsets, logits, sample_bases) of one
+    call, the views taken of t's tensors."""
+    def leaf_copies():
+        return [t.to(DEVICE, copy=True).requires_grad_() for t in leaves]
+
+    ref = leaf_copies()
+    inputs, weights, levels, offsets, logits, _ = convs(ref)
+    expected = [torchvision.ops.deform_conv2d(inputs[i], o, weights[s], padding=1, mask=m.sigmoid())
+                for s in range(len(levels)) for i, o, m in zip(levels[s], offsets[s], logits[s])]
+    t = leaf_copies()
+    inputs, weights, levels, offsets, logits, bases = convs(t)
+    ys = [y for ys_set in modulated_deform_conv2d_sets(inputs, weights, None, levels, offsets, logits,
+                                                       sample_bases=bases, mask_logits=True) for y in ys_set]
+    for k, (y, e) in enumerate(zip(ys, expected, strict=True)):
+        assert rel_err(y, e) < 1e-12, k
+    for k, (g, g_expected) in enumerate(zip(gradients(ys, {"t": t}), gradients(expected, {"t": ref}),
+                                            strict=True)):
+        assert rel_err(g, g_expected) < 1e-12, k
+
+
+@needs_kernels
+def test_bases_that_start_inside_a_larger_buffer():
+    """Sample bases that are contiguous views of one larger buffer, past its first element (the levels'
+    offset-conv outputs as parts of one allocation): views are placed relative to their base's first element,
+    where the convs read them and where their gradients land. Kills placing a view by its own storage offset
+    (`_find_views` without subtracting the base's)."""
+    sizes, n, c = [(3, 4), (2, 2)], 1, 2
+    numels = [n * 27 * h * w for h, w in sizes]
+    gen = torch.Generator().manual_seed(5)
+    randn = lambda *shape, scale=1.0: scale * torch.randn(*shape, generator=gen, dtype=torch.float64)
+    # One element before the first base, so that no base starts where the storage does.
+    leaves = [randn(1 + sum(numels), scale=2.0), *(randn(n, c, h, w) for h, w in sizes),
+              randn(c, c, 3, 3, scale=(9 * c) ** -0.5)]
+
+    def convs(t):
+        oms = [part.view(n, 27, h, w) for part, (h, w) in zip(t[0][1:].split(numels), sizes)]
+        return (t[1:3], [t[3]], [[0, 1]], [[om[:, :18] for om in oms]], [[om[:, 18:] for om in oms]], oms)
+
+    _check_against_torchvision(leaves, convs)
+
