@@ -224,3 +224,22 @@ def test_bases_that_start_inside_a_larger_buffer():
 
     _check_against_torchvision(leaves, convs)
 
+
+@needs_kernels
+def test_view_with_its_base_shape_and_other_strides():
+    """An offset that has its base's shape but other strides (a square base transposed) is read through its
+    strides, and its gradient lands transposed in the base's. Kills `_sample_views` taking a view at the base's
+    start with the base's shape for the base itself, whatever its strides."""
+    n, c, h = 1, 2, 3
+    gen = torch.Generator().manual_seed(6)
+    randn = lambda *shape, scale=1.0: scale * torch.randn(*shape, generator=gen, dtype=torch.float64)
+    leaves = [randn(n, c, h, h), randn(n, 18, h, h, scale=2.0), randn(n, 9, h, h),
+              *(randn(c, c, 3, 3, scale=(9 * c) ** -0.5) for _ in range(2))]
+
+    def convs(t):
+        x, offset, logits = t[:3]
+        # Two sets on the one input: the second reads the offset base transposed.
+        return ([x], t[3:], [[0], [0]], [[offset], [offset.transpose(2, 3)]], [[logits], [logits]],
+                [offset, logits])
+
+    _check_against_torchvision(leaves, convs)
