@@ -243,3 +243,28 @@ def test_view_with_its_base_shape_and_other_strides():
                 [offset, logits])
 
     _check_against_torchvision(leaves, convs)
+
+
+@needs_kernels
+def test_autocast_casting_some_views_leaves_the_bases_aside():
+    """Under autocast, bases of mixed dtypes (one level's offset conv already in float16, another's in float32):
+    the float16 views are used as they are, the float32 ones are cast to copies, and one cast copy is enough to
+    leave sample_bases aside, as the docstring says: the gradients are those of a call without them. Kills
+    leaving the bases aside only when every view was cast."""
+    gen = torch.Generator().manual_seed(8)
+    randn = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)
+    n, c, sizes = 1, 2, [(3, 3), (2, 2)]
+    case = [*(randn(n, c, h, w) for h, w in sizes), *(randn(n, 27, h, w) for h, w in sizes), randn(c, c, 3, 3)]
+    results = []
+    for bases in (True, False):
+        t = [x.to(DEVICE, dtype, copy=True).requires_grad_()
+             for x, dtype in zip(case, [torch.float32] * 3 + [torch.float16, torch.float32])]
+        oms = t[2:4]
+        with torch.autocast(DEVICE, dtype=torch.float16):
+            ys = modulated_deform_conv2d_sets(t[:2], [t[4]], None, [[0, 1]], [[om[:, :18] for om in oms]],
+                                              [[om[:, 18:] for om in oms]], sample_bases=oms if bases else None,
+                                              mask_logits=True)
+        results.append(gradients(ys[0], {"t": t}))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
