@@ -268,3 +268,15 @@ def test_autocast_casting_some_views_leaves_the_bases_aside():
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
 
+
+@needs_kernels
+def test_empty_batch_with_sample_bases():
+    """A batch of no images (N = 0): empty outputs, and the bases' gradients zero in their shape; views of no
+    elements lie in no storage, so any base of their dtype takes them. Kills refusing them as outside the
+    bases (`_find_views` without its empty-view case)."""
+    t = leaves_of({k: [x[:0] if k in ("inputs", "om") else x for x in v] for k, v in make_case().items()},
+                  torch.float32)
+    ys = triton(t)
+    assert [y.shape[0] for y in ys] == [0] * len(ys)
+    grads = torch.autograd.grad(sum(y.sum() for y in ys), t["om"] + t["weights"])
+    assert all(g.shape == x.shape and not g.any() for g, x in zip(grads, t["om"] + t["weights"], strict=True))
