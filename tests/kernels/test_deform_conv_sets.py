@@ -321,6 +321,44 @@ def test_unused_input_gets_no_gradient():
 
 
 @needs_kernels
+def test_no_input_channels_give_each_set_its_bias():
+    """Cin = 0: nothing is sampled, so each conv's output is its own set's bias (zeros for the set without one),
+    each bias gradient sums the output gradients of its set's convs, and the offsets and masks get zero
+    gradients. Three sets, the middle one without bias, so that no set reads another's bias row. Kills filling
+    every conv with set 0's bias (`deform_conv_forward`'s Cin = 0 path) and summing only a set's first conv
+    into its bias gradient."""
+    gen = torch.Generator().manual_seed(4)
+    n, cout, levels, strides = 2, 3, [[0, 1], [1], [0]], [1, 2, 1]
+    inputs = [torch.randn(n, 0, h, w, dtype=torch.float64) for h, w in SIZES[1:]]
+    weights = [torch.randn(cout, 0, 3, 3, dtype=torch.float64) for _ in levels]
+    biases = [torch.randn(cout, generator=gen, dtype=torch.float64), None,
+              torch.randn(cout, generator=gen, dtype=torch.float64)]
+    outs = [[out_size(*SIZES[1:][i], 3, strides[s], 1, 1) for i in indices] for s, indices in enumerate(levels)]
+    offsets = [[torch.randn(n, 18, *hw, generator=gen, dtype=torch.float64) for hw in hws] for hws in outs]
+    masks = [[torch.rand(n, 9, *hw, generator=gen, dtype=torch.float64) for hw in hws] for hws in outs]
+    t = {k: v.to(DEVICE).requires_grad_() for k, v in {"bias0": biases[0], "bias2": biases[2],
+                                                        **{f"offset{s}_{j}": o for s, seq in enumerate(offsets)
+                                                           for j, o in enumerate(seq)}}.items()}
+    ys = modulated_deform_conv2d_sets(
+        [x.to(DEVICE) for x in inputs], [w.to(DEVICE) for w in weights], [t["bias0"], None, t["bias2"]], levels,
+        [[t[f"offset{s}_{j}"] for j in range(len(seq))] for s, seq in enumerate(offsets)],
+        [[m.to(DEVICE) for m in seq] for seq in masks], strides=strides)
+    for s, y_set in enumerate(ys):
+        for y, (ho, wo) in zip(y_set, outs[s], strict=True):
+            expected = torch.zeros(n, cout, ho, wo, dtype=torch.float64) if biases[s] is None else (
+                biases[s][None, :, None, None].expand(n, cout, ho, wo))
+            assert torch.equal(y.cpu(), expected), s
+    g_outs = grad_outs_like(flat(ys))
+    loss = sum((y * g.to(y)).sum() for y, g in zip(flat(ys), g_outs))
+    g = dict(zip(t, torch.autograd.grad(loss, list(t.values()))))
+    bounds = [0, 2, 3, 4]  # each set's range of convs in flat(ys)
+    for s in (0, 2):
+        expected = sum(go.sum(dim=(0, 2, 3)) for go in g_outs[bounds[s]:bounds[s + 1]])
+        torch.testing.assert_close(g[f"bias{s}"].cpu(), expected)
+    assert all(not g[name].any() for name in t if name.startswith("offset"))
+
+
+@needs_kernels
 def test_custom_op_matches_eager_path():
     """The custom op (what torch.compile traces) computes what the eager path computes: one flat buffer, the
     convs' outputs set after set."""
