@@ -61,6 +61,17 @@ def test_matches_torchvision(case):
 
 
 @needs_kernels
+def test_non_square_kernel_with_anisotropic_conv_arguments():
+    """A 2x3 kernel with different h and w stride, padding and dilation (as test_deform_conv.py's
+    k2x3_dilated case, on two levels): the grouped launch takes each pair in (h, w) order, where the other
+    tests' square kernel and padding 1 would not tell h from w. Kills swapping the padding (or dilation) pair
+    on its way from the public function to the kernels."""
+    conv = dict(stride=(1, 2), padding=(1, 2), dilation=(2, 1))
+    check(make_pyramid(1, 3, 4, [(5, 7), (4, 3)], k=(2, 3), **conv), conv, torch.float64, 1e-12,
+          deterministic=False)
+
+
+@needs_kernels
 def test_channels_last_inputs():
     """Levels whose inputs are channels-last (NHWC memory, as a channels-last model hands them over) give
     torchvision's outputs and gradients: the grouped launch packs each input through its own strides. Kills
