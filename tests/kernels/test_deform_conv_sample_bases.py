@@ -205,11 +205,14 @@ def _check_against_torchvision(leaves, convs):
 
 
 @needs_kernels
-def test_bases_that_start_inside_a_larger_buffer():
+@pytest.mark.parametrize("order", [1, -1], ids=["storage_order", "reversed"])
+def test_bases_that_start_inside_a_larger_buffer(order):
     """Sample bases that are contiguous views of one larger buffer, past its first element (the levels'
     offset-conv outputs as parts of one allocation): views are placed relative to their base's first element,
-    where the convs read them and where their gradients land. Kills placing a view by its own storage offset
-    (`_find_views` without subtracting the base's)."""
+    where the convs read them and where their gradients land. Listed in reverse, the first base tried for
+    level 0's views starts after them in the storage. Kills placing a view by its own storage offset
+    (`_find_views` without subtracting the base's), and taking a view that starts before a base for one of
+    it (without the check 0 <= first)."""
     sizes, n, c = [(3, 4), (2, 2)], 1, 2
     numels = [n * 27 * h * w for h, w in sizes]
     gen = torch.Generator().manual_seed(5)
@@ -220,7 +223,7 @@ def test_bases_that_start_inside_a_larger_buffer():
 
     def convs(t):
         oms = [part.view(n, 27, h, w) for part, (h, w) in zip(t[0][1:].split(numels), sizes)]
-        return (t[1:3], [t[3]], [[0, 1]], [[om[:, :18] for om in oms]], [[om[:, 18:] for om in oms]], oms)
+        return (t[1:3], [t[3]], [[0, 1]], [[om[:, :18] for om in oms]], [[om[:, 18:] for om in oms]], oms[::order])
 
     _check_against_torchvision(leaves, convs)
 
