@@ -156,6 +156,8 @@ MOMENT_CASES = {
     "channels_last": ((2, 6, 5, 7), 0, lambda t: t.to(memory_format=torch.channels_last)),
     "channel_slice": ((2, 10, 7, 5), 0, lambda t: t[:, 1::2]),
     "crop": ((2, 5, 9, 8), 0, lambda t: t[..., 1:8, :5]),
+    # One column of a wider map: W == 1 with rows W' apart, read in place along the row stride.
+    "column": ((2, 5, 9, 4), 0, lambda t: t[..., 2:3]),
     # A mean 100x the spread: E[x^2] - E[x]^2 in fp32 would be off by ~1e-3 here.
     "large_mean": ((2, 5, 13, 17), 100, lambda t: t),
 }
