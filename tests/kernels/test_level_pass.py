@@ -132,6 +132,21 @@ def test_combine_ties_split_like_torch_maximum(dtype):
 
 
 @needs_kernels
+def test_combine_nan_propagates_and_splits_the_gradient_like_torch_maximum():
+    """A NaN in a branch makes u, both lines and the output NaN there, and torch.maximum's backward gives that
+    pixel's gradient whole to both lines (neither wins, nor is it a tie): the branch gradients stay finite
+    and equal torch's, and the coefficient sums that read u are NaN as torch's are."""
+    branches, scale, shift, coef = combine_inputs(1, 2, 3, 5, 7)
+    branches[0][0, 1, 2, 3] = float("nan")
+    (y, g), (y_ref, g_ref) = run_combine((branches, scale, shift, coef), torch.float64)
+    assert y[0, 1, 2, 3].isnan() and y.isnan().sum() == 1
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12, equal_nan=True)
+    assert g[0].isfinite().all()
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, equal_nan=True)
+
+
+@needs_kernels
 @pytest.mark.parametrize("wanted", ["branches", "scale", "shift", "coef"])
 def test_combine_only_wanted_gradients(wanted):
     """Gradients autograd does not ask for are None; those it asks for stay exact."""
