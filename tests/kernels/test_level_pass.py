@@ -147,6 +147,22 @@ def test_combine_nan_propagates_and_splits_the_gradient_like_torch_maximum():
 
 
 @needs_kernels
+def test_combine_without_pixels_gives_zero_coefficient_gradients():
+    """Images of H*W == 0: the per-channel gradients of scale, shift and coef are sums over no pixels, zero,
+    not whatever an uninitialised buffer held."""
+    n, c = 2, 3
+    y = torch.randn(n, c, 0, 5, device=DEVICE, requires_grad=True)
+    params = [torch.randn(shape, device=DEVICE, requires_grad=True) for shape in ((n, 1, c), (n, c), (n, 4, c))]
+    for _ in range(3):
+        # A freed NaN block the size of the kernels' gradient buffer: an allocation left unwritten reads it.
+        torch.full((n, 6, c), float("nan"), device=DEVICE)
+        grads = torch.autograd.grad(level_combine([y], *params).sum(), [y, *params])
+        assert grads[0].shape == y.shape
+        for g, p in zip(grads[1:], params):
+            assert torch.equal(g, torch.zeros_like(p))
+
+
+@needs_kernels
 @pytest.mark.parametrize("wanted", ["branches", "scale", "shift", "coef"])
 def test_combine_only_wanted_gradients(wanted):
     """Gradients autograd does not ask for are None; those it asks for stay exact."""
