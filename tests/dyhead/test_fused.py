@@ -133,3 +133,30 @@ def test_block_forward_matches_the_reference_modules(pyramid, shared):
         assert (g is None) == (e is None)
         if e is not None:
             torch.testing.assert_close(g.cpu(), e, rtol=1e-10, atol=1e-10)
+
+
+@needs_kernels
+def test_block_forward_traced_path_matches_the_reference_modules(monkeypatch):
+    """Under torch.compile block_forward takes its torch-op attention (`_attention`, with the levels'
+    1 / branches as shape constants) instead of kernels.block_attention; only a slow compile test reached it.
+    Taken here eagerly, by making the block believe it is traced (the kernels then go through their custom ops),
+    on levels of two branches, one of them upsampled: outputs against the reference modules in float64."""
+    torch.manual_seed(2)
+    c = 32
+    scale, task = ScaleAttention(c).double(), TaskAttention(c).double()
+    with torch.no_grad():
+        scale.conv.weight.normal_(0, 0.3)
+        scale.conv.bias.fill_(0.5)
+    norms = [random_norm(c) for _ in range(2)]
+    pyramid = [[(4, 5), (2, 3)], [(2, 3), (2, 3)]]
+    ys = [[torch.randn(2, c, h, w, dtype=torch.float64) for h, w in level] for level in pyramid]
+    expected = []
+    for level in ys:
+        size = level[0].shape[-2:]
+        expected.append(task(scale([F.interpolate(b, size=size, mode="bilinear", align_corners=True)
+                                    if b.shape[-2:] != size else b for b in (n(y) for y, n in zip(level, norms))])))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    out = block_forward([[(y.to(DEVICE), norm.to(DEVICE)) for y, norm in zip(level, norms)] for level in ys],
+                        scale.to(DEVICE), task.to(DEVICE))
+    for o, e in zip(out, expected):
+        torch.testing.assert_close(o.cpu(), e, rtol=1e-11, atol=1e-11)
