@@ -41,6 +41,14 @@ def _moments(norms_of_slots, pixels, n, c, dtype):
     return moments.to(DEVICE, dtype)
 
 
+def _kernel_attention(moments, norms, scale, task, norms_of_slots=PYRAMID_NORMS, pixels=PYRAMID_PIXELS):
+    """block_attention of the modules' parameters (task None: without the task attention)."""
+    return block_attention(moments, pixels, norms_of_slots, torch.stack([m.weight for m in norms]),
+                           torch.stack([m.bias for m in norms]), 16, norms[0].eps, scale.conv.weight.view(-1),
+                           scale.conv.bias,
+                           None if task is None else (task.fc1.weight, task.fc1.bias, task.fc2.weight, task.fc2.bias))
+
+
 def _run_both(c, n, with_task, dtype, norms_of_slots=PYRAMID_NORMS, pixels=PYRAMID_PIXELS):
     norms, scale, task = _modules(c, dtype, seed=c + n)
     task = task if with_task else None
@@ -50,10 +58,7 @@ def _run_both(c, n, with_task, dtype, norms_of_slots=PYRAMID_NORMS, pixels=PYRAM
     params = [p for m in (*norms, scale, *([task] if task else [])) for p in m.parameters()]
     expected = _attention(moments, num, list(pixels), [1.0 / b for b in branches],
                           [k if k >= 0 else 3 for k in norms_of_slots], norms, 16, norms[0].eps, scale, task)
-    got = block_attention(moments, pixels, norms_of_slots, torch.stack([m.weight for m in norms]),
-                          torch.stack([m.bias for m in norms]), 16, norms[0].eps, scale.conv.weight.view(-1),
-                          scale.conv.bias,
-                          None if task is None else (task.fc1.weight, task.fc1.bias, task.fc2.weight, task.fc2.bias))
+    got = _kernel_attention(moments, norms, scale, task, norms_of_slots, pixels)
     g = torch.Generator().manual_seed(2)
     grads = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(DEVICE, t.dtype) for t in expected]
     # Without task attention the coefficients are constants: the torch path gives them no graph.
@@ -87,8 +92,8 @@ def test_float32():
         torch.testing.assert_close(h, w, rtol=1e-4, atol=1e-5)
 
 
-def test_single_level_without_neighbours():
-    expected, got, want, have = _run_both(32, 2, True, torch.float64, [0, -1, -1], [12, 1, 1])
+def _assert_float64_match(expected, got, want, have):
+    """`_run_both`'s outputs and the gradients that the torch path has, equal to float64 rounding."""
     for e, o in zip(expected, got):
         torch.testing.assert_close(o, e, rtol=1e-10, atol=1e-12)
     for w, h in zip(want, have):
@@ -96,20 +101,45 @@ def test_single_level_without_neighbours():
             torch.testing.assert_close(h, w, rtol=1e-9, atol=1e-11)
 
 
+def test_single_level_without_neighbours():
+    _assert_float64_match(*_run_both(32, 2, True, torch.float64, [0, -1, -1], [12, 1, 1]))
+
+
+@pytest.mark.parametrize("c", [80, 272])
+def test_channels_and_hidden_width_past_one_chunk(c):
+    """The MLP's mat-vecs run in chunks of BLOCK_M = 64: past 64 channels the fc1 mat-vec and the pooled mean's
+    gradient take several chunks of C, and past 256 channels (hidden = C / 4 > 64) fc2's mat-vec and the hidden
+    layer several chunks of the hidden width. The other tests' C <= 48 fit one chunk of both."""
+    _assert_float64_match(*_run_both(c, 1, True, torch.float64))
+
+
 def test_one_image_with_incoming_gradients_of_any_image_stride():
     """With N = 1 torch leaves the image dim's stride free in a contiguous tensor (the combine's gradients can come
     so, e.g. through a transpose): the kernels must read the row stride off the level dim."""
     norms, scale, task = _modules(32, torch.float64, seed=5)
     moments = _moments(PYRAMID_NORMS, PYRAMID_PIXELS, 1, 32, torch.float64).requires_grad_()
-    outputs = block_attention(moments, PYRAMID_PIXELS, PYRAMID_NORMS, torch.stack([m.weight for m in norms]),
-                              torch.stack([m.bias for m in norms]), 16, norms[0].eps, scale.conv.weight.view(-1),
-                              scale.conv.bias, (task.fc1.weight, task.fc1.bias, task.fc2.weight, task.fc2.bias))
+    outputs = _kernel_attention(moments, norms, scale, task)
     g = torch.Generator().manual_seed(3)
     grads = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(DEVICE) for t in outputs]
     odd = [t.as_strided(t.shape, (t.stride(0), 7, *t.stride()[2:])) for t in grads]  # the same elements
     assert all(o.is_contiguous() and o.stride(1) == 7 for o in odd)
     want = torch.autograd.grad(outputs, moments, grads, retain_graph=True)[0]
     have = torch.autograd.grad(outputs, moments, odd)[0]
+    torch.testing.assert_close(have, want, rtol=1e-12, atol=1e-14)
+
+
+def test_incoming_gradients_with_unevenly_spaced_rows():
+    """Gradients that are views of a larger batch (rows of one level N apart, levels more than N rows apart): the
+    kernel steps rows by one stride, so such a gradient must be copied first, and give what a contiguous one does."""
+    norms, scale, task = _modules(32, torch.float64, seed=6)
+    moments = _moments(PYRAMID_NORMS, PYRAMID_PIXELS, 2, 32, torch.float64).requires_grad_()
+    outputs = _kernel_attention(moments, norms, scale, task)
+    g = torch.Generator().manual_seed(4)
+    larger = [torch.randn(t.shape[0], 3, *t.shape[2:], generator=g, dtype=torch.float64).to(DEVICE) for t in outputs]
+    views = [t[:, :2] for t in larger]
+    assert all(v.stride(0) == 3 * v.stride(1) for v in views)
+    want = torch.autograd.grad(outputs, moments, [v.contiguous() for v in views], retain_graph=True)[0]
+    have = torch.autograd.grad(outputs, moments, views)[0]
     torch.testing.assert_close(have, want, rtol=1e-12, atol=1e-14)
 
 
@@ -138,32 +168,3 @@ def test_bad_input_names_the_argument(index, bad, error):
     with pytest.raises(error):
         block_attention(*args)
 
-
-@pytest.mark.parametrize("c", [80, 272])
-def test_channels_and_hidden_width_past_one_chunk(c):
-    """The MLP's mat-vecs run in chunks of BLOCK_M = 64: past 64 channels the fc1 mat-vec and the pooled mean's
-    gradient take several chunks of C, and past 256 channels (hidden = C / 4 > 64) fc2's mat-vec and the hidden
-    layer several chunks of the hidden width. The other tests' C <= 48 fit one chunk of both."""
-    expected, got, want, have = _run_both(c, 1, True, torch.float64)
-    for e, o in zip(expected, got):
-        torch.testing.assert_close(o, e, rtol=1e-10, atol=1e-12)
-    for w, h in zip(want, have):
-        if w is not None:
-            torch.testing.assert_close(h, w, rtol=1e-9, atol=1e-11)
-
-
-def test_incoming_gradients_with_unevenly_spaced_rows():
-    """Gradients that are views of a larger batch (rows of one level N apart, levels more than N rows apart): the
-    kernel steps rows by one stride, so such a gradient must be copied first, and give what a contiguous one does."""
-    norms, scale, task = _modules(32, torch.float64, seed=6)
-    moments = _moments(PYRAMID_NORMS, PYRAMID_PIXELS, 2, 32, torch.float64).requires_grad_()
-    outputs = block_attention(moments, PYRAMID_PIXELS, PYRAMID_NORMS, torch.stack([m.weight for m in norms]),
-                              torch.stack([m.bias for m in norms]), 16, norms[0].eps, scale.conv.weight.view(-1),
-                              scale.conv.bias, (task.fc1.weight, task.fc1.bias, task.fc2.weight, task.fc2.bias))
-    g = torch.Generator().manual_seed(4)
-    larger = [torch.randn(t.shape[0], 3, *t.shape[2:], generator=g, dtype=torch.float64).to(DEVICE) for t in outputs]
-    views = [t[:, :2] for t in larger]
-    assert all(v.stride(0) == 3 * v.stride(1) for v in views)
-    want = torch.autograd.grad(outputs, moments, [v.contiguous() for v in views], retain_graph=True)[0]
-    have = torch.autograd.grad(outputs, moments, views)[0]
-    torch.testing.assert_close(have, want, rtol=1e-12, atol=1e-14)
