@@ -138,7 +138,8 @@ def check(p, levels, strides, dtype, tol, deterministic):
 
 
 # (N, Cin, Cout, sizes, levels, strides, bias, dtype, deterministic). "odd": 2 sets out of order on the inputs,
-# input 2 twice in one set, anisotropic strides per set, one set without bias.
+# input 2 twice in one set, anisotropic strides per set, one set without bias; its deterministic case has two
+# images, so that the deterministic backward's per-image rows are checked here too.
 ODD = ([(6, 7), (5, 3), (3, 4)], [[2, 0, 2], [1], [0, 1]], [(2, 1), 1, (1, 2)])
 CASES = {
     "dyhead_fp32": (1, 6, 5, SIZES, *DYHEAD, True, torch.float32, False),
@@ -146,7 +147,7 @@ CASES = {
     "dyhead_fp64": (1, 6, 5, SIZES, *DYHEAD, True, torch.float64, False),
     "dyhead_fp64_det": (1, 6, 5, SIZES, *DYHEAD, True, torch.float64, True),
     "odd_mixed_bias_fp32": (2, 5, 7, *ODD, [True, False, True], torch.float32, False),
-    "odd_mixed_bias_fp64_det": (1, 5, 7, *ODD, [False, True, True], torch.float64, True),
+    "odd_mixed_bias_fp64_det": (2, 5, 7, *ODD, [False, True, True], torch.float64, True),
 }
 
 
