@@ -25,14 +25,14 @@ def run(model, levels):
     return out, dict(zip(names, grads))
 
 
-def assert_triton_matches(references, high_offsets="official", task_attention=True):
+def assert_triton_matches(references, high_offsets="official", task_attention=True, batch=2):
     """DyHead on triton against each backend of ``references``, same weights: outputs and all gradients in fp32."""
     torch.manual_seed(0)
     model = DyHead(32, 32, 1, backend="triton", high_offsets=high_offsets, task_attention=task_attention).to(DEVICE)
     with torch.no_grad():
         model.blocks[0].spatial.offset.bias.uniform_(-2.0, 2.0)  # samples cross borders and leave the image
     sizes = [(9, 11), (5, 6), (3, 3)]
-    levels = [torch.randn(2, 32, h, w, device=DEVICE, requires_grad=True) for h, w in sizes]
+    levels = [torch.randn(batch, 32, h, w, device=DEVICE, requires_grad=True) for h, w in sizes]
     out, grads = run(model, levels)
     for reference in references:
         model.backend = reference
@@ -43,14 +43,15 @@ def assert_triton_matches(references, high_offsets="official", task_attention=Tr
             assert rel_err(g, ref_grads[name]) < 2e-4, f"{reference}: {name}"
 
 
-@pytest.mark.parametrize("high_offsets", ["official", "crop"])
-def test_triton_backend_matches_torchvision(high_offsets):
-    assert_triton_matches(["torchvision"], high_offsets)
+# One image where a second adds nothing the official case does not show: the interpreter's time grows with it.
+@pytest.mark.parametrize("high_offsets, batch", [("official", 2), ("crop", 1)])
+def test_triton_backend_matches_torchvision(high_offsets, batch):
+    assert_triton_matches(["torchvision"], high_offsets, batch=batch)
 
 
 def test_triton_backend_without_task_attention_matches_torch_and_sampled():
     """The two-stage neck: the fused level pass with identity dynamic-ReLU coefficients."""
-    assert_triton_matches(["torch", "sampled"], task_attention=False)
+    assert_triton_matches(["torch", "sampled"], task_attention=False, batch=1)
 
 
 def test_empty_batch_runs_as_on_torchvision():
@@ -120,7 +121,7 @@ def test_triton_backend_compiles_without_graph_breaks():
     graphs (torch.compile mode="reduce-overhead") need."""
     torch.manual_seed(0)
     model = DyHead(16, 16, 1, backend="triton").to(DEVICE)
-    levels = [torch.randn(2, 16, h, w, device=DEVICE, requires_grad=True) for h, w in [(9, 13), (5, 7), (3, 4)]]
+    levels = [torch.randn(1, 16, h, w, device=DEVICE, requires_grad=True) for h, w in [(9, 13), (5, 7), (3, 4)]]
     expected, expected_grads = run(model, levels)
     out, grads = run(torch.compile(model, fullgraph=True, backend="aot_eager"), levels)
     for a, b in zip(out, expected):
@@ -145,8 +146,8 @@ def test_warm_triton_step_makes_no_tensor_from_host_data():
             return func(*args, **(kwargs or {}))
 
     torch.manual_seed(0)
-    model = DyHead(32, 32, 1, backend="triton").to(DEVICE)
-    levels = [torch.randn(1, 32, h, w, device=DEVICE, requires_grad=True) for h, w in [(8, 8), (4, 4), (2, 2)]]
+    model = DyHead(16, 16, 1, backend="triton").to(DEVICE)
+    levels = [torch.randn(1, 16, h, w, device=DEVICE, requires_grad=True) for h, w in [(8, 8), (4, 4), (2, 2)]]
     run(model, levels)
     with HostData() as mode:
         torch.tensor([1.0])  # the mode does see them
