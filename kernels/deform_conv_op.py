@@ -535,8 +535,9 @@ class _EagerSets(torch.autograd.Function):
         return (None, None, None, None, *(g for group in grads[:4] for g in group), *(None,) * 11)
 
 
-def _non_overlapping(t: Tensor) -> bool:
-    """Whether no two elements of t share memory (strides, in increasing order, each past the previous span)."""
+def _strides_nest(t: Tensor) -> bool:
+    """Whether t's strides nest: in increasing order, each past the span of the smaller ones. Then no two elements
+    share memory; the converse does not hold (some interleaved ``as_strided`` layouts overlap nowhere and fail)."""
     span = 1
     for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
         if stride < span:
@@ -572,8 +573,9 @@ def _find_views(sample_bases, named):
                 break
         if start is None:
             raise ValueError(f"{name} is not a view inside any of sample_bases")
-        if not _non_overlapping(t):
-            raise ValueError(f"{name} has elements that share memory: its gradient would collide with itself")
+        if not _strides_nest(t):
+            raise ValueError(f"{name} may have elements that share memory (its strides do not nest), where its "
+                             "gradient would collide with itself: pass a view with nested strides, or no sample_bases")
         places.append(start)
     return places
 
