@@ -22,7 +22,7 @@ def check_pyramid(levels: Sequence[Tensor], in_channels: int, names: Sequence[st
     is a DyHead-compatible pyramid.
 
     levels: L >= 1 tensors (N, in_channels, H_l, W_l), finest first, all of one batch size, floating dtype and
-    device, each level ceil(previous / 2) in size so that the stride-2 branch lines up.
+    device, H_l, W_l >= 1, each level ceil(previous / 2) in size so that the stride-2 branch lines up.
     """
     if len(levels) == 0:
         raise ValueError("DyHead needs at least one pyramid level, got none")
@@ -42,6 +42,8 @@ def check_pyramid(levels: Sequence[Tensor], in_channels: int, names: Sequence[st
             raise ValueError(f"{where}: dtype {x.dtype} differs from the first level's {first.dtype}")
         if x.device != first.device:
             raise ValueError(f"{where}: device {x.device} differs from the first level's {first.device}")
+        if 0 in x.shape[-2:]:
+            raise ValueError(f"{where}: size {tuple(x.shape[-2:])} has no pixels; every level needs H, W >= 1")
         if prev is not None:
             expected = tuple(-(-s // 2) for s in prev.shape[-2:])
             if tuple(x.shape[-2:]) != expected:

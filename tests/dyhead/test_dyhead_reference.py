@@ -212,6 +212,13 @@ def test_error_level_size_not_half():
         DyHead(16, 16, 1)(levels)
 
 
+@pytest.mark.parametrize("backend", ["torchvision", "sampled"])
+def test_error_level_without_pixels(backend):
+    """An empty level would reach F.conv2d, whose error speaks of kernel sizes; an empty batch is fine."""
+    with pytest.raises(ValueError, match=r"level '0': size \(0, 5\) has no pixels"):
+        DyHead(16, 16, 1, backend=backend)([torch.randn(2, 16, 0, 5), torch.randn(2, 16, 0, 3)])
+
+
 def test_error_not_a_4d_tensor():
     with pytest.raises(ValueError, match="4-d"):
         DyHead(16, 16, 1)([torch.randn(16, 5, 5)])
