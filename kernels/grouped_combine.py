@@ -458,10 +458,11 @@ def level_combine_grouped(levels: Sequence[Sequence[Tensor]], scale: Tensor, shi
         scale: (L, N, 3, C), the mix weight of each level's branch slots (slots past B_l are not read, and get a
             zero gradient); shift: (L, N, C); coef: (L, N, 4, C) (a1, b1, a2, b2): float32 (float64 with float64
             branches).
-        buffer_gradient: on the one-launch path, that one tensor is the gradient of the branches' tensor
-            instead, which autograd adds to the tensor's other gradients once rather than branch by branch; the
-            branches get none of it (hooks on them and autograd.grad with respect to them miss it). For callers
-            whose branches are intermediate values, such as DyHead's level pass.
+        buffer_gradient: on the one-launch path, where the branches fill their tensor, that one tensor is the
+            gradient of the branches' tensor instead, which autograd adds to the tensor's other gradients once
+            rather than branch by branch; the branches get none of it (hooks on them and autograd.grad with
+            respect to them miss it). For callers whose branches are intermediate values, such as DyHead's level
+            pass.
 
     Under autocast, as `level_combine`: the branches promoted to the widest of their dtypes, scale, shift and
     coef cast to its math dtype.

@@ -322,8 +322,11 @@ def view_gradients(d_base: Tensor, shapes, firsts) -> tuple[Tensor, ...]:
 def autograd_inputs(base: Tensor, views, buffer_gradient: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
     """(buffer, views) to give a grouped Function that reads ``views`` in ``base``: with ``buffer_gradient`` the
     buffer is the differentiable input and no view is (where the buffer requires grad as the views do: else
-    their gradient would be lost); otherwise the views are, and the buffer is only the memory the launch reads."""
-    if buffer_gradient and all(v.requires_grad == base.requires_grad for v in views):
+    their gradient would be lost; and where the views, which share no element, fill it: the backward writes the
+    buffer's gradient only where they are); otherwise the views are, and the buffer is only the memory the
+    launch reads."""
+    if (buffer_gradient and all(v.requires_grad == base.requires_grad for v in views)
+            and sum(v.numel() for v in views) == base.numel()):
         return base, ()
     return base.detach(), tuple(views)
 
@@ -425,10 +428,10 @@ def channel_moments_grouped(maps: Sequence[Tensor | None],
             under ``TRITON_INTERPRET=1``), any H_k, W_k.
         pool_weights: None, or K entries, each None or a pair (row (H_k,), col (W_k,)) of float32 tensors
             (float64 for float64 maps) on the maps' device. Constants: they get no gradient.
-        buffer_gradient: on the one-launch path, that one tensor is the gradient of the maps' tensor instead,
-            which autograd adds to the tensor's other gradients once rather than map by map; the maps get none
-            of it (hooks on them and autograd.grad with respect to them miss it). For callers whose maps are
-            intermediate values, such as DyHead's level pass.
+        buffer_gradient: on the one-launch path, where the maps fill their tensor, that one tensor is the
+            gradient of the maps' tensor instead, which autograd adds to the tensor's other gradients once rather
+            than map by map; the maps get none of it (hooks on them and autograd.grad with respect to them miss
+            it). For callers whose maps are intermediate values, such as DyHead's level pass.
 
     Returns:
         (K, N, C, 3) contiguous [mean, M2, pooled] per map, image and channel, float32 (float64 for float64 maps).

@@ -227,6 +227,21 @@ def test_uncovered_elements_get_zero_gradient():
     assert torch.equal(g[-7:], torch.zeros_like(g[-7:])) and g[:-7].abs().sum() > 0
 
 
+@needs_kernels
+def test_uncovered_elements_get_zero_gradient_with_buffer_gradient():
+    """A gap between the branches and a tail past them: buffer_gradient may not make the backward's gradient,
+    written only where the branches are, the buffer's."""
+    flat64, scale, shift, coef, levels_of = make_inputs([[(2, 3), (2, 3)]], [(0, 0), (0, 1)], n=1, c=2)
+    gaps = torch.randn(8, dtype=torch.float64)
+    flat = torch.cat([flat64[:12], gaps[:5], flat64[12:], gaps[5:]]).to(DEVICE).requires_grad_()
+    branches = [[flat[:12].view(1, 2, 2, 3), flat[17:29].view(1, 2, 2, 3)]]
+    outs = level_combine_grouped(branches, scale.to(DEVICE), shift.to(DEVICE), coef.to(DEVICE), buffer_gradient=True)
+    assert took_grouped_path(outs)
+    (g,) = torch.autograd.grad(outs[0].sum(), flat)
+    assert torch.equal(g[12:17], torch.zeros_like(g[12:17])) and torch.equal(g[29:], torch.zeros_like(g[29:]))
+    assert g[:12].abs().sum() > 0 and g[17:29].abs().sum() > 0
+
+
 def test_bad_inputs_name_the_argument():
     flat64, scale, shift, coef, levels_of = make_inputs(DYHEAD_BRANCHES, DYHEAD_ORDER)
     levels = levels_of(flat64)

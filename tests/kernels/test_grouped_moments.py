@@ -141,9 +141,10 @@ def test_the_maps_themselves_get_their_gradients():
 
 
 @needs_kernels
-def test_uncovered_elements_get_zero_gradient():
+@pytest.mark.parametrize("buffer_gradient", [False, True])
+def test_uncovered_elements_get_zero_gradient(buffer_gradient):
     flat, views, _ = buffer_and_maps([(3, 4), (2, 2)], torch.float32, DEVICE, extra=5)
-    out = channel_moments_grouped(views(flat))
+    out = channel_moments_grouped(views(flat), buffer_gradient=buffer_gradient)
     (g,) = torch.autograd.grad(out.sum(), flat)
     assert torch.equal(g[-5:], torch.zeros(5, device=DEVICE))
     assert g[:-5].abs().sum() > 0
