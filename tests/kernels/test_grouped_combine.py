@@ -218,24 +218,16 @@ def test_the_branches_themselves_get_their_gradients():
 
 
 @needs_kernels
-def test_uncovered_elements_get_zero_gradient():
-    flat64, scale, shift, coef, levels_of = make_inputs(DYHEAD_BRANCHES, DYHEAD_ORDER)
-    flat = torch.cat([flat64, torch.randn(7, dtype=torch.float64)]).to(DEVICE).requires_grad_()
-    outs = level_combine_grouped(levels_of(flat[:-7]), scale.to(DEVICE), shift.to(DEVICE), coef.to(DEVICE))
-    assert took_grouped_path(outs)
-    (g,) = torch.autograd.grad(sum(o.sum() for o in outs), flat)
-    assert torch.equal(g[-7:], torch.zeros_like(g[-7:])) and g[:-7].abs().sum() > 0
-
-
-@needs_kernels
-def test_uncovered_elements_get_zero_gradient_with_buffer_gradient():
-    """A gap between the branches and a tail past them: buffer_gradient may not make the backward's gradient,
-    written only where the branches are, the buffer's."""
+@pytest.mark.parametrize("buffer_gradient", [False, True])
+def test_uncovered_elements_get_zero_gradient(buffer_gradient):
+    """A gap between the branches and a tail past them get zero gradient; with buffer_gradient the backward's
+    gradient, written only where the branches are, may not become the buffer's."""
     flat64, scale, shift, coef, levels_of = make_inputs([[(2, 3), (2, 3)]], [(0, 0), (0, 1)], n=1, c=2)
     gaps = torch.randn(8, dtype=torch.float64)
     flat = torch.cat([flat64[:12], gaps[:5], flat64[12:], gaps[5:]]).to(DEVICE).requires_grad_()
     branches = [[flat[:12].view(1, 2, 2, 3), flat[17:29].view(1, 2, 2, 3)]]
-    outs = level_combine_grouped(branches, scale.to(DEVICE), shift.to(DEVICE), coef.to(DEVICE), buffer_gradient=True)
+    outs = level_combine_grouped(branches, scale.to(DEVICE), shift.to(DEVICE), coef.to(DEVICE),
+                                 buffer_gradient=buffer_gradient)
     assert took_grouped_path(outs)
     (g,) = torch.autograd.grad(outs[0].sum(), flat)
     assert torch.equal(g[12:17], torch.zeros_like(g[12:17])) and torch.equal(g[29:], torch.zeros_like(g[29:]))
