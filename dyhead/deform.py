@@ -61,7 +61,13 @@ def deform_conv2d_torchvision(
     input: (N, Cin, H, W); offset: (N, 2*kh*kw, Hout, Wout), (dy, dx) per tap, taps row-major;
     mask: (N, kh*kw, Hout, Wout); weight: (Cout, Cin, kh, kw); bias: (Cout,) or None.
     float32/float64/float16 (torchvision has no bfloat16 kernel). Returns (N, Cout, Hout, Wout).
+    FloatingPointError for NaN offsets on the CPU, where torchvision's kernel crashes the process on them (its
+    CUDA kernel, like the other backends, makes their output pixels NaN).
     """
+    if offset.device.type == "cpu" and not torch.compiler.is_compiling() and bool(offset.isnan().any()):
+        raise FloatingPointError(
+            "offset holds NaN (has the offset conv diverged?): torchvision's CPU deform_conv2d would crash the "
+            "process on it; the 'sampled' and 'triton' backends give NaN output pixels instead")
     return _torchvision_deform_conv2d(
         input, offset, weight, bias, stride=conv_pair(stride, "stride"), padding=conv_pair(padding, "padding"),
         dilation=conv_pair(dilation, "dilation"), mask=mask
@@ -126,8 +132,10 @@ def deform_conv2d_sampled(
     out = None
     for first in range(0, taps, chunk):
         t = slice(first, first + chunk)
-        y = base_y + rows[:, t] + pairs[:, t, 0].to(sample_dtype)  # (N, chunk, Hout, Wout)
-        x = base_x + cols[:, t] + pairs[:, t, 1].to(sample_dtype)
+        # Past one pixel outside the image every sample is torchvision's outside one (zero, zero gradient):
+        # clamping there keeps an infinite offset (a half-precision overflow) from turning NaN in grid_sample.
+        y = (base_y + rows[:, t] + pairs[:, t, 0].to(sample_dtype)).clamp(-2, h + 1)  # (N, chunk, Hout, Wout)
+        x = (base_x + cols[:, t] + pairs[:, t, 1].to(sample_dtype)).clamp(-2, w + 1)
         grid = torch.stack(((2 * x + 1) / w - 1, (2 * y + 1) / h - 1), dim=-1).flatten(1, 2)  # (N, chunk*Hout, Wout, 2)
         sample = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         sample = sample.unflatten(2, (chunk, hout)) * mask[:, None, t].to(sample_dtype)  # (N, Cin, chunk, Hout, Wout)

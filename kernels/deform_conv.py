@@ -68,6 +68,9 @@ def tap_sample(off_ptr, msk_ptr, n, oh, ow, valid_p, tap, H, W, KW,
     of the corners (y0, x0), (y0, x0+1), (y0+1, x0), (y0+1, x0+1) lie in the image, and their bilinear weights
     times the mask. A sample at y = -1 (or x = -1) reads 0, as outside, but counts: its offset gradient is the
     one-sided one torchvision gives there, which zero offsets with padding 1 meet at every border tap.
+    A NaN offset or mask, inside the image or not, keeps its NaN in ly, lx or m, and so in the weights, while
+    its corners stay unread: the output pixel turns NaN, as torchvision's NaN weights (NaN * 0 outside) make it.
+    Dropping the sample instead would hide a diverging offset conv from the loss.
     """
     # int64 throughout: a strided view (channels-last, as_strided) can put rows 2**31 elements apart
     oh64 = oh.to(tl.int64)
@@ -82,11 +85,12 @@ def tap_sample(off_ptr, msk_ptr, n, oh, ow, valid_p, tap, H, W, KW,
     y0, ly, in_y = _split_coordinate(dy, oh * conv_stride_h - pad_h + (tap // KW) * dil_h, H)
     x0, lx, in_x = _split_coordinate(dx, ow * conv_stride_w - pad_w + (tap % KW) * dil_w, W)
     inside = valid_p & in_y & in_x
+    weighs = inside | (valid_p & ((dy != dy) | (dx != dx) | (m != m)))
     y0 = tl.where(inside, y0, 0)
     x0 = tl.where(inside, x0, 0)
-    ly = tl.where(inside, ly, 0.0)
-    lx = tl.where(inside, lx, 0.0)
-    m = tl.where(inside, m, 0.0)
+    ly = tl.where(weighs, ly, 0.0)
+    lx = tl.where(weighs, lx, 0.0)
+    m = tl.where(weighs, m, 0.0)
     ok00, ok01, ok10, ok11 = _corner_masks(y0, x0, inside, H, W)
     w00, w01, w10, w11 = _bilinear_weights(ly, lx, m)
     return y0, x0, ly, lx, m, ok00, ok01, ok10, ok11, w00, w01, w10, w11

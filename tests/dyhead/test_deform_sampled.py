@@ -80,6 +80,29 @@ def test_samples_wholly_outside_are_zero():
     assert torch.count_nonzero(ref) == 0
 
 
+def test_nan_offsets_give_nan_pixels_and_torchvision_refuses_them_on_the_cpu():
+    """A NaN offset makes its output pixel NaN (torchvision's CUDA semantics); torchvision's CPU kernel crashes
+    the process on it (a segfault), so its wrapper raises first. Infinite offsets (a half-precision overflow) are
+    samples outside the image, as on torchvision and triton: grid_sample made them NaN."""
+    x, offset, mask, weight, bias = make_case(h=5, w=6)
+    offset[0, 3, 2, 4] = float("nan")
+    offset[1, 0, 1, 1] = float("inf")
+    offset[1, 5, 3, 3] = -float("inf")
+    offset.requires_grad_()
+    out = deform_conv2d_sampled(x, offset, mask, weight, bias)
+    nan_pixels = torch.zeros_like(out, dtype=torch.bool)
+    nan_pixels[0, :, 2, 4] = True
+    assert torch.equal(out.isnan(), nan_pixels)
+    far = torch.where(offset.isfinite(), offset, 40.0).detach().requires_grad_()
+    expected = tv_deform_conv2d(x, far, weight, bias, mask=mask, padding=1)
+    assert rel_err(out[~nan_pixels], expected[~nan_pixels]) < 1e-12
+    (grad,) = torch.autograd.grad(out[1].sum(), offset)
+    (grad_far,) = torch.autograd.grad(expected[1].sum(), far)
+    assert rel_err(grad[1], grad_far[1]) < 1e-10 and grad[1, 0, 1, 1] == grad[1, 5, 3, 3] == 0
+    with pytest.raises(FloatingPointError, match="offset holds NaN"):
+        deform.deform_conv2d("torchvision", x, offset, mask, weight, bias)
+
+
 def test_single_pixel_image():
     x, offset, mask, weight, bias = make_case(h=1, w=1, offset_scale=0.3)
     ours, ref = both((x, offset, mask, weight, bias), 1, 1)

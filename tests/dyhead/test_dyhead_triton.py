@@ -183,3 +183,20 @@ def test_one_value_per_group_raises_as_on_torchvision():
     out = model(levels)  # on triton, the loop's last backend
     model.backend = "torchvision"
     torch.testing.assert_close(out[0], model(levels)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_nan_in_the_offset_conv_reaches_every_output_as_on_sampled():
+    """A NaN weight of the offset conv (of one dy channel, as a diverged step leaves it) makes every output NaN
+    on the sampled path (and on torchvision's CUDA kernel); the triton path dropped the NaN samples and returned
+    finite features, hiding the divergence from the loss."""
+    torch.manual_seed(0)
+    model = DyHead(16, 16, 1, backend="triton").to(DEVICE)
+    with torch.no_grad():
+        model.blocks[0].spatial.offset.weight[0, 0, 1, 1] = float("nan")
+    levels = [torch.randn(1, 16, h, w, device=DEVICE) for h, w in [(6, 7), (3, 4)]]
+    with torch.no_grad():
+        out = model(levels)
+        model.backend = "sampled"
+        ref = model(levels)
+    for a, b in zip(out, ref):
+        assert b.isnan().all() and a.isnan().all()

@@ -74,6 +74,66 @@ def test_samples_on_pixels_take_torchvision_one_sided_gradients(deterministic):
     check(inputs, conv, deterministic=deterministic)
 
 
+@needs_kernels
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_nan_offsets_and_masks_make_their_output_pixels_nan(deterministic):
+    """A NaN offset or mask makes its output pixel NaN in every channel, also where the sample lies outside the
+    image, as torchvision's NaN bilinear weights do on CUDA (its CPU kernel crashes on NaN offsets): a diverging
+    offset conv must reach the loss. A NaN offset reads no pixel; +-inf offsets are samples outside the image.
+    Everything else is torchvision's result with the NaN samples dropped (offset far out, mask 0) and the
+    infinite offsets finite and far out (where torchvision's CPU kernel gives the other coordinate's gradient
+    NaN, not 0)."""
+    conv = dict(stride=1, padding=1, dilation=1)
+    t = make_inputs(1, 3, 4, 5, 6, **conv)
+    nan, inf = float("nan"), float("inf")
+    t["offset"][0, 0, 1, 1] = nan  # dy of tap 0
+    t["offset"][0, 5, 2, 3] = nan  # dx of tap 2
+    t["offset"][0, 14:16, 4, 5] = 50.0  # tap 7 outside the image, with a NaN mask
+    t["mask"][0, 7, 4, 5] = nan
+    t["offset"][0, 8:10, 3, 0] = torch.tensor([0.25, 0.5])  # tap 4 at (3.25, 0.5), with a NaN mask
+    t["mask"][0, 4, 3, 0] = nan
+    t["offset"][0, 1, 0, 2] = inf
+    t["offset"][0, 2, 3, 3] = -inf
+    poisoned_pixels = [(1, 1), (2, 3), (4, 5), (3, 0)]
+    ref = {k: v.clone() for k, v in t.items()}
+    ref["offset"] = torch.where(ref["offset"].isfinite(), ref["offset"], 50.0)
+    ref["mask"] = torch.where(ref["mask"].isnan(), 0.0, ref["mask"])
+    ref = leaves(ref, torch.float64, "cpu")
+    y_ref = reference(ref, conv)
+    g_out = grad_out_like(y_ref)
+    for y, x in poisoned_pixels:
+        g_out[0, :, y, x] = 0.0
+    g_ref = grads(y_ref, g_out, ref)
+
+    ours = leaves(t, torch.float64, DEVICE)
+    y = triton_op(ours, conv, deterministic)
+    g = grads(y, g_out.to(DEVICE), ours)
+    y, g = y.detach().cpu(), {k: v.cpu() for k, v in g.items()}
+    expected_nan = torch.zeros_like(y, dtype=torch.bool)
+    for yy, xx in poisoned_pixels:
+        expected_nan[0, :, yy, xx] = True
+    assert torch.equal(y.isnan(), expected_nan)
+    torch.testing.assert_close(y[~expected_nan], y_ref[~expected_nan].detach(), rtol=1e-12, atol=1e-12)
+
+    # The NaN mask inside the image weighs its 4 corners with NaN; the other NaN samples read nothing.
+    input_nan = torch.zeros_like(g["input"], dtype=torch.bool)
+    input_nan[0, :, 3:5, 0:2] = True
+    assert torch.equal(g["input"].isnan(), input_nan)
+    torch.testing.assert_close(g["input"][~input_nan], g_ref["input"][~input_nan], rtol=1e-12, atol=1e-12)
+    # The weights of the poisoned taps see NaN samples (times a zero output gradient).
+    weight_nan = torch.zeros_like(g["weight"], dtype=torch.bool)
+    for tap in (0, 2, 7, 4):
+        weight_nan[:, :, tap // 3, tap % 3] = True
+    assert torch.equal(g["weight"].isnan(), weight_nan)
+    torch.testing.assert_close(g["weight"][~weight_nan], g_ref["weight"][~weight_nan], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g["bias"], g_ref["bias"], rtol=1e-12, atol=1e-12)
+    for name, taps in (("offset", 2), ("mask", 1)):
+        sample = torch.ones_like(g[name], dtype=torch.bool)
+        for (yy, xx), tap in zip(poisoned_pixels, (0, 2, 7, 4)):
+            sample[0, taps * tap:taps * (tap + 1), yy, xx] = False
+        torch.testing.assert_close(g[name][sample], g_ref[name][sample], rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("allow_tf32, dot", [(False, "ieee"), (True, "tf32")])
 def test_fp32_products_follow_torch_tf32_switch(allow_tf32, dot):
     """Forward and backward both take their fp32 `tl.dot` precision from torch's matmul TF32 switch."""
