@@ -57,6 +57,13 @@ def _row_slots(table_ptr, l, b, valid_b):
 
 
 @triton.jit
+def _hard_sigmoid(t):
+    """relu6(t + 3) / 6 (`dyhead.activations.hard_sigmoid`), NaN in NaN out as in torch."""
+    return tl.minimum(tl.maximum(t + 3.0, 0.0, propagate_nan=tl.PropagateNan.ALL), 6.0,
+                      propagate_nan=tl.PropagateNan.ALL) / 6.0
+
+
+@triton.jit
 def _row_forward(mom_ptr, nw_ptr, nb_ptr, sw_ptr, sb_ptr, table_ptr, l, n, N, C, CG, eps,
                  ACC: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr):
     """Row (level l, image n) up to the mix: the tiles and scalars both kernels need.
@@ -95,9 +102,10 @@ def _row_forward(mom_ptr, nw_ptr, nb_ptr, sw_ptr, sb_ptr, table_ptr, l, n, N, C,
     a = rstd[:, :, None] * gw
     d = gb - mu[:, :, None] * a
     # Scale attention: the pooled mean of the normalised branch, a 1x1 conv to one logit, relu, hard sigmoid.
+    # NaN passes through relu and the hard sigmoid, as through torch's: a diverged branch must reach the loss.
     z = tl.sum(tl.sum(sw * (a * pm + d), axis=2), axis=1) + tl.load(sb_ptr).to(ACC)
-    r = tl.maximum(z, 0.0)
-    att = tl.minimum(tl.maximum(r + 3.0, 0.0), 6.0) / 6.0
+    r = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    att = _hard_sigmoid(r)
     inv = 1.0 / branches.to(ACC)
     att_b = tl.where(valid_b, att, 0.0)[:, None, None]
     weight = att_b * a * inv
@@ -164,14 +172,15 @@ def _attention_fwd_kernel(mom_ptr, table_ptr, nw_ptr, nb_ptr, sw_ptr, sb_ptr, w1
             valid_m = m < HIDDEN
             z1 = _matvec_chunk(w1_ptr, pu_ptr + row64 * C, m, valid_m, C, ACC, BLOCK_M)
             z1 += tl.load(b1_ptr + m, mask=valid_m, other=0.0).to(ACC)
-            tl.store(h_ptr + row64 * HIDDEN + m, tl.maximum(z1, 0.0), mask=valid_m)
+            tl.store(h_ptr + row64 * HIDDEN + m, tl.maximum(z1, 0.0, propagate_nan=tl.PropagateNan.ALL),
+                     mask=valid_m)
         tl.debug_barrier()
         for o0 in range(0, 4 * C, BLOCK_M):
             o = o0 + tl.arange(0, BLOCK_M)
             valid_o = o < 4 * C
             z2 = _matvec_chunk(w2_ptr, h_ptr + row64 * HIDDEN, o, valid_o, HIDDEN, ACC, BLOCK_M)
             z2 += tl.load(b2_ptr + o, mask=valid_o, other=0.0).to(ACC)
-            y = tl.minimum(tl.maximum(z2 + 3.0, 0.0), 6.0) / 6.0
+            y = _hard_sigmoid(z2)
             # (a1, b1, a2, b2) = ((y1 - 0.5) * 2 + 1, y2 - 0.5, (y3 - 0.5) * 2, y4 - 0.5), the C-chunks of y.
             q = o // C
             centred = y - 0.5

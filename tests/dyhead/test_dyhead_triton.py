@@ -185,18 +185,25 @@ def test_one_value_per_group_raises_as_on_torchvision():
     torch.testing.assert_close(out[0], model(levels)[0], rtol=1e-4, atol=1e-5)
 
 
-def test_a_nan_in_the_offset_conv_reaches_every_output_as_on_sampled():
-    """A NaN weight of the offset conv (of one dy channel, as a diverged step leaves it) makes every output NaN
-    on the sampled path (and on torchvision's CUDA kernel); the triton path dropped the NaN samples and returned
-    finite features, hiding the divergence from the loss."""
+# A NaN in one weight, as a diverged step leaves it: offset conv (one dy channel), scale conv, task MLP (fc1
+# feeds every coefficient, fc2's first row one channel's a1).
+NAN_WEIGHTS = ["spatial.offset.weight", "scale.conv.weight", "task.fc1.weight", "task.fc2.weight"]
+
+
+def test_a_nan_weight_reaches_the_outputs_that_it_reaches_on_sampled():
+    """The outputs that a NaN weight makes NaN are those it makes NaN on the sampled path (torch's relu, hard
+    sigmoid and max, torchvision's CUDA DCN). The triton path dropped NaN samples in the DCN and clamped NaN to
+    0 in the attentions' relu and hard sigmoid (Triton's min and max drop NaN by default): its outputs stayed
+    finite, hiding the divergence from the loss."""
     torch.manual_seed(0)
-    model = DyHead(16, 16, 1, backend="triton").to(DEVICE)
-    with torch.no_grad():
-        model.blocks[0].spatial.offset.weight[0, 0, 1, 1] = float("nan")
     levels = [torch.randn(1, 16, h, w, device=DEVICE) for h, w in [(6, 7), (3, 4)]]
-    with torch.no_grad():
-        out = model(levels)
-        model.backend = "sampled"
-        ref = model(levels)
-    for a, b in zip(out, ref):
-        assert b.isnan().all() and a.isnan().all()
+    for name in NAN_WEIGHTS:
+        model = DyHead(16, 16, 1, backend="triton").to(DEVICE)
+        with torch.no_grad():
+            model.blocks[0].get_parameter(name).view(-1)[0] = float("nan")
+            out = model(levels)
+            model.backend = "sampled"
+            ref = model(levels)
+        for a, b in zip(out, ref):
+            assert b.isnan().any(), name
+            assert torch.equal(a.isnan(), b.isnan()), name
