@@ -34,6 +34,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dyhead import DyHead
+from kernels.device_table import tables_cached_here_dropped
 from kernels.runtime import INTERPRET
 
 # Ops that allocate or describe memory without running a kernel.
@@ -128,10 +129,13 @@ def counting(count: HostCount) -> Iterator[None]:
         yield
 
 
-def launches_stubbed() -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def launches_stubbed() -> Iterator[None]:
     """Within the block every Triton launch returns at once without running its kernel (outputs keep whatever
-    their allocations held): only the host's work around the launches is left."""
-    return _launches_replaced(lambda run: lambda self, *args, **kwargs: None)
+    their allocations held): only the host's work around the launches is left. The shape tables cached within
+    it were never written: they leave the cache with the block."""
+    with tables_cached_here_dropped(), _launches_replaced(lambda run: lambda self, *args, **kwargs: None):
+        yield
 
 
 def time_step(forward: Callable[[], list[torch.Tensor]], inputs: list[torch.Tensor], repeats: int) -> list[float]:

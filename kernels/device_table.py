@@ -13,7 +13,8 @@ therefore passed encoded as ``(v << 4) + 1 + _BIAS``: always i64, odd, never 1, 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 import triton
@@ -65,6 +66,19 @@ def cached_device_table(values: Sequence[int], device: torch.device) -> torch.Te
         if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             _CACHE[key] = table
     return table
+
+
+@contextlib.contextmanager
+def tables_cached_here_dropped() -> Iterator[None]:
+    """`cached_device_table` forgets at the end of the block the tables it cached within it. For blocks that
+    stub out Triton launches (`benchmarks.host_ops`): their tables were never written, and a later real launch
+    reading one from the cache would take garbage for sizes and offsets."""
+    before = set(_CACHE)
+    try:
+        yield
+    finally:
+        for key in set(_CACHE) - before:
+            del _CACHE[key]
 
 
 def encode(values: Sequence[int]) -> tuple[int, ...]:
