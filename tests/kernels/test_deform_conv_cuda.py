@@ -96,6 +96,26 @@ def test_autocast_bf16_matches_bf16_inputs():
         assert g32[name].dtype == torch.float32 and rel_err(g32[name], g16[name].double().cpu()) < 1e-2, name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_nan_and_inf_offsets_and_masks_as_torchvision_on_cuda(dtype):
+    """The output pixels that NaN offsets and masks (inside the image and out) make NaN are torchvision's on
+    CUDA (its CPU kernel crashes on NaN offsets), and the rest agrees; infinite offsets are samples outside."""
+    import torchvision
+
+    conv = dict(stride=1, padding=1, dilation=1)
+    t = leaves(rounded(make_inputs(2, 24, 16, 9, 11, **conv), dtype), dtype, "cuda")
+    offset, mask = t["offset"].detach(), t["mask"].detach()
+    offset[0, 0, 1, 1] = offset[1, 5, 2, 3] = float("nan")
+    offset[0, 14:16, 4, 5] = 50.0
+    mask[0, 7, 4, 5] = mask[1, 4, 3, 0] = float("nan")
+    offset[0, 1, 0, 2], offset[1, 2, 3, 3] = float("inf"), -float("inf")
+    y = modulated_deform_conv2d(t["input"], offset, mask, t["weight"], t["bias"], **conv)
+    y_tv = torchvision.ops.deform_conv2d(t["input"], offset, t["weight"], t["bias"], mask=mask, **conv)
+    assert torch.equal(y.isnan(), y_tv.isnan()) and y.isnan().any(dim=1).sum() == 4
+    finite = ~y_tv.isnan()
+    assert rel_err(y[finite], y_tv[finite].double().cpu()) < (1e-5 if dtype == torch.float32 else 5e-3)
+
+
 def _large_inputs():
     """bf16 input of 2 x 32 x 5800 x 5800 = 2.15e9 > 2**31 elements; offsets below one pixel."""
     n, c, cout, h, w = 2, 32, 8, 5800, 5800
