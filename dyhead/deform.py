@@ -62,7 +62,8 @@ def deform_conv2d_torchvision(
     mask: (N, kh*kw, Hout, Wout); weight: (Cout, Cin, kh, kw); bias: (Cout,) or None.
     float32/float64/float16 (torchvision has no bfloat16 kernel). Returns (N, Cout, Hout, Wout).
     FloatingPointError for NaN offsets on the CPU, where torchvision's kernel crashes the process on them (its
-    CUDA kernel, like the other backends, makes their output pixels NaN).
+    CUDA kernel, like the other backends, makes their output pixels NaN, except where the other coordinate lies
+    outside the image: a zero sample there).
     """
     if offset.device.type == "cpu" and not torch.compiler.is_compiling() and bool(offset.isnan().any()):
         raise FloatingPointError(
@@ -138,7 +139,11 @@ def deform_conv2d_sampled(
         x = (base_x + cols[:, t] + pairs[:, t, 1].to(sample_dtype)).clamp(-2, w + 1)
         grid = torch.stack(((2 * x + 1) / w - 1, (2 * y + 1) / h - 1), dim=-1).flatten(1, 2)  # (N, chunk*Hout, Wout, 2)
         sample = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        sample = sample.unflatten(2, (chunk, hout)) * mask[:, None, t].to(sample_dtype)  # (N, Cin, chunk, Hout, Wout)
+        # A NaN coordinate makes the sample NaN on every device: grid_sample's CPU kernel blends with NaN weights,
+        # but its CUDA kernel moves non-finite coordinates outside the image (a zero sample). y and x are finite
+        # or NaN here, so 0 * (y + x) adds an exact zero to the mask, or NaN.
+        m = mask[:, None, t].to(sample_dtype) + (0 * (y + x))[:, None]
+        sample = sample.unflatten(2, (chunk, hout)) * m  # (N, Cin, chunk, Hout, Wout)
         # bmm on the expanded weight, not matmul: matmul folds (Cout, K) @ (N, K, P) into one GEMM over N*P
         # columns, which copies the columns transposed forward and their gradient back in backward
         columns = sample.to(input.dtype).flatten(1, 2).flatten(2)  # (N, Cin*chunk, Hout*Wout)

@@ -69,7 +69,8 @@ def tap_sample(off_ptr, msk_ptr, n, oh, ow, valid_p, tap, H, W, KW,
     times the mask. A sample at y = -1 (or x = -1) reads 0, as outside, but counts: its offset gradient is the
     one-sided one torchvision gives there, which zero offsets with padding 1 meet at every border tap.
     A NaN offset or mask, inside the image or not, keeps its NaN in ly, lx or m, and so in the weights, while
-    its corners stay unread: the output pixel turns NaN, as torchvision's NaN weights (NaN * 0 outside) make it.
+    its corners stay unread: the output pixel turns NaN, as torchvision's NaN weights (NaN * 0 outside) make it
+    on CUDA (where one coordinate is NaN and the other outside, torchvision returns a zero sample instead).
     Dropping the sample instead would hide a diverging offset conv from the loss.
     """
     # int64 throughout: a strided view (channels-last, as_strided) can put rows 2**31 elements apart

@@ -103,6 +103,28 @@ def test_nan_offsets_give_nan_pixels_and_torchvision_refuses_them_on_the_cpu():
         deform.deform_conv2d("torchvision", x, offset, mask, weight, bias)
 
 
+def test_nan_offsets_give_nan_pixels_where_grid_sample_moves_non_finite_coordinates_outside(monkeypatch):
+    """grid_sample's CUDA kernel maps a non-finite coordinate far outside the image (its
+    safe_downgrade_to_int_range: a zero sample), where its CPU kernel blends with NaN weights: emulated here on
+    the CPU, a NaN offset must still make its output pixel NaN (on CUDA the sampled path dropped the sample, so
+    a NaN offset conv left DyHead's sampled output finite)."""
+    real = F.grid_sample
+
+    def cuda_like(source, grid, **kwargs):
+        return real(source, torch.where(grid.isfinite(), grid, -100.0), **kwargs)
+
+    monkeypatch.setattr(F, "grid_sample", cuda_like)
+    x, offset, mask, weight, bias = make_case(h=5, w=6)
+    offset[0, 3, 2, 4] = float("nan")  # dx of tap 1, its y inside
+    offset[1, 0:2, 1, 1] = torch.tensor([float("nan"), 40.0])  # dy of tap 0, its x far outside
+    out = deform_conv2d_sampled(x, offset, mask, weight, bias)
+    nan_pixels = torch.zeros_like(out, dtype=torch.bool)
+    nan_pixels[0, :, 2, 4] = nan_pixels[1, :, 1, 1] = True
+    assert torch.equal(out.isnan(), nan_pixels)
+    expected = tv_deform_conv2d(x, offset.nan_to_num(40.0), weight, bias, mask=mask, padding=1)
+    assert rel_err(out[~nan_pixels], expected[~nan_pixels]) < 1e-12
+
+
 def test_single_pixel_image():
     x, offset, mask, weight, bias = make_case(h=1, w=1, offset_scale=0.3)
     ours, ref = both((x, offset, mask, weight, bias), 1, 1)
