@@ -244,7 +244,9 @@ def modulated_deform_conv2d(input: Tensor, offset: Tensor, mask: Tensor, weight:
     tensors. All tensors share one dtype (float32/float16/bfloat16/float64) and one device: CUDA, or the CPU
     under ``TRITON_INTERPRET=1``. float16/bfloat16 accumulate in float32; float32 multiplies in true fp32,
     or in TF32 where torch's CUDA matmul does (``runtime.matmul_allows_tf32``); float64 is
-    exact. Sample positions are exact in every dtype (floor and fraction of the offset alone). Under autocast,
+    exact. Sample positions are exact in every dtype (floor and fraction of the offset alone). A NaN offset or
+    mask makes its output pixel NaN, as on torchvision's CUDA kernel (README: non-finite values); an infinite
+    offset is a sample outside the image. Under autocast,
     float32 tensors are cast to the autocast dtype (the kernels take half precision directly, where
     torchvision's op autocasts to float32).
 
