@@ -106,6 +106,8 @@ def test_nan_and_inf_offsets_and_masks_as_torchvision_on_cuda(dtype):
     t = leaves(rounded(make_inputs(2, 24, 16, 9, 11, **conv), dtype), dtype, "cuda")
     offset, mask = t["offset"].detach(), t["mask"].detach()
     offset[0, 0, 1, 1] = offset[1, 5, 2, 3] = float("nan")
+    # Their other coordinates inside: where it is outside, torchvision returns a zero sample before it blends.
+    assert -1 < 0 + offset[0, 1, 1, 1] < 11 and -1 < 1 + offset[1, 4, 2, 3] < 9
     offset[0, 14:16, 4, 5] = 50.0
     mask[0, 7, 4, 5] = mask[1, 4, 3, 0] = float("nan")
     offset[0, 1, 0, 2], offset[1, 2, 3, 3] = float("inf"), -float("inf")
