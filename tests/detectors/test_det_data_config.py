@@ -26,7 +26,7 @@ from detectors.data.coco import (
 from detectors.data.build import build_train_loader
 from detectors.data.samplers import InferenceBatchSampler, TrainBatchSampler
 from detectors.data.shapes import SHAPE_CLASSES, ensure_shapes
-from detectors.data.transforms import DetectionTransform
+from detectors.data.transforms import DetectionTransform, pad_batch
 from detectors.engine.evaluate import BadImageLog, check_categories, coco_metrics, evaluate
 
 TRANSFORM = DetectionTransform([32], 64, 0.0, "RGB", [0.0, 0.0, 0.0], [1.0, 1.0, 1.0])
@@ -222,6 +222,73 @@ def test_training_transform_flips_boxes():
     pixels, boxes = transform(image, torch.tensor([[0.0, 2.0, 10.0, 8.0]]), np.random.default_rng(0))
     torch.testing.assert_close(boxes, torch.tensor([[30.0, 2.0, 40.0, 8.0]]))
     assert pixels[:, 0, 0].tolist() == [29.0, 18.0, 7.0]  # BGR order, mean subtracted, 0-255 range
+
+
+def test_an_extreme_aspect_ratio_keeps_at_least_one_pixel():
+    """A 1 x 5000 strip: the short side 800 would make the long side 4e6, so the long side is set to 1333 and the
+    short side shrinks to 800 * 1333 / 4e6 = 0.27 pixels, which must still be one pixel, not zero."""
+    transform = DetectionTransform([800], 1333, 0.0, "RGB", [0.0] * 3, [1.0] * 3)
+    assert transform.output_size(1, 5000, 800) == (1, 1333)
+    assert transform.output_size(5000, 1, 800) == (1333, 1)
+
+
+def test_boxes_scale_by_the_width_and_height_factors_separately():
+    """A 7 x 3 image resized to short side 4 becomes 9 x 4 (9.33 rounded): x scales by 9/7, y by 4/3. A box over
+    the whole image must cover the whole resized image."""
+    transform = DetectionTransform([4], 100, 0.0, "RGB", [0.0] * 3, [1.0] * 3)
+    image = Image.new("RGB", (7, 3))
+    pixels, boxes = transform(image, torch.tensor([[0.0, 0.0, 7.0, 3.0], [3.5, 1.5, 7.0, 3.0]]), None)
+    assert pixels.shape == (3, 4, 9)
+    torch.testing.assert_close(boxes, torch.tensor([[0.0, 0.0, 9.0, 4.0], [4.5, 2.0, 9.0, 4.0]]))
+
+
+def test_the_flip_moves_the_pixels_with_the_boxes():
+    """A white square at x 0-10, y 2-8 of a black 40 x 20 image: after the flip the box is x 30-40 and the white
+    pixels are inside it (the same rows), the left part black."""
+    transform = DetectionTransform([20], 100, 1.0, "RGB", [0.0] * 3, [1.0] * 3)
+    stored = np.zeros((20, 40, 3), dtype=np.uint8)
+    stored[2:8, 0:10] = 255
+    pixels, boxes = transform(Image.fromarray(stored), torch.tensor([[0.0, 2.0, 10.0, 8.0]]), np.random.default_rng(0))
+    torch.testing.assert_close(boxes, torch.tensor([[30.0, 2.0, 40.0, 8.0]]))
+    expected = np.zeros((20, 40), dtype=np.float32)
+    expected[2:8, 30:40] = 1.0
+    for channel in pixels:
+        np.testing.assert_array_equal(channel.numpy(), expected)
+
+
+def test_training_draws_each_short_side_of_the_list_and_testing_takes_the_first():
+    transform = DetectionTransform([10, 20, 30], 1000, 0.0, "RGB", [0.0] * 3, [1.0] * 3)
+    image = Image.new("RGB", (40, 20))
+    drawn = {transform(image, torch.zeros(0, 4), np.random.default_rng(seed))[0].shape[1] for seed in range(30)}
+    assert drawn == {10, 20, 30}
+    assert transform(image, torch.zeros(0, 4), None)[0].shape[1:] == (10, 20)
+
+
+def test_the_train_and_test_transforms_take_their_own_sizes_and_only_training_flips():
+    cfg = load_config(None, ["data.input.min_size_train=[16]", "data.input.max_size_train=28",
+                             "data.input.min_size_test=12", "data.input.max_size_test=30", "data.input.flip_prob=1.0"])
+    image = Image.new("RGB", (40, 20))
+    box = torch.tensor([[0.0, 0.0, 10.0, 20.0]])
+    train = DetectionTransform.from_config(cfg.data.input, train=True)
+    pixels, boxes = train(image, box, np.random.default_rng(0))
+    assert pixels.shape[1:] == (14, 28)  # short side 16 would make the long side 32 > 28
+    torch.testing.assert_close(boxes, torch.tensor([[21.0, 0.0, 28.0, 14.0]]))  # flipped
+    test = DetectionTransform.from_config(cfg.data.input, train=False)
+    pixels, boxes = test(image, box, np.random.default_rng(0))
+    assert pixels.shape[1:] == (12, 24)
+    torch.testing.assert_close(boxes, torch.tensor([[0.0, 0.0, 6.0, 12.0]]))  # not flipped
+
+
+def test_a_batch_is_zero_padded_at_the_bottom_right_to_the_next_multiple():
+    """(5, 7) and (9, 3) images padded to multiples of 4: (12, 8), each image at the top left, zeros elsewhere."""
+    a, b = torch.full((3, 5, 7), 1.0), torch.full((3, 9, 3), 2.0)
+    batch = pad_batch([a, b], 4)
+    assert batch.shape == (2, 3, 12, 8)
+    expected = torch.zeros(2, 3, 12, 8)
+    expected[0, :, :5, :7] = 1.0
+    expected[1, :, :9, :3] = 2.0
+    assert torch.equal(batch, expected)
+    assert pad_batch([torch.ones(3, 8, 4)], 4).shape == (1, 3, 8, 4)  # already a multiple: no padding
 
 
 def test_config_overrides_and_unknown_keys(tmp_path):
