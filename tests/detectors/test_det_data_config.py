@@ -194,6 +194,27 @@ def test_train_sampler_resumes_and_shards():
     assert shards == [[[0, 2], [4, 6]], [[1, 3], [5]]]
 
 
+def test_each_epoch_is_its_own_permutation_and_every_item_its_own_seed():
+    """Epoch e visits the images in randperm(n) of a generator seeded seed + e; each item's augmentation seed is
+    (seed, epoch, position), distinct for every item of every epoch."""
+    stream = iter(TrainBatchSampler([0] * 8, 4, seed=5))
+    items = [item for _ in range(4) for item in next(stream)]
+    for epoch in range(2):
+        expected = torch.randperm(8, generator=torch.Generator().manual_seed(5 + epoch)).tolist()
+        assert [index for index, _ in items[8 * epoch: 8 * epoch + 8]] == expected
+    assert [key for _, key in items] == [(5, e, p) for e in range(2) for p in range(8)]
+
+
+def test_as_many_training_images_as_processes_is_enough():
+    r1 = iter(TrainBatchSampler([0, 0], 1, seed=0, rank=1, world_size=2))
+    assert len(next(r1)) == 1
+
+
+def test_the_number_of_test_batches_counts_the_last_partial_one():
+    assert [len(InferenceBatchSampler(n, 3)) for n in (0, 1, 3, 4, 7)] == [0, 1, 1, 2, 3]
+    assert len(InferenceBatchSampler(7, 2, rank=1, world_size=2)) == 2  # images 1, 3, 5: [1, 3], [5]
+
+
 @pytest.mark.parametrize("height, width, expected", [
     (320, 640, (667, 1333)),  # 2:1: 666.5 rounds up, as detectron2's int(x + 0.5); round() gave 666
     (480, 640, (800, 1067)),
@@ -567,6 +588,68 @@ def test_only_the_training_split_drops_images_without_boxes(tmp_path):
     cfg = load_config(None, [f"data.train={split}", f"data.test={split}"])
     assert [r["image_id"] for r in build_dataset(cfg, train=True).records] == [1]
     assert [r["image_id"] for r in build_dataset(cfg, train=False).records] == [1, 2]
+
+
+def _set_of_orientations(tmp_path, sizes):
+    """A set of one box per image, the images of (width, height) ``sizes``."""
+    image_dir = tmp_path / "images"
+    image_dir.mkdir()
+    images = []
+    for i, (width, height) in enumerate(sizes, 1):
+        Image.new("RGB", (width, height)).save(image_dir / f"{i}.png")
+        images.append({"id": i, "file_name": f"{i}.png", "width": width, "height": height})
+    ann_file = tmp_path / "ann.json"
+    ann_file.write_text(json.dumps({
+        "images": images, "categories": [{"id": 1, "name": "one"}],
+        "annotations": [{"id": i, "image_id": i, "bbox": [1, 1, 5, 5], "category_id": 1}
+                        for i in range(1, len(sizes) + 1)],
+    }))
+    return CocoDetection(image_dir, ann_file, TRANSFORM, remove_empty=True)
+
+
+def test_the_train_loader_groups_by_aspect_ratio_only_when_asked(tmp_path):
+    """Images 1, 2 landscape, 3, 4 portrait, 2 per batch. Grouped, every batch holds one orientation; not grouped,
+    the batches are consecutive pairs of each epoch's randperm(4) (seed 0 + epoch)."""
+    dataset = _set_of_orientations(tmp_path, [(40, 20), (40, 20), (20, 40), (20, 40)])
+    portrait = [0, 0, 1, 1]
+    grouped = load_config(None, ["solver.ims_per_batch=2", "seed=0", "data.num_workers=0"])
+    batches = iter(build_train_loader(grouped, dataset, 0, 1, 0).batch_sampler)
+    assert all(len({portrait[i] for i, _ in next(batches)}) == 1 for _ in range(8))
+    plain = load_config(None, ["solver.ims_per_batch=2", "seed=0", "data.num_workers=0",
+                               "data.aspect_ratio_grouping=false"])
+    batches = iter(build_train_loader(plain, dataset, 0, 1, 0).batch_sampler)
+    got = [[i for i, _ in next(batches)] for _ in range(4)]
+    orders = [torch.randperm(4, generator=torch.Generator().manual_seed(epoch)).tolist() for epoch in range(2)]
+    assert got == [order[k:k + 2] for order in orders for k in (0, 2)]
+
+
+def test_each_process_takes_its_share_of_the_batch(tmp_path):
+    dataset = _set_of_orientations(tmp_path, [(40, 20)] * 4)
+    cfg = load_config(None, ["solver.ims_per_batch=4", "data.num_workers=0"])
+    assert [len(next(iter(build_train_loader(cfg, dataset, rank, 2, 0).batch_sampler))) for rank in (0, 1)] == [2, 2]
+    with pytest.raises(ConfigError, match="solver.ims_per_batch=4 is not divisible by 3 processes"):
+        build_train_loader(cfg, dataset, 0, 3, 0)
+
+
+def test_the_test_loader_takes_test_ims_per_batch_images_per_batch(tmp_path):
+    from detectors.data.build import build_test_loader
+
+    dataset = _set_of_orientations(tmp_path, [(40, 20)] * 3)
+    cfg = load_config(None, ["solver.ims_per_batch=4", "data.test_ims_per_batch=2", "data.num_workers=0"])
+    assert list(build_test_loader(cfg, dataset, 0, 1).batch_sampler) == [[0, 1], [2]]
+    assert list(build_test_loader(cfg, dataset, 1, 2).batch_sampler) == [[1]]
+
+
+def test_the_loaders_pad_to_the_configs_size_divisibility_and_skip_as_it_says(tmp_path):
+    from detectors.data.build import build_dataset, build_test_loader
+
+    image_dir, ann_file = _write_set(tmp_path, images=("a.png",))  # b.png is missing
+    split = f"{{name: mine, image_dir: {image_dir}, ann_file: {ann_file}}}"
+    cfg = load_config(None, [f"data.test={split}", "data.num_workers=0", "data.input.size_divisibility=32",
+                             "data.input.min_size_test=32", "data.input.max_size_test=64", "data.skip_bad_images=true"])
+    batches = list(build_test_loader(cfg, build_dataset(cfg, train=False), 0, 1))
+    assert batches[0]["images"].shape == (1, 3, 32, 64)  # 32 x 64, already multiples of 32
+    assert batches[1]["images"] is None and [s.path for s in batches[1]["skipped"]] == [str(image_dir / "b.png")]
 
 
 def test_the_shapes_cache_folder_is_named_by_the_parameters_and_the_generator_version(tmp_path, monkeypatch):
