@@ -71,6 +71,10 @@ def test_missing_coco_folder_names_path_and_layout(tmp_path, monkeypatch):
         ("[1, 2]", "top level is not an object"),
         ('{"images": [], "categories": []}', "no 'annotations' list"),
         ('{"images": [{"id": 1}], "annotations": [], "categories": []}', r"images\[0\] lacks file_name"),
+        ('{"images": [], "annotations": [{"image_id": 1, "bbox": [0, 0, 1, 1]}], "categories": []}',
+         r"annotations\[0\] lacks category_id"),
+        ('{"images": [], "annotations": [], "categories": [{"id": 1}]}', r"categories\[0\] lacks name"),
+        ('{"images": [3], "annotations": [], "categories": []}', r"images\[0\] lacks id, file_name"),
     ],
 )
 def test_bad_annotation_files_name_file_and_problem(tmp_path, content, message):
@@ -96,6 +100,62 @@ def test_labels_are_contiguous_and_degenerate_boxes_counted(tmp_path):
     assert target["labels"].tolist() == [1]
     torch.testing.assert_close(target["boxes"], torch.tensor([[2.0, 2.0, 12.0, 10.0]]) * 1.6)
     assert target["orig_size"] == (20, 40)
+
+
+def test_boxes_are_clipped_at_the_top_and_left_too(tmp_path):
+    image_dir, ann_file = _write_set(tmp_path, [{"id": 1, "image_id": 1, "bbox": [-5, -3, 15, 10], "category_id": 7}])
+    dataset = CocoDetection(image_dir, ann_file, TRANSFORM)
+    assert dataset.records[0]["boxes"].tolist() == [[0, 0, 10, 7]] and dataset.num_degenerate == 0
+
+
+def test_labels_follow_the_category_ids_in_increasing_order_whatever_the_files_order(tmp_path):
+    image_dir, ann_file = _write_set(tmp_path)
+    data = json.loads(ann_file.read_text())
+    data["categories"] = [{"id": 7, "name": "seven"}, {"id": 3, "name": "three"}]
+    ann_file.write_text(json.dumps(data))
+    dataset = CocoDetection(image_dir, ann_file, TRANSFORM)
+    assert dataset.category_ids == [3, 7] and dataset.class_names == ["three", "seven"]
+    assert [r["labels"].tolist() for r in dataset.records] == [[1], [0]]  # image 1 holds a 7, image 2 a 3
+
+
+def test_batches_give_the_resized_image_sizes_as_height_and_width(tmp_path):
+    """The model masks and clips with image_sizes: the resized (h, w) of each image, not the original size."""
+    image_dir, ann_file = _write_set(tmp_path)
+    dataset = CocoDetection(image_dir, ann_file, TRANSFORM)
+    batch = collate([dataset[0], dataset[1]], size_divisibility=32)
+    assert batch["images"].shape == (2, 3, 32, 64)
+    assert batch["image_sizes"] == [(32, 64), (32, 64)]  # 40 x 20 resized to short side 32
+    assert [t["orig_size"] for t in batch["targets"]] == [(20, 40), (20, 40)]
+
+
+def test_square_images_group_with_the_landscape_ones(tmp_path):
+    image_dir, ann_file = _write_set(tmp_path)
+    data = json.loads(ann_file.read_text())
+    data["images"] += [{"id": 3, "file_name": "c.png", "width": 20, "height": 20},
+                       {"id": 4, "file_name": "d.png", "width": 20, "height": 40}]
+    ann_file.write_text(json.dumps(data))
+    assert CocoDetection(image_dir, ann_file, TRANSFORM).aspect_groups() == [0, 0, 0, 1]
+
+
+def test_a_training_item_is_augmented_by_its_seed(tmp_path):
+    """An (index, seed) key draws the augmentation: with flip_prob 1 the boxes come back flipped."""
+    image_dir, ann_file = _write_set(tmp_path)
+    dataset = CocoDetection(image_dir, ann_file, DetectionTransform([32], 64, 1.0, "RGB", [0.0] * 3, [1.0] * 3))
+    _, target = dataset[(0, (0, 0, 0))]
+    # [2, 2, 12, 10] x 1.6 in a 64-pixel-wide image, mirrored
+    torch.testing.assert_close(target["boxes"], torch.tensor([[64 - 19.2, 3.2, 64 - 3.2, 16.0]]))
+    _, target = dataset[0]  # a plain index: no augmentation
+    torch.testing.assert_close(target["boxes"], torch.tensor([[3.2, 3.2, 19.2, 16.0]]))
+
+
+def test_explicit_paths_win_over_a_named_datasets_place(tmp_path, monkeypatch):
+    monkeypatch.setenv("DYHEAD_DATASETS", str(tmp_path / "nowhere"))
+    image_dir, ann_file = _write_set(tmp_path)
+    for name in ("coco_2017_val", "shapes_val"):
+        spec = DatasetConfig(name=name, image_dir=str(image_dir), ann_file=str(ann_file))
+        shapes = ShapesConfig(root=str(tmp_path / "shapes"), num_train=1, num_val=1, image_size=32, max_object_size=16)
+        assert resolve_dataset(spec, shapes) == (image_dir, ann_file)
+    assert not (tmp_path / "shapes").exists()  # nothing generated
 
 
 def test_missing_and_corrupt_images(tmp_path):
@@ -174,6 +234,20 @@ def test_shapes_set_is_deterministic_and_coco(tmp_path):
     dataset = CocoDetection(folder / "train", folder / "annotations" / "instances_train.json",
                             DetectionTransform([64], 64, 0.0, "RGB", [0.0] * 3, [1.0] * 3))
     assert len(dataset) == 3 and dataset.num_degenerate == 0
+
+
+def test_the_shapes_set_is_made_once_and_its_splits_differ(tmp_path, monkeypatch):
+    import detectors.data.shapes as shapes
+
+    cfg = ShapesConfig(root=str(tmp_path), num_train=2, num_val=2, image_size=32, max_object_size=16)
+    folder = ensure_shapes(cfg)
+
+    def fail(*args):
+        raise AssertionError("the finished set was made again")
+
+    monkeypatch.setattr(shapes, "_write_split", fail)
+    assert ensure_shapes(cfg) == folder
+    assert (folder / "train" / "000001.png").read_bytes() != (folder / "val" / "000001.png").read_bytes()
 
 
 def test_train_sampler_resumes_and_shards():
@@ -432,6 +506,22 @@ def test_image_entries_without_a_size_take_the_files(tmp_path):
     assert [r["boxes"].tolist() for r in dataset.records] == [[[30, 2, 40, 10]], [[2, 30, 12, 40]]]
     assert dataset.num_degenerate == 1 and dataset.aspect_groups() == [0, 1]
     assert dataset[1][1]["orig_size"] == (40, 20)  # the size check passes against the filled-in size
+
+
+@pytest.mark.parametrize("orientation, upright", [(1, (40, 20)), (2, (40, 20)), (3, (40, 20)), (4, (40, 20)),
+                                                  (5, (20, 40)), (6, (20, 40)), (7, (20, 40)), (8, (20, 40))])
+def test_entries_without_a_size_take_the_upright_size_of_each_exif_orientation(tmp_path, orientation, upright):
+    """EXIF orientations 5 to 8 turn the stored 40 x 20 image a quarter (5 and 7 mirrored too): 20 wide, 40 high."""
+    image_dir, ann_file = _write_set(tmp_path)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.new("RGB", (40, 20)).save(image_dir / "a.png", exif=exif)
+    data = json.loads(ann_file.read_text())
+    del data["images"][0]["width"], data["images"][0]["height"]
+    ann_file.write_text(json.dumps(data))
+    dataset = CocoDetection(image_dir, ann_file, TRANSFORM)
+    assert (dataset.records[0]["width"], dataset.records[0]["height"]) == upright
+    assert dataset[0][1]["orig_size"] == upright[::-1]  # the pixels as read have that size
 
 
 def _gray16(values, mode):
