@@ -580,18 +580,22 @@ def test_no_detections_score_zero_and_minus_one_where_there_is_no_ground_truth(t
 
 
 class _FixedDetector(torch.nn.Module):
-    """Detects each image's one ground-truth box (in original pixels) with the given label."""
+    """Detects each image's one ground-truth box (in original pixels), or ``box`` (x1, y1, x2, y2 in original pixels)
+    in every image, with the given label and score."""
 
-    def __init__(self, dataset, label):
+    def __init__(self, dataset, label, box=None, score=0.9):
         super().__init__()
-        self.dataset, self.label = dataset, label
+        self.dataset, self.label, self.box, self.score = dataset, label, box, score
 
     def forward(self, images, image_sizes, original_sizes=None):
         assert not self.training
         out = []
         for size in original_sizes:
-            (record,) = [r for r in self.dataset.records if (r["height"], r["width"]) == tuple(size)]
-            out.append({"boxes": torch.tensor(record["boxes"]), "scores": torch.tensor([0.9]),
+            boxes = [self.box]
+            if self.box is None:
+                (record,) = [r for r in self.dataset.records if (r["height"], r["width"]) == tuple(size)]
+                boxes = record["boxes"]
+            out.append({"boxes": torch.tensor(boxes), "scores": torch.tensor([self.score]),
                         "labels": torch.tensor([self.label])})
         return out
 
@@ -666,6 +670,50 @@ def test_evaluation_writes_coco_xywh_boxes(tmp_path):
     (result,) = json.loads((tmp_path / "coco_instances_results.json").read_text())
     assert result["bbox"] == [2, 2, 10, 8] and result["category_id"] == 7
     assert metrics["bbox"]["AP75"] == pytest.approx(100.0)
+
+
+def _eval_config():
+    return load_config(None, ["data.num_workers=0", "data.input.min_size_test=32", "data.input.max_size_test=64"])
+
+
+def test_evaluation_reports_each_iou_threshold_and_size_in_percent(tmp_path):
+    """The ground truth [2, 2, 10, 8] (x, y, w, h; area 80, small) detected 2 pixels to the right: IoU 64 / 96 = 0.67,
+    a hit at the IoU thresholds 0.5 to 0.65 and a miss at 0.7 to 0.95, so AP 4/10, AP50 1, AP75 0, APs as AP, no
+    medium or large ground truth."""
+    test_set = _one_box_test_set(tmp_path, {7: "seven"})
+    metrics = evaluate(_FixedDetector(test_set, 0, box=[4.0, 2.0, 14.0, 10.0]).eval(), test_set, _eval_config(),
+                       torch.device("cpu"), tmp_path)
+    expected = {"AP": 40.0, "AP50": 100.0, "AP75": 0.0, "APs": 40.0, "APm": -1.0, "APl": -1.0}
+    assert metrics == {"bbox": pytest.approx(expected)}
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+
+
+def test_evaluation_writes_plain_coco_results_rounded(tmp_path):
+    """Each result holds only the four fields of COCO's results format (not those COCOeval's loadRes adds), the box to
+    0.01 pixel and the score to 1e-5."""
+    test_set = _one_box_test_set(tmp_path, {7: "seven"})
+    model = _FixedDetector(test_set, 0, box=[2.25, 2.5, 12.75, 10.25], score=0.123456).eval()
+    evaluate(model, test_set, _eval_config(), torch.device("cpu"), tmp_path)
+    results = json.loads((tmp_path / "coco_instances_results.json").read_text())
+    assert results == [{"image_id": 1, "category_id": 7, "bbox": [2.25, 2.5, 10.5, 7.75], "score": 0.12346}]
+
+
+def test_evaluation_restores_training_mode_and_reports_skipped_images(tmp_path, caplog):
+    image_dir, ann_file = _write_set(tmp_path, images=("a.png",))  # b.png is missing
+    test_set = CocoDetection(image_dir, ann_file, TRANSFORM, skip_bad_images=True)
+    model = _FixedDetector(test_set, 0, box=[2.0, 2.0, 12.0, 10.0]).train()
+    with caplog.at_level(logging.WARNING):
+        evaluate(model, test_set, _eval_config(), torch.device("cpu"), None)
+    assert model.training
+    assert f"skipping image {image_dir / 'b.png'}: file not found (1 skipped so far)" in caplog.text
+
+
+def test_the_bad_image_count_is_of_all_batches(caplog):
+    log = BadImageLog(logging.getLogger("test.bad_images"))
+    with caplog.at_level(logging.WARNING):
+        log.update([SkippedImage("a.png", "file not found")])
+        log.update([SkippedImage("b.png", "cannot decode")])
+    assert caplog.records[-1].getMessage() == "skipping image b.png: cannot decode (2 skipped so far)"
 
 
 def test_only_the_training_split_drops_images_without_boxes(tmp_path):
