@@ -1,13 +1,16 @@
 """Checkpoint files: the bytes are on disk before the name points at them, the checkpoint before the pointer, a
-pointer to a missing file is an error, and a bare state dict is returned whole."""
+pointer to a missing file is an error, a bare state dict is returned whole, and the saved RNG state restores every
+generator."""
 
 import os
+import random
 
+import numpy as np
 import pytest
 import torch
 
 import detectors.engine.checkpoint as ckpt
-from detectors.engine.checkpoint import last_checkpoint, load_model_weights, save_checkpoint
+from detectors.engine.checkpoint import last_checkpoint, load_checkpoint, load_model_weights, rng_state, save_checkpoint
 
 
 def _record_file_calls(monkeypatch):
@@ -75,3 +78,23 @@ def test_a_bare_state_dict_with_a_tensor_named_model_is_returned_whole(tmp_path)
     torch.save({"model": {"a": torch.ones(1)}, "meta": {"num_classes": 3}}, tmp_path / "c.pth")
     loaded, meta = load_model_weights(tmp_path / "c.pth")
     assert set(loaded) == {"a"} and meta == {"num_classes": 3}
+
+
+def test_the_rng_state_restores_every_generator(tmp_path):
+    """torch, numpy (with a cached Gaussian: one normal() draw leaves the second of its pair) and Python's random draw
+    the same numbers after a checkpoint's RNG state is restored as right after it was taken."""
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    np.random.normal()  # numpy's legacy generator now holds a cached Gaussian
+    save_checkpoint(tmp_path, "c.pth", {"rng": rng_state()})
+
+    def draws():
+        return torch.rand(3).tolist(), np.random.normal(size=3).tolist(), np.random.rand(2).tolist(), random.random()
+
+    expected = draws()
+    torch.manual_seed(7)
+    np.random.seed(8)
+    random.seed(9)
+    ckpt.set_rng_state(load_checkpoint(tmp_path / "c.pth")["rng"])
+    assert draws() == expected
