@@ -227,6 +227,12 @@ def test_a_second_signal_acts_at_once_and_an_ignored_one_stays_ignored(signal_ha
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
 
 
+def test_leaving_without_a_signal_restores_the_handlers(signal_handlers):
+    with StopSignals():
+        assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 @pytest.mark.slow
 def test_sigint_outside_the_training_loop_is_one_line_and_status_130(tmp_path, monkeypatch, capsys, signal_handlers):
     """Ctrl-C in train's final evaluation, in eval and in predict, where no handler of the training loop is
