@@ -72,6 +72,9 @@ def test_malformed_yaml_is_a_config_error_naming_the_override_or_file(tmp_path, 
     ("data.input.pixel_std=[1.0, 0.0, 1.0]", "three values > 0"),
     ("data.input.flip_prob=2", r"in \[0, 1\]"),
     ("model.score_thresh=1.5", r"in \[0, 1\]"),
+    ("model.nms_thresh=1.5", r"in \[0, 1\]"),
+    ("data.input.max_size_test=0", ">= 1"),
+    ("data.input.pixel_mean=[0.5, 0.5]", "three values, one per channel"),
 ])
 def test_out_of_range_values_fail_when_the_config_is_read(override, allowed):
     """Each would crash, hang or silently change the run after the data is read; the error names key, range, value."""
@@ -85,9 +88,10 @@ def test_values_at_the_edge_of_their_range_load(tmp_path):
     cfg = load_config(CONFIGS / "shapes_tiny.yaml", [
         "solver.eval_period=0", "solver.warmup_iters=0", "solver.clip_grad_norm=0", "data.num_workers=0",
         "num_threads=0", "solver.max_iter=0", "solver.steps=[]", "model.score_thresh=0", "solver.warmup_factor=1",
-        "data.shapes.min_objects=0",
+        "data.shapes.min_objects=0", "data.input.flip_prob=1", "model.nms_thresh=1",
     ])
     assert (cfg.solver.max_iter, cfg.solver.steps, cfg.model.score_thresh) == (0, [], 0.0)
+    assert (cfg.data.input.flip_prob, cfg.model.nms_thresh) == (1.0, 1.0)
     assert load_config(None, ["solver.max_iter=10", "solver.steps=[5, 20]"]).solver.steps == [5, 20]
     path = tmp_path / "c.yaml"
     path.write_text("solver:\n  log_period: 0\n")
