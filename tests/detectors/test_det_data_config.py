@@ -4,6 +4,7 @@ import json
 import logging
 import pickle
 import re
+import signal
 
 import numpy as np
 import pytest
@@ -788,6 +789,24 @@ def test_the_loaders_pad_to_the_configs_size_divisibility_and_skip_as_it_says(tm
     batches = list(build_test_loader(cfg, build_dataset(cfg, train=False), 0, 1))
     assert batches[0]["images"].shape == (1, 3, 32, 64)  # 32 x 64, already multiples of 32
     assert batches[1]["images"] is None and [s.path for s in batches[1]["skipped"]] == [str(image_dir / "b.png")]
+
+
+def test_the_train_loader_leaves_the_global_rng_alone_and_its_workers_ignore_stop_signals(tmp_path):
+    """A loader's iterator draws its workers' base seed from its own generator: drawn from torch's global one, it
+    would shift the model's random stream on resume. Its workers leave SIGINT/SIGTERM to the main process."""
+    dataset = _set_of_orientations(tmp_path, [(40, 20)] * 2)
+    loader = build_train_loader(load_config(None, ["solver.ims_per_batch=2", "data.num_workers=0"]), dataset, 0, 1, 0)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    next(iter(loader))
+    assert torch.equal(torch.get_rng_state(), before)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        loader.worker_init_fn(0)
+        assert [signal.getsignal(s) for s in previous] == [signal.SIG_IGN, signal.SIG_IGN]
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def test_the_shapes_cache_folder_is_named_by_the_parameters_and_the_generator_version(tmp_path, monkeypatch):
