@@ -96,11 +96,24 @@ def test_values_at_the_edge_of_their_range_load(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("solver:\n  log_period: 0\n")
     assert load_config(path, ["solver.log_period=1"]).solver.log_period == 1
-    with pytest.raises(ConfigError, match=r"data.shapes.max_objects: expected >= data.shapes.min_objects \(5\), got 3"):
-        load_config(None, ["data.shapes.min_objects=5", "data.shapes.max_objects=3"])
+    with pytest.raises(ConfigError, match=r"data.shapes.max_objects: expected >= data.shapes.min_objects \(5\), got 4"):
+        load_config(None, ["data.shapes.min_objects=5", "data.shapes.max_objects=4"])
+    assert load_config(None, ["data.shapes.min_objects=5", "data.shapes.max_objects=5"]).data.shapes.max_objects == 5
 
 
 def test_an_override_value_may_hold_an_equals_sign():
     """The key ends at the first '=': a path such as a=b/ann.json is the value, whole."""
     cfg = load_config(None, ["data.train.ann_file=/data/run=3/ann.json", "data.test.image_dir=x==y"])
     assert (cfg.data.train.ann_file, cfg.data.test.image_dir) == ("/data/run=3/ann.json", "x==y")
+
+
+def test_overrides_check_bools_ints_and_sections_and_allow_spaces():
+    """A number is not a bool nor a bool a number (YAML reads true as a bool, 1 as an int); a key below a plain value
+    names the section it is not; spaces around the key are allowed."""
+    with pytest.raises(ConfigError, match="data.aspect_ratio_grouping: expected bool, got 1"):
+        load_config(None, ["data.aspect_ratio_grouping=1"])
+    with pytest.raises(ConfigError, match="solver.max_iter: expected int, got True"):
+        load_config(None, ["solver.max_iter=true"])
+    with pytest.raises(ConfigError, match="unknown config section 'solver.base_lr'; valid sections under 'solver'"):
+        load_config(None, ["solver.base_lr.x=1"])
+    assert load_config(None, [" solver.max_iter = 7"]).solver.max_iter == 7
