@@ -65,6 +65,22 @@ def test_missing_coco_folder_names_path_and_layout(tmp_path, monkeypatch):
         resolve_dataset(DatasetConfig(name="my_set"), ShapesConfig())
 
 
+def test_named_datasets_resolve_to_their_own_split(tmp_path, monkeypatch):
+    monkeypatch.setenv("DYHEAD_DATASETS", str(tmp_path))
+    coco = tmp_path / "coco"
+    (coco / "annotations").mkdir(parents=True)
+    for split in ("train", "val"):
+        (coco / f"{split}2017").mkdir()
+        (coco / "annotations" / f"instances_{split}2017.json").write_text("{}")
+        assert resolve_dataset(DatasetConfig(name=f"coco_2017_{split}"), ShapesConfig()) == (
+            coco / f"{split}2017", coco / "annotations" / f"instances_{split}2017.json")
+    shapes = ShapesConfig(root=str(tmp_path / "shapes"), num_train=1, num_val=1, image_size=32, max_object_size=16)
+    for split in ("train", "val"):
+        image_dir, ann_file = resolve_dataset(DatasetConfig(name=f"shapes_{split}"), shapes)
+        assert (image_dir.name, ann_file.name) == (split, f"instances_{split}.json")
+        assert image_dir.parent == ann_file.parent.parent == ensure_shapes(shapes)
+
+
 @pytest.mark.parametrize(
     "content, message",
     [
