@@ -354,6 +354,15 @@ def test_boxes_scale_by_the_width_and_height_factors_separately():
     torch.testing.assert_close(boxes, torch.tensor([[0.0, 0.0, 9.0, 4.0], [4.5, 2.0, 9.0, 4.0]]))
 
 
+def test_the_resize_is_bilinear():
+    """A 2 x 1 image of 0 and 200 doubled to 4 x 2: pixel centres at x = -0.25, 0.25, 0.75, 1.25 of the source
+    interpolate to 0, 50, 150, 200 (nearest would give 0, 0, 200, 200)."""
+    transform = DetectionTransform([2], 100, 0.0, "RGB", [0.0] * 3, [1 / 255] * 3)
+    stored = np.array([[[0, 0, 0], [200, 200, 200]]], dtype=np.uint8)
+    pixels, _ = transform(Image.fromarray(stored), torch.zeros(0, 4), None)
+    torch.testing.assert_close(pixels, torch.tensor([0.0, 50.0, 150.0, 200.0]).expand(3, 2, 4))
+
+
 def test_the_flip_moves_the_pixels_with_the_boxes():
     """A white square at x 0-10, y 2-8 of a black 40 x 20 image: after the flip the box is x 30-40 and the white
     pixels are inside it (the same rows), the left part black."""
