@@ -80,7 +80,17 @@ def test_a_bare_state_dict_with_a_tensor_named_model_is_returned_whole(tmp_path)
     assert set(loaded) == {"a"} and meta == {"num_classes": 3}
 
 
-def test_the_rng_state_restores_every_generator(tmp_path):
+@pytest.fixture
+def global_generators_kept():
+    """The test reseeds the global generators; later tests in the process find them as they were."""
+    states = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    yield
+    torch.set_rng_state(states[0])
+    np.random.set_state(states[1])
+    random.setstate(states[2])
+
+
+def test_the_rng_state_restores_every_generator(tmp_path, global_generators_kept):
     """torch, numpy (with a cached Gaussian: one normal() draw leaves the second of its pair) and Python's random draw
     the same numbers after a checkpoint's RNG state is restored as right after it was taken."""
     torch.manual_seed(1)
