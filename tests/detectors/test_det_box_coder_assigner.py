@@ -112,3 +112,31 @@ def test_box_coder_weights_are_10_10_5_5_on_every_coordinate():
     torch.testing.assert_close(coder.encode(wide, anchor), torch.tensor([[10.0, 0.0, 5 * math.log(4), 0.0]]))
     torch.testing.assert_close(coder.decode(torch.tensor([[0.0, 10.0, 0.0, 5 * math.log(2)]]), anchor), tall)
     torch.testing.assert_close(coder.decode(torch.tensor([[10.0, 0.0, 5 * math.log(4), 0.0]]), anchor), wide)
+
+
+def test_assigner_centre_exactly_001_inside_is_not_positive():
+    # the release's is_in_gts is min(l, t, r, b) > 0.01, strict: the anchor centred at x 0 lies exactly 0.01 (in float32)
+    # inside the box's left side at -0.01; its IoU 50.1 / 149.9 = 0.334 reaches the threshold 0.304 of (0.334, 0, 0)
+    assert (torch.tensor(0.0) - torch.tensor(-0.01)).item() == torch.tensor(0.01).item()
+    assert _assign([[-5.0, 0.0, 5.0, 10.0], FAR1, FAR2], [[-0.01, 0.0, 9.99, 10.0]]) == [-1, -1, -1]
+
+
+def test_assigner_needs_anchor_centre_inside_vertically_too():
+    # the anchors of test_assigner_needs_anchor_centre_inside_box moved along y: IoU 0.25 reaches the threshold 0.228
+    # of (0.25, 0, 0) but the centre (5, 11) lies below the box and (5, -1) above it
+    gt = [[0.0, 0.0, 10.0, 10.0]]
+    assert _assign([[0.0, 6.0, 10.0, 16.0], FAR1, FAR2], gt) == [-1, -1, -1]
+    assert _assign([[0.0, -6.0, 10.0, 4.0], FAR1, FAR2], gt) == [-1, -1, -1]
+    # centre (5, 9) inside, IoU 0.43 over the threshold 0.39: positive
+    assert _assign([[0.0, 4.0, 10.0, 14.0], FAR1, FAR2], gt) == [0, -1, -1]
+
+
+def test_box_coder_applies_each_weight_to_its_own_coordinate():
+    # distinct weights (1, 2, 3, 4), so that using one coordinate's weight for another changes the deltas: the box's
+    # centre moves by one anchor width along x and 1.5 anchor heights along y, its width doubles and its height triples
+    coder = BoxCoder(weights=(1.0, 2.0, 3.0, 4.0))
+    anchor = torch.tensor([[0.0, 0.0, 10.0, 20.0]])  # centre (5, 10), 10 x 20
+    box = torch.tensor([[5.0, 10.0, 25.0, 70.0]])  # centre (15, 40), 20 x 60
+    deltas = torch.tensor([[1.0 * 1, 2.0 * 1.5, 3.0 * math.log(2), 4.0 * math.log(3)]])
+    torch.testing.assert_close(coder.encode(box, anchor), deltas)
+    torch.testing.assert_close(coder.decode(deltas, anchor), box)
