@@ -31,12 +31,17 @@ def test_make_anchors_centres_and_sizes():
     assert level.shape == (6, 4)
     # second location of the second row: centre ((1 + 0.5) * 16, (1 + 0.5) * 16), side 8 * 16
     torch.testing.assert_close(level[4], torch.tensor([24.0 - 64, 24.0 - 64, 24.0 + 64, 24.0 + 64]))
+    # third location of the first row, off the diagonal: centre x (2 + 0.5) * 16, y (0 + 0.5) * 16
+    torch.testing.assert_close(level[2], torch.tensor([40.0 - 64, 8.0 - 64, 40.0 + 64, 8.0 + 64]))
 
 
 def test_centerness_targets():
     anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [-3.0, 0.0, 7.0, 10.0]])  # centres (5, 5) and (2, 5)
     boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 10.0]])
     torch.testing.assert_close(centerness_targets(anchors, boxes), torch.tensor([1.0, math.sqrt(2 / 8)]))
+    # a box whose x1 and y1 differ: the centre (3, 6) in [1, 2, 11, 8] has (l, r, t, b) = (2, 8, 4, 2)
+    anchor, box = torch.tensor([[2.0, 5.0, 4.0, 7.0]]), torch.tensor([[1.0, 2.0, 11.0, 8.0]])
+    torch.testing.assert_close(centerness_targets(anchor, box), torch.tensor([math.sqrt(2 / 8 * 2 / 4)]))
 
 
 def test_losses_on_known_case():
@@ -259,3 +264,78 @@ def test_rescale_detections_scales_x_by_widths_and_y_by_heights_then_clips():
            "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([0, 1])}
     (out,) = rescale_detections([det], [(100, 120)], [(150, 360)])
     torch.testing.assert_close(out["boxes"], torch.tensor([[30.0, 30.0, 90.0, 60.0], [300.0, 135.0, 360.0, 150.0]]))
+
+
+def test_head_initialisation_and_output_layout_are_the_releases():
+    """The release's ATSS head: weights N(0, 0.01), zero biases but the class bias -log((1 - p) / p) for the prior
+    p, one Scale(1.0) per level on the box deltas. Outputs are channels-last per location, row-major, levels
+    concatenated: checked against 1x1 convolutions written as matrix products."""
+    torch.manual_seed(0)
+    head = ATSSHead(64, num_classes=3, num_levels=2)  # the default prior 0.01
+    torch.testing.assert_close(head.cls_logits.bias, torch.full((3,), -math.log(99.0)))
+    assert head.bbox_pred.bias.abs().max() == 0 and head.centerness.bias.abs().max() == 0
+    for conv in (head.cls_logits, head.bbox_pred, head.centerness):
+        assert conv.weight.std().item() == pytest.approx(0.01, rel=0.25)
+    assert [s.scale.item() for s in head.scales] == [1.0, 1.0]
+    with torch.no_grad():
+        for param in head.parameters():
+            param.copy_(torch.randn_like(param))
+        head.scales[0].scale.fill_(1.0)
+        head.scales[1].scale.fill_(2.0)
+        features = [torch.randn(2, 64, 2, 3), torch.randn(2, 64, 1, 2)]
+        outputs = head(features)
+
+    def conv1x1(feature, conv):  # (N, C, H, W) -> (N, H * W, out)
+        return feature.flatten(2).transpose(1, 2) @ conv.weight.flatten(1).T + conv.bias
+
+    cls = torch.cat([conv1x1(f, head.cls_logits) for f in features], dim=1)
+    box = torch.cat([conv1x1(features[0], head.bbox_pred), 2.0 * conv1x1(features[1], head.bbox_pred)], dim=1)
+    ctr = torch.cat([conv1x1(f, head.centerness)[..., 0] for f in features], dim=1)
+    assert outputs["cls_logits"].shape == (2, 8, 3)
+    torch.testing.assert_close(outputs["cls_logits"], cls)
+    torch.testing.assert_close(outputs["bbox_deltas"], box)
+    torch.testing.assert_close(outputs["centerness"], ctr)
+
+
+def test_focal_loss_targets_the_boxs_class():
+    # the origin anchor's logits (0, 2) for the box of class 1: its class-1 term is positive, with p = sigmoid(2);
+    # the other five terms are negatives at p = 0.5. By hand: positive alpha (1 - p)^2 (-log p), negative
+    # (1 - alpha) p^2 (-log (1 - p))
+    outputs = _outputs()
+    with torch.no_grad():
+        outputs["cls_logits"][0, 0, 1] = 2.0
+    targets = [{"boxes": torch.tensor([[1.0, 1.0, 9.0, 9.0]]), "labels": torch.tensor([1])}]
+    losses = _head().compute_loss(outputs, ANCHORS, targets)
+    p = 1 / (1 + math.exp(-2.0))
+    expected = 0.25 * (1 - p) ** 2 * -math.log(p) + 5 * 0.75 * 0.25 * LN2
+    torch.testing.assert_close(losses["loss_cls"], torch.tensor(expected))
+
+
+def test_box_loss_of_one_positive_is_its_giou_loss_whatever_its_centerness():
+    # GIoU weighted by the centerness target and divided by the targets' sum: one positive with target sqrt(0.5)
+    # (centre (5, 5) in [1, 1, 13, 9]) gives twice its plain GIoU loss. The enclosing box of the anchor [0,0,10,10]
+    # and the box is [0,0,13,10]: area 130, union 124, intersection 72
+    targets = [{"boxes": torch.tensor([[1.0, 1.0, 13.0, 9.0]]), "labels": torch.tensor([0])}]
+    losses = _head().compute_loss(_outputs(), ANCHORS, targets)
+    torch.testing.assert_close(losses["loss_box"], torch.tensor(2 * (1 - (72 / 124 - 6 / 130))))
+
+
+@pytest.mark.parametrize("threshold, count", [(0.5, 0), (0.49, 2)])
+def test_postprocess_keeps_only_probabilities_strictly_over_the_threshold(threshold, count):
+    # the release's candidate_inds = box_cls.sigmoid() > pre_nms_thresh: logits 0 give p = 0.5 exactly, not a
+    # candidate at the threshold 0.5
+    anchors = [torch.tensor([[0.0, 0.0, 10.0, 10.0]])]
+    outputs = {"cls_logits": torch.zeros(1, 1, 2), "bbox_deltas": torch.zeros(1, 1, 4), "centerness": torch.zeros(1, 1)}
+    (det,) = _head().postprocess(outputs, anchors, [(100, 100)], score_thresh=threshold)
+    assert len(det["scores"]) == count
+
+
+def test_select_detections_drops_boxes_left_without_height():
+    from detectors.detections import select_detections
+
+    # the second box lies below the 100 x 100 image: clipped to [20, 100, 30, 100], zero height, dropped
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 120.0, 30.0, 140.0], [50.0, 90.0, 60.0, 120.0]])
+    det = select_detections(boxes, torch.tensor([0.9, 0.8, 0.7]), torch.tensor([0, 1, 2]), (100, 100), 0.6, 100)
+    torch.testing.assert_close(det["boxes"], torch.tensor([[0.0, 0.0, 10.0, 10.0], [50.0, 90.0, 60.0, 100.0]]))
+    torch.testing.assert_close(det["scores"], torch.tensor([0.9, 0.7]))
+    assert det["labels"].tolist() == [0, 2]
