@@ -339,3 +339,31 @@ def test_select_detections_drops_boxes_left_without_height():
     torch.testing.assert_close(det["boxes"], torch.tensor([[0.0, 0.0, 10.0, 10.0], [50.0, 90.0, 60.0, 100.0]]))
     torch.testing.assert_close(det["scores"], torch.tensor([0.9, 0.7]))
     assert det["labels"].tolist() == [0, 2]
+
+
+def test_built_atss_takes_the_configs_settings(monkeypatch):
+    """Every ATSS setting of the config reaches the model: none left at a default that happens to match the tests."""
+    from detectors.atss import build_atss_dyhead
+    from detectors.config import BackboneConfig, ModelConfig
+
+    backbone = BackboneConfig(name="slim", weights=None, norm="gn", freeze_at=0, widths=[8, 8, 16, 16],
+                              depths=[1, 1, 1, 1])
+    cfg = ModelConfig(backbone=backbone, fpn_channels=32, dyhead_channels=32, dyhead_blocks=1,
+                      dyhead_backend="torchvision", dyhead_high_offsets="crop", anchor_scale=6.0, atss_topk=5,
+                      prior_prob=0.1, focal_alpha=0.3, focal_gamma=1.5, reg_loss_weight=1.5, score_thresh=0.2,
+                      pre_nms_topk=7, nms_thresh=0.3, detections_per_img=4)
+    model = build_atss_dyhead(cfg, num_classes=3).eval()
+    head = model.head
+    assert (head.assigner.topk, head.focal_alpha, head.focal_gamma, head.reg_loss_weight) == (5, 0.3, 1.5, 1.5)
+    torch.testing.assert_close(head.cls_logits.bias, torch.full((3,), -math.log(0.9 / 0.1)))
+    assert model.neck.blocks[0].spatial.high_offsets == "crop"
+    # one anchor of side 6 strides per location of P3-P7, strides 8 to 128, centred half a stride in
+    anchors = model.make_anchors([(1, 1)] * 5, torch.device("cpu"))
+    expected = [torch.tensor([[s / 2 - 3 * s, s / 2 - 3 * s, s / 2 + 3 * s, s / 2 + 3 * s]]) for s in (8, 16, 32, 64, 128)]
+    for level, want in zip(anchors, expected, strict=True):
+        torch.testing.assert_close(level, want)
+    calls = []
+    monkeypatch.setattr(head, "postprocess", lambda outputs, anchors, sizes, *settings: calls.append(settings) or [])
+    with torch.no_grad():
+        model(torch.randn(1, 3, 128, 128), [(128, 128)])
+    assert calls == [(0.2, 7, 0.3, 4)]  # score_thresh, pre_nms_topk, nms_thresh, detections_per_img
