@@ -380,3 +380,64 @@ def test_match_anchors_threshold_edges_are_detectron2s():
     anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 4.0], [0.0, 0.0, 10.0, 5.0],
                             [0.0, 0.0, 10.0, 3.9]])
     assert match_anchors(anchors, gt, 0.5, 0.4).tolist() == [0, IGNORE, 0, BACKGROUND]
+
+
+def test_built_retinanet_takes_the_configs_settings(monkeypatch):
+    """Every RetinaNet setting of the config reaches the model: none left at a default that happens to match."""
+    retina = RetinaNetConfig(num_convs=0, anchor_size=16.0, anchor_scales=[1.0], aspect_ratios=[1.0],
+                             fg_iou_thresh=0.6, bg_iou_thresh=0.3, smooth_l1_beta=0.2)
+    cfg = _tiny_model_config(retinanet=retina, prior_prob=0.1, focal_alpha=0.3, focal_gamma=1.5, score_thresh=0.2,
+                             pre_nms_topk=7, nms_thresh=0.3, detections_per_img=4)
+    model = build_detector(cfg, num_classes=3).eval()
+    head = model.head
+    assert (head.num_anchors, head.fg_iou_thresh, head.bg_iou_thresh, head.smooth_l1_beta) == (1, 0.6, 0.3, 0.2)
+    assert (head.focal_alpha, head.focal_gamma) == (0.3, 1.5)
+    torch.testing.assert_close(head.cls_logits.bias, torch.full((3,), -math.log(0.9 / 0.1)))
+    # one square anchor of side 16 * stride / 8 centred at the origin on P3-P7, strides 8 to 128
+    anchors = model.make_anchors([(1, 1)] * 5, torch.device("cpu"))
+    for level, stride in zip(anchors, (8, 16, 32, 64, 128), strict=True):
+        torch.testing.assert_close(level, torch.tensor([[-stride, -stride, stride, stride]], dtype=torch.float32))
+    calls = []
+    monkeypatch.setattr(head, "postprocess", lambda outputs, anchors, sizes, *settings: calls.append(settings) or [])
+    with torch.no_grad():
+        model(torch.randn(1, 3, 128, 128), [(128, 128)])
+    assert calls == [(0.2, 7, 0.3, 4)]  # score_thresh, pre_nms_topk, nms_thresh, detections_per_img
+
+
+def test_prediction_layers_are_initialised_as_detectron2s():
+    # detectron2's RetinaNetHead: cls_score and bbox_pred N(0, 0.01), bbox_pred's bias 0, cls_score's the prior's
+    # -log((1 - 0.01) / 0.01)
+    torch.manual_seed(0)
+    head = RetinaNetHead(64, num_classes=2, num_convs=0)
+    for conv in (head.cls_logits, head.bbox_pred):
+        assert conv.weight.std().item() == pytest.approx(0.01, rel=0.1)
+    assert head.bbox_pred.bias.abs().max() == 0
+    torch.testing.assert_close(head.cls_logits.bias, torch.full((18,), -math.log(99.0)))
+
+
+def test_match_anchors_gives_each_box_its_own_low_quality_anchor():
+    # two boxes, each overlapping only one anchor, by 100 / 220 (under 0.5): both anchors are foreground, each for its box
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [100.0, 100.0, 110.0, 110.0]])
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 22.0], [100.0, 100.0, 110.0, 122.0], [50.0, 50.0, 60.0, 60.0]])
+    assert match_anchors(anchors, boxes, 0.5, 0.4).tolist() == [0, 1, BACKGROUND]
+
+
+@pytest.mark.parametrize("threshold, count", [(0.5, 0), (0.49, 2)])
+def test_postprocess_keeps_only_probabilities_strictly_over_the_threshold(threshold, count):
+    # detectron2's keep_idxs = predicted_prob > test_score_thresh: logits 0 give p = 0.5 exactly
+    outputs = {"cls_logits": torch.zeros(1, 1, 2), "bbox_deltas": torch.zeros(1, 1, 4)}
+    (det,) = RetinaNetHead(8, num_classes=2, num_anchors=1).postprocess(
+        outputs, [torch.tensor([[0.0, 0.0, 10.0, 10.0]])], [(100, 100)], score_thresh=threshold)
+    assert len(det["scores"]) == count
+
+
+def test_postprocess_splits_anchor_and_class_with_three_classes():
+    # the flattened (anchor, class) index is 3a + k: anchor 0's class 2 (index 2) and anchor 1's class 0 (index 3)
+    head = RetinaNetHead(8, num_classes=3, num_anchors=1)
+    anchors = [torch.tensor([[0.0, 0.0, 10.0, 10.0], [50.0, 50.0, 60.0, 60.0]])]
+    cls = torch.full((1, 2, 3), -10.0)
+    cls[0, 0, 2], cls[0, 1, 0] = _logit(0.9), _logit(0.8)
+    (det,) = head.postprocess({"cls_logits": cls, "bbox_deltas": torch.zeros(1, 2, 4)}, anchors, [(100, 100)])
+    assert det["labels"].tolist() == [2, 0]
+    torch.testing.assert_close(det["boxes"], anchors[0])
+    torch.testing.assert_close(det["scores"], torch.tensor([0.9, 0.8]))
