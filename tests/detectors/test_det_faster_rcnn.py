@@ -82,6 +82,16 @@ def test_fc_box_head_is_detectron2s_two_fc_layers():
     assert out.shape == (5, 32) and (out >= 0).all()
 
 
+def test_box_predictor_is_initialised_as_detectron2s():
+    # detectron2's FastRCNNOutputLayers: cls_score N(0, 0.01), bbox_pred N(0, 0.001), zero biases; K + 1 classes
+    torch.manual_seed(0)
+    predictor = box_predictor(256, 3)
+    assert predictor.cls_score.out_features == 4 and predictor.bbox_pred.out_features == 16
+    assert predictor.cls_score.weight.std().item() == pytest.approx(0.01, rel=0.1)
+    assert predictor.bbox_pred.weight.std().item() == pytest.approx(0.001, rel=0.1)
+    assert not predictor.cls_score.bias.any() and not predictor.bbox_pred.bias.any()
+
+
 def test_unknown_box_head_names_the_valid_ones():
     with pytest.raises(ConfigError, match="box_head: expected one of fc, task_attention, got 'fc7'"):
         _model("fc7")
@@ -358,7 +368,9 @@ def test_built_rpn_and_roi_heads_take_their_own_matcher_and_sampler_settings():
                 "roi_positive_fraction": 0.3}
     base = ["model.meta_architecture=faster_rcnn", "model.backbone.widths=[8, 16, 16, 32]", "model.fpn_channels=16",
             "model.dyhead_channels=16", "model.dyhead_blocks=1", "model.dyhead_backend=sampled"]
-    cfg = load_config(CONFIGS / "shapes_tiny.yaml", base + [f"model.rcnn.{k}={v}" for k, v in settings.items()])
+    inference = ["model.score_thresh=0.2", "model.nms_thresh=0.3", "model.detections_per_img=7"]
+    cfg = load_config(CONFIGS / "shapes_tiny.yaml",
+                      base + inference + [f"model.rcnn.{k}={v}" for k, v in settings.items()])
     model = build_detector(cfg.model, NUM_CLASSES)
     rpn, roi = model.rpn, model.roi_heads
     assert (rpn.proposal_matcher.high_threshold, rpn.proposal_matcher.low_threshold) == (0.71, 0.29)
@@ -367,6 +379,8 @@ def test_built_rpn_and_roi_heads_take_their_own_matcher_and_sampler_settings():
     assert rpn._post_nms_top_n == {"training": 800, "testing": 700} and rpn.nms_thresh == 0.66
     assert (roi.proposal_matcher.high_threshold, roi.proposal_matcher.low_threshold) == (0.55, 0.45)
     assert (roi.fg_bg_sampler.batch_size_per_image, roi.fg_bg_sampler.positive_fraction) == (500, 0.3)
+    # the shared inference settings reach the RoI heads' post-processing
+    assert (roi.score_thresh, roi.nms_thresh, roi.detections_per_img) == (0.2, 0.3, 7)
 
     default = build_detector(load_config(CONFIGS / "shapes_tiny.yaml", base).model, NUM_CLASSES)
     rpn, roi = default.rpn, default.roi_heads
