@@ -367,3 +367,22 @@ def test_built_atss_takes_the_configs_settings(monkeypatch):
     with torch.no_grad():
         model(torch.randn(1, 3, 128, 128), [(128, 128)])
     assert calls == [(0.2, 7, 0.3, 4)]  # score_thresh, pre_nms_topk, nms_thresh, detections_per_img
+
+
+def test_postprocess_reads_each_images_own_predictions():
+    # two images over the same anchors: image 0 has anchor 0 at class 0 (p 0.9, centerness 0.5, no deltas), image 1
+    # anchor 1 at class 1 (p 0.8, centerness 0.25) moved right by dx 1 = 0.1 anchor widths (weight 10): 2 pixels
+    anchors = [torch.tensor([[0.0, 0.0, 10.0, 10.0], [40.0, 40.0, 60.0, 60.0]])]
+    cls = torch.full((2, 2, 2), -10.0)
+    cls[0, 0, 0], cls[1, 1, 1] = _logit(0.9), _logit(0.8)
+    ctr = torch.tensor([[0.0, -10.0], [-10.0, _logit(0.25)]])
+    deltas = torch.zeros(2, 2, 4)
+    deltas[1, 1, 0] = 1.0
+    outputs = {"cls_logits": cls, "bbox_deltas": deltas, "centerness": ctr}
+    first, second = _head().postprocess(outputs, anchors, [(100, 100), (100, 100)])
+    torch.testing.assert_close(first["boxes"], torch.tensor([[0.0, 0.0, 10.0, 10.0]]))
+    torch.testing.assert_close(first["scores"], torch.tensor([0.45]))
+    assert first["labels"].tolist() == [0]
+    torch.testing.assert_close(second["boxes"], torch.tensor([[42.0, 40.0, 62.0, 60.0]]))
+    torch.testing.assert_close(second["scores"], torch.tensor([0.2]))
+    assert second["labels"].tolist() == [1]

@@ -441,3 +441,20 @@ def test_postprocess_splits_anchor_and_class_with_three_classes():
     assert det["labels"].tolist() == [2, 0]
     torch.testing.assert_close(det["boxes"], anchors[0])
     torch.testing.assert_close(det["scores"], torch.tensor([0.9, 0.8]))
+
+
+def test_postprocess_reads_each_images_own_predictions():
+    # two images over the same anchors: image 0 has anchor 0 at class 0 (p 0.9, no deltas), image 1 anchor 1 at
+    # class 1 (p 0.8) moved right by dx 0.1 anchor widths (weight 1): 2 pixels
+    head = RetinaNetHead(8, num_classes=2, num_anchors=1)
+    anchors = [torch.tensor([[0.0, 0.0, 10.0, 10.0], [40.0, 40.0, 60.0, 60.0]])]
+    cls = torch.full((2, 2, 2), -10.0)
+    cls[0, 0, 0], cls[1, 1, 1] = _logit(0.9), _logit(0.8)
+    deltas = torch.zeros(2, 2, 4)
+    deltas[1, 1, 0] = 0.1
+    dets = head.postprocess({"cls_logits": cls, "bbox_deltas": deltas}, anchors, [(100, 100), (100, 100)])
+    expected = [([0.0, 0.0, 10.0, 10.0], 0.9, 0), ([42.0, 40.0, 62.0, 60.0], 0.8, 1)]
+    for det, (box, score, label) in zip(dets, expected, strict=True):
+        torch.testing.assert_close(det["boxes"], torch.tensor([box]))
+        torch.testing.assert_close(det["scores"], torch.tensor([score]))
+        assert det["labels"].tolist() == [label]
