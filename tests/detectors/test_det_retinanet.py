@@ -458,3 +458,12 @@ def test_postprocess_reads_each_images_own_predictions():
         torch.testing.assert_close(det["boxes"], torch.tensor([box]))
         torch.testing.assert_close(det["scores"], torch.tensor([score]))
         assert det["labels"].tolist() == [label]
+
+
+def test_box_targets_are_unclamped_deltas():
+    # the box's only anchor (a low-quality match, IoU 1/3) is three times its height: targets dy (5 - 15) / 30 and
+    # dh log(1/3) = -1.10, past 1; zero deltas give smooth L1 (beta 0.1) |x| - 0.05 on each, over one positive
+    head = _per_batch_head()
+    anchors = [torch.tensor([[0.0, 0.0, 10.0, 30.0]])]
+    losses = head.compute_loss(_outputs(num_anchors=1), anchors, GT_TARGETS)
+    torch.testing.assert_close(losses["loss_box"], torch.tensor(1 / 3 - 0.05 + math.log(3) - 0.05))
