@@ -210,11 +210,12 @@ def _resume(output_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer
 def train(cfg: Config, output_dir: Path, resume: bool = False) -> dict:
     """Trains the detector ``cfg`` describes and evaluates it on the test split.
 
-    Writes to ``output_dir``: ``config.yaml``, ``log.txt``, ``metrics.jsonl`` (losses and lr every
-    ``log_period`` iterations, evaluations), ``model_XXXXXXX.pth`` every ``checkpoint_period`` iterations and
-    ``model_final.pth``, ``metrics.json`` and ``coco_instances_results.json``. With ``resume`` it continues
-    from ``last_checkpoint`` with the same results as an uninterrupted run. A first SIGINT or SIGTERM (on any
-    process) stops it after the current iteration with a checkpoint (`stop.StopSignals`).
+    Writes to ``output_dir``: ``config.yaml``, ``log.txt``, ``metrics.jsonl`` (every ``log_period`` iterations
+    the mean losses since the last record and the lr its last iteration trained with; evaluations),
+    ``model_XXXXXXX.pth`` every ``checkpoint_period`` iterations and ``model_final.pth``, ``metrics.json`` and
+    ``coco_instances_results.json``. With ``resume`` it continues from ``last_checkpoint`` with the same results
+    as an uninterrupted run. A first SIGINT or SIGTERM (on any process) stops it after the current iteration with
+    a checkpoint (`stop.StopSignals`).
 
     Returns:
         The final metrics on the main process (``{"bbox": {...}}``), an empty dict on the others.
@@ -291,6 +292,7 @@ def train(cfg: Config, output_dir: Path, resume: bool = False) -> dict:
             if solver.clip_grad_norm > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), solver.clip_grad_norm)
             optimizer.step()
+            lr = optimizer.param_groups[0]["lr"]  # the one this iteration trained with, logged (as detectron2 does)
             scheduler.step()
 
             for name, value in losses.items():
@@ -304,7 +306,7 @@ def train(cfg: Config, output_dir: Path, resume: bool = False) -> dict:
                 record = dict(zip(sorted(running), stats))
                 record["loss"] = sum(stats)
                 seconds = (time.perf_counter() - window_start) / window_iters
-                record.update(iter=done, lr=optimizer.param_groups[0]["lr"], time=seconds)
+                record.update(iter=done, lr=lr, time=seconds)
                 progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2g}")
                 if main:
                     metrics_log.write(record)

@@ -2,6 +2,7 @@
 own RNG state, a checkpoint of another data order is refused, and the loop clips gradients and switches autocast
 as the solver says."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from torch import nn
 
 import detectors.engine.train as engine
 from detectors.config import load_config
-from detectors.engine.checkpoint import CheckpointError, rng_state, save_checkpoint
+from detectors.engine.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "shapes_tiny.yaml"
 
@@ -47,6 +48,44 @@ def test_each_process_resumes_its_own_rng_state(tmp_path, monkeypatch, rank):
     assert torch.equal(torch.get_rng_state(), states[rank]["torch"])
 
 
+def test_resume_continues_the_schedule_where_the_checkpoint_left_it(tmp_path):
+    """shapes_tiny warms up over 100 iterations from 0.001 of base_lr=0.002: after 4 steps the resumed optimiser
+    is at iteration 4 of the warm-up, and its next step at iteration 5, not back at the start."""
+    cfg = load_config(CONFIG, ["solver.max_iter=8"])
+    model, optimizer, scheduler = parts = _solver_parts(cfg)
+    for _ in range(4):
+        optimizer.step()
+        scheduler.step()
+    _two_process_checkpoint(tmp_path, cfg, parts, engine._data_order(cfg))
+    model, optimizer, scheduler = fresh = _solver_parts(cfg)
+    assert engine._resume(tmp_path, *fresh, cfg) == 4
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.002 * (0.001 * 0.96 + 0.04))
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.002 * (0.001 * 0.95 + 0.05))
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_the_runtime_seeds_each_process_with_seed_plus_rank(monkeypatch, deterministic):
+    """detectron2's seed + rank, in Python's, NumPy's and torch's generators; the config's thread count; cuDNN
+    autotuning only where reproducible kernels are not asked for, and TF32 off."""
+    import random
+
+    import numpy as np
+
+    cfg = load_config(CONFIG, ["seed=5", "device=cpu", "num_threads=3", f"deterministic={str(deterministic).lower()}"])
+    threads = []
+    monkeypatch.setattr(engine, "get_rank", lambda: 2)
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    for flag in ("benchmark", "deterministic"):  # restored after the test; every run turns TF32 off
+        monkeypatch.setattr(torch.backends.cudnn, flag, getattr(torch.backends.cudnn, flag))
+    assert engine.setup_runtime(cfg) == torch.device("cpu")
+    assert torch.initial_seed() == 7 and threads == [3]
+    assert random.random() == random.Random(7).random()
+    assert np.random.rand() == np.random.RandomState(7).rand()
+    assert torch.backends.cudnn.benchmark is not deterministic and torch.backends.cudnn.deterministic is deterministic
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+
+
 def test_a_checkpoint_of_another_data_order_is_refused(tmp_path):
     cfg = load_config(CONFIG, ["solver.max_iter=8"])
     parts = _solver_parts(cfg)
@@ -76,13 +115,25 @@ def test_gradients_are_clipped_to_clip_grad_norm_only_when_it_is_set(tmp_path, m
         norms_after.append((max_norm, torch.linalg.vector_norm(
             torch.stack([p.grad.norm() for p in parameters if p.grad is not None])).item()))
 
+    stepped = []  # the gradients' norm at each optimiser step
+    build_optimizer = engine.build_optimizer
+
+    def recording_optimizer(solver, model):
+        optimizer = build_optimizer(solver, model)
+        optimizer.register_step_pre_hook(lambda opt, args, kwargs: stepped.append(torch.linalg.vector_norm(
+            torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])).item()))
+        return optimizer
+
     monkeypatch.setattr(engine.nn.utils, "clip_grad_norm_", spy)
+    monkeypatch.setattr(engine, "build_optimizer", recording_optimizer)
     engine.train(_tiny(tmp_path, "solver.clip_grad_norm=1e-3"), tmp_path / "clipped")
     assert [n for n, _ in norms_after] == [1e-3, 1e-3]  # every iteration
     assert all(total <= 1e-3 * 1.01 for _, total in norms_after)
+    assert len(stepped) == 2 and all(total <= 1e-3 * 1.01 for total in stepped)  # before the step
     norms_after.clear()
+    stepped.clear()
     engine.train(_tiny(tmp_path, "solver.clip_grad_norm=0"), tmp_path / "unclipped")
-    assert norms_after == []
+    assert norms_after == [] and len(stepped) == 2 and all(total > 1e-2 for total in stepped)
 
 
 @pytest.mark.parametrize("amp", [False, True])
@@ -97,3 +148,103 @@ def test_the_training_forward_runs_under_autocast_as_solver_amp_says(tmp_path, m
     monkeypatch.setattr(engine, "autocast", spy)
     engine.train(_tiny(tmp_path, f"solver.amp={str(amp).lower()}"), tmp_path / "out")
     assert switched == [amp, amp]
+
+
+def _recording_run(tmp_path, monkeypatch, *extra):
+    """Trains `_tiny` with the extra settings, recording each training forward's losses, the learning rates of
+    each optimiser step, one weight's gradient from each backward pass and at each step, and each evaluation's
+    output folder (a stub: no detections are computed)."""
+    seen = {"losses": [], "lrs": [], "backward": [], "stepped": [], "evaluations": []}
+    build_detector, build_optimizer = engine.build_detector, engine.build_optimizer
+
+    def recording_detector(*args, **kwargs):
+        model = build_detector(*args, **kwargs)
+
+        def hook(module, inputs, losses):
+            if module.training:
+                seen["losses"].append({k: v.item() for k, v in losses.items()})
+
+        model.register_forward_hook(hook)
+        return model
+
+    def recording_optimizer(solver, model):
+        optimizer = build_optimizer(solver, model)
+        weight = next(p for p in model.parameters() if p.requires_grad)
+        weight.register_hook(lambda grad: seen["backward"].append(grad.clone()))  # this iteration's gradient
+
+        def hook(opt, args, kwargs):
+            seen["lrs"].append([g["lr"] for g in opt.param_groups])
+            seen["stepped"].append(weight.grad.clone())
+
+        optimizer.register_step_pre_hook(hook)
+        return optimizer
+
+    def evaluate(model, test_set, cfg, device, output_dir, category_ids):
+        seen["evaluations"].append(output_dir)
+        return {"bbox": {"AP": float(len(seen["evaluations"]))}}
+
+    monkeypatch.setattr(engine, "build_detector", recording_detector)
+    monkeypatch.setattr(engine, "build_optimizer", recording_optimizer)
+    monkeypatch.setattr(engine, "evaluate", evaluate)
+    out = tmp_path / "out"
+    engine.train(_tiny(tmp_path, *extra), out)
+    return out, seen
+
+
+def test_the_loop_steps_the_schedule_logs_checkpoints_and_evaluates_at_its_periods(tmp_path, monkeypatch):
+    """4 iterations, warm-up over 2 from 0.25, a decay by 0.1 at iteration 3; log_period 3 (and the last
+    iteration), checkpoint_period 2 and eval_period 2 (the last iteration's evaluation once, the final one). A
+    record holds the mean of its window's losses, their sum, and the learning rate its last iteration trained
+    with (detectron2 logs it before the scheduler steps)."""
+    out, seen = _recording_run(
+        tmp_path, monkeypatch, "solver.max_iter=4", "solver.optimizer=sgd", "solver.base_lr=0.01",
+        "solver.warmup_iters=2", "solver.warmup_factor=0.25", "solver.steps=[3]", "solver.gamma=0.1",
+        "solver.log_period=3", "solver.checkpoint_period=2", "solver.eval_period=2", "solver.clip_grad_norm=0")
+    used = [0.01 * 0.25, 0.01 * (0.25 * 0.5 + 0.5), 0.01, 0.01 * 0.1]
+    assert [lrs[0] for lrs in seen["lrs"]] == pytest.approx(used)  # the lr each optimiser step used
+    assert all(len(set(lrs)) == 1 for lrs in seen["lrs"])  # in every parameter group
+    # each step follows from its own iteration's gradient, not one summed with the previous iterations'
+    assert len(seen["stepped"]) == len(seen["backward"]) == 4
+    assert all(torch.equal(a, b) for a, b in zip(seen["stepped"], seen["backward"]))
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["iter"] for r in steps] == [3, 4]
+    names = set(seen["losses"][0])
+    assert names == {"loss_cls", "loss_box", "loss_centerness"}
+    for record, window, lr in ((steps[0], seen["losses"][:3], used[2]), (steps[1], seen["losses"][3:], used[3])):
+        assert set(record) == names | {"iter", "loss", "lr", "time"} and record["time"] > 0
+        assert record["lr"] == pytest.approx(lr)
+        for name in names:
+            assert record[name] == pytest.approx(sum(w[name] for w in window) / len(window), rel=1e-5)
+        assert record["loss"] == pytest.approx(sum(record[name] for name in names), rel=1e-6)
+    log = (out / "log.txt").read_text()
+    assert "iter 3/4" in log and "iter 4/4" in log and "iter 2/4" not in log
+
+    assert [(r["iter"], r["bbox"]["AP"]) for r in records if "bbox" in r] == [(2, 1.0), (4, 2.0)]
+    assert seen["evaluations"] == [None, out]  # the final evaluation writes its results to the folder
+    assert sorted(p.name for p in out.glob("*.pth")) == ["model_0000002.pth", "model_final.pth"]
+    assert load_checkpoint(out / "model_0000002.pth")["iteration"] == 2
+    assert load_checkpoint(out / "model_final.pth")["iteration"] == 4
+
+
+def test_a_loss_that_is_not_finite_stops_training_before_the_step(tmp_path, monkeypatch):
+    build_detector = engine.build_detector
+
+    def diverging_detector(*args, **kwargs):
+        model = build_detector(*args, **kwargs)
+        calls = []
+
+        def hook(module, inputs, losses):
+            calls.append(1)
+            if len(calls) == 2:
+                return {**losses, "loss_box": losses["loss_box"] * float("inf")}
+
+        model.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(engine, "build_detector", diverging_detector)
+    out = tmp_path / "out"
+    with pytest.raises(FloatingPointError, match="loss is inf at iteration 1"):
+        engine.train(_tiny(tmp_path, "solver.max_iter=3", "solver.checkpoint_period=1"), out)
+    assert sorted(p.name for p in out.glob("*.pth")) == ["model_0000001.pth"]
