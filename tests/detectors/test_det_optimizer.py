@@ -64,3 +64,28 @@ def test_lr_factor_warms_up_linearly_then_steps():
     assert lr_factor(cfg, 50) == pytest.approx(0.001 * 0.5 + 0.5)
     assert lr_factor(cfg, 100) == 1.0 and lr_factor(cfg, 999) == 1.0
     assert lr_factor(cfg, 1000) == pytest.approx(0.1) and lr_factor(cfg, 2000) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_the_solvers_lr_momentum_and_betas_reach_the_optimizer(optimizer):
+    cfg = _solver(optimizer=optimizer, base_lr=0.03, momentum=0.7, betas=[0.8, 0.95])
+    built = build_optimizer(cfg, _Toy())
+    assert type(built) is {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}[optimizer]
+    for group in built.param_groups:
+        assert group["lr"] == 0.03
+        if optimizer == "sgd":
+            assert group["momentum"] == 0.7 and group["nesterov"] is False
+        else:
+            assert group["betas"] == (0.8, 0.95)
+
+
+def test_lr_factor_at_the_edges_of_warm_up_and_steps():
+    """The last warm-up iteration is not yet at 1; a step is taken at its iteration, not after; a step inside the
+    warm-up multiplies it (detectron2's WarmupMultiStepLR)."""
+    cfg = SolverConfig(warmup_iters=4, warmup_factor=0.2, steps=[2, 6], gamma=0.5)
+    assert lr_factor(cfg, 1) == pytest.approx(0.2 * 0.75 + 0.25)
+    assert lr_factor(cfg, 2) == pytest.approx(0.5 * (0.2 * 0.5 + 0.5))
+    assert lr_factor(cfg, 3) == pytest.approx(0.5 * (0.2 * 0.25 + 0.75))
+    assert lr_factor(cfg, 4) == 0.5 and lr_factor(cfg, 5) == 0.5 and lr_factor(cfg, 6) == 0.25
+    no_warm_up = SolverConfig(warmup_iters=0, steps=[1], gamma=0.1)
+    assert lr_factor(no_warm_up, 0) == 1.0 and lr_factor(no_warm_up, 1) == pytest.approx(0.1)
