@@ -3,6 +3,7 @@ on a signal with a checkpoint."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -418,3 +419,82 @@ def test_a_fresh_run_in_an_earlier_runs_folder_forgets_its_last_checkpoint(tmp_p
         train(load_config(CONFIG, _tiny_overrides(tmp_path / "data", 2)), out)
     assert last_checkpoint(out) is None and (out / "model_0000010.pth").is_file()
     assert "holds an earlier run (last checkpoint model_0000010.pth)" in (out / "log.txt").read_text()
+
+
+def test_cli_exit_status_and_line_for_a_stopped_or_interrupted_run(tmp_path, monkeypatch, capsys):
+    """128 + the signal's number and one line each: a training stopped on SIGTERM after its checkpoint (143), a
+    SIGINT in train before or after its first checkpoint (130) or in predict (130); a missing config file is an
+    error (2)."""
+    import detectors.cli as cli
+    from detectors.engine.checkpoint import save_checkpoint
+
+    out = tmp_path / "out"
+    argv = ["train", "--config", str(CONFIG), "--output-dir", str(out)]
+
+    def stopped(cfg, output_dir, resume):
+        raise TrainingInterrupted(3, signal.SIGTERM, output_dir / "model_0000003.pth")
+
+    monkeypatch.setattr(cli, "train", stopped)
+    assert cli.main(argv) == 143
+    assert capsys.readouterr().err == (f"dyhead train: stopped by SIGTERM after iteration 3; checkpoint "
+                                       f"{out / 'model_0000003.pth'}: continue with --resume\n")
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "train", ctrl_c)
+    assert cli.main(argv) == 130
+    assert capsys.readouterr().err == "dyhead train: interrupted by SIGINT before the first checkpoint\n"
+    out.mkdir()
+    save_checkpoint(out, "model_0000002.pth", {"iteration": 2})
+    assert cli.main(argv) == 130
+    assert capsys.readouterr().err == (f"dyhead train: interrupted by SIGINT; --resume continues from "
+                                       f"{out / 'model_0000002.pth'}\n")
+    monkeypatch.setattr(cli, "_predict", ctrl_c)
+    assert cli.main(["predict", "--config", str(CONFIG), "--weights", "w.pth", "x.png"]) == 130
+    assert capsys.readouterr().err == "dyhead predict: interrupted by SIGINT\n"
+
+    assert cli.main(["train", "--config", str(tmp_path / "none.yaml"), "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dyhead train: error: ") and "none.yaml" in err and len(err.splitlines()) == 1
+
+
+def test_metrics_writer_starts_afresh_or_keeps_what_a_resume_at_an_iteration_keeps(tmp_path):
+    from detectors.engine.logger import MetricsWriter
+
+    path = tmp_path / "metrics.jsonl"
+    lines = ['{"iter": 1, "loss": 3}', '{"iter": 2, "loss": 2}', '{"iter": 2, "bbox": {"AP": 1}}', '[1, 2]',
+             '{"iter": 3, "loss": 1}', '{"iter": 4, "bbox": {"AP": 2}}', '{"iter": 4, "lo']
+    text = "".join(line + "\n" for line in lines)
+    path.write_text(text)
+    MetricsWriter(path, resume_from=2)
+    assert path.read_text().splitlines() == lines[:3]
+    path.write_text(text)
+    MetricsWriter(path, resume_from=2, redo_evaluation=True)  # a finished run of 2 iterations evaluates again
+    assert path.read_text().splitlines() == lines[:2]
+    path.write_text(text)
+    writer = MetricsWriter(path)
+    assert path.read_text() == ""
+    writer.write({"iter": 1, "loss": 0.5})
+    writer.write({"iter": 1, "bbox": {"AP": 3.0}})
+    assert path.read_text() == '{"iter": 1, "loss": 0.5}\n{"iter": 1, "bbox": {"AP": 3.0}}\n'
+
+
+def test_logging_writes_log_txt_on_the_main_process_only(tmp_path):
+    """The main process logs INFO to the console and to log.txt; the others only warnings, to the console."""
+    import logging
+
+    from detectors.engine.logger import setup_logging
+
+    try:
+        other = setup_logging(tmp_path / "other", main_process=False)
+        assert [h.level for h in other.handlers] == [logging.WARNING] and not (tmp_path / "other").exists()
+        main = setup_logging(tmp_path / "main", main_process=True)
+        assert [h.level for h in main.handlers] == [logging.INFO, logging.NOTSET]
+        logging.getLogger("detectors.train").info("iter %d", 3)
+        for handler in main.handlers:
+            handler.flush()
+        line = (tmp_path / "main" / "log.txt").read_text()
+        assert re.fullmatch(r"\[\d\d/\d\d \d\d:\d\d:\d\d detectors\.train\] iter 3\n", line), line
+    finally:
+        setup_logging(None, main_process=True)
