@@ -150,3 +150,18 @@ def test_eval_weights_replace_the_backbone_weights_without_reading_them(tmp_path
     model, _ = _load_model(cfg, tmp_path / "w.pth", None, torch.device("cpu"))
     for (name, a), b in zip(model.state_dict().items(), trained.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_the_class_count_comes_from_the_config_then_the_weights_then_the_dataset(tmp_path):
+    cfg = load_config(CONFIG, ["device=cpu"])
+    torch.manual_seed(0)
+    state = build_detector(cfg.model, 3).state_dict()
+    torch.save({"model": state, "meta": {"num_classes": 3}}, tmp_path / "w.pth")
+    torch.save(state, tmp_path / "bare.pth")
+    cpu = torch.device("cpu")
+    assert _load_model(cfg, tmp_path / "w.pth", 4, cpu)[0].num_classes == 3  # the weights' over the dataset's
+    assert _load_model(cfg, tmp_path / "bare.pth", 3, cpu)[0].num_classes == 3
+    with pytest.raises(ConfigError, match="bare.pth does not record its class count; set model.num_classes"):
+        _load_model(cfg, tmp_path / "bare.pth", None, cpu)
+    cfg.model.num_classes = 3
+    assert _load_model(cfg, tmp_path / "bare.pth", 4, cpu)[0].num_classes == 3

@@ -8,7 +8,7 @@ from detectors.cli import main
 from dyhead import DyHead
 
 
-def test_convert_official_checkpoint(tmp_path):
+def test_convert_official_checkpoint(tmp_path, capsys):
     sd = {}
     model = DyHead(16, 16, 2)
     names = {"spatial.coarser.conv": "DyConv.0.conv", "spatial.same.conv": "DyConv.1.conv",
@@ -25,6 +25,7 @@ def test_convert_official_checkpoint(tmp_path):
     src, dst = tmp_path / "official.pth", tmp_path / "out" / "dyhead.pth"
     torch.save({"model": sd}, src)
     assert main(["convert", str(src), str(dst)]) == 0
+    assert f"{src}: {len(expected)} tensors of 2 DyHead blocks -> {dst}" in capsys.readouterr().err
     converted = torch.load(dst, weights_only=True)
     assert converted.keys() == expected.keys()
     for key in expected:
@@ -47,3 +48,12 @@ def test_bench_runs_the_benchmark_runner(tmp_path):
     rows = json.loads(results.read_text())["records"]
     assert {(r["op"], r["impl"]) for r in rows} == {("dcn_fwd", "torchvision"), ("dcn_fwd", "sampled")}
     assert all(r["median_ms"] > 0 for r in rows)
+
+
+def test_convert_refuses_config_or_set_without_detector(tmp_path, capsys):
+    src = tmp_path / "official.pth"
+    torch.save({"model": {}}, src)
+    for extra in (["--config", "configs/shapes_tiny.yaml"], ["--set", "model.num_classes=3"]):
+        assert main(["convert", str(src), str(tmp_path / "x.pth")] + extra) == 2
+        assert capsys.readouterr().err == "dyhead convert: error: --config and --set apply to --detector only\n"
+    assert not (tmp_path / "x.pth").exists()

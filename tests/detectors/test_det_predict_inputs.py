@@ -156,3 +156,64 @@ def test_an_unreadable_image_stops_predict_unless_skipped(tmp_path, capsys):
     assert (tmp_path / "out" / "b.json").exists() and not (tmp_path / "out" / "a.json").exists()
     err = capsys.readouterr().err
     assert "a.png: cannot read" in err and "predicted 1 of 2 images; 1 could not be read" in err
+
+
+def test_predict_writes_boxes_in_the_original_images_pixels(tmp_path, monkeypatch):
+    """The model (a stub here) gets the resized image's size and the original's, and answers in the original's
+    pixels; predict writes those boxes (rounded to 2 decimals) with scores at or above --score-thresh, the
+    weights' class names and ids, and the PNG at the original size. The model runs in eval mode."""
+    import json
+
+    import torch
+    from torch import nn
+
+    import detectors.cli as cli
+
+    calls = []
+
+    class Fixed(nn.Module):
+        num_classes = 2
+
+        def forward(self, images, image_sizes, original_sizes):
+            calls.append((self.training, image_sizes, original_sizes))
+            h, w = original_sizes[0]
+            return [{"boxes": torch.tensor([[1.234, 2.0, w - 0.5, h], [0.0, 0.0, 1.0, 1.0], [3.0, 3.0, 4.0, 4.0]]),
+                     "scores": torch.tensor([0.25, 0.125, 0.75]), "labels": torch.tensor([1, 0, 0])}]
+
+    monkeypatch.setattr(cli, "build_detector", lambda cfg, num_classes: Fixed())
+    weights = tmp_path / "w.pth"
+    torch.save({"model": {}, "meta": {"num_classes": 2, "class_names": ["a", "b"], "category_ids": [11, 12]}},
+               weights)
+    image = tmp_path / "in" / "x.jpg"
+    image.parent.mkdir()
+    Image.new("RGB", (40, 20)).save(image)
+    out = tmp_path / "out"
+    argv = ["predict", "--config", str(CONFIG), "--weights", str(weights), "--output-dir", str(out),
+            "--score-thresh", "0.25", str(image)]
+    assert main(argv) == 0
+    # shapes_tiny's max_size_test=128 limits the longer side: 40 x 20 -> 128 x 64 (sizes are height, width)
+    assert calls == [(False, [(64, 128)], [(20, 40)])]
+    assert json.loads((out / "x.json").read_text()) == {"image": str(image), "detections": [
+        {"box": [1.23, 2.0, 39.5, 20.0], "score": 0.25, "label": "b", "category_id": 12},
+        {"box": [3.0, 3.0, 4.0, 4.0], "score": 0.75, "label": "a", "category_id": 11},
+    ]}
+    with Image.open(out / "x.png") as drawn:
+        assert drawn.size == (40, 20) and drawn.getpixel((20, 2)) == (255, 0, 0)  # the first box's top edge
+
+
+def test_eval_logs_to_its_output_folder_and_predict_does_not(tmp_path, monkeypatch):
+    """eval's log.txt sits beside its metrics; predict's folder holds only the annotated images and JSON files."""
+    import logging
+
+    import detectors.cli as cli
+
+    def work(cfg, args):
+        logging.getLogger("detectors.cli").info("working in %s", args.output_dir)
+
+    monkeypatch.setattr(cli, "_eval", work)
+    monkeypatch.setattr(cli, "_predict", work)
+    for command, extra in (("eval", []), ("predict", ["x.png"])):
+        out = tmp_path / command
+        assert main([command, "--config", str(CONFIG), "--weights", "w.pth", "--output-dir", str(out)] + extra) == 0
+    assert (tmp_path / "eval" / "log.txt").read_text().endswith(f"working in {tmp_path / 'eval'}\n")
+    assert not (tmp_path / "predict").exists()
