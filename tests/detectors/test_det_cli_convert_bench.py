@@ -57,3 +57,11 @@ def test_convert_refuses_config_or_set_without_detector(tmp_path, capsys):
         assert main(["convert", str(src), str(tmp_path / "x.pth")] + extra) == 2
         assert capsys.readouterr().err == "dyhead convert: error: --config and --set apply to --detector only\n"
     assert not (tmp_path / "x.pth").exists()
+
+
+def test_convert_names_a_missing_file(tmp_path, capsys):
+    """FileNotFoundError is an error of the command (2, one line), with or without --detector."""
+    missing = tmp_path / "none.pth"
+    for extra, kind in (([], "DyHead checkpoint"), (["--detector"], "official checkpoint")):
+        assert main(["convert", str(missing), str(tmp_path / "x.pth")] + extra) == 2
+        assert capsys.readouterr().err == f"dyhead convert: error: {kind} not found: {missing}\n"
