@@ -86,6 +86,19 @@ def test_the_runtime_seeds_each_process_with_seed_plus_rank(monkeypatch, determi
     assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
 
 
+def test_a_checkpoint_of_other_parameter_groups_is_refused(tmp_path):
+    """Same solver settings, but the bias trainable then and frozen now: the groups of [1, 1] parameters would not
+    load into one group of 1 (torch's ValueError)."""
+    cfg = load_config(CONFIG, ["solver.max_iter=8"])
+    _two_process_checkpoint(tmp_path, cfg, _solver_parts(cfg), engine._data_order(cfg))
+    model = nn.Linear(3, 2)
+    model.bias.requires_grad_(False)
+    optimizer = engine.build_optimizer(cfg.solver, model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: engine.lr_factor(cfg.solver, it))
+    with pytest.raises(CheckpointError, match=r"parameter groups of \[1, 1\] parameters \(config: \[1\]\)"):
+        engine._resume(tmp_path, model, optimizer, scheduler, cfg)
+
+
 def test_a_checkpoint_of_another_data_order_is_refused(tmp_path):
     cfg = load_config(CONFIG, ["solver.max_iter=8"])
     parts = _solver_parts(cfg)

@@ -369,12 +369,22 @@ def test_resume_refuses_a_checkpoint_the_solver_does_not_fit(tmp_path, finished_
     assert (out / "last_checkpoint").read_text() == "model_final.pth"
 
 
-def test_resuming_a_finished_run_evaluates_it_again_and_logs_one_run(tmp_path, finished_run):
+def test_resuming_a_finished_run_evaluates_it_again_and_logs_one_run(tmp_path, monkeypatch, finished_run):
     data, copy = finished_run
     out = copy(tmp_path / "out")
     with (out / "metrics.jsonl").open("a") as f:
         f.write('{"loss_box": 1.2, "lo')  # a write cut short
+    start_batches = []
+    build_train_loader = engine.build_train_loader
+
+    def recording_loader(*args, start_batch, **kwargs):
+        start_batches.append(start_batch)
+        return build_train_loader(*args, start_batch=start_batch, **kwargs)
+
+    monkeypatch.setattr(engine, "build_train_loader", recording_loader)
     train(load_config(CONFIG, _tiny_overrides(data, 2) + ["solver.base_lr=0.5"]), out, resume=True)
+    assert start_batches == [2]  # the data order goes on after the checkpoint's 2 batches
+    assert (out / "last_checkpoint").read_text() == "model_final.pth"  # a resumed run keeps its pointer
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["iter"], "bbox" in r) for r in records] == [(1, False), (2, False), (2, True)]
     log = (out / "log.txt").read_text()
