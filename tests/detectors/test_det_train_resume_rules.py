@@ -261,3 +261,14 @@ def test_a_loss_that_is_not_finite_stops_training_before_the_step(tmp_path, monk
     with pytest.raises(FloatingPointError, match="loss is inf at iteration 1"):
         engine.train(_tiny(tmp_path, "solver.max_iter=3", "solver.checkpoint_period=1"), out)
     assert sorted(p.name for p in out.glob("*.pth")) == ["model_0000001.pth"]
+
+
+def test_a_batch_whose_images_all_failed_to_load_stops_training_with_its_iteration(tmp_path, monkeypatch):
+    """With data.skip_bad_images, a batch of only unreadable images has no images: a DatasetError naming the
+    iteration, not a failure on None inside the model."""
+    from detectors.data.coco import DatasetError
+
+    empty = {"images": None, "image_sizes": [], "targets": [], "skipped": []}
+    monkeypatch.setattr(engine, "build_train_loader", lambda *args, **kwargs: [empty])
+    with pytest.raises(DatasetError, match="every image of the batch at iteration 0 failed to load"):
+        engine.train(_tiny(tmp_path), tmp_path / "out")
