@@ -71,6 +71,24 @@ def test_forward_and_all_gradients_float64(stride, dilation, bias):
         assert rel_err(a, b) < 1e-10, name
 
 
+@pytest.mark.parametrize("stride,padding,dilation", [((1, 2), (1, 0), 1), ((2, 1), (0, 2), (2, 1))])
+def test_per_axis_stride_padding_dilation(stride, padding, dilation):
+    """A pair gives each axis its own setting: the cases above have equal height and width settings, where the
+    height's stride or padding taken for the width's (or the reverse) changed nothing."""
+    g = torch.Generator().manual_seed(6)
+    n, cin, cout, h, w = 2, 3, 4, 9, 11
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, (dilation, dilation) if isinstance(dilation, int) else dilation
+    hout, wout = (h + 2 * ph - 2 * dh - 1) // sh + 1, (w + 2 * pw - 2 * dw - 1) // sw + 1
+    x = torch.randn(n, cin, h, w, generator=g, dtype=torch.float64)
+    offset = torch.randn(n, 18, hout, wout, generator=g, dtype=torch.float64) * 1.5
+    mask = torch.rand(n, 9, hout, wout, generator=g, dtype=torch.float64)
+    weight = torch.randn(cout, cin, 3, 3, generator=g, dtype=torch.float64)
+    ours = deform_conv2d_sampled(x, offset, mask, weight, None, stride, padding, dilation)
+    ref = tv_deform_conv2d(x, offset, weight, stride=stride, padding=padding, dilation=dilation, mask=mask)
+    assert ours.shape == ref.shape == (n, cout, hout, wout)
+    assert rel_err(ours, ref) < 1e-12
+
+
 def test_samples_wholly_outside_are_zero():
     x, offset, mask, weight, _ = make_case(h=5, w=6)
     offset = torch.full_like(offset, 40.0)  # every sample far below/right of the image
