@@ -231,6 +231,9 @@ def test_error_constructor_arguments():
         DyHead(16, 16, backend="cuda")
     with pytest.raises(ValueError, match="unknown high_offsets"):
         DyHead(16, 16, high_offsets="nearest")
+    # no blocks would pass the levels through unchanged, whatever their channels
+    with pytest.raises(ValueError, match="num_blocks=0 must be at least 1"):
+        DyHead(16, 16, 0)
 
 
 def test_error_channels_not_positive():
