@@ -32,6 +32,26 @@ def test_whole_detector_checkpoint_with_model_entry(tmp_path, caplog):
     torch.testing.assert_close(block.spatial.offset.bias, sd[f"{p}.offset.bias"])
 
 
+def test_names_that_only_end_in_the_block_prefix_are_left_out():
+    """dyhead_tower / dyhead_blocks must be a whole name component: 'my_dyhead_tower.0...' is not DyHead's."""
+    w = torch.zeros(27, 16, 3, 3)
+    assert convert_state_dict({"backbone.my_dyhead_tower.0.offset.weight": w,
+                               "neck.xdyhead_blocks.0.spatial_conv_offset.weight": w}) == {}
+    assert list(convert_state_dict({"dyhead_tower.0.offset.weight": w})) == ["blocks.0.spatial.offset.weight"]
+
+
+class Opaque:
+    """An arbitrary pickled object, which torch.load(weights_only=True) refuses."""
+
+
+def test_checkpoint_with_arbitrary_objects_is_refused(tmp_path):
+    """Weights only: a checkpoint that would run arbitrary unpickling is refused even when it holds DyHead keys."""
+    path = tmp_path / "pickled.pth"
+    torch.save({"model": official_state_dict(1, 16, 16, torch.Generator().manual_seed(4)), "extra": Opaque()}, path)
+    with pytest.raises(ValueError, match="pickled.pth is not a readable PyTorch checkpoint"):
+        load_official(path)
+
+
 def mmdet_state_dict(num_blocks, c, g):
     sd = {}
     for i in range(num_blocks):
@@ -65,6 +85,14 @@ def test_mmdetection_names(caplog):
     assert torch.count_nonzero(block.spatial.same.conv.bias) == 0
     torch.testing.assert_close(block.task.fc1.weight, sd[f"{p}.task_attn_module.conv1.conv.weight"].flatten(1))
     torch.testing.assert_close(block.scale.conv.bias, sd[f"{p}.scale_attn_module.1.bias"])
+
+
+def test_mmdetection_zero_biases_keep_the_checkpoint_dtype():
+    """The added zero biases have the dtype of the weights beside them (a half checkpoint stays half)."""
+    sd = {k: v.half() for k, v in mmdet_state_dict(1, 16, torch.Generator().manual_seed(3)).items()}
+    converted = convert_state_dict(sd)
+    assert {v.dtype for v in converted.values()} == {torch.float16}
+    assert torch.count_nonzero(converted["blocks.0.spatial.finer.conv.bias"]) == 0
 
 
 def test_mmdetection_task_attention_same_function():
