@@ -626,6 +626,11 @@ class _FixedDetector(torch.nn.Module):
         return out
 
 
+def _eval_config():
+    """Evaluation settings for the small test sets here: no workers, images scaled to short side 32."""
+    return load_config(None, ["data.num_workers=0", "data.input.min_size_test=32", "data.input.max_size_test=64"])
+
+
 def _one_box_test_set(tmp_path, categories):
     """A test set of one 40x20 image holding one box [2, 2, 10, 8] (x, y, w, h) of category 7; the file's
     categories are ``categories`` ({id: name})."""
@@ -645,7 +650,7 @@ def test_evaluation_maps_labels_through_the_training_categories(tmp_path, caplog
     """A model trained on categories (3, 7) says label 1 for category 7; a test set naming only 7 (and 9, which
     the model lacks) must score it as 7, not as its own second category."""
     test_set = _one_box_test_set(tmp_path, {7: "seven", 9: "nine"})
-    cfg = load_config(None, ["data.num_workers=0", "data.input.min_size_test=32", "data.input.max_size_test=64"])
+    cfg = _eval_config()
     trained_on = [3, 7]
     check_categories(trained_on, test_set)
     assert "categories the model has no label for (ids 9)" in caplog.text
@@ -691,15 +696,11 @@ def test_evaluation_writes_coco_xywh_boxes(tmp_path):
     """Detections are x1,y1,x2,y2; COCO results are x,y,w,h: the ground truth [2, 2, 10, 8] detected exactly is
     written as itself and scores AP75 100 (read as x1,y1,x2,y2 it would be [2, 2, 12, 10], IoU 0.67)."""
     test_set = _one_box_test_set(tmp_path, {7: "seven"})
-    cfg = load_config(None, ["data.num_workers=0", "data.input.min_size_test=32", "data.input.max_size_test=64"])
+    cfg = _eval_config()
     metrics = evaluate(_FixedDetector(test_set, label=0).eval(), test_set, cfg, torch.device("cpu"), tmp_path)
     (result,) = json.loads((tmp_path / "coco_instances_results.json").read_text())
     assert result["bbox"] == [2, 2, 10, 8] and result["category_id"] == 7
     assert metrics["bbox"]["AP75"] == pytest.approx(100.0)
-
-
-def _eval_config():
-    return load_config(None, ["data.num_workers=0", "data.input.min_size_test=32", "data.input.max_size_test=64"])
 
 
 def test_evaluation_reports_each_iou_threshold_and_size_in_percent(tmp_path):
