@@ -28,6 +28,7 @@ def keep_threads():
 def run_main(tmp_path, *args):
     assert run.main([*FAST, "--out", str(tmp_path), *args]) == 0
     (path,) = tmp_path.glob("cpu-*.json")
+    assert not list(tmp_path.glob("*.tmp"))  # each write replaced the file with its complete temporary
     with path.open() as f:
         return path, json.load(f)
 
@@ -180,6 +181,78 @@ def test_table_names_the_shapes_where_a_file_holds_several():
     assert {line.split(" | ")[3] for line in lines[2:]} == {"2x256x100x168", "1x32x16x24"}
 
 
+def test_speedups_are_against_the_baseline_of_the_same_dtype_and_shape():
+    rows = [record("torchvision", 10.0), record("triton", 2.0), {**record("triton", 1.0), "dtype": "float16"},
+            {**record("triton", 1.0), "shape": "1x32x16x24"}]
+    ups = report.speedups(rows)
+    assert [ups.get(id(r)) for r in rows] == [1.0, 5.0, None, None]
+
+
+def table_row(rows):
+    """The cells of the table's first row (in table order) by column name."""
+    lines = report.table(rows).splitlines()
+    return dict(zip(lines[0][2:-2].split(" | "), lines[2][2:-2].split(" | ")))
+
+
+def test_table_cells_under_their_columns():
+    row = {**record("triton", 1.5), "p20_ms": 1.25, "p80_ms": 1.75, "tflops": 123.4, "pct_of_peak": 12.44,
+           "peak_mem_mb": 512.4, "max_rel_err": 0.003, "check": "pass"}
+    assert table_row([record("torchvision", 3.0), row]) == {
+        "op": "dcn_fwd", "dtype": "bfloat16", "impl": "triton", "median ms": "1.5", "p20-p80 ms": "1.25-1.75",
+        "TFLOP/s": "123", "% peak": "12.4", "peak MiB": "512", "vs torchvision": "2.00x", "max rel err": "3.0e-03",
+        "note": ""}
+
+
+@pytest.mark.parametrize("values, note", [
+    (dict(check="fail", max_rel_err=None, worst="grad mask"), "CHECK FAILED (non-finite: grad mask)"),
+    (dict(check="floor", max_rel_err=0.3, worst="grad bias"), "noise floor of the check (grad bias)"),
+    (dict(error="RuntimeError: a | b\nTraceback (most recent call last):"), "RuntimeError: a / b"),
+    (dict(error="E" * 200), "E" * 77 + "..."),
+])
+def test_table_notes_fit_one_markdown_cell(values, note):
+    """One line without pipes (a pipe would open a column), at most NOTE_CHARS, and what a check's status means."""
+    assert table_row([record("sampled", 1.0, **values)])["note"] == note
+
+
+def test_targets_are_met_at_their_bounds():
+    """At least 3x, at least 35 %, at most half: each met exactly at its bound. Rows of another dtype at the COCO
+    shapes, listed first, do not stand in for the bfloat16 ones."""
+    def six_blocks(dtype, impl, ms, mb):
+        return records.make_record("dyhead_6block_fwd_bwd", impl, dtype, "cuda", COCO.describe(pyramid=True),
+                                   median_ms=ms, peak_mem_mb=mb)
+
+    float16 = [six_blocks("float16", "triton", 1.0, 100.0),
+               {**record("triton", 1.0, pct_of_peak=90.0), "dtype": "float16"}]
+    rows = float16 + [six_blocks("bfloat16", "torchvision", 30.0, 9000.0),
+                      six_blocks("bfloat16", "triton", 10.0, 4500.0), record("triton", 1.0, pct_of_peak=35.0)]
+    assert report.targets(rows).splitlines()[1:] == [
+        "- dyhead_6block_fwd_bwd at least 3x faster (aim 10x): 3.00x, met",
+        "- dcn_fwd at least 35% of the dense bf16 peak: 35.0%, met",
+        "- dyhead_6block_fwd_bwd peak memory at most half of torchvision's: 0.50x, met"]
+
+
+def test_chart_panels_per_dtype_log_scale_and_speedup_labels(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: figures.append(fig))
+    rows = [record("torchvision", 10.0), record("triton", 2.0), {**record("sampled", 4.0), "dtype": "float32"},
+            record("sampled", None, error="x")]
+    path = report.chart(rows, "title", tmp_path / "chart.png")
+    assert path == tmp_path / "chart.png" and path.stat().st_size > 0
+    (fig,) = figures
+    bf16, fp32 = fig.axes
+    assert (bf16.get_title(), fp32.get_title()) == ("bfloat16", "float32")
+    assert bf16.get_xscale() == "log"
+    # the speedup of each impl against torchvision, none on torchvision's own bar
+    assert [t.get_text() for t in bf16.texts] == [" 5.0x"] and not fp32.texts
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["triton", "torchvision", "sampled"]
+    close(fig)
+    assert report.chart([record("sampled", None, error="x")], "title", tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
+
+
 @pytest.mark.parametrize("argv, message", [(["--ops", ","], "no names given"), (["--impls", ""], "no names given"),
                                            (["--device", "gpu"], "'gpu' is not a device"),
                                            (["--device", "meta"], "'meta' is not a device"),
@@ -211,6 +284,33 @@ def test_merge_replaces_rows_of_the_same_key():
     broken = record("torchvision", None, error="RuntimeError: x")
     merged = records.merge(previous, {"command": "third"}, [skipped, broken])
     assert [(r["impl"], r["median_ms"]) for r in merged["records"]] == [("triton", 5.0), ("torchvision", None)]
+
+
+def test_gpu_results_file_is_named_after_the_device():
+    meta = {"device_name": "NVIDIA H100 80GB HBM3", "date": "2026-11-25"}
+    gpu = torch.device("cuda")
+    assert records.results_path("out", meta, gpu).name == "nvidia-h100-80gb-hbm3-2026-11-25.json"
+    # no dash doubled or left at either end by the name's punctuation
+    meta = {"device_name": " NVIDIA A100-SXM4-80GB (MIG 1g.10gb)", "date": "2026-11-25"}
+    assert records.results_path("out", meta, gpu).name == "nvidia-a100-sxm4-80gb-mig-1g-10gb-2026-11-25.json"
+
+
+def test_merge_keys_on_the_shape_and_keeps_only_measurements():
+    small = {**record("triton", 1.0), "shape": "1x32x16x24"}
+    previous = {"meta": {"command": "coco"}, "records": [record("triton", 5.0), small,
+                                                         record("torchvision", None, error="RuntimeError: x")]}
+    merged = records.merge(previous, {"command": "small"}, [{**small, "median_ms": 0.5}])
+    assert sorted((r["shape"], r["median_ms"]) for r in merged["records"] if r["impl"] == "triton") == [
+        ("1x32x16x24", 0.5), ("2x256x100x168", 5.0)]
+    # a skipped row has no earlier measurement to keep in an earlier error
+    skipped = record("torchvision", None, error=records.SKIPPED + "time budget of 0 s spent")
+    merged = records.merge(previous, {"command": "coco"}, [skipped])
+    assert [r["error"] for r in merged["records"] if r["impl"] == "torchvision"] == [skipped["error"]]
+
+
+def test_a_run_that_replaces_every_row_keeps_only_its_command():
+    previous = {"meta": {"command": "first"}, "records": [record("triton", 5.0)]}
+    assert records.merge(previous, {"command": "second"}, [record("triton", 2.0)])["meta"]["command"] == "second"
 
 
 def test_rel_errors():
