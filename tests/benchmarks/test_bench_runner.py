@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from benchmarks import ops, profile, records, report, run
+from benchmarks import ops, profile, records, report, run, timing
 from benchmarks.flops import block_flops, dcn_flops, op_flops, peak_tflops
 from benchmarks.shapes import COCO, SMALL
-from benchmarks.timing import percentile, summarize
+from benchmarks.timing import Policy, percentile, summarize
 from kernels.runtime import INTERPRET
 
 FAST = ["--device", "cpu", "--shapes", "small", "--quick", "--threads", "1", "--no-profile"]
@@ -112,8 +113,107 @@ def test_triton_under_the_interpreter_is_checked_not_timed(tmp_path):
 def test_percentiles_interpolate_like_numpy():
     samples = [float(x) for x in range(10, 0, -1)]
     assert percentile(samples, 0.2) == pytest.approx(2.8)
+    unordered = [3.0, 1.0, 4.0, 1.5, 9.0, 2.6]
+    for q in (0.0, 0.1, 0.5, 0.95, 1.0):  # the ends included: no order statistic past the last
+        assert percentile(unordered, q) == pytest.approx(np.percentile(unordered, 100 * q))
+    assert percentile([7.0], 0.8) == 7.0
     t = summarize(samples)
     assert (t.p20_ms, t.median_ms, t.p80_ms, t.reps) == (pytest.approx(2.8), 5.5, pytest.approx(8.2), 10)
+
+
+class FakeClock:
+    """perf_counter for `benchmarks.timing`: each call of `step` advances it by the next of `durations` seconds."""
+
+    def __init__(self, durations):
+        self.now, self.durations, self.calls = 0.0, iter(durations), 0
+
+    def perf_counter(self):
+        return self.now
+
+    def step(self):
+        self.now += next(self.durations)
+        self.calls += 1
+
+
+@pytest.mark.parametrize("policy, warmup, timed", [
+    # warm-up of min_warmup calls, the last one's 125 ms the estimate: 0.5 s of target is 4 repetitions
+    (Policy(warmup_s=0.0, min_warmup=2, target_s=0.5, min_reps=1, max_reps=100), [0.125] * 2,
+     [0.25, 0.125, 0.5, 0.375]),
+    # warm-up until warmup_s has passed; repetitions up to max_reps however short the step
+    (Policy(warmup_s=1.0, min_warmup=1, target_s=10.0, min_reps=1, max_reps=3), [0.125] * 8, [0.5, 0.25, 0.75]),
+    # at least min_reps however long the step
+    (Policy(warmup_s=0.0, min_warmup=1, target_s=0.5, min_reps=3, max_reps=100), [1.0], [2.0, 1.0, 3.0]),
+])
+def test_cpu_timing_warms_up_then_times_each_repetition_in_ms(monkeypatch, policy, warmup, timed):
+    clock = FakeClock(warmup + timed)
+    monkeypatch.setattr(timing, "time", clock)
+    result = timing.measure(clock.step, "cpu", policy)
+    ms = np.array(timed) * 1e3
+    assert clock.calls == len(warmup) + len(timed)
+    assert (result.median_ms, result.p20_ms, result.p80_ms, result.reps) == pytest.approx(
+        (np.median(ms), np.percentile(ms, 20), np.percentile(ms, 80), len(timed)))
+
+
+def test_quick_is_a_fifth_of_the_timing_effort():
+    for policy in (timing.GPU_POLICY, timing.CPU_POLICY):
+        quick = policy.quick()
+        assert quick.warmup_s == pytest.approx(policy.warmup_s / 5)
+        assert quick.target_s == pytest.approx(policy.target_s / 5)
+        assert quick.max_reps == policy.max_reps // 5 and 3 <= quick.min_reps <= policy.min_reps
+    assert run.Runner(run.parse_args(["--device", "cpu"])).policy == timing.CPU_POLICY
+    assert run.Runner(run.parse_args(["--device", "cpu", "--quick"])).policy == timing.CPU_POLICY.quick()
+
+
+class FakeCuda:
+    """What `benchmarks.timing` calls of torch.cuda, as a log of calls and an allocator's counters in bytes."""
+
+    def __init__(self, monkeypatch, allocated=0, peak=0):
+        self.log, self.flushes, self.allocated, self.peak, self.elapsed = [], [], allocated, peak, iter([])
+        fake = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                assert enable_timing
+
+            def record(self):
+                fake.log.append("record")
+
+            def elapsed_time(self, end):
+                return next(fake.elapsed)
+
+        class Flush:
+            def zero_(self):
+                fake.log.append("flush")
+
+        for name, value in [("Event", Event), ("synchronize", lambda device=None: self.log.append("sync")),
+                            ("reset_peak_memory_stats", self.reset), ("memory_allocated", lambda d: self.allocated),
+                            ("max_memory_allocated", lambda d: self.peak)]:
+            monkeypatch.setattr(torch.cuda, name, value)
+        monkeypatch.setattr(torch, "empty", lambda n, dtype, device: self.flushes.append(n) or Flush())
+
+    def reset(self, device):
+        self.peak = self.allocated
+
+    def step(self, nbytes=0):
+        self.log.append("step")
+        self.peak = max(self.peak, self.allocated + nbytes)
+
+
+def test_gpu_repetitions_are_cuda_event_pairs_each_after_an_l2_flush(monkeypatch):
+    cuda = FakeCuda(monkeypatch)
+    cuda.elapsed = iter([3.0, 1.0, 2.0])
+    policy = Policy(warmup_s=0.0, min_warmup=1, target_s=0.0, min_reps=3, max_reps=3)
+    result = timing.measure(cuda.step, "cuda", policy)
+    assert cuda.log == ["step", "sync"] + ["flush", "record", "step", "record"] * 3 + ["sync"]
+    assert cuda.flushes[0] > 50 * 2**20  # more than an H100's L2
+    assert (result.median_ms, result.reps) == (2.0, 3)
+
+
+def test_peak_memory_is_the_steps_own_peak_after_a_reset(monkeypatch):
+    """Neither an earlier peak (the reset) nor what was allocated before the step (inputs, weights) counts."""
+    cuda = FakeCuda(monkeypatch, allocated=100 * 2**20, peak=900 * 2**20)
+    assert timing.peak_memory_mb(lambda: cuda.step(3 * 2**20), "cuda") == 3.0
+    assert timing.peak_memory_mb(cuda.step, "cpu") is None
 
 
 def test_flop_counts():
