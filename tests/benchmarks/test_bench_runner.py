@@ -11,8 +11,9 @@ import torch
 
 from benchmarks import ops, profile, records, report, run, timing
 from benchmarks.flops import block_flops, dcn_flops, op_flops, peak_tflops
-from benchmarks.shapes import COCO, SMALL
+from benchmarks.shapes import COCO, SHAPE_SETS, SMALL
 from benchmarks.timing import Policy, percentile, summarize
+from dyhead import DyHead
 from kernels.runtime import INTERPRET
 
 FAST = ["--device", "cpu", "--shapes", "small", "--quick", "--threads", "1", "--no-profile"]
@@ -53,6 +54,7 @@ def test_records_file_of_a_cpu_run(tmp_path, capsys):
         assert r["tflops"] == pytest.approx(r["gflop"] / r["median_ms"])  # GFLOP / ms = TFLOP/s
         assert r["pct_of_peak"] is None and r["peak_mem_mb"] is None  # no peak table or memory stats on CPU
     assert rows[0]["shape"] == "1x32x16x24"
+    assert rows[0]["gflop"] == pytest.approx(2 * 1 * 32 * 32 * 9 * 16 * 24 / 1e9)  # one 3x3 conv at P3 of SMALL
     assert rows[-1]["shape"] == "1x32x[16x24,8x12,4x6,2x3,1x2]"
 
     out = capsys.readouterr().out
@@ -221,6 +223,7 @@ def test_flop_counts():
     # 13 convs per block: every level's own, and twice (finer, coarser) the grids of P4-P7.
     per_level = [dcn_flops(2, 256, 256, h, w) for h, w in COCO.levels]
     assert block_flops(COCO) == per_level[0] + 3 * sum(per_level[1:])
+    assert op_flops(0, False, COCO) == dcn_flops(2, 256, 256, 100, 168)  # the single conv runs at P3
     assert op_flops(0, True, COCO) == 3 * op_flops(0, False, COCO)
     assert op_flops(6, False, SMALL) == 6 * op_flops(1, False, SMALL)
     assert ops.OPS["dyhead_6block_fwd_bwd"].flops(COCO) == 18 * block_flops(COCO)
@@ -231,7 +234,19 @@ def test_peak_table():
     assert peak_tflops("NVIDIA H100 PCIe", "float16", tf32=False) == 756.0
     assert peak_tflops("NVIDIA H100 80GB HBM3", "float32", tf32=False) == 67.0
     assert peak_tflops("NVIDIA H100 80GB HBM3", "float32", tf32=True) == 494.0
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16", tf32=True) == 989.0  # TF32 is float32's alone
+    assert peak_tflops("NVIDIA H100 NVL", "bfloat16", tf32=False) == 835.0
     assert peak_tflops("NVIDIA GeForce RTX 2080", "bfloat16", tf32=False) is None
+
+
+def test_shape_sets_are_pyramids_of_the_strides_dyhead_needs():
+    """Five levels, each ceil(previous / 2) (DyHead's stride-2 branch lands on the next level's grid); COCO is
+    the issue's batch of two 800x1344 images at 256 channels."""
+    for shapes in SHAPE_SETS.values():
+        assert len(shapes.levels) == 5, shapes
+        for (h, w), (h2, w2) in zip(shapes.levels, shapes.levels[1:]):
+            assert (h2, w2) == (math.ceil(h / 2), math.ceil(w / 2)), shapes
+    assert (COCO.batch, COCO.channels, COCO.levels[0]) == (2, 256, (800 // 8, 1344 // 8))
 
 
 def record(impl, median, **values):
@@ -354,6 +369,7 @@ def test_chart_panels_per_dtype_log_scale_and_speedup_labels(tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("argv, message", [(["--ops", ","], "no names given"), (["--impls", ""], "no names given"),
+                                           (["--dtypes", "float32,float8"], "unknown ['float8']"),
                                            (["--device", "gpu"], "'gpu' is not a device"),
                                            (["--device", "meta"], "'meta' is not a device"),
                                            (["--threads", "0"], "'0' is not a positive integer"),
@@ -419,6 +435,12 @@ def test_rel_errors():
     errors = ops.rel_errors((torch.full((3,), 1.5), torch.zeros(2), torch.ones(1)), ref)
     assert errors[0] == pytest.approx(0.5) and errors[2] > 1e100
     assert ops.rel_errors((torch.tensor([math.nan, 1, 1]), None, None), ref)[0] == math.inf
+    # relative to the reference's norm however small
+    assert ops.rel_errors((torch.full((3,), 2e-3),), (torch.full((3,), 1e-3),)) == [pytest.approx(1.0)]
+    with pytest.raises(ValueError, match="1 results where the reference has 3"):
+        ops.rel_errors((torch.ones(3),), ref)
+    with pytest.raises(ValueError, match=r"shape \(1, 3\) where the reference has \(3,\)"):
+        ops.rel_errors((torch.ones(1, 3), None, None), ref)
 
 
 def test_cpu_profile_ranks_operators():
@@ -458,6 +480,76 @@ def test_check_of_rows_against_the_baselines_noise_floor(tmp_path, monkeypatch):
     assert runner.check(problem, "sampled", torch.float32, noise)["check"] == "pass"
 
 
+def test_results_are_named_by_what_they_are():
+    """Each name of result_names matches its result's shape, outputs and gradients in step order."""
+    problem = ops.make_problem("dcn_fwd_bwd", SMALL, "cpu")
+    n, c, h, w = SMALL.dcn_shape()
+    shapes = {name: tuple(t.shape) for name, t in zip(problem.result_names(), problem.step("sampled", torch.float32)())}
+    assert shapes == {"output": (n, c, h, w), "grad input": (n, c, h, w), "grad offset": (n, 18, h, w),
+                      "grad mask": (n, 9, h, w), "grad weight": (c, c, 3, 3), "grad bias": (c,)}
+
+    problem = ops.make_problem("dyhead_block_fwd_bwd", SMALL, "cpu")
+    results = problem.step("torchvision", torch.float32)()
+    levels = {f"P{3 + i}": shape for i, shape in enumerate(SMALL.level_shapes())}
+    params = {name: tuple(p.shape) for name, p in DyHead(c, c, 1).named_parameters()}
+    assert len(results) == len(problem.result_names())
+    assert {name: tuple(t.shape) for name, t in zip(problem.result_names(), results)} == {
+        **{f"output {level}": shape for level, shape in levels.items()},
+        **{f"grad {level}": shape for level, shape in levels.items()},
+        **{f"grad {name}": shape for name, shape in params.items()}}
+
+
+def test_reference_is_torchvisions_op_in_float64_and_a_forward_step_builds_no_graph():
+    from torchvision.ops import deform_conv2d
+
+    problem = ops.make_problem("dcn_fwd", SMALL, "cpu")
+    x, offset, mask, weight, bias = problem.inputs
+    (reference,) = problem.reference()
+    assert torch.equal(reference, deform_conv2d(x, offset, weight, bias, padding=1, mask=mask))
+    (y,) = problem.step("sampled", torch.float32)()
+    assert y.dtype == torch.float32 and not y.requires_grad  # timed as inference runs: under no_grad
+
+
+def test_problems_sample_offsets_of_a_few_pixels():
+    """Zero offsets would read a plain 3x3 window and flatter the gathers (the issue's "realistic offsets"): the DCN's
+    and the offsets DyHead's first block computes are of ~2 px, and the masks in (0, 1)."""
+    problem = ops.make_problem("dcn_fwd", SMALL, "cpu")
+    _, offset, mask, _, _ = problem.inputs
+    assert 1.0 < offset.std().item() < 4.0
+    assert 0 < mask.min().item() and mask.max().item() < 1
+
+    problem = ops.make_problem("dyhead_block_fwd", SMALL, "cpu")
+    module = problem.module("torchvision", torch.float64)
+    module.load_state_dict(problem.state)
+    with torch.no_grad():
+        offsets = module.blocks[0].spatial.offset(problem.levels[0])[:, :18]
+    assert 1.0 < offsets.std().item() < 4.0
+    # the same seed, the same problem: weights too (DyHead draws them from the global generator)
+    again = ops.make_problem("dyhead_block_fwd", SMALL, "cpu")
+    assert all(torch.equal(again.state[k], v) for k, v in problem.state.items())
+
+
+def test_bfloat16_noise_floor_on_cpu_is_float16s_scaled_by_the_unit_roundoffs():
+    """torchvision has no bfloat16 CPU kernel: its float16 errors x 2**-8 / 2**-11 stand in."""
+    problem = ops.make_problem("dcn_fwd", SMALL, "cpu")
+    half = problem.noise_floor(torch.float16)
+    assert problem.noise_floor(torch.bfloat16) == pytest.approx([8 * e for e in half])
+
+
+def test_check_names_the_failing_or_worst_result():
+    problem = ops.make_problem("dcn_fwd_bwd", SMALL, "cpu")
+    runner = run.Runner(run.parse_args([*FAST]))
+
+    def check(*errors):
+        return runner.check(problem, "torchvision", torch.float32, list(errors))
+
+    assert check(1e-6, 0.0, 3e-5, 2e-6, 0.0, 0.0) == dict(max_rel_err=3e-5, worst="grad offset", check="pass")
+    # the first result past the bound, not the largest
+    assert check(1e-6, 1e-3, 1e-2, 0.0, 0.0, 0.0)["worst"] == "grad input"
+    # non-finite: no largest error to show, and a failure even for the baseline (no noise floor)
+    assert check(1e-6, 0.0, math.inf, 0.0, 0.0, 0.0) == dict(max_rel_err=None, worst="grad offset", check="fail")
+
+
 def test_a_cuda_graph_row_times_the_captured_step(monkeypatch):
     """The runner's graph mode on the CPU, with the capture stood in: the row checks and times what the capture
     returns, and its peak memory is the capture's."""
@@ -492,6 +584,19 @@ def test_default_impls_on_cpu_leave_out_triton_without_the_interpreter(monkeypat
     assert run.parse_args(["--device", "cpu", "--impls", "triton"]).impls == ["triton"]
 
 
+def test_defaults_follow_the_device(monkeypatch):
+    monkeypatch.setattr(run.runtime, "INTERPRET", False)
+    gpu = run.parse_args(["--device", "cuda"])
+    assert (gpu.shapes, gpu.budget, gpu.impls) == (COCO, run.GPU_BUDGET_S, list(ops.IMPLS))
+    cpu = run.parse_args(["--device", "cpu"])
+    assert (cpu.shapes, cpu.budget) == (SMALL, math.inf)
+
+
+def test_a_long_error_is_cut_in_the_record():
+    text = run._error_text(RuntimeError("x" * 1000))
+    assert len(text) == run.ERROR_CHARS and text.startswith("RuntimeError: xxx") and text.endswith("x...")
+
+
 def test_torchvision_in_bfloat16_on_cpu_says_why_it_has_no_row(tmp_path, capsys):
     """It has neither a bfloat16 CPU kernel nor CPU autocast: the table's note says so, where torchvision's own
     error left room for no more than a C++ source path."""
@@ -500,3 +605,20 @@ def test_torchvision_in_bfloat16_on_cpu_says_why_it_has_no_row(tmp_path, capsys)
     assert r["median_ms"] is None
     assert r["error"] == "NotImplementedError: torchvision has no bfloat16 CPU kernel nor CPU autocast"
     assert "| NotImplementedError: torchvision has no bfloat16 CPU kernel nor CPU autocast |" in capsys.readouterr().out
+
+
+def test_results_file_is_written_after_every_row(tmp_path, monkeypatch):
+    """A run cut short keeps the rows it measured."""
+    rows = []
+
+    def row(self, op, impl, dtype):
+        if rows:
+            raise KeyboardInterrupt
+        rows.append(records.make_record(op, impl, dtype, "cpu", "s", median_ms=1.0))
+        return rows[-1]
+
+    monkeypatch.setattr(run.Runner, "row", row)
+    with pytest.raises(KeyboardInterrupt):
+        run.main([*FAST, "--out", str(tmp_path), "--ops", "dcn_fwd", "--impls", "torchvision,sampled"])
+    (path,) = tmp_path.glob("cpu-*.json")
+    assert json.loads(path.read_text())["records"] == rows
