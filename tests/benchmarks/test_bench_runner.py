@@ -456,6 +456,60 @@ def test_cpu_profile_ranks_operators():
     assert "| 1 |" in text and "| 2 | `(other" in text
 
 
+class Event:
+    """The part of a kineto event that `profile.self_times` reads."""
+
+    def __init__(self, name, start, end, thread=1):
+        self._name, self._start, self._end, self._thread = name, start, end, thread
+
+    def name(self):
+        return self._name
+
+    def start_ns(self):
+        return self._start
+
+    def end_ns(self):
+        return self._end
+
+    def duration_ns(self):
+        return self._end - self._start
+
+    def start_thread_id(self):
+        return self._thread
+
+
+def test_self_time_is_an_events_duration_less_its_direct_children():
+    events = [
+        Event("conv", 0, 10_000), Event("im2col", 0, 4_000), Event("mm", 4_000, 9_000), Event("gemm", 5_000, 8_000),
+        Event("add", 10_000, 12_000),  # starts where conv ends: a sibling, not a child
+        Event("backward", 1_000, 6_000, thread=2),  # autograd's thread, overlapping conv: not nested in it
+    ]
+    assert sorted(profile.self_times(events)) == [("add", 2.0), ("backward", 5.0), ("conv", 1.0), ("gemm", 3.0),
+                                                    ("im2col", 4.0), ("mm", 2.0)]
+
+
+def test_rank_sums_per_name_per_step():
+    kernel = "void at::native::" + "x" * 200  # C++ template names run to kilobytes
+    durations = [("mm", 300.0), ("add", 50.0), ("mm", 500.0), ("relu", 100.0), ("add", 50.0), (kernel, 1000.0)]
+    result = profile.rank(durations, iters=2, top=2)
+    assert result["total_ms_per_iter"] == pytest.approx(1.0)
+    assert result["entries"] == [
+        {"name": kernel[:profile.NAME_CHARS], "calls_per_iter": 0.5, "ms_per_iter": pytest.approx(0.5),
+         "pct": pytest.approx(50.0)},
+        {"name": "mm", "calls_per_iter": 1.0, "ms_per_iter": pytest.approx(0.4), "pct": pytest.approx(40.0)},
+        {"name": "(other 2)", "calls_per_iter": 1.5, "ms_per_iter": pytest.approx(0.1), "pct": pytest.approx(10.0)}]
+
+
+def test_profile_markdown_says_why_a_step_was_not_profiled():
+    base = {"op": "dyhead_6block_fwd_bwd", "impl": "triton", "dtype": "bfloat16", "device": "cuda", "shape": "s"}
+    entry = {"name": "void at::native::kernel<a|b>", "calls_per_iter": 1.0, "ms_per_iter": 0.5, "pct": 100.0}
+    text = profile.markdown([{**base, "error": "skipped: time budget of 480 s spent"},
+                             {**base, "impl": "sampled", "kind": "k", "iters": 3, "total_ms_per_iter": 0.5,
+                              "entries": [entry]}])
+    assert "## dyhead_6block_fwd_bwd / triton / bfloat16 (cuda, s)\n\nNot profiled: skipped: time budget" in text
+    assert "| 1 | `void at::native::kernel<a/b>` | 1 | 0.5 | 100.0 |" in text
+
+
 def test_check_bound_is_the_tolerance_or_twice_the_baselines_own_error():
     assert ops.first_failure([1e-5, 2e-5], 1e-4) is None
     assert ops.first_failure([1e-5, 3e-4], 1e-4) == 1
