@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from benchmarks import host_ops
+from dyhead import DyHead
 from kernels.runtime import INTERPRET
 
 aten = torch.ops.aten
@@ -25,6 +26,7 @@ def _double_kernel(x_ptr, n, BLOCK: tl.constexpr):
     (aten.add.Tensor, True), (aten.add_.Tensor, True), (aten.copy_.default, True), (aten.sum.default, True),
     (aten.view.default, False), (aten.t.default, False), (aten.split_with_sizes.default, False),
     (aten.empty.memory_format, False), (aten.empty_like.default, False), (aten.detach.default, False),
+    (aten._foreach_add_.Scalar, True),  # in place, returns nothing: an optimizer's update
 ])
 def test_views_and_allocations_are_not_launches(op, launches):
     assert host_ops.launches_kernel(op) is launches
@@ -128,3 +130,48 @@ def test_main_prints_a_row_per_backend(capsys):
     assert host_ops.main(["--backends", "torchvision", "--levels", "2", "--size", "4", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "\ntorchvision " in out and "torchvision forward: " in out and "deform_conv2d 4" in out
+
+
+def test_dyhead_step_halves_each_level_rounding_up():
+    """DyHead's stride-2 branch lands on the next level's grid only if each level is ceil(previous / 2)."""
+    forward, inputs = host_ops.dyhead_step("torchvision", channels=16, batch=1, num_levels=3, num_blocks=1, size=5,
+                                           device="cpu", dtype=torch.float32)
+    levels, params = inputs[:3], inputs[3:]
+    assert [tuple(t.shape) for t in levels] == [(1, 16, 5, 5), (1, 16, 3, 3), (1, 16, 2, 2)]
+    assert len(params) == len(list(DyHead(16, 16, 1).parameters()))  # a training step differentiates them all
+    assert all(t.requires_grad for t in inputs)
+    assert [tuple(y.shape) for y in forward()] == [tuple(t.shape) for t in levels]
+
+
+def test_main_sums_counts_and_reports_host_time_and_saved_bytes(monkeypatch, capsys):
+    """With steps whose counts and kept storages are known: exp then sin (backward: cos and two muls; exp's output
+    kept), once for "triton", twice for "torchvision"."""
+    def dyhead_step(backend, **sizes):
+        x = torch.randn(4, 6, requires_grad=True)
+
+        def forward():
+            y = x
+            for _ in range(1 if backend == "triton" else 2):
+                y = y.exp().sin()
+            return [y]
+        return forward, [x]
+
+    monkeypatch.setattr(host_ops, "dyhead_step", dyhead_step)
+    monkeypatch.setattr(host_ops, "time_step", lambda forward, inputs, repeats: [0.004, 0.002, 0.003])
+    argv = ["--backends", "triton,torchvision", "--device", "cpu", "--time", "--saved", "--top", "1"]
+    assert host_ops.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split()[1:] for line in lines[2:4]}
+    assert rows == {"triton": ["2", "0", "3", "0", "5"], "torchvision": ["4", "0", "6", "0", "10"]}
+    assert "median 3.000 ms (min 2.000) of 30 steps" in "\n".join(lines)
+    assert "triton       0.00 MiB in 1 storages, 0.50x of torchvision" in lines
+    assert "torchvision forward: exp 2" in lines and "torchvision backward: mul 4" in lines
+    host_ops.main(argv[:4] + ["--top", "0"])
+    assert "forward:" not in capsys.readouterr().out
+
+
+def test_triton_on_the_cpu_needs_the_interpreter(monkeypatch, capsys):
+    monkeypatch.setattr(host_ops, "INTERPRET", False)
+    assert host_ops.main(["--backends", "triton", "--device", "cpu"]) == 2
+    assert "needs TRITON_INTERPRET=1" in capsys.readouterr().err
+
