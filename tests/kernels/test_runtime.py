@@ -1,5 +1,6 @@
 """Where the kernels run (`kernels.runtime`): the interpreter's version check and the device checks."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -33,6 +34,53 @@ def test_interpret_reads_the_variable_as_triton_does(value, on):
     code = "import triton, kernels.runtime as r; print(r.INTERPRET, bool(triton.knobs.runtime.interpret))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == [str(on), str(on)]
+
+
+@pytest.mark.parametrize("value, on", [(None, True), ("1", True), ("0", False)])
+def test_autotune_reads_dyhead_autotune(monkeypatch, value, on):
+    """Read at import: a fresh copy of the module reads the variable as set now."""
+    if value is None:
+        monkeypatch.delenv("DYHEAD_AUTOTUNE", raising=False)
+    else:
+        monkeypatch.setenv("DYHEAD_AUTOTUNE", value)
+    spec = importlib.util.spec_from_file_location("runtime_copy", runtime.__file__)
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    assert copy.AUTOTUNE is on
+
+
+@pytest.fixture
+def fp32_precision():
+    """Give torch's float32 precision settings back as they were."""
+    matmul, default = torch.backends.cuda.matmul.fp32_precision, torch.backends.fp32_precision
+    yield
+    torch.backends.fp32_precision = default
+    torch.backends.cuda.matmul.fp32_precision = matmul
+
+
+def test_tf32_is_read_as_either_api_set_it(fp32_precision):
+    torch.backends.fp32_precision = "none"
+    torch.backends.cuda.matmul.fp32_precision = "none"
+    assert not runtime.matmul_allows_tf32()  # torch's default: IEEE float32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    assert runtime.matmul_allows_tf32()
+    torch.set_float32_matmul_precision("highest")
+    assert not runtime.matmul_allows_tf32()
+    torch.set_float32_matmul_precision("high")
+    assert runtime.matmul_allows_tf32()
+
+
+def test_compile_only_passes_cpu_tensors_for_its_block_only(monkeypatch):
+    """A compile for a GPU target sizes launches for the given SM count; a nested block gives the outer one's back."""
+    monkeypatch.setattr(runtime, "INTERPRET", False)
+    cpu, x = torch.device("cpu"), torch.zeros(1)
+    with runtime.compile_only(132):
+        runtime.check_runnable(x, "op", "ref")
+        with runtime.compile_only(108):
+            assert runtime.sm_count(cpu) == 108
+        assert runtime.sm_count(cpu) == 132
+    with pytest.raises(RuntimeError, match="op runs Triton kernels on CUDA tensors; got a cpu tensor. Use ref"):
+        runtime.check_runnable(x, "op", "ref")
 
 
 @pytest.mark.skipif(not INTERPRET, reason="the check guards the interpreter")
