@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 
-from kernels.device_table import cached_device_table, device_table, device_tables, encode
+import kernels.device_table
+from kernels.device_table import cached_device_table, device_table, device_tables, encode, tables_cached_here_dropped
 from kernels.runtime import INTERPRET
 
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
@@ -23,6 +24,7 @@ def test_values_round_trip():
     table = device_table(VALUES, torch.device(DEVICE))
     assert table.dtype == torch.int64 and table.device.type == DEVICE
     assert torch.equal(table.cpu(), torch.tensor(VALUES, dtype=torch.int64))
+    assert device_table([-7], torch.device(DEVICE)).tolist() == [-7]
 
 
 def test_encoding_specializes_alike():
@@ -45,6 +47,28 @@ def test_cached_table_written_once_per_content():
     assert cached_device_table(tuple(values), device) is first  # the same table, not a new launch
     other = cached_device_table(values[:-1] + [values[-1] + 1], device)
     assert other is not first and other[-1].item() == values[-1] + 1
+
+
+def test_cached_tables_per_device_and_not_from_a_graph_capture(monkeypatch):
+    """The same values on another device are another table; one written during a CUDA graph capture belongs to
+    the capture's memory pool and is not kept; a block's drop leaves the tables cached before it."""
+    writes = []
+    capturing = []
+    monkeypatch.setattr(kernels.device_table, "device_table",
+                        lambda values, device: writes.append(device.type) or torch.tensor(values))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: bool(capturing))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    values = [11, 4096 + os.getpid()]
+    with tables_cached_here_dropped():
+        on_cpu = cached_device_table(values, cpu)
+        with tables_cached_here_dropped():
+            on_gpu = cached_device_table(values, cuda)
+            assert on_gpu is not on_cpu and cached_device_table(values, cuda) is on_gpu
+        assert cached_device_table(values, cpu) is on_cpu
+        capturing.append(True)
+        captured = cached_device_table(values[::-1], cuda)
+        assert cached_device_table(values[::-1], cuda) is not captured
+    assert writes == ["cpu", "cuda", "cuda", "cuda"]
 
 
 def test_empty_table():
