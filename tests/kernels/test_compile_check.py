@@ -70,21 +70,53 @@ def test_a_kernel_that_cannot_build_is_reported_and_the_run_goes_on(tmp_path):
             i = tl.arange(0, BLOCK)
             tl.store(out_ptr + i, tl.load(a_ptr + i) * 2)
 
+        @triton.autotune(configs=[triton.Config({}, num_warps=1), triton.Config({}, num_warps=2)], key=[])
+        @triton.jit
+        def _tuned_kernel(a_ptr, out_ptr, BLOCK: tl.constexpr):
+            i = tl.arange(0, BLOCK)
+            tl.store(out_ptr + i, tl.load(a_ptr + i))
+
         session = Session(arch=90, first_config=False, workload="probe", dtype="float32")
         with intercept_launches(session):
             a = torch.zeros(16)
             _copy_kernel[(1,)](a, torch.empty_like(a), BLOCK=12)
-            _copy_kernel[(1,)](a, torch.empty_like(a), BLOCK=16)
-        print(json.dumps([[r.constexprs["BLOCK"], r.error, r.registers] for r in session.records]))
+            for _ in range(2):  # one specialization, compiled and recorded once
+                _copy_kernel[(1,)](a, torch.empty_like(a), BLOCK=16)
+            _tuned_kernel[(1,)](a, torch.empty_like(a), BLOCK=16)
+        print(json.dumps([[r.kernel, r.constexprs["BLOCK"], r.num_warps, r.error, r.registers]
+                          for r in session.records]))
     """)
     probe = tmp_path / "probe.py"  # Triton reads a kernel's source from its file
     probe.write_text(script)
     proc = _run([str(probe)], tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    (block12, error12, _), (block16, error16, registers16) = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert (block12, block16) == (12, 16)
-    assert error12 and "power of 2" in error12
-    assert error16 is None and registers16 > 0
+    block12, block16, *tuned = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (block12[:2], block16[:2]) == (["_copy_kernel", 12], ["_copy_kernel", 16])
+    assert block12[3] and "power of 2" in block12[3]
+    assert block16[3] is None and block16[4] > 0
+    # without first_config every config of an autotuned kernel is compiled
+    assert [(kernel, warps) for kernel, _, warps, _, _ in tuned] == [("_tuned_kernel", 1), ("_tuned_kernel", 2)]
+
+
+def test_main_fails_when_a_kernel_fails_or_none_launched_it(tmp_path, monkeypatch):
+    """The exit status a CI step reads: 1 for a failed compile and for a kernel the workloads never launched
+    (listed in the JSON's meta), 0 otherwise."""
+    from benchmarks import compile_check
+
+    def check(arch, dtypes, shapes, first_config):
+        return compile_check.Session(arch, first_config, records=[
+            compile_check.Compiled(kernel, "dcn", "float32", {}, 4, 3, registers=32, stack_bytes=0, shared_bytes=0,
+                                   error=error) for kernel, error in launched])
+
+    monkeypatch.setattr(compile_check, "INTERPRET", False)
+    monkeypatch.setattr(compile_check, "check", check)
+    monkeypatch.setattr(compile_check, "defined_kernels", lambda: {"_fwd_kernel", "_bwd_kernel"})
+    out = tmp_path / "out.json"
+    for launched, status, uncovered in [([("_fwd_kernel", None), ("_bwd_kernel", None)], 0, []),
+                                        ([("_fwd_kernel", None)], 1, ["_bwd_kernel"]),
+                                        ([("_fwd_kernel", None), ("_bwd_kernel", "CompilationError")], 1, [])]:
+        assert compile_check.main(["--json", str(out)]) == status
+        assert json.loads(out.read_text())["meta"]["uncovered"] == uncovered
 
 
 def test_the_conv_kernels_keep_their_wide_memory_accesses(sm90):
@@ -107,3 +139,35 @@ def test_the_conv_kernels_keep_their_wide_memory_accesses(sm90):
             assert kernel.get("ld.global.b16", 0) <= 32, kernel
         assert backward.get("atom.global.gpu.relaxed.add.v4.f32", 0) >= 16, backward
     assert ops("_fwd_kernel", GROUPED=False).get("st.global.v4.b32", 0) >= 16
+
+
+def test_global_ops_counts_the_ptxs_global_accesses_by_width():
+    from benchmarks.compile_check import global_ops
+
+    ptx = textwrap.dedent("""
+        ld.global.v4.b32 {%r1, %r2, %r3, %r4}, [%rd1];
+        @%p1 ld.global.b16 {%rs1}, [%rd2];
+        @!%p2 st.global.v4.b32 [%rd3], {%r5, %r6, %r7, %r8};
+        cp.async.cg.shared.global [ %r9 + 0 ], [ %rd4 + 0 ], 0x10, %r10;
+        cp.async.cg.shared.global [ %r11 + 0 ], [ %rd5 + 0 ], 16;
+        @%p3 cp.async.ca.shared.global [ %r12 + 0 ], [ %rd6 + 0 ], 4, %r13;
+        atom.global.gpu.relaxed.add.v4.f32 {%f1, %f2, %f3, %f4}, [%rd7], {%f5, %f6, %f7, %f8};
+        ld.shared.b32 %r14, [%r15];
+        // ld.global.b32 in a comment
+    """)
+    assert global_ops(ptx) == {"atom.global.gpu.relaxed.add.v4.f32": 1, "cp.async.ca.shared.global/4": 1,
+                               "cp.async.cg.shared.global/16": 2, "ld.global.b16": 1, "ld.global.v4.b32": 1,
+                               "st.global.v4.b32": 1}
+
+
+def test_table_rows_of_compiled_and_failed_kernels():
+    from benchmarks.compile_check import Compiled, Session, table
+
+    session = Session(arch=90, first_config=False, records=[
+        Compiled("_fwd_kernel", "dcn", "bfloat16", {"ACC": "fp32", "BLOCK": 64}, 8, 3, registers=168, stack_bytes=0,
+                 shared_bytes=49152, compile_s=2.5),
+        Compiled("_bwd_kernel", "dcn", "float32", {"BLOCK": 128}, 4, 2, error="CompilationError: out of resource\nat")])
+    lines = table(session).splitlines()
+    assert lines[2] == "| _fwd_kernel | bfloat16 | BLOCK=64 | 8 | 3 | 168 | 0 | 48.0 | 2.5 |"
+    assert lines[3] == "| _bwd_kernel | float32 | BLOCK=128 | 4 | 2 | FAILED: CompilationError: out of resource | | | |"
+
