@@ -2,6 +2,8 @@
 the loaders and from the ``dyhead`` command, before any slow work."""
 
 import argparse
+import email.message
+import io
 from pathlib import Path
 from urllib.error import URLError
 
@@ -113,6 +115,9 @@ def test_backbone_weights_names_are_checked():
         build_backbone(BackboneConfig(name="resnet18", weights="IMAGENET"))
     with pytest.raises(ConfigError, match="slim has no torchvision weights"):
         build_backbone(BackboneConfig(name="slim", weights="IMAGENET1K_V1", norm="bn"))
+    with pytest.raises(ConfigError, match="'IMAGENET' names no torchvision weights of swin_t; expected one of "
+                                          "IMAGENET1K_V1, DEFAULT"):
+        build_backbone(BackboneConfig(name="swin_t", weights="IMAGENET", norm="ln"))
 
 
 def test_a_failed_download_says_where_the_file_goes(tmp_path, monkeypatch):
@@ -128,6 +133,23 @@ def test_a_failed_download_says_where_the_file_goes(tmp_path, monkeypatch):
     message = str(error.value)
     assert "downloading https://download.pytorch.org/models/resnet18" in message and "(no network)" in message
     assert f"put that file in {tmp_path / 'hub' / 'checkpoints'}" in message
+
+
+class _Response(io.BytesIO):
+    """What urlopen returns, without headers."""
+
+    def info(self):
+        return email.message.Message()
+
+
+def test_a_download_that_is_not_torchvisions_file_is_refused(tmp_path, monkeypatch):
+    """torchvision's file names carry the first digits of their SHA-256: other content fails and is not cached,
+    where the build would have loaded it."""
+    monkeypatch.setattr(torch.hub, "urlopen", lambda request: _Response(b"a proxy's error page"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(RuntimeError, match="invalid hash value"):
+        prepare_backbone_weights(BackboneConfig(name="resnet18", weights="IMAGENET1K_V1"))
+    assert not any((tmp_path / "hub" / "checkpoints").iterdir())
 
 
 def test_cli_train_names_missing_backbone_weights_before_making_data(tmp_path, capsys):
