@@ -7,12 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torchvision.models import swin_t
+from torchvision.models import Swin_T_Weights, swin_t
+from torchvision.models._api import WeightsEnum
 from torchvision.models.swin_transformer import SwinTransformer
 
 from detectors.backbones import SwinBackbone, build_backbone
 from detectors.build import build_detector
 from detectors.config import BackboneConfig, ModelConfig, load_config
+from detectors.engine.checkpoint import CheckpointError
 from detectors.swin_weights import load_swin_state_dict, official_key_to_torchvision
 
 REPO = Path(__file__).resolve().parents[2]
@@ -98,6 +100,8 @@ def test_levels_strides_channels_and_norms(first_level):
             # a fresh LayerNorm over the channel axis: every location has mean 0 across channels
             torch.testing.assert_close(feature.mean(1), torch.zeros_like(feature[:, 0]), atol=1e-5, rtol=0)
         torch.testing.assert_close(out["c5"], backbone.norms["c5"](stage4).permute(0, 3, 1, 2))
+    # nn.LayerNorm's default eps, as the release's norm{i} and torchvision's own Swin norms
+    assert all(norm.eps == backbone.features[0][2].eps == 1e-5 for norm in backbone.norms.values())
 
 
 @pytest.mark.parametrize(
@@ -115,17 +119,20 @@ def test_freeze_at_freezes_patch_embedding_then_stages_with_their_merging(freeze
     expected = {name for name, _ in backbone.named_parameters() if name.startswith(frozen_prefixes)}
     assert frozen == expected
     assert not any(name.startswith("norms.") for name in frozen)
-    backbone.train()
     modules = dict(backbone.features.named_modules(prefix="features"))
-    in_eval = {name for name, module in modules.items() if not module.training}
-    assert in_eval == {name for name in modules if (name + ".").startswith(frozen_prefixes)}
+    frozen_modules = {name for name in modules if (name + ".").startswith(frozen_prefixes)}
+    assert {name for name, module in modules.items() if not module.training} == frozen_modules  # as built
+    backbone.eval().train()
+    assert {name for name, module in modules.items() if not module.training} == frozen_modules
 
 
-def test_rejects_non_layernorm_norm_and_bad_freeze_at():
+def test_rejects_non_layernorm_norm_bad_freeze_at_and_first_level():
     with pytest.raises(ValueError, match="set norm to ln"):
         build_backbone(_swin_cfg(norm="frozen_bn"))
     with pytest.raises(ValueError, match="freeze_at=6"):
         build_backbone(_swin_cfg(freeze_at=6))
+    with pytest.raises(ValueError, match="first_level=4"):
+        build_backbone(_swin_cfg(), first_level=4)
 
 
 def test_official_key_spot_renames():
@@ -154,6 +161,15 @@ def test_official_checkpoint_file_loads_every_tensor(source, tmp_path):
     }
     for official_name, tv_name in spots.items():
         assert torch.equal(loaded[tv_name], official["model"][official_name]), official_name
+
+
+def test_named_torchvision_weights_are_loaded(source, monkeypatch):
+    """Served from memory under torchvision's URL for them, so that nothing is downloaded."""
+    available = {Swin_T_Weights.IMAGENET1K_V1.url: source.state_dict()}
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", lambda weights, *args, **kwargs: available[weights.url])
+    loaded = build_backbone(_swin_cfg(weights="IMAGENET1K_V1")).features.state_dict()
+    for name, value in source.features.state_dict().items():
+        assert torch.equal(loaded[name], value), name
 
 
 def test_torchvision_layout_loads_too(source):
@@ -188,6 +204,14 @@ def test_missing_unexpected_and_misshapen_tensors_are_named(source):
         load_swin_state_dict(target, _corrupt(official, "absolute_pos_embed", torch.zeros(1, 96, 56, 56)))
     with pytest.raises(ValueError, match="neither a torchvision nor an official"):
         load_swin_state_dict(target, {"conv1.weight": torch.zeros(1)})
+
+
+def test_a_weights_file_that_does_not_fit_is_a_checkpoint_error(tmp_path):
+    """CheckpointError, which the CLI reports in one line, rather than the loader's ValueError."""
+    path = tmp_path / "swin_stem_only.pth"
+    torch.save({"model": {"patch_embed.proj.weight": torch.zeros(96, 3, 4, 4)}}, path)
+    with pytest.raises(CheckpointError, match=r"swin_stem_only\.pth: lacks"):
+        build_backbone(_swin_cfg(weights=str(path)))
 
 
 def _release_window_attention(x: torch.Tensor, attn: torch.nn.Module, shift: int) -> torch.Tensor:
