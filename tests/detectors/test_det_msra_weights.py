@@ -1,8 +1,10 @@
 """Caffe2 ImageNet pickles (detectron2's ImageNetPretrained/MSRA/R-50.pkl) as backbone weights: the names, the
 folded batch norms, a strict fit, and refusals of what is not such a file."""
 
+import io
 import os
 import pickle
+import struct
 
 import numpy as np
 import pytest
@@ -53,6 +55,28 @@ def write_pickle(path, data, protocol=2):
     return path
 
 
+class _Python2Pickler(pickle._Pickler):
+    """Writes bytes as Python 2 wrote its str (BINSTRING), which Python 3 reads back as text in the reader's
+    encoding."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def _save_python2_str(self, obj):
+        self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = _save_python2_str
+
+
+def write_python2_pickle(path, blobs):
+    """``blobs`` as Python 2 and numpy 1 wrote Detectron's R-50.pkl: protocol 2, str keys, array bytes as str,
+    ``numpy.core`` module names."""
+    buffer = io.BytesIO()
+    _Python2Pickler(buffer, protocol=2).dump({key.encode(): value for key, value in blobs.items()})
+    path.write_bytes(buffer.getvalue().replace(b"numpy._core.", b"numpy.core."))
+    return path
+
+
 @pytest.mark.parametrize("protocol", [2, 4, 5])
 def test_names_and_folded_norms(tmp_path, r50_blobs, protocol):
     state = load_msra_resnet(write_pickle(tmp_path / "R-50.pkl", r50_blobs, protocol))
@@ -96,8 +120,11 @@ class Payload:
 @pytest.mark.parametrize("make, message", [
     (lambda p: write_pickle(p, {"res2_0_branch2a_w": Payload()}), r"not a caffe2 weights pickle \(it names "),
     (lambda p: p.write_bytes(b"\x80\x02not a pickle"), "not a caffe2 weights pickle"),
+    (lambda p: p.write_bytes(b""), "not a caffe2 weights pickle"),
     (lambda p: write_pickle(p, [np.zeros(3)]), "a dict of named arrays"),
+    (lambda p: write_pickle(p, {1: np.zeros(3, np.float32)}), "a dict of named arrays"),
     (lambda p: write_pickle(p, {"head_cls_w": np.zeros(3, np.float32)}), "'head_cls_w' is not part of a ResNet"),
+    (lambda p: write_pickle(p, {"res6_0_branch2a_w": np.zeros(3, np.float32)}), "'res6_0_branch2a_w' is not part"),
     (lambda p: write_pickle(p, {"res2_0_branch2a_w": np.zeros(3, np.int64)}), "not a floating-point array"),
     (lambda p: write_pickle(p, {"fc1000_w": np.zeros(3, np.float32)}), "no ResNet weights"),
     (lambda p: None, "do not exist"),
@@ -109,7 +136,26 @@ def test_refuses_what_is_not_a_caffe2_resnet(tmp_path, make, message):
         build_backbone(BackboneConfig(name="resnet50", weights=str(path)))
 
 
-def test_detectron1_blobs_nesting(tmp_path, r50_blobs):
-    nested = load_msra_resnet(write_pickle(tmp_path / "n.pkl", {"blobs": r50_blobs, "cfg": "..."}))
+@pytest.mark.parametrize("write", [
+    lambda path, blobs: write_pickle(path, {"blobs": blobs, "cfg": "..."}),  # Detectron1 detection models
+    write_python2_pickle,
+])
+def test_other_forms_of_the_same_weights(tmp_path, r50_blobs, write):
+    other = load_msra_resnet(write(tmp_path / "other.pkl", r50_blobs))
     flat = load_msra_resnet(write_pickle(tmp_path / "f.pkl", r50_blobs))
-    assert nested.keys() == flat.keys() and all(torch.equal(nested[k], flat[k]) for k in flat)
+    assert other.keys() == flat.keys() and all(torch.equal(other[k], flat[k]) for k in flat)
+
+
+def test_statistics_in_the_pickle_are_kept(tmp_path, r50_blobs):
+    """Some pickles carry batch norm statistics (``_bn_rm``/``_bn_riv``): they are used, not replaced by the
+    folded defaults. float64 here: the state is float32 whatever the pickle holds."""
+    rng = np.random.default_rng(1)
+    stats = {"res_conv1_bn_rm": rng.standard_normal(64), "res_conv1_bn_riv": rng.uniform(0.5, 2, 64),
+             "res3_0_branch1_bn_rm": rng.standard_normal(512), "res3_0_branch1_bn_riv": rng.uniform(0.5, 2, 512)}
+    state = load_msra_resnet(write_pickle(tmp_path / "R-50.pkl", {**r50_blobs, **stats}))
+    pairs = {"bn1.running_mean": "res_conv1_bn_rm", "bn1.running_var": "res_conv1_bn_riv",
+             "layer2.0.downsample.1.running_mean": "res3_0_branch1_bn_rm",
+             "layer2.0.downsample.1.running_var": "res3_0_branch1_bn_riv"}
+    for ours, theirs in pairs.items():
+        assert state[ours].dtype == torch.float32
+        assert torch.equal(state[ours], torch.from_numpy(stats[theirs]).float()), ours
