@@ -77,9 +77,9 @@ def _dyhead_tower(shapes, blocks, c=256):
         shapes.weight_bias(f"{p}.offset", (27, c, 3, 3))
 
 
-def release_shapes(architecture="atss", backbone="resnet", num_classes=80, dyhead_blocks=6, c=256):
+def release_shapes(architecture="atss", backbone="resnet", num_classes=80, dyhead_blocks=6, c=256, anchors=9):
     """{official key: shape} of the release's ``architecture`` (atss/retinanet/faster_rcnn) on ``backbone``
-    (resnet: R50, swin: Swin-T)."""
+    (resnet: R50, swin: Swin-T); ``anchors`` per position for RetinaNet."""
     shapes = _Shapes()
     bottom_up = "backbone.backbone.bottom_up"
     channels = _swin_t(shapes, bottom_up) if backbone == "swin" else _resnet50(shapes, bottom_up)
@@ -96,12 +96,12 @@ def release_shapes(architecture="atss", backbone="resnet", num_classes=80, dyhea
         shapes.weight_bias("head.bbox_pred", (4, c, 1, 1))
         shapes.weight_bias("head.centerness", (1, c, 1, 1))
         shapes.update({f"head.scales.{level}.scale": (1,) for level in range(5)})
-    elif architecture == "retinanet":  # detectron2's RetinaNetHead, NUM_CONVS 4, 9 anchors
+    elif architecture == "retinanet":  # detectron2's RetinaNetHead, NUM_CONVS 4
         for tower in ("cls_subnet", "bbox_subnet"):
             for i in range(4):
                 shapes.weight_bias(f"head.{tower}.{2 * i}", (c, c, 3, 3))
-        shapes.weight_bias("head.cls_score", (9 * num_classes, c, 3, 3))
-        shapes.weight_bias("head.bbox_pred", (9 * 4, c, 3, 3))
+        shapes.weight_bias("head.cls_score", (anchors * num_classes, c, 3, 3))
+        shapes.weight_bias("head.bbox_pred", (anchors * 4, c, 3, 3))
     else:  # StandardRPNHead (3 anchors), FastRCNNConvFCHead (2 x 1024), FastRCNNOutputLayers
         shapes.weight_bias("proposal_generator.rpn_head.conv", (c, c, 3, 3))
         shapes.weight_bias("proposal_generator.rpn_head.objectness_logits", (3, c, 1, 1))

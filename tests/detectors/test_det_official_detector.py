@@ -83,12 +83,24 @@ def test_an_unmapped_key_is_named(release, key):
         convert_official_detector({**release, key: torch.zeros(1)}, architecture="atss")
 
 
+def test_a_ddp_saved_checkpoint_converts_alike(release):
+    wrapped = {"model": {f"module.{key}": value for key, value in release.items()}}
+    converted, plain = convert_official_detector(wrapped), convert_official_detector(release)
+    assert converted.keys() == plain.keys() and all(torch.equal(converted[k], plain[k]) for k in plain)
+
+
 def test_missing_keys_are_named(release, atss):
     partial = dict(release)
     del partial["head.scales.4.scale"], partial["backbone.backbone.bottom_up.res5.2.conv3.norm.running_var"]
     with pytest.raises(ValueError, match="nothing for 2 of the model's tensors") as err:
         convert_official_detector(partial, atss.state_dict())
     assert "'head.scales.4.scale'" in str(err.value) and "'backbone.body.layer4.2.bn3.running_var'" in str(err.value)
+
+
+def test_a_converted_tensor_the_model_lacks_is_named(release, atss):
+    sixth_level = {**release, "head.scales.5.scale": torch.ones(1)}
+    with pytest.raises(ValueError, match="1 converted tensors are not in the model: 'head.scales.5.scale' -> "):
+        convert_official_detector(sixth_level, atss.state_dict())
 
 
 def test_a_shape_mismatch_names_both_keys_and_shapes(release, atss):

@@ -5,6 +5,9 @@ tensor lands, the heads are checked functionally: the converted RetinaNet and Fa
 detectron2's heads compute from the release's tensors, written here with plain torch ops in detectron2's layout.
 """
 
+import functools
+import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -157,3 +160,67 @@ def test_faster_rcnn_needs_the_fc_box_head(rcnn_release, tmp_path):
     release = load_official_detector(src, load_config(CONFIGS / "faster_rcnn_r50_dyhead_1x.yaml", NO_WEIGHTS).model)
     assert (release.architecture, release.num_classes) == ("faster_rcnn", 80)
     assert release.settings == RELEASE_SETTINGS["resnet"]
+
+
+def test_saved_input_settings_anchors_and_swin_masks_are_skipped(swin_release, monkeypatch, caplog):
+    """Some detectron2 versions saved these with the weights; the model recomputes them."""
+    extras = {"pixel_mean": torch.zeros(3, 1, 1), "pixel_std": torch.ones(3, 1, 1),
+              "anchor_generator.cell_anchors.0": torch.zeros(9, 4),
+              "backbone.backbone.bottom_up.layers.0.blocks.1.attn_mask": torch.zeros(64, 49, 49)}
+    monkeypatch.setattr(logging.getLogger("detectors"), "propagate", True)  # main() may have turned it off
+    with caplog.at_level(logging.INFO, logger="detectors.official_weights"):
+        converted = convert_official_detector({**extras, **swin_release}, architecture="atss")
+    assert converted.keys() == convert_official_detector(swin_release, architecture="atss").keys()
+    skipped = len(extras) + sum(key.endswith("relative_position_index") for key in swin_release)
+    assert f"skipped {skipped} input settings and recomputed buffers: pixel_mean, pixel_std" in caplog.text
+
+
+def test_two_keys_for_one_tensor_are_refused(swin_release):
+    block = "backbone.backbone.bottom_up.layers.0.blocks.1.mlp"
+    mixed = {**swin_release, f"{block}.0.weight": swin_release[f"{block}.fc1.weight"]}  # torchvision's name too
+    with pytest.raises(ValueError, match=re.escape(
+        f"official keys '{block}.fc1.weight' and '{block}.0.weight' both map to 'backbone.features.1.1.mlp.0.weight'"
+    )):
+        convert_official_detector(mixed, architecture="atss")
+
+
+@pytest.mark.parametrize(
+    "architecture, config, overrides, release_args",
+    [
+        ("atss", "atss_r50_dyhead_1x.yaml", [], {}),
+        ("retinanet", "retinanet_r50_dyhead_1x.yaml", [], {}),
+        # one anchor scale: 3 anchors per position, as a model trained with that setting has
+        ("retinanet", "retinanet_r50_dyhead_1x.yaml", ["model.retinanet.anchor_scales=[1.0]"], {"anchors": 3}),
+        ("faster_rcnn", "faster_rcnn_r50_dyhead_1x.yaml", [], {}),
+    ],
+)
+def test_the_class_count_is_the_checkpoints(architecture, config, overrides, release_args, tmp_path):
+    src = tmp_path / "model_final.pth"
+    torch.save({"model": random_release(architecture, num_classes=3, dyhead_blocks=1, **release_args)}, src)
+    cfg = load_config(CONFIGS / config, NO_WEIGHTS + ["model.dyhead_blocks=1"] + overrides).model
+    assert load_official_detector(src, cfg).num_classes == 3
+
+
+def test_a_configs_class_count_must_be_the_checkpoints(tmp_path):
+    src = tmp_path / "model_final.pth"
+    torch.save({"model": random_release("atss", num_classes=3, dyhead_blocks=1)}, src)
+    overrides = ["model.dyhead_blocks=1", "model.num_classes=5"]
+    cfg = load_config(CONFIGS / "atss_r50_dyhead_1x.yaml", NO_WEIGHTS + overrides)
+    with pytest.raises(ValueError, match="shapes differ.*'head.cls_logits.weight' \\(3, 256, 1, 1\\) -> "
+                                         "'head.cls_logits.weight' \\(5, 256, 1, 1\\)"):
+        load_official_detector(src, cfg.model)
+
+
+def test_swin_release_settings_are_the_releases_and_the_swin_t_configs():
+    """The release's configs/dyhead_swint_atss_fpn_2x_ms.yaml reads RGB with PIXEL_MEAN [123.675, 116.28, 103.53]
+    and PIXEL_STD [58.395, 57.12, 57.375] on [0, 255]; the Swin-T config here evaluates the release's model with
+    its input as it stands."""
+    settings = RELEASE_SETTINGS["swin"]
+    assert settings["data.input.format"] == "RGB"
+    torch.testing.assert_close(torch.tensor(settings["data.input.pixel_mean"]) * 255,
+                               torch.tensor([123.675, 116.28, 103.53]))
+    torch.testing.assert_close(torch.tensor(settings["data.input.pixel_std"]) * 255,
+                               torch.tensor([58.395, 57.12, 57.375]))
+    cfg = load_config(CONFIGS / "atss_swint_dyhead_2x_ms.yaml")
+    for key, value in settings.items():
+        assert functools.reduce(getattr, key.split("."), cfg) == value, key
