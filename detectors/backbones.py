@@ -259,15 +259,28 @@ def _torchvision_weights(cfg: BackboneConfig):
 
 @contextmanager
 def _downloading(weights) -> Iterator[None]:
-    """Turns a failed download of torchvision ``weights`` into a CheckpointError that says what to do offline."""
+    """Turns a failed download of torchvision ``weights`` (no network, or content failing the file name's
+    SHA-256 prefix, such as a proxy's error page) into a CheckpointError that says what to do."""
     try:
         yield
     except URLError as exc:
-        folder = Path(torch.hub.get_dir()) / "checkpoints"
         raise CheckpointError(
             f"backbone weights {weights}: downloading {weights.url} failed ({exc.reason}); without a network, put "
-            f"that file in {folder} (or give a .pth file as model.backbone.weights)"
+            f"that file in {_hub_checkpoints()} (or give a .pth file as model.backbone.weights)"
         ) from None
+    except RuntimeError as exc:
+        # torch.hub's only signal of a bad checksum is this message; it has already deleted the partial file
+        if not str(exc).startswith("invalid hash value"):
+            raise
+        raise CheckpointError(
+            f"backbone weights {weights}: the file downloaded from {weights.url} is not torchvision's ({exc}); "
+            f"try again, or put a good copy in {_hub_checkpoints()}"
+        ) from None
+
+
+def _hub_checkpoints() -> Path:
+    """The folder of torch.hub's cache where torchvision's weights are downloaded to and read from."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
 
 
 def prepare_backbone_weights(cfg: BackboneConfig) -> None:
