@@ -25,6 +25,7 @@ __all__ = ["SlimResNet", "ResNetBackbone", "SwinBackbone", "AlwaysShiftedWindowA
            "move_stride_to_1x1", "prepare_backbone_weights"]
 
 SWIN_NAMES = ("swin_t", "swin_s", "swin_b")
+_BATCH_NORM_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def _norm_layer(norm: str) -> Callable[[int], nn.Module]:
@@ -339,7 +340,8 @@ def build_backbone(cfg: BackboneConfig, first_level: int = 3) -> ResNetBackbone 
 
 def _load_resnet_weights(body: nn.Module, cfg: BackboneConfig) -> None:
     """Loads a torchvision ``.pth`` state dict (its classifier ignored) or a caffe2 ``.pkl`` into ``body``, all of
-    whose tensors they must provide; a caffe2 pickle must have nothing else (another depth's blocks)."""
+    whose tensors they must provide. Beyond the classifier and the batch-norm statistics that other norms do not
+    keep, they must have nothing else: blocks the body lacks are another depth's, which would load half a model."""
     if is_msra_pickle(cfg.weights):
         try:
             state = load_msra_resnet(cfg.weights)
@@ -355,6 +357,8 @@ def _load_resnet_weights(body: nn.Module, cfg: BackboneConfig) -> None:
     missing = [k for k in missing if not k.startswith("fc.")]  # the classifier, which the backbone drops
     if missing:
         raise CheckpointError(f"backbone weights {cfg.weights} lack {len(missing)} tensors, e.g. {missing[:3]}")
-    if unexpected and is_msra_pickle(cfg.weights):
+    unexpected = [k for k in unexpected
+                  if not k.startswith("fc.") and k.rpartition(".")[2] not in _BATCH_NORM_STATISTICS]
+    if unexpected:
         raise CheckpointError(f"backbone weights {cfg.weights} have {len(unexpected)} tensors {cfg.name} does not, "
                               f"e.g. {unexpected[:3]}: a ResNet of another depth")

@@ -104,8 +104,8 @@ def test_builds_the_backbone_strictly(tmp_path, r50_blobs):
     assert torch.equal(backbone.body.layer4[2].conv3.weight, torch.from_numpy(r50_blobs["res5_2_branch2c_w"]))
     assert backbone.body.layer2[0].conv1.stride == (2, 2)  # the MSRA layout the weights were trained with
 
-    r101 = caffe2_resnet_blobs((3, 4, 23, 3))
-    with pytest.raises(CheckpointError, match=r"R-101.pkl have 255 tensors resnet50 does not.*another depth"):
+    r101 = caffe2_resnet_blobs((3, 4, 23, 3))  # 17 more res4 blocks, each 3 convs and 3 norm weights and biases
+    with pytest.raises(CheckpointError, match=r"R-101.pkl have 153 tensors resnet50 does not.*another depth"):
         build_backbone(BackboneConfig(name="resnet50", weights=str(write_pickle(tmp_path / "R-101.pkl", r101))))
     partial = {k: v for k, v in r50_blobs.items() if not k.startswith("res5")}
     with pytest.raises(CheckpointError, match="lack"):

@@ -8,6 +8,7 @@ from torchvision.models._api import WeightsEnum
 
 from detectors.backbones import ResNetBackbone, build_backbone, move_stride_to_1x1, prepare_backbone_weights
 from detectors.config import BackboneConfig
+from detectors.engine.checkpoint import CheckpointError
 
 
 def _noisy_norms(model: torch.nn.Module) -> torch.nn.Module:
@@ -78,6 +79,24 @@ def test_named_torchvision_weights_are_the_starting_point(monkeypatch):
     prepare_backbone_weights(cfg)
     for name, value in build_backbone(cfg).body.state_dict().items():
         assert torch.equal(value, served[name]), name
+
+
+def test_a_pth_loads_whole_and_another_depths_is_refused(tmp_path):
+    """resnet34's blocks have resnet18's shapes where both have them: loading it would fill resnet18 with the first
+    blocks of each stage. The classifier may be absent, and a group-norm body takes a batch-norm file's affines."""
+    source = _noisy_norms(resnet.resnet18())
+    state = {k: v for k, v in source.state_dict().items() if not k.startswith("fc.")}
+    torch.save(state, tmp_path / "r18.pth")
+    for norm in ("bn", "gn"):
+        backbone = build_backbone(BackboneConfig(name="resnet18", weights=str(tmp_path / "r18.pth"), norm=norm))
+        loaded = backbone.body.state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in state.items() if k in loaded), norm
+        assert torch.equal(backbone.body.layer4[1].bn2.weight, source.layer4[1].bn2.weight), norm
+    torch.save(resnet.resnet34().state_dict(), tmp_path / "r34.pth")
+    # 8 more blocks (1, 2, 4, 1 per stage), each 2 convs and 2 norm weights and biases
+    with pytest.raises(CheckpointError, match=r"r34.pth have 48 tensors resnet18 does not, "
+                                              r"e.g. \['layer1.2.conv1.weight'.*another depth"):
+        build_backbone(BackboneConfig(name="resnet18", weights=str(tmp_path / "r34.pth"), norm="bn"))
 
 
 def test_refuses_what_it_cannot_build():
