@@ -148,16 +148,11 @@ def test_fp32_products_follow_torch_tf32_switch(allow_tf32, dot):
 
 @pytest.mark.parametrize("matmul, everything, dot", [("tf32", "none", "tf32"), ("ieee", "none", "ieee"),
                                                      ("none", "tf32", "tf32")])
-def test_fp32_products_follow_torch_precision_api(matmul, everything, dot):
+def test_fp32_products_follow_torch_precision_api(matmul, everything, dot, fp32_precision):
     """The same through torch's newer switch, after which reading the legacy allow_tf32 raises."""
-    before = torch.backends.cuda.matmul.fp32_precision, torch.backends.fp32_precision
     torch.backends.fp32_precision = everything
     torch.backends.cuda.matmul.fp32_precision = matmul
-    try:
-        assert deform_conv.launch_flags(torch.zeros(1))["DOT"] == dot
-    finally:
-        torch.backends.fp32_precision = before[1]
-        torch.backends.cuda.matmul.fp32_precision = before[0]
+    assert deform_conv.launch_flags(torch.zeros(1))["DOT"] == dot
 
 
 @needs_kernels

@@ -49,15 +49,6 @@ def test_autotune_reads_dyhead_autotune(monkeypatch, value, on):
     assert copy.AUTOTUNE is on
 
 
-@pytest.fixture
-def fp32_precision():
-    """Give torch's float32 precision settings back as they were."""
-    matmul, default = torch.backends.cuda.matmul.fp32_precision, torch.backends.fp32_precision
-    yield
-    torch.backends.fp32_precision = default
-    torch.backends.cuda.matmul.fp32_precision = matmul
-
-
 def test_tf32_is_read_as_either_api_set_it(fp32_precision):
     torch.backends.fp32_precision = "none"
     torch.backends.cuda.matmul.fp32_precision = "none"
