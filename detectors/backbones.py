@@ -16,7 +16,7 @@ from torchvision.models import resnet, swin_transformer
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FrozenBatchNorm2d
 
-from .config import BackboneConfig, ConfigError
+from .config import SWIN_NAMES, BackboneConfig, ConfigError, check_backbone
 from .engine.checkpoint import CheckpointError, load_checkpoint
 from .msra_weights import is_msra_pickle, load_msra_resnet
 from .swin_weights import load_swin_state_dict
@@ -24,7 +24,6 @@ from .swin_weights import load_swin_state_dict
 __all__ = ["SlimResNet", "ResNetBackbone", "SwinBackbone", "AlwaysShiftedWindowAttention", "build_backbone",
            "move_stride_to_1x1", "prepare_backbone_weights"]
 
-SWIN_NAMES = ("swin_t", "swin_s", "swin_b")
 _BATCH_NORM_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
 
@@ -296,10 +295,6 @@ def prepare_backbone_weights(cfg: BackboneConfig) -> None:
 
 
 def _build_swin(cfg: BackboneConfig, first_level: int) -> SwinBackbone:
-    if cfg.norm != "ln":
-        raise ValueError(
-            f"backbone norm {cfg.norm!r} does not apply to {cfg.name}: Swin uses LayerNorm, set norm to ln"
-        )
     torchvision_weights = _torchvision_weights(cfg)
     with _downloading(torchvision_weights):
         body = swin_transformer.__dict__[cfg.name](weights=torchvision_weights)
@@ -313,9 +308,8 @@ def _build_swin(cfg: BackboneConfig, first_level: int) -> SwinBackbone:
 
 def build_backbone(cfg: BackboneConfig, first_level: int = 3) -> ResNetBackbone | SwinBackbone:
     """Builds the backbone described by ``cfg`` returning C{first_level}-C5, loading pretrained weights when
-    it names them."""
-    if cfg.stride_in_1x1 and cfg.name not in ("resnet50", "resnet101", "resnet152"):
-        raise ValueError(f"stride_in_1x1 applies to the bottleneck ResNets (resnet50/101/152), not {cfg.name}")
+    it names them; settings that do not go together are a ConfigError (:func:`detectors.config.check_backbone`)."""
+    check_backbone(cfg)
     if cfg.name in SWIN_NAMES:
         return _build_swin(cfg, first_level)
     norm_layer = _norm_layer(cfg.norm)

@@ -36,6 +36,8 @@ __all__ = [
     "SolverConfig",
     "Config",
     "ConfigError",
+    "SWIN_NAMES",
+    "check_backbone",
     "load_config",
     "apply_overrides",
     "config_to_dict",
@@ -45,6 +47,9 @@ __all__ = [
 class ConfigError(ValueError):
     """A config file or override is not valid YAML, names an unknown key or holds a value of the wrong type or
     outside its field's range."""
+
+
+SWIN_NAMES = ("swin_t", "swin_s", "swin_b")
 
 
 @dataclass
@@ -418,6 +423,8 @@ _AT_LEAST_0 = (lambda v: v >= 0, ">= 0")
 _AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
 _POSITIVE = (lambda v: v > 0, "> 0")
 _FRACTION = (lambda v: 0 <= v <= 1, "in [0, 1]")
+_PER_STAGE = (lambda v: len(v) == 4 and min(v) >= 1, "four values >= 1, one per stage")
+_SOME_POSITIVE = (lambda v: len(v) > 0 and min(v) > 0, "one or more values > 0")
 
 # Checked when the config is read because, out of range, these values crash (a period of 0), hang (0 images per
 # batch) or quietly change the run (unsorted steps, a threshold above 1) only later, after the data is read. A 0
@@ -457,25 +464,91 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.score_thresh": _FRACTION,
     "model.nms_thresh": _FRACTION,
     "num_threads": _AT_LEAST_0,
+    "model.num_classes": (lambda v: v is None or v >= 1, ">= 1, or null for the training set's count"),
+    "model.backbone.freeze_at": (lambda v: 0 <= v <= 5, "in [0, 5]"),
+    "model.backbone.widths": _PER_STAGE,
+    "model.backbone.depths": _PER_STAGE,
+    "model.fpn_channels": _AT_LEAST_1,
+    "model.dyhead_channels": (lambda v: v >= 16 and v % 16 == 0,
+                              "a positive multiple of 16 (GroupNorm(16) after every conv)"),
+    "model.dyhead_blocks": _AT_LEAST_1,
+    "model.anchor_scale": _POSITIVE,
+    "model.atss_topk": _AT_LEAST_1,
+    "model.prior_prob": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "model.focal_alpha": (lambda v: 0 <= v <= 1 or v == -1, "in [0, 1], or -1 for no weighting"),
+    "model.focal_gamma": _AT_LEAST_0,
+    "model.reg_loss_weight": _AT_LEAST_0,
+    "model.pre_nms_topk": _AT_LEAST_1,
+    "model.detections_per_img": _AT_LEAST_1,
+    "model.retinanet.num_convs": _AT_LEAST_0,
+    "model.retinanet.loss_normalizer_momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "model.retinanet.anchor_size": _POSITIVE,
+    "model.retinanet.anchor_scales": _SOME_POSITIVE,
+    "model.retinanet.aspect_ratios": _SOME_POSITIVE,
+    "model.retinanet.fg_iou_thresh": _FRACTION,
+    "model.retinanet.bg_iou_thresh": _FRACTION,
+    "model.retinanet.smooth_l1_beta": _AT_LEAST_0,
+    "model.rcnn.fc_dim": _AT_LEAST_1,
+    "model.rcnn.rpn_smooth_l1_beta": _AT_LEAST_0,
+    "model.rcnn.roi_smooth_l1_beta": _AT_LEAST_0,
+    "model.rcnn.anchor_size": _POSITIVE,
+    "model.rcnn.aspect_ratios": _SOME_POSITIVE,
+    "model.rcnn.rpn_fg_iou_thresh": _FRACTION,
+    "model.rcnn.rpn_bg_iou_thresh": _FRACTION,
+    "model.rcnn.rpn_batch_size_per_image": _AT_LEAST_1,
+    "model.rcnn.rpn_positive_fraction": _FRACTION,
+    "model.rcnn.rpn_pre_nms_topk_train": _AT_LEAST_1,
+    "model.rcnn.rpn_pre_nms_topk_test": _AT_LEAST_1,
+    "model.rcnn.rpn_post_nms_topk_train": _AT_LEAST_1,
+    "model.rcnn.rpn_post_nms_topk_test": _AT_LEAST_1,
+    "model.rcnn.rpn_nms_thresh": _FRACTION,
+    "model.rcnn.roi_fg_iou_thresh": _FRACTION,
+    "model.rcnn.roi_bg_iou_thresh": _FRACTION,
+    "model.rcnn.roi_batch_size_per_image": _AT_LEAST_1,
+    "model.rcnn.roi_positive_fraction": _FRACTION,
+    "model.rcnn.pooler_resolution": _AT_LEAST_1,
+    "model.rcnn.pooler_sampling_ratio": _AT_LEAST_0,
 }
+
+# Pairs (low, high) that must not cross: the matchers' background threshold above the foreground one is torch's
+# bare assertion in Faster R-CNN, and in RetinaNet silently marks anchors between them as both.
+_ORDERED = (
+    ("data.shapes.min_objects", "data.shapes.max_objects"),
+    ("model.retinanet.bg_iou_thresh", "model.retinanet.fg_iou_thresh"),
+    ("model.rcnn.rpn_bg_iou_thresh", "model.rcnn.rpn_fg_iou_thresh"),
+    ("model.rcnn.roi_bg_iou_thresh", "model.rcnn.roi_fg_iou_thresh"),
+)
+
+
+def check_backbone(cfg: BackboneConfig) -> None:
+    """Raises ConfigError where the backbone's settings do not go together: Swin has only LayerNorm and the
+    ResNets none, and only a bottleneck has the 1x1 conv that ``stride_in_1x1`` moves the stride into."""
+    swin = cfg.name in SWIN_NAMES
+    if swin != (cfg.norm == "ln"):
+        expected = "ln, Swin's only norm," if swin else "frozen_bn, bn or gn (ln is Swin's)"
+        raise ConfigError(f"model.backbone.norm: expected {expected} for {cfg.name}, got {cfg.norm!r}")
+    if cfg.stride_in_1x1 and cfg.name not in ("resnet50", "resnet101", "resnet152"):
+        raise ConfigError("model.backbone.stride_in_1x1: applies to the bottleneck ResNets (resnet50/101/152), "
+                          f"not {cfg.name}")
 
 
 def _check_ranges(cfg: Config) -> None:
     """Raises ConfigError naming the first key of ``_RANGES`` whose value is outside its range, the value and the
-    range."""
+    range; then the first pair of ``_ORDERED`` that crosses, and backbone settings that do not go together."""
     for key, (ok, allowed) in _RANGES.items():
         value = functools.reduce(getattr, key.split("."), cfg)
         if not ok(value):
             raise ConfigError(f"{key}: expected {allowed}, got {value!r}")
-    shapes = cfg.data.shapes
-    if shapes.max_objects < shapes.min_objects:
-        raise ConfigError(f"data.shapes.max_objects: expected >= data.shapes.min_objects ({shapes.min_objects}), "
-                          f"got {shapes.max_objects}")
+    for low_key, high_key in _ORDERED:
+        low, high = (functools.reduce(getattr, key.split("."), cfg) for key in (low_key, high_key))
+        if high < low:
+            raise ConfigError(f"{high_key}: expected >= {low_key} ({low}), got {high}")
+    check_backbone(cfg.model.backbone)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Reads a YAML file (or the defaults when ``path`` is None), applies ``overrides`` and checks the values'
-    ranges (``_RANGES``) on the result, so that an override can correct a file's value."""
+    ranges (``_RANGES``) and relations on the result, so that an override can correct a file's value."""
     data: dict = {}
     if path is not None:
         path = Path(path)

@@ -52,9 +52,8 @@ from torch import Tensor
 
 from dyhead.official import official_tower_name, read_checkpoint
 
-from .backbones import SWIN_NAMES
 from .build import build_detector
-from .config import ConfigError, ModelConfig
+from .config import SWIN_NAMES, ConfigError, ModelConfig
 from .swin_weights import official_key_to_torchvision
 
 __all__ = [

@@ -437,7 +437,8 @@ def test_config_overrides_and_unknown_keys(tmp_path):
 
 def test_config_values_from_a_fixed_set_are_checked_on_load(tmp_path):
     """Names of optimisers, backbones, norms, architectures... fail when the config is read, before any data."""
-    cfg = load_config(None, ["solver.optimizer=adamw", "model.backbone.name=swin_t", "model.dyhead_backend=torch"])
+    cfg = load_config(None, ["solver.optimizer=adamw", "model.backbone.name=swin_t", "model.backbone.norm=ln",
+                             "model.dyhead_backend=torch"])
     assert (cfg.solver.optimizer, cfg.model.backbone.name, cfg.model.dyhead_backend) == ("adamw", "swin_t", "torch")
     with pytest.raises(ConfigError, match="solver.optimizer: expected one of sgd, adamw, got 'adam'"):
         load_config(None, ["solver.optimizer=adam"])

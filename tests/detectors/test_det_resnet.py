@@ -100,7 +100,7 @@ def test_a_pth_loads_whole_and_another_depths_is_refused(tmp_path):
 
 
 def test_refuses_what_it_cannot_build():
-    with pytest.raises(ValueError, match="unknown backbone norm 'ln'"):
+    with pytest.raises(ValueError, match=r"model.backbone.norm: expected frozen_bn, bn or gn \(ln is Swin's\)"):
         build_backbone(BackboneConfig(name="resnet18", weights=None, norm="ln"))
     with pytest.raises(ValueError, match=r"4 widths and 4 depths, got \[8, 16, 32\]"):
         build_backbone(BackboneConfig(name="slim", weights=None, norm="bn", widths=[8, 16, 32], depths=[1, 1, 1]))

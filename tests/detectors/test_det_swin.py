@@ -127,7 +127,7 @@ def test_freeze_at_freezes_patch_embedding_then_stages_with_their_merging(freeze
 
 
 def test_rejects_non_layernorm_norm_bad_freeze_at_and_first_level():
-    with pytest.raises(ValueError, match="set norm to ln"):
+    with pytest.raises(ValueError, match="model.backbone.norm: expected ln, Swin's only norm"):
         build_backbone(_swin_cfg(norm="frozen_bn"))
     with pytest.raises(ValueError, match="freeze_at=6"):
         build_backbone(_swin_cfg(freeze_at=6))
