@@ -461,6 +461,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.shapes.num_val": _AT_LEAST_1,
     "data.shapes.image_size": _AT_LEAST_1,
     "data.shapes.min_objects": _AT_LEAST_0,
+    "data.shapes.min_object_size": _AT_LEAST_1,
     "model.score_thresh": _FRACTION,
     "model.nms_thresh": _FRACTION,
     "num_threads": _AT_LEAST_0,
@@ -511,9 +512,12 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 # Pairs (low, high) that must not cross: the matchers' background threshold above the foreground one is torch's
-# bare assertion in Faster R-CNN, and in RetinaNet silently marks anchors between them as both.
+# bare assertion in Faster R-CNN, and in RetinaNet silently marks anchors between them as both; a shape larger
+# than the image is drawn cut off by its border.
 _ORDERED = (
     ("data.shapes.min_objects", "data.shapes.max_objects"),
+    ("data.shapes.min_object_size", "data.shapes.max_object_size"),
+    ("data.shapes.max_object_size", "data.shapes.image_size"),
     ("model.retinanet.bg_iou_thresh", "model.retinanet.fg_iou_thresh"),
     ("model.rcnn.rpn_bg_iou_thresh", "model.rcnn.rpn_fg_iou_thresh"),
     ("model.rcnn.roi_bg_iou_thresh", "model.rcnn.roi_fg_iou_thresh"),

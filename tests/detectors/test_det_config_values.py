@@ -1,5 +1,6 @@
 """Config values: null spelt None, mappings merged into a section, malformed YAML and out-of-range values."""
 
+import functools
 import re
 from pathlib import Path
 
@@ -77,6 +78,7 @@ def test_malformed_yaml_is_a_config_error_naming_the_override_or_file(tmp_path, 
     ("model.nms_thresh=1.5", r"in \[0, 1\]"),
     ("data.input.max_size_test=0", ">= 1"),
     ("data.input.pixel_mean=[0.5, 0.5]", "three values, one per channel"),
+    ("data.shapes.min_object_size=0", ">= 1"),
     ("model.num_classes=0", ">= 1, or null for the training set's count"),
     ("model.backbone.freeze_at=6", r"in \[0, 5\]"),
     ("model.backbone.freeze_at=-1", r"in \[0, 5\]"),
@@ -161,15 +163,21 @@ def test_values_at_the_edge_of_their_range_load(tmp_path):
 
 
 @pytest.mark.parametrize("low, high", [
+    ("data.shapes.min_object_size", "data.shapes.max_object_size"),
+    ("data.shapes.max_object_size", "data.shapes.image_size"),
     ("model.retinanet.bg_iou_thresh", "model.retinanet.fg_iou_thresh"),
     ("model.rcnn.rpn_bg_iou_thresh", "model.rcnn.rpn_fg_iou_thresh"),
     ("model.rcnn.roi_bg_iou_thresh", "model.rcnn.roi_fg_iou_thresh"),
 ])
-def test_a_background_threshold_above_the_foreground_one_fails(low, high):
-    """Faster R-CNN's matchers assert low <= high only when built (after the data is read); RetinaNet's would
-    silently take anchors between the two as both background and foreground."""
-    with pytest.raises(ConfigError, match=rf"^{high}: expected >= {low} \(0.6\), got 0.4$"):
-        load_config(None, [f"{low}=0.6", f"{high}=0.4"])
+def test_bounds_that_cross_fail(low, high):
+    """Faster R-CNN's matchers assert low <= high only when built (after the data is read), RetinaNet's would
+    silently take anchors between the two as both background and foreground, and the shapes generator would draw
+    sizes from a reversed range or objects cut off by the image's border. Equal bounds load."""
+    small, large = ("0.4", "0.6") if "iou" in low else ("40", "60")
+    with pytest.raises(ConfigError, match=rf"^{high}: expected >= {low} \({large}\), got {small}$"):
+        load_config(None, [f"{low}={large}", f"{high}={small}"])
+    cfg = load_config(None, [f"{low}={large}", f"{high}={large}"])
+    assert str(functools.reduce(getattr, high.split("."), cfg)) == large
 
 
 @pytest.mark.parametrize("overrides, message", [
