@@ -279,7 +279,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     seed: int = 0
-    device: str = "auto"  # auto: cuda when available, else cpu
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available, else cpu; cuda: this process's GPU
     num_threads: int = 0  # CPU intra-op threads per process; 0 keeps torch's default
     deterministic: bool = False  # CUDA: deterministic cuDNN kernels and no cuDNN autotuning
 

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..config import ConfigError
+
 __all__ = [
     "init_distributed",
     "is_distributed",
@@ -50,9 +52,15 @@ def init_distributed(device: str) -> torch.device:
 
     Returns:
         This process's device (``cuda:LOCAL_RANK`` on GPUs). NCCL is used on CUDA, gloo on the CPU.
+
+    Raises:
+        ConfigError: ``cuda`` where torch finds no CUDA device (torch's own error is a traceback about drivers).
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda, but torch finds no CUDA device (torch.cuda.is_available() is false); "
+                          "set device to auto or cpu")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "cuda":

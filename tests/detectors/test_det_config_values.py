@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from detectors.cli import main
 from detectors.config import ConfigError, load_config
@@ -197,4 +198,19 @@ def test_backbone_settings_that_do_not_go_together_fail_when_the_config_is_read(
     sets = [arg for override in [*overrides, f"data.shapes.root={data}"] for arg in ("--set", override)]
     assert main(["train", "--config", str(config), "--output-dir", str(tmp_path / "out"), *sets]) == 2
     assert re.fullmatch(f"dyhead train: error: {message}\n", capsys.readouterr().err)
+    assert not data.exists()
+
+
+def test_a_device_torch_cannot_use_fails_before_any_data(tmp_path, capsys, monkeypatch):
+    """A device name outside auto/cpu/cuda fails when the config is read, and cuda without a CUDA device when the
+    run starts, on one line with exit status 2: both were torch's tracebacks (about drivers, or a list of every
+    device type torch knows)."""
+    with pytest.raises(ConfigError, match="^device: expected one of auto, cpu, cuda, got 'gpu'$"):
+        load_config(None, ["device=gpu"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    data = tmp_path / "data"
+    assert main(["train", "--config", str(CONFIGS / "shapes_tiny.yaml"), "--output-dir", str(tmp_path / "out"),
+                 "--set", f"data.shapes.root={data}", "--set", "device=cuda"]) == 2
+    assert capsys.readouterr().err == ("dyhead train: error: device: cuda, but torch finds no CUDA device "
+                                       "(torch.cuda.is_available() is false); set device to auto or cpu\n")
     assert not data.exists()

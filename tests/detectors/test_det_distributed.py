@@ -63,7 +63,8 @@ def test_losses_are_summed_and_objects_gathered_across_processes(tmp_path):
 
 
 def test_the_device_is_this_processs_gpu_when_there_is_one(monkeypatch):
-    """``auto`` takes CUDA where there is one, on the GPU of LOCAL_RANK; a single process joins no group."""
+    """``auto`` takes CUDA where there is one, on the GPU of LOCAL_RANK, as ``cuda`` does; a single process joins
+    no group."""
     from detectors.engine.distributed import init_distributed
 
     monkeypatch.setenv("LOCAL_RANK", "1")
@@ -72,7 +73,8 @@ def test_the_device_is_this_processs_gpu_when_there_is_one(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert init_distributed("auto") == torch.device("cuda", 1) and chosen == [1]
-    assert init_distributed("cpu") == torch.device("cpu") and chosen == [1]
+    assert init_distributed("cuda") == torch.device("cuda", 1) and chosen == [1, 1]
+    assert init_distributed("cpu") == torch.device("cpu") and chosen == [1, 1]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert init_distributed("auto") == torch.device("cpu")
     assert not dist.is_initialized() and get_world_size() == 1 and get_rank() == 0
