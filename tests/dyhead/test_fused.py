@@ -36,6 +36,10 @@ def test_shape_constants_are_made_once_per_content():
     assert shape_constants([35.0, 12.0, 0.5, 2.0], torch.float64, cpu) is first
     assert shape_constants([35.0, 12.0, 0.5, 3.0], torch.float64, cpu) is not first
     assert shape_constants([35.0, 12.0, 0.5, 2.0], torch.float32, cpu).dtype == torch.float32
+    # Made under inference_mode (a first call in evaluation), a kept inference tensor would break training.
+    with torch.inference_mode():
+        made = shape_constants([35.0, 12.0, 0.5, 4.0], torch.float64, cpu)
+    assert not made.is_inference()
 
 
 def test_group_norm_affine_is_group_norm():
@@ -75,6 +79,7 @@ def test_upsampling_pool_weights_are_made_once_per_pyramid():
     assert torch.equal(pairs[0][1], torch.tensor(upsampled_mean_weights(5, 9), dtype=torch.float32))
     again = upsampling_pool_weights(resizes, torch.float32, cpu)
     assert all(a is b for pair, other in zip(pairs, again) for a, b in zip(pair, other))
+    assert all(t.dtype == torch.float64 for pair in upsampling_pool_weights(resizes, torch.float64, cpu) for t in pair)
 
 
 @needs_kernels
@@ -160,3 +165,26 @@ def test_block_forward_traced_path_matches_the_reference_modules(monkeypatch):
                         scale.to(DEVICE), task.to(DEVICE))
     for o, e in zip(out, expected):
         torch.testing.assert_close(o.cpu(), e, rtol=1e-11, atol=1e-11)
+
+
+@needs_kernels
+def test_block_forward_with_the_norms_own_groups_eps_and_slots():
+    """The GroupNorms' own group count and eps (8 and 1e-2, not 16 and the default) are the ones used, and each
+    branch gets its own GroupNorm whatever its slot: as DyHead pairs them, the finest level's second branch is the
+    coarser one (slot 1 with the third norm) and the next level's the finer one (slot 1 with the second)."""
+    torch.manual_seed(3)
+    c = 32
+    scale, task = ScaleAttention(c).double(), TaskAttention(c).double()
+    same, finer, coarser = (nn.GroupNorm(8, c, eps=1e-2).double() for _ in range(3))
+    for norm in (same, finer, coarser):
+        nn.init.normal_(norm.weight, 1.0, 0.5)
+        nn.init.normal_(norm.bias, 0.0, 0.5)
+    big, small = (torch.randn(2, c, h, w, dtype=torch.float64, device=DEVICE) for h, w in [(4, 5), (2, 3)])
+    scale, task, same, finer, coarser = (m.to(DEVICE) for m in (scale, task, same, finer, coarser))
+    levels = [[(big, same), (small, coarser)], [(small, same), (small * 2.0 + 1.0, finer)]]
+    out = block_forward(levels, scale, task)
+    for o, level in zip(out, levels):
+        size = level[0][0].shape[-2:]
+        branches = [F.interpolate(n(y), size=size, mode="bilinear", align_corners=True) if y.shape[-2:] != size
+                    else n(y) for y, n in level]
+        torch.testing.assert_close(o, task(scale(branches)), rtol=1e-11, atol=1e-11)
