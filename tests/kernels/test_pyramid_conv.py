@@ -19,6 +19,8 @@ needs_kernels = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRET,
 PYRAMID = [(9, 13), (5, 7), (3, 4), (2, 2), (1, 1)]
 ODD = [(3, 11), (7, 2), (1, 5)]
 COCO = [(100, 168), (50, 84), (25, 42), (13, 21), (7, 11)]
+# A canvas 64 wide: four column blocks of the interpreter's BLOCK_W (16) per row, where the others' fit in two.
+WIDE = [(2, 42), (1, 21)]
 
 
 def _reference(xs, weight, bias=None):
@@ -49,6 +51,8 @@ def test_layout_keeps_levels_apart_by_the_gaps(sizes, gaps):
         apart_rows = ay1 + gaps[0] <= by0 or by1 + gaps[0] <= ay0
         apart_cols = ax1 + gaps[1] <= bx0 or bx1 + gaps[1] <= ax0
         assert apart_rows or apart_cols
+    # No row or column past the levels: the canvas ends where they do.
+    assert max(y1 for _, _, y1, _ in boxes) == height and max(x1 for _, _, _, x1 in boxes) == width
 
 
 def test_coco_canvas_wastes_little():
@@ -57,10 +61,11 @@ def test_coco_canvas_wastes_little():
 
 
 @needs_kernels
-def test_canvas_holds_the_levels_and_zeros_between():
+@pytest.mark.parametrize("sizes", [PYRAMID, WIDE], ids=["pyramid", "wide"])
+def test_canvas_holds_the_levels_and_zeros_between(sizes):
     n, c = 2, 3
-    plan = plan_canvas(PYRAMID, n, (1, 1), torch.device(DEVICE))
-    xs = [torch.rand(n, c, h, w, dtype=torch.float64, device=DEVICE) + 1 for h, w in PYRAMID]
+    plan = plan_canvas(sizes, n, (1, 1), torch.device(DEVICE))
+    xs = [torch.rand(n, c, h, w, dtype=torch.float64, device=DEVICE) + 1 for h, w in sizes]
     flat = torch.cat([x.reshape(-1) for x in xs])
     canvas = levels_to_canvas(flat, plan, c)
     expected = torch.zeros(n, c, plan.height, plan.width, dtype=torch.float64, device=DEVICE)
@@ -87,6 +92,48 @@ def test_matches_conv2d_per_level_with_all_gradients(sizes, k, bias):
     want = torch.autograd.grad(expected, xs + params, grad)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+@needs_kernels
+def test_one_level_needing_a_gradient_given_a_strided_one():
+    """Only one level needs a gradient (neither the weight nor the others do), and the output's gradient comes
+    strided (every other element of a larger tensor): that level gets F.conv2d's gradient."""
+    xs, weight, bias = _inputs(PYRAMID[:3])
+    xs = [x.to(DEVICE).requires_grad_(l == 1) for l, x in enumerate(xs)]
+    weight, bias = weight.to(DEVICE), bias.to(DEVICE)
+    out = pyramid_conv2d(xs, weight, bias)
+    grad = torch.randn(2 * out.numel(), generator=torch.Generator().manual_seed(1), dtype=out.dtype).to(DEVICE)[::2]
+    (got,) = torch.autograd.grad(out, xs[1], grad)
+    (want,) = torch.autograd.grad(_reference(xs, weight, bias), xs[1], grad)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@needs_kernels
+def test_empty_batch_as_conv2d_and_an_empty_level_refused_as_by_it():
+    """No images: F.conv2d's empty outputs and zero gradients. A level of no pixels: F.conv2d's error (its padded
+    size is below the kernel's), not a convolution of the canvas around it."""
+    xs, weight, bias = _inputs(PYRAMID[:2], n=0)
+    leaves = [t.to(DEVICE).requires_grad_() for t in (*xs, weight, bias)]
+    out = pyramid_conv2d(leaves[:-2], *leaves[-2:])
+    expected = _reference(leaves[:-2], *leaves[-2:])
+    assert out.shape == expected.shape == (0,)
+    for g, w in zip(torch.autograd.grad(out, leaves, out), torch.autograd.grad(expected, leaves, expected)):
+        assert torch.equal(g, w)
+    xs, weight, bias = _inputs([(4, 5), (0, 3)])
+    with pytest.raises(RuntimeError, match="Kernel size"):
+        pyramid_conv2d([x.to(DEVICE) for x in xs], weight.to(DEVICE), bias.to(DEVICE))
+
+
+@needs_kernels
+def test_differentiating_the_gradients_raises():
+    """The backward is written without autograd: a gradient penalty that differentiates it must raise rather
+    than get no graph (and train without its terms)."""
+    xs, weight, bias = _inputs(PYRAMID[:2])
+    xs = [x.to(DEVICE).requires_grad_() for x in xs]
+    out = pyramid_conv2d(xs, weight.to(DEVICE).requires_grad_(), bias.to(DEVICE))
+    grads = torch.autograd.grad(out.square().sum(), xs, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        sum(g.square().sum() for g in grads).backward()
 
 
 @needs_kernels
@@ -158,6 +205,22 @@ def test_views_of_one_buffer_out_of_level_order():
 
 
 @needs_kernels
+def test_contiguous_views_of_a_buffer_laid_out_otherwise():
+    """Levels that are contiguous views of a tensor that is not (a column of a column-major one): that tensor is
+    no flat run of the levels, so they must be gathered, not read through it."""
+    xs, weight, bias = _inputs(PYRAMID[:2], n=1, cin=3, cout=4)
+    numels = [x.numel() for x in xs]
+    buffer = torch.empty_strided((sum(numels), 2), (1, sum(numels)), dtype=torch.float64, device=DEVICE)
+    views = [part.view(x.shape) for part, x in zip(buffer[:, 0].split(numels), xs)]
+    for view, x in zip(views, xs):
+        view.copy_(x)
+    assert all(view.is_contiguous() and view._base is buffer for view in views) and not buffer.is_contiguous()
+    out = pyramid_conv2d(views, weight.to(DEVICE), bias.to(DEVICE))
+    torch.testing.assert_close(out, _reference([x.to(DEVICE) for x in xs], weight.to(DEVICE), bias.to(DEVICE)),
+                               rtol=1e-12, atol=1e-12)
+
+
+@needs_kernels
 def test_keeps_no_canvas_for_the_backward():
     # The canvas is written again in the backward: what is kept is the weight and the inputs themselves.
     xs, weight, bias = _inputs(PYRAMID)
@@ -198,6 +261,19 @@ def test_autocast_convolves_in_half_precision():
         assert err <= 2 * reference_err + 1e-4, (name, err, reference_err)
 
 
+@needs_kernels
+def test_autocast_leaves_float64_alone_and_refuses_mixed_levels():
+    """autocast casts no float64 (F.conv2d under it convolves float64 as float64): neither does the canvas. The
+    levels share one buffer, so under autocast too levels of two dtypes are refused."""
+    xs, weight, bias = _inputs(PYRAMID[:2], n=1, cin=3, cout=4)
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        out = pyramid_conv2d(xs, weight, bias)
+        with pytest.raises(TypeError, match=r"^inputs\[1\]"):
+            pyramid_conv2d([xs[0].float(), xs[1]], weight.float(), bias.float())
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, _reference(xs, weight, bias), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="half precision needs a GPU (the interpreter's is not trustworthy)")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_on_the_gpu(dtype):
@@ -210,19 +286,24 @@ def test_half_precision_on_the_gpu(dtype):
     assert error < (4e-3 if dtype == torch.float16 else 2e-2)
 
 
-@pytest.mark.parametrize("case,error", [
-    (lambda xs, w, b: ([], w, b), TypeError),
-    (lambda xs, w, b: (xs, w[:, :, :2], b), ValueError),  # even kernel height
-    (lambda xs, w, b: (xs, w[:, :3], b), ValueError),  # weight channels != input channels
-    (lambda xs, w, b: ([xs[0], xs[1][:1]], w, b), ValueError),  # batch sizes differ
-    (lambda xs, w, b: (xs, w, b[:3]), ValueError),
-    (lambda xs, w, b: ([xs[0].long()], w, b), TypeError),
-    (lambda xs, w, b: (xs, w.to("meta"), b), ValueError),  # devices differ
-    (lambda xs, w, b: (xs, "w", b), TypeError),
-    (lambda xs, w, b: ([xs[0], xs[1].double()], w, b), TypeError),  # dtypes differ: torch.cat promoted them
-    (lambda xs, w, b: (xs, w.double(), b), TypeError),
+@pytest.mark.parametrize("case,error,name", [
+    (lambda xs, w, b: ([], w, b), TypeError, "inputs"),
+    (lambda xs, w, b: (xs[0], w, b), TypeError, "inputs"),  # a tensor, not a list of them
+    (lambda xs, w, b: ([xs[0], "x"], w, b), TypeError, r"inputs\[1\]"),
+    (lambda xs, w, b: (xs, w[:, :, :2], b), ValueError, "weight"),  # even kernel height
+    (lambda xs, w, b: (xs, w[:, :, :, :2], b), ValueError, "weight"),  # even kernel width
+    (lambda xs, w, b: (xs, w[0], b), ValueError, "weight"),  # not 4-D
+    (lambda xs, w, b: (xs, w[:, :3], b), ValueError, r"inputs\[0\]"),  # weight channels != input channels
+    (lambda xs, w, b: ([xs[0][:, :, 0]], w, b), ValueError, r"inputs\[0\]"),  # (N, Cin, W): not 4-D
+    (lambda xs, w, b: ([xs[0], xs[1][:1]], w, b), ValueError, r"inputs\[1\]"),  # batch sizes differ
+    (lambda xs, w, b: (xs, w, b[:3]), ValueError, "bias"),
+    (lambda xs, w, b: ([xs[0].long()], w, b), TypeError, r"inputs\[0\]"),
+    (lambda xs, w, b: (xs, w.to("meta"), b), ValueError, "weight"),  # devices differ
+    (lambda xs, w, b: (xs, "w", b), TypeError, "weight"),
+    (lambda xs, w, b: ([xs[0], xs[1].double()], w, b), TypeError, r"inputs\[1\]"),  # torch.cat would promote
+    (lambda xs, w, b: (xs, w.double(), b), TypeError, "weight"),
 ])
-def test_bad_input_names_the_argument(case, error):
+def test_bad_input_names_the_argument(case, error, name):
     xs, weight, bias = _inputs(PYRAMID[:2], dtype=torch.float32)
-    with pytest.raises(error):
+    with pytest.raises(error, match=f"^{name}"):
         pyramid_conv2d(*case(xs, weight, bias))
