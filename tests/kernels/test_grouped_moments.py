@@ -37,31 +37,32 @@ def reference(maps, pool_weights):
     return torch.stack(rows)
 
 
-def buffer_and_maps(sizes, dtype, device, extra=0, seed=0, offset=0.0):
-    """A flat buffer (requiring grad) and the maps as consecutive NCHW views of it, `extra` elements left over
-    at its end."""
+def buffer_and_maps(sizes, dtype, device, extra=0, seed=0, offset=0.0, n=N, c=C):
+    """A flat buffer (requiring grad) and the maps (n, c, H, W) as consecutive NCHW views of it, `extra` elements
+    left over at its end."""
     gen = torch.Generator().manual_seed(seed)
-    counts = [0 if s is None else N * C * s[0] * s[1] for s in sizes]
+    counts = [0 if s is None else n * c * s[0] * s[1] for s in sizes]
     flat64 = (torch.randn(sum(counts) + extra, generator=gen, dtype=torch.float64) + offset).to(dtype).double()
     flat = flat64.to(device, dtype).requires_grad_()
 
     def views(t):
         parts = t.split([*counts, extra])
-        return [None if s is None else p.view(N, C, *s) for p, s in zip(parts, sizes)]
+        return [None if s is None else p.view(n, c, *s) for p, s in zip(parts, sizes)]
 
     return flat, views, flat64
 
 
 def weights_for(sizes, dtype, device, upsampled_to):
     """Pool weights: those of a bilinear upsampling (align_corners=True) to the given size, for the maps named
-    in upsampled_to (index -> size), views of one tensor; None for the others."""
+    in upsampled_to (index -> size), views of one tensor with a NaN after each axis (the kernels may read the
+    weights of the maps' pixels only); None for the others."""
     from dyhead.fused import upsampled_mean_weights
 
     axes = []
     for k, size in upsampled_to.items():
         axes += [upsampled_mean_weights(sizes[k][0], size[0]), upsampled_mean_weights(sizes[k][1], size[1])]
-    flat = torch.tensor([w for axis in axes for w in axis], dtype=dtype, device=device)
-    views = flat.split([len(a) for a in axes])
+    flat = torch.tensor([w for axis in axes for w in (*axis, float("nan"))], dtype=dtype, device=device)
+    views = flat.split([size for axis in axes for size in (len(axis), 1)])[::2]
     pairs = [None] * len(sizes)
     for i, k in enumerate(upsampled_to):
         pairs[k] = (views[2 * i], views[2 * i + 1])
@@ -152,20 +153,80 @@ def test_uncovered_elements_get_zero_gradient(buffer_gradient):
 
 @needs_kernels
 def test_maps_that_share_no_buffer_take_the_per_map_path():
-    """Separate tensors, overlapping views and strided views: each map on its own, with the same results."""
+    """Separate tensors, overlapping views (also by one element), strided and transposed views, views of a
+    complex tensor's values and of a tensor that is not contiguous itself: each map on its own, with the same
+    results."""
     gen = torch.Generator().manual_seed(3)
     base = torch.randn(N, C, 9, 9, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
+    flat = base.flatten()
+    # Every case's maps require grad: without a graph the path taken cannot be told.
+    complex_values = torch.randn(N * C * 20, generator=gen, dtype=torch.complex128).to(DEVICE).requires_grad_()
+    channels_last = torch.randn(N, C, 3, 5, generator=gen, dtype=torch.float64).to(DEVICE)
+    channels_last = channels_last.to(memory_format=torch.channels_last).requires_grad_()
     cases = {
         "separate": [torch.randn(N, C, 3, 4, generator=gen, dtype=torch.float64).to(DEVICE), base],
-        "overlapping": [base.flatten()[:N * C * 16].view(N, C, 4, 4),
-                        base.flatten()[8:8 + N * C * 16].view(N, C, 4, 4)],
+        "overlapping": [flat[:N * C * 16].view(N, C, 4, 4), flat[8:8 + N * C * 16].view(N, C, 4, 4)],
+        "one shared element": [flat[:N * C * 16].view(N, C, 4, 4),
+                               flat[N * C * 16 - 1:N * C * 32 - 1].view(N, C, 4, 4)],
         "strided": [base[..., :4, :5], base[..., 4:, :]],
+        "transposed": [flat[:N * C * 20].view(N, C, 4, 5), flat[N * C * 20:N * C * 40].view(N, C, 5, 4).mT],
+        # The first half of the values: as many as the tensor's (complex) elements.
+        "complex values": [torch.view_as_real(complex_values).flatten()[:N * C * 20].view(N, C, 4, 5)],
+        # A contiguous (N, H, W, C) view of a channels-last tensor: a map (N, H, W, C) of its own.
+        "not contiguous buffer": [channels_last.permute(0, 2, 3, 1)],
     }
     for name, maps in cases.items():
         out = channel_moments_grouped(maps)
-        assert type(out.grad_fn).__name__ != "_GroupedMomentsBackward", name
+        assert out.requires_grad and type(out.grad_fn).__name__ != "_GroupedMomentsBackward", name
         expected = reference([m.detach().cpu() for m in maps], [None] * len(maps))
         assert rel_err(out.detach().cpu(), expected) < 1e-12, name
+
+
+@needs_kernels
+def test_weights_that_share_no_float_buffer_take_the_per_map_path():
+    """Pool weights in tensors of their own, or views of a complex tensor's values: each map on its own, the
+    same results; the weights are constants there too (no gradient, though they require grad)."""
+    sizes = [(3, 4), (2, 5)]
+    flat, views, flat64 = buffer_and_maps(sizes, torch.float64, DEVICE)
+    gen = torch.Generator().manual_seed(5)
+    own = [torch.rand(size, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_() for size in sizes[1]]
+    complex_values = torch.view_as_real(torch.rand(8, generator=gen, dtype=torch.complex128).to(DEVICE)).flatten()
+    complex_pair = complex_values[:7].split([2, 5])
+    for name, pair in (("complex values", complex_pair), ("own tensors", tuple(own))):
+        out = channel_moments_grouped(views(flat), [None, pair])
+        assert type(out.grad_fn).__name__ != "_GroupedMomentsBackward", name
+        assert rel_err(out, reference(views(flat64), [None, tuple(t.detach().cpu() for t in pair)])) < 1e-12, name
+    # The weights in tensors of their own (the last pair): their gradient is their own sum's only.
+    grads = torch.autograd.grad(out.sum() + sum(t.sum() for t in own), [flat, *own])
+    assert grads[0].abs().sum() > 0 and all(torch.equal(g, torch.ones_like(g)) for g in grads[1:])
+
+
+@needs_kernels
+def test_image_counts_other_than_channel_blocks():
+    """Three images of five channels (two channel blocks under the interpreter): the kernels find each image's
+    moments by the image count."""
+    sizes = [(8, 12), None, (3, 5)]
+    flat, views, flat64 = buffer_and_maps(sizes, torch.float64, DEVICE, n=3, c=5)
+    pairs = weights_for(sizes, torch.float64, DEVICE, {2: (5, 9)})
+    ref_flat = flat64.clone().requires_grad_()
+    expected = reference(views(ref_flat), pairs)
+    out = channel_moments_grouped(views(flat), pairs)
+    assert type(out.grad_fn).__name__ == "_GroupedMomentsBackward"
+    assert rel_err(out, expected.detach()) < 1e-12
+    g_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    (g,) = torch.autograd.grad(out, flat, g_out.to(DEVICE))
+    assert rel_err(g, torch.autograd.grad(expected, ref_flat, g_out)[0]) < 1e-12
+
+
+@needs_kernels
+@pytest.mark.parametrize("n, c", [(0, C), (N, 0)], ids=["no_images", "no_channels"])
+def test_no_images_or_no_channels(n, c):
+    """Nothing to take moments of: an empty (K, N, C, 3) result and an empty gradient."""
+    flat, views, _ = buffer_and_maps(SIZES, torch.float32, DEVICE, n=n, c=c)
+    out = channel_moments_grouped(views(flat))
+    assert out.shape == (len(SIZES), n, c, 3) and out.dtype == torch.float32
+    (g,) = torch.autograd.grad(out.sum(), flat)
+    assert g.shape == flat.shape == (0,)
 
 
 @needs_kernels
@@ -222,6 +283,9 @@ def test_bad_inputs_raise():
         ([x], {"pool_weights": [(row, torch.ones(4))]}, ValueError, r"column weights must be \(5,\)"),
         ([x], {"pool_weights": [(row.double(), col)]}, TypeError, "row weights must be torch.float32"),
         ([x], {"pool_weights": [row]}, ValueError, "must be None or a pair"),
+        ([x, torch.randn(2, 3, 4, 0)], {}, ValueError, r"maps\[1\] must have H\*W > 0"),
+        ([x], {"pool_weights": [(row.tolist(), col)]}, TypeError, "row weights must be a Tensor, got list"),
+        ([x], {"pool_weights": [(row, col.to("meta"))]}, ValueError, r"pool_weights\[0\] is on meta"),
     ]
     for maps, kwargs, error, message in cases:
         with pytest.raises(error, match=message):
