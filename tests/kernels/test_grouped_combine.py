@@ -121,22 +121,79 @@ MISALIGNED_PLACES = ([[(1, 3), (1, 2)], [(2, 4)], [(1, 5)], [(2, 4), (1, 2)]],
 
 
 @needs_kernels
+def test_image_counts_other_than_channel_blocks():
+    """Three images of five channels (two channel blocks under the interpreter, 8 * 5 parameter-gradient values
+    per level and image, not a multiple of the run sum's block): each image's coefficients and sums are found
+    by the image count."""
+    check_against_reference([[(3, 4), (3, 4)], [(2, 2)]], [(0, 0), (1, 0), (0, 1)], torch.float64, seed=4, n=3, c=5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("branch_sizes, n", [([[(2, 3)], [(0, 4)]], N), ([[(2, 3)], [(1, 2)]], 0)],
+                         ids=["a_level_without_pixels", "no_images"])
+def test_nothing_to_combine(branch_sizes, n):
+    """A level without pixels, or no images: empty outputs, and zero gradients for what nothing reads (the
+    empty level's parameters), as torch gives them."""
+    flat, *params, levels_of = make_inputs(branch_sizes, [(0, 0), (1, 0)], n=n)
+    leaves = [t.to(DEVICE).requires_grad_() for t in (flat, *params)]
+    outs = level_combine_grouped(levels_of(leaves[0]), *leaves[1:])
+    expected = reference(levels_of(leaves[0]), *leaves[1:])
+    for out, e in zip(outs, expected):
+        torch.testing.assert_close(out, e, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(sum(o.square().sum() for o in outs), leaves)
+    for g, g_ref in zip(grads, torch.autograd.grad(sum(e.square().sum() for e in expected), leaves)):
+        torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
+
+
+@needs_kernels
+def test_a_nan_coefficient_gives_nan_as_torch_maximum_does():
+    """A NaN in one line's coefficients makes the output NaN where the other line is a number, as
+    torch.maximum gives it (a maximum that ignores NaN would return the other line)."""
+    flat64, scale, shift, coef, levels_of = make_inputs(DYHEAD_BRANCHES, DYHEAD_ORDER)
+    coef[0, 0, 0, 1] = float("nan")  # a1 of level 0, image 0, channel 1
+    coef[2, 1, 3, 4] = float("nan")  # b2 of level 2, image 1, channel 4
+    params = [t.to(DEVICE) for t in (scale, shift, coef)]
+    outs = level_combine_grouped(levels_of(flat64.to(DEVICE).requires_grad_()), *params)
+    assert took_grouped_path(outs)
+    for out, e in zip(outs, reference(levels_of(flat64), scale, shift, coef)):
+        torch.testing.assert_close(out.detach().cpu(), e, equal_nan=True, rtol=1e-12, atol=1e-12)
+    assert outs[0][0, 1].isnan().all() and outs[2][1, 4].isnan().all()
+
+
+def plan_table(branch_sizes, order):
+    """The grouped kernels' table (levels x WIDTH, on the CPU) of make_inputs' layout."""
+    from kernels.grouped_combine import WIDTH, plan_levels
+
+    counts = {lb: N * C * branch_sizes[lb[0]][lb[1]][0] * branch_sizes[lb[0]][lb[1]][1] for lb in order}
+    firsts = {lb: sum(counts[o] for o in order[:k]) for k, lb in enumerate(order)}
+    places = [tuple((firsts[(l, b)], *size) for b, size in enumerate(sizes)) for l, sizes in enumerate(branch_sizes)]
+    return plan_levels(places, N, C, torch.device(DEVICE)).table.view(-1, int(WIDTH)).cpu()
+
+
+@needs_kernels
 def test_a_level_with_one_misaligned_place_takes_the_element_path():
     """Every place a level reads or writes at its size counts for the wide-load path (which rounds places down to
     multiples of ALIGN): an unaligned output place, or an unaligned place of a resized branch's gradient in the
     scratch buffer, must put the level on the element path, or its output or that gradient lands elsewhere."""
-    from kernels.grouped_combine import WIDTH, plan_levels
     from kernels.grouped_moments import ALIGN
 
-    branch_sizes, order = MISALIGNED_PLACES
-    counts = {lb: N * C * branch_sizes[lb[0]][lb[1]][0] * branch_sizes[lb[0]][lb[1]][1] for lb in order}
-    firsts = {lb: sum(counts[o] for o in order[:k]) for k, lb in enumerate(order)}
-    places = [tuple((firsts[(l, b)], *size) for b, size in enumerate(sizes)) for l, sizes in enumerate(branch_sizes)]
-    table = plan_levels(places, N, C, torch.device(DEVICE)).table.view(-1, int(WIDTH)).cpu()
+    table = plan_table(*MISALIGNED_PLACES)
     # The layout is the one meant: level 1 and 3 aligned but for one place each.
     assert ALIGN == 8 and table[1, 0] % 8 != 0 and table[3, 0] % 8 == 0 and table[3, 13] % 8 != 0
     assert table[:, 14].tolist() == [0, 0, 0, 0]
-    check_against_reference(branch_sizes, order, torch.float64, seed=3)
+    check_against_reference(*MISALIGNED_PLACES, torch.float64, seed=3)
+
+
+@needs_kernels
+def test_a_resized_branch_at_an_unaligned_place_leaves_its_level_on_the_wide_path():
+    """A resized branch is read at its own size, pixel by pixel, where it is: level 0 here, of three branches,
+    takes the wide-load path though its resized one's place is not a multiple of ALIGN (the 12 * 3 elements of
+    level 2 before it), and so does level 1, of one branch (the slots it lacks count not)."""
+    branch_sizes = [[(2, 4), (2, 4), (1, 3)], [(2, 4)], [(1, 3)]]
+    order = [(0, 0), (0, 1), (1, 0), (2, 0), (0, 2)]
+    table = plan_table(branch_sizes, order)
+    assert table[0, 7] % 8 != 0 and table[:, 14].tolist() == [1, 1, 0]
+    check_against_reference(branch_sizes, order, torch.float64, seed=5)
 
 
 @needs_kernels
