@@ -36,9 +36,9 @@ def reference(levels, scale, shift, coef):
     return outs
 
 
-def make_inputs(branch_sizes, order, seed=0, n=N, c=C):
+def make_inputs(branch_sizes, order, seed=0, n=N, c=C, gap=0):
     """float64 CPU leaves: the flat buffer, and scale (L, n, 3, c), shift, coef; a function mapping a buffer to
-    the levels' branches (views in `order`)."""
+    the levels' branches (views in `order`, with `gap` NaN elements before, between and after them)."""
     gen = torch.Generator().manual_seed(seed)
     counts = [n * c * h * w for l, b in order for h, w in [branch_sizes[l][b]]]
     flat = torch.randn(sum(counts), generator=gen, dtype=torch.float64)
@@ -46,9 +46,11 @@ def make_inputs(branch_sizes, order, seed=0, n=N, c=C):
     scale = torch.rand(num, n, 3, c, generator=gen, dtype=torch.float64) + 0.5
     shift = torch.randn(num, n, c, generator=gen, dtype=torch.float64)
     coef = torch.randn(num, n, 4, c, generator=gen, dtype=torch.float64)
+    nan = torch.full((gap,), float("nan"), dtype=torch.float64)
+    flat = torch.cat([t for part in flat.split(counts) for t in (nan, part)] + [nan])
 
     def levels_of(buffer):
-        parts = buffer.split(counts)
+        parts = buffer.split([size for count in counts for size in (gap, count)] + [gap])[1::2]
         levels = [[None] * len(sizes) for sizes in branch_sizes]
         for part, (l, b) in zip(parts, order):
             levels[l][b] = part.view(n, c, *branch_sizes[l][b])
@@ -64,10 +66,10 @@ def took_grouped_path(outs):
         o._base is base for o in outs)
 
 
-def check_against_reference(branch_sizes, order, dtype, grouped=True, seed=0, n=N, c=C, tol=TOL):
+def check_against_reference(branch_sizes, order, dtype, grouped=True, seed=0, n=N, c=C, tol=TOL, gap=0):
     """Outputs and gradients (buffer, scale, shift, coef) on DEVICE in dtype within tol[dtype] of float64 torch
     fed the same rounded values; returns them."""
-    flat64, *params64, levels_of = make_inputs(branch_sizes, order, seed, n, c)
+    flat64, *params64, levels_of = make_inputs(branch_sizes, order, seed, n, c, gap)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     flat = flat64.to(DEVICE, dtype).requires_grad_()
     params = [p.to(DEVICE, acc).requires_grad_() for p in params64]
@@ -146,6 +148,56 @@ def test_nothing_to_combine(branch_sizes, n):
 
 
 @needs_kernels
+def test_no_element_outside_the_branches_is_read():
+    """NaN before, between and after the branches in their buffer: the outputs and gradients are torch's (the
+    bilinear reads of a resized branch's last row and column stay within it)."""
+    check_against_reference(*STRUCTURES["down_and_up"], torch.float64, seed=6, gap=3)
+
+
+@needs_kernels
+def test_parameter_gradients_of_branches_that_need_none():
+    """Branches that do not require grad (no branch gradient to write or gather): the parameters' gradients,
+    torch's."""
+    flat64, *params64, levels_of = make_inputs(*STRUCTURES["down_and_up"], seed=7)
+    params = [p.to(DEVICE).requires_grad_() for p in params64]
+    ref_params = [p.clone().requires_grad_() for p in params64]
+    outs = level_combine_grouped(levels_of(flat64.to(DEVICE)), *params)
+    assert took_grouped_path(outs)
+    got = torch.autograd.grad(sum(o.square().sum() for o in outs), params)
+    want = torch.autograd.grad(sum(e.square().sum() for e in reference(levels_of(flat64), *ref_params)), ref_params)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-12
+
+
+@needs_kernels
+def test_parameters_that_are_not_contiguous():
+    """scale, shift and coef read through any layout: here (L, N, 3, C) and (L, N, 4, C) permuted views and a
+    transposed (L, N, C)."""
+    flat64, *params64, levels_of = make_inputs(*STRUCTURES["one_branch"])
+    scale, shift, coef = params64
+    views = (scale.permute(2, 1, 0, 3).contiguous().permute(2, 1, 0, 3), shift.mT.contiguous().mT,
+             coef.permute(3, 0, 1, 2).contiguous().permute(1, 2, 3, 0))
+    assert not any(v.is_contiguous() for v in views)
+    outs = level_combine_grouped(levels_of(flat64.to(DEVICE).requires_grad_()), *(v.to(DEVICE) for v in views))
+    assert took_grouped_path(outs)
+    assert rel_err(outs[0], reference(levels_of(flat64), *params64)[0]) < 1e-12
+
+
+@needs_kernels
+def test_autocast_casts_half_precision_parameters_to_float32():
+    """Under autocast, scale, shift and coef in float16 (autocast matmuls give them so) are cast to float32 as
+    `level_combine` casts them, and the levels keep their branches."""
+    flat64, *params64, levels_of = make_inputs(*STRUCTURES["same_size_last"])
+    half = [t.to(DEVICE, torch.float16) for t in params64]
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        outs = level_combine_grouped(levels_of(flat64.to(DEVICE, torch.float32).requires_grad_()), *half)
+    assert took_grouped_path(outs)
+    expected = reference(levels_of(flat64.float().double()), *(t.cpu().double() for t in half))
+    for out, e in zip(outs, expected):
+        assert out.dtype == torch.float32 and rel_err(out, e) < 1e-5
+
+
+@needs_kernels
 def test_a_nan_coefficient_gives_nan_as_torch_maximum_does():
     """A NaN in one line's coefficients makes the output NaN where the other line is a number, as
     torch.maximum gives it (a maximum that ignores NaN would return the other line)."""
@@ -198,20 +250,33 @@ def test_a_resized_branch_at_an_unaligned_place_leaves_its_level_on_the_wide_pat
 
 @needs_kernels
 def test_branches_that_share_no_buffer_take_the_per_level_path():
-    """Separate tensors, overlapping views and views that share one element: each level on its own, with the
-    same results (the one launch would write a shared element's gradient twice, one over the other). The
-    branches come from a leaf that requires grad: without a graph `took_grouped_path` cannot tell the paths apart."""
+    """Separate tensors, overlapping views, views that share one element, views of a complex tensor's values
+    and of a tensor that is not contiguous itself: each level on its own, with the same results (the one launch
+    would write a shared element's gradient twice, one over the other). The branches come from leaves that
+    require grad: without a graph `took_grouped_path` cannot tell the paths apart."""
     flat64, scale, shift, coef, levels_of = make_inputs(DYHEAD_BRANCHES, DYHEAD_ORDER)
     params = [t.to(DEVICE) for t in (scale, shift, coef)]
     leaf = flat64.to(DEVICE).clone().requires_grad_()
     separate = [[y.clone() for y in branches] for branches in levels_of(leaf)]
+    size = len(flat64)
+    # The first half of a complex tensor's values (as many as its elements); the columns of a (2, size / 2) tensor
+    # laid out column by column, which read in turn are one contiguous view of it.
+    complex_values = torch.zeros(size, dtype=torch.complex128, device=DEVICE)
+    column_major = torch.empty_strided((2, size // 2), (1, 2), dtype=torch.float64, device=DEVICE)
+    with torch.no_grad():
+        torch.view_as_real(complex_values).flatten()[:size].copy_(flat64)
+        column_major.mT.flatten().copy_(flat64)
+    complex_values.requires_grad_()
+    column_major.requires_grad_()
     overlapping = levels_of(leaf)
     overlapping[2][1] = overlapping[2][0]
     # A branch that starts one element before the previous one in the buffer ends: they share that element only.
     touching = levels_of(leaf)
     y = touching[2][1]
     touching[2][1] = y.as_strided(y.shape, y.stride(), y.storage_offset() - 1)
-    for name, levels in (("separate", separate), ("overlapping", overlapping), ("one shared element", touching)):
+    for name, levels in (("separate", separate), ("overlapping", overlapping), ("one shared element", touching),
+                         ("complex values", levels_of(torch.view_as_real(complex_values).flatten()[:size])),
+                         ("not contiguous buffer", levels_of(column_major.mT.flatten()))):
         outs = level_combine_grouped(levels, *params)
         assert not took_grouped_path(outs), name
         expected = reference(levels, *params)
@@ -306,6 +371,10 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match=r"levels\[2\] has \(N, C\) = \(1, 6\)"):
         level_combine_grouped([*levels[:2], [y[:1] for y in levels[2]]], scale, shift,
                               coef)
+    for other, error in (("a float32", r"torch.float32 on cpu"), ("a meta", r"torch.float64 on meta")):
+        level = [levels[2][0].float() if other == "a float32" else levels[2][0].to("meta")]
+        with pytest.raises(ValueError, match=r"levels\[2\] has \(N, C\) = \(2, 6\), " + error):
+            level_combine_grouped([*levels[:2], level], scale, shift, coef)
     with pytest.raises(TypeError, match="non-empty list"):
         level_combine_grouped([], scale, shift, coef)
     with pytest.raises(TypeError, match=r"levels\[1\] must be a list"):
