@@ -63,6 +63,35 @@ def test_expanded_gradient_and_bitwise_repeatable():
 
 
 @needs_kernels
+def test_a_gradient_inside_a_larger_tensor_is_read_at_the_outputs_only():
+    """The gradient a window of a larger tensor, NaN around it: torch's gradient (the outputs each input scans
+    run past the map's edges, and are not read there)."""
+    x = torch.randn(1, 2, 5, 7, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    g = torch.full((1, 2, 11, 15), float("nan"), dtype=torch.float64, device=DEVICE)[..., 1:10, 1:14]
+    g.copy_(torch.randn(g.shape, dtype=torch.float64))
+    (d,) = torch.autograd.grad(upsample_bilinear(x, (9, 13)), x, g)
+    assert rel_err(d.cpu(), torch_gradient(x, (9, 13), g)[1]) < 1e-12
+
+
+def test_the_backward_needs_cuda_or_the_interpreter(monkeypatch):
+    """The forward is torch's and runs anywhere; the backward's kernels refuse CPU tensors without the
+    interpreter, naming F.interpolate to use instead."""
+    from kernels import runtime
+
+    monkeypatch.setattr(runtime, "INTERPRET", False)
+    y = upsample_bilinear(torch.randn(1, 2, 3, 4, requires_grad=True), (5, 6))
+    with pytest.raises(RuntimeError, match="F.interpolate"):
+        y.sum().backward()
+
+
+def test_meta_tensors_go_through_torch():
+    """Meta tensors (shapes only) take F.interpolate both ways: no kernel is asked to run on them."""
+    x = torch.randn(1, 2, 3, 4, device="meta", requires_grad=True)
+    (d,) = torch.autograd.grad(upsample_bilinear(x, (5, 6)).sum(), x)
+    assert d.is_meta and d.shape == x.shape
+
+
+@needs_kernels
 def test_gradcheck_float64():
     x = torch.randn(1, 1, 2, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: upsample_bilinear(t, (3, 5)), (x,))
@@ -73,6 +102,8 @@ def test_gradcheck_float64():
     (torch.ones(1, 2, 3, 4, dtype=torch.int32), (5, 5), TypeError, "x must be float32"),
     (torch.randn(1, 2, 3, 4), (5,), ValueError, "two positive ints"),
     (torch.randn(1, 2, 3, 4), (0, 5), ValueError, "two positive ints"),
+    (torch.randn(1, 2, 3, 4), (2.5, 5), ValueError, "two positive ints"),
+    (torch.randn(1, 2, 3, 4).to(torch.float8_e4m3fn), (5, 5), TypeError, "x must be float32"),
     ([1.0], (5, 5), TypeError, "x must be a Tensor")])
 def test_bad_inputs_raise(x, size, error, message):
     with pytest.raises(error, match=message):
