@@ -296,7 +296,7 @@ def plan_levels(places, n: int, c: int, device: torch.device) -> GroupedPlan:
         _, h_in, w_in = branches[-1]
         resized = len(branches) > 1 and (h_in, w_in) != (h, w)
         slot, d_first = (len(branches) - 1, scratch) if resized else (-1, -1)
-        at_size = [hw, out_first, *(firsts[:-1] if resized else firsts)] + ([d_first] if resized else [])
+        at_size = [hw, out_first, *(firsts[:len(branches) - 1] if resized else firsts)] + ([d_first] if resized else [])
         aligned = all(v % ALIGN == 0 for v in at_size if v >= 0)
         level_gathers = cdiv(h_in * w_in, gather_run) if resized else 0
         values += [out_first, hw, runs, cdiv(hw, run), w, *firsts, slot,

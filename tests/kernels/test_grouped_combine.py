@@ -236,15 +236,23 @@ def test_a_level_with_one_misaligned_place_takes_the_element_path():
     check_against_reference(*MISALIGNED_PLACES, torch.float64, seed=3)
 
 
+# Level 0 of three branches, then of two (DyHead's finest level: its own and the coarser one), its resized branch
+# after the 12 * 3 elements of a (1, 3) level, so not at a multiple of ALIGN; a one-branch level of 8 pixels.
+UNALIGNED_RESIZED = {
+    "three_branches": ([[(2, 4), (2, 4), (1, 3)], [(2, 4)], [(1, 3)]], [(0, 0), (0, 1), (1, 0), (2, 0), (0, 2)], 7),
+    "two_branches": ([[(2, 4), (1, 3)], [(2, 4)], [(1, 3)]], [(0, 0), (1, 0), (2, 0), (0, 1)], 6),
+}
+
+
 @needs_kernels
-def test_a_resized_branch_at_an_unaligned_place_leaves_its_level_on_the_wide_path():
-    """A resized branch is read at its own size, pixel by pixel, where it is: level 0 here, of three branches,
-    takes the wide-load path though its resized one's place is not a multiple of ALIGN (the 12 * 3 elements of
-    level 2 before it), and so does level 1, of one branch (the slots it lacks count not)."""
-    branch_sizes = [[(2, 4), (2, 4), (1, 3)], [(2, 4)], [(1, 3)]]
-    order = [(0, 0), (0, 1), (1, 0), (2, 0), (0, 2)]
+@pytest.mark.parametrize("name", list(UNALIGNED_RESIZED))
+def test_a_resized_branch_at_an_unaligned_place_leaves_its_level_on_the_wide_path(name):
+    """A resized branch is read at its own size, pixel by pixel, where it is: level 0 takes the wide-load path
+    though its resized branch's place is not a multiple of ALIGN, and so does level 1, of one branch (the slots it
+    lacks count not)."""
+    branch_sizes, order, column = UNALIGNED_RESIZED[name]
     table = plan_table(branch_sizes, order)
-    assert table[0, 7] % 8 != 0 and table[:, 14].tolist() == [1, 1, 0]
+    assert table[0, column] % 8 != 0 and table[:, 14].tolist() == [1, 1, 0]
     check_against_reference(branch_sizes, order, torch.float64, seed=5)
 
 
