@@ -46,7 +46,7 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A config file or override is not valid YAML, names an unknown key or holds a value of the wrong type or
-    outside its field's range."""
+    outside its field's range, or settings that do not go together."""
 
 
 SWIN_NAMES = ("swin_t", "swin_s", "swin_b")
@@ -511,9 +511,9 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.rcnn.pooler_sampling_ratio": _AT_LEAST_0,
 }
 
-# Pairs (low, high) that must not cross: the matchers' background threshold above the foreground one is torch's
-# bare assertion in Faster R-CNN, and in RetinaNet silently marks anchors between them as both; a shape larger
-# than the image is drawn cut off by its border.
+# Pairs (low, high) that must not cross: the matchers' background threshold above the foreground one is
+# torchvision's bare assertion in Faster R-CNN, and in RetinaNet silently marks anchors between them as both; a
+# shape larger than the image is drawn cut off by its border.
 _ORDERED = (
     ("data.shapes.min_objects", "data.shapes.max_objects"),
     ("data.shapes.min_object_size", "data.shapes.max_object_size"),
