@@ -181,6 +181,17 @@ def test_bounds_that_cross_fail(low, high):
     assert str(functools.reduce(getattr, high.split("."), cfg)) == large
 
 
+def _train_error(tmp_path, capsys, overrides):
+    """What ``dyhead train`` on shapes_tiny with ``overrides`` prints to stderr, once it has exited with status 2
+    without writing its data (a root of its own under ``tmp_path``)."""
+    data = tmp_path / "data"
+    sets = [arg for override in [*overrides, f"data.shapes.root={data}"] for arg in ("--set", override)]
+    assert main(["train", "--config", str(CONFIGS / "shapes_tiny.yaml"), "--output-dir", str(tmp_path / "out"),
+                 *sets]) == 2
+    assert not data.exists()
+    return capsys.readouterr().err
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["model.backbone.name=swin_t"], "model.backbone.norm: expected ln, Swin's only norm, for swin_t, got 'bn'"),
     (["model.backbone.norm=ln"], r"model.backbone.norm: expected frozen_bn, bn or gn \(ln is Swin's\) for slim, "
@@ -191,14 +202,9 @@ def test_bounds_that_cross_fail(low, high):
 def test_backbone_settings_that_do_not_go_together_fail_when_the_config_is_read(tmp_path, capsys, overrides, message):
     """The CLI ends on one line with exit status 2 before any data is written, where it raised from the backbone's
     build, with a traceback, after the synthetic set had been generated."""
-    config = CONFIGS / "shapes_tiny.yaml"
     with pytest.raises(ConfigError, match=f"^{message}$"):
-        load_config(config, overrides)
-    data = tmp_path / "data"
-    sets = [arg for override in [*overrides, f"data.shapes.root={data}"] for arg in ("--set", override)]
-    assert main(["train", "--config", str(config), "--output-dir", str(tmp_path / "out"), *sets]) == 2
-    assert re.fullmatch(f"dyhead train: error: {message}\n", capsys.readouterr().err)
-    assert not data.exists()
+        load_config(CONFIGS / "shapes_tiny.yaml", overrides)
+    assert re.fullmatch(f"dyhead train: error: {message}\n", _train_error(tmp_path, capsys, overrides))
 
 
 def test_a_device_torch_cannot_use_fails_before_any_data(tmp_path, capsys, monkeypatch):
@@ -208,9 +214,6 @@ def test_a_device_torch_cannot_use_fails_before_any_data(tmp_path, capsys, monke
     with pytest.raises(ConfigError, match="^device: expected one of auto, cpu, cuda, got 'gpu'$"):
         load_config(None, ["device=gpu"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    data = tmp_path / "data"
-    assert main(["train", "--config", str(CONFIGS / "shapes_tiny.yaml"), "--output-dir", str(tmp_path / "out"),
-                 "--set", f"data.shapes.root={data}", "--set", "device=cuda"]) == 2
-    assert capsys.readouterr().err == ("dyhead train: error: device: cuda, but torch finds no CUDA device "
-                                       "(torch.cuda.is_available() is false); set device to auto or cpu\n")
-    assert not data.exists()
+    assert _train_error(tmp_path, capsys, ["device=cuda"]) == (
+        "dyhead train: error: device: cuda, but torch finds no CUDA device (torch.cuda.is_available() is false); "
+        "set device to auto or cpu\n")
