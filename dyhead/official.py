@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 _OFFICIAL_BLOCK = re.compile(r"(?:^|\.)dyhead_tower\.(\d+)\.(.+)$")
 _MMDET_BLOCK = re.compile(r"(?:^|\.)dyhead_blocks\.(\d+)\.(.+)$")
 
+# torch.save writes a zip archive, or with _use_new_zipfile_serialization=False a pickle (protocol 2 or later)
+_CHECKPOINT_MAGICS = (b"PK\x03\x04", b"\x80")
 _ROLES = ("coarser", "same", "finer")
 _PARAMS = ("weight", "bias")
 
@@ -77,19 +79,28 @@ def read_checkpoint(path: str | os.PathLike, kind: str = "DyHead checkpoint") ->
     a readable checkpoint or does not hold a dict.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{kind} {path} is a folder, not a file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{kind} not found: {path}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load reports a bad file through many types (pickle, zip, key errors)
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {_load_failure(exc)}") from exc
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {_load_failure(path, exc)}") from exc
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a state dict or checkpoint dict")
     return checkpoint
 
 
-def _load_failure(exc: Exception) -> str:
-    """The sentence of a torch.load error that says what went wrong, with the error's type."""
+def _load_failure(path: str, exc: Exception) -> str:
+    """What went wrong reading ``path``: the file's kind when it is not one torch.load reads (its own error, such as
+    "KeyError: 101" for a text file, says nothing), else the sentence of the error that does, with its type."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head:
+        return "the file is empty"
+    if not head.startswith(_CHECKPOINT_MAGICS):
+        return f"it is neither a zip archive nor a pickle, as torch.save writes (it starts with {head!r})"
     text, marker = str(exc), "WeightsUnpickler error:"
     if marker in text:  # what weights_only refused, after a paragraph on loading with weights_only=False
         text = text.split(marker, 1)[1]

@@ -103,13 +103,25 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Reads a checkpoint on the CPU without unpickling arbitrary objects (`dyhead.official.read_checkpoint`).
 
     Raises:
-        CheckpointError: the file is missing, or is not a dict that ``torch.load(weights_only=True)`` reads (not a
-            checkpoint, truncated, or holding objects other than tensors and plain containers).
+        CheckpointError: the file is missing, is a folder (the message names a training folder's last checkpoint),
+            or is not a dict that ``torch.load(weights_only=True)`` reads (not a checkpoint, truncated, or holding
+            objects other than tensors and plain containers).
     """
     try:
         return read_checkpoint(path, "checkpoint")
     except (FileNotFoundError, ValueError) as exc:
-        raise CheckpointError(str(exc)) from exc
+        raise CheckpointError(f"{exc}{_folder_hint(Path(path))}") from exc
+
+
+def _folder_hint(path: Path) -> str:
+    """For a training output folder given where a checkpoint file belongs, the file its ``last_checkpoint`` names."""
+    if not path.is_dir():
+        return ""
+    try:
+        last = last_checkpoint(path)
+    except FileNotFoundError:
+        return ""
+    return f"; its last checkpoint is {last}" if last is not None else ""
 
 
 def load_matching_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:

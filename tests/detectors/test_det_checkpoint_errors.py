@@ -16,7 +16,7 @@ from detectors.backbones import build_backbone, prepare_backbone_weights
 from detectors.build import build_detector
 from detectors.cli import _load_model, main
 from detectors.config import BackboneConfig, ConfigError, load_config
-from detectors.engine.checkpoint import CheckpointError, load_checkpoint, load_matching_state
+from detectors.engine.checkpoint import CheckpointError, load_checkpoint, load_matching_state, save_checkpoint
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "shapes_tiny.yaml"
 
@@ -38,11 +38,24 @@ def test_unreadable_files_are_named(tmp_path):
     truncated.write_bytes(truncated.read_bytes()[:200])
     pickled = tmp_path / "object.pth"
     torch.save({"args": argparse.Namespace(lr=1)}, pickled)  # an object weights_only loading refuses
-    for path in (garbage, truncated, pickled):
+    why = {garbage: "it is neither a zip archive nor a pickle, as torch.save writes (it starts with b'not a ch')",
+           truncated: "Error: ", pickled: "argparse.Namespace"}  # torch's reason, its type named; the refused object
+    for path, reason in why.items():
         with pytest.raises(CheckpointError, match=f"{path} is not a readable PyTorch checkpoint") as error:
             load_checkpoint(path)
-        assert len(str(error.value).splitlines()) == 1
-    assert "argparse.Namespace" in str(error.value)  # names the refused object
+        assert len(str(error.value).splitlines()) == 1 and reason in str(error.value)
+
+
+def test_a_folder_names_its_last_checkpoint(tmp_path):
+    """A training output folder given for a checkpoint file: the error names the checkpoint it holds, if any."""
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(tmp_path)
+    assert str(error.value) == f"checkpoint {tmp_path} is a folder, not a file"
+    save_checkpoint(tmp_path, "model_0000004.pth", {"iteration": 4})
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(tmp_path)
+    assert str(error.value) == (f"checkpoint {tmp_path} is a folder, not a file; "
+                                f"its last checkpoint is {tmp_path / 'model_0000004.pth'}")
 
 
 def test_a_good_checkpoint_round_trips(tmp_path):

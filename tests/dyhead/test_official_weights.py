@@ -116,8 +116,14 @@ def test_load_errors(tmp_path):
         load_official(tmp_path / "missing.pth")
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(ValueError, match="junk.pth.*not a readable"):
+    with pytest.raises(ValueError, match=r"junk.pth.*not a readable.*neither a zip archive nor a pickle.*b'this is "):
         load_official(junk)
+    empty = tmp_path / "empty.pth"
+    empty.touch()
+    with pytest.raises(ValueError, match="empty.pth is not a readable PyTorch checkpoint: the file is empty"):
+        load_official(empty)
+    with pytest.raises(ValueError, match=f"DyHead checkpoint {tmp_path} is a folder, not a file"):
+        load_official(tmp_path)
     other = tmp_path / "resnet.pth"
     torch.save({"conv1.weight": torch.zeros(1)}, other)
     with pytest.raises(ValueError, match="resnet.pth has no DyHead weights"):
