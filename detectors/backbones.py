@@ -27,13 +27,13 @@ __all__ = ["SlimResNet", "ResNetBackbone", "SwinBackbone", "AlwaysShiftedWindowA
 _BATCH_NORM_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-def _norm_layer(norm: str) -> Callable[[int], nn.Module]:
+def _norm_layer(norm: str, gn_groups: int) -> Callable[[int], nn.Module]:
     if norm == "frozen_bn":
         return FrozenBatchNorm2d
     if norm == "bn":
         return nn.BatchNorm2d
     if norm == "gn":
-        return partial(nn.GroupNorm, 8)
+        return partial(nn.GroupNorm, gn_groups)
     raise ValueError(f"unknown backbone norm {norm!r}; expected frozen_bn, bn or gn")
 
 
@@ -312,7 +312,7 @@ def build_backbone(cfg: BackboneConfig, first_level: int = 3) -> ResNetBackbone 
     check_backbone(cfg)
     if cfg.name in SWIN_NAMES:
         return _build_swin(cfg, first_level)
-    norm_layer = _norm_layer(cfg.norm)
+    norm_layer = _norm_layer(cfg.norm, cfg.gn_groups)
     if cfg.name == "slim":
         _torchvision_weights(cfg)  # slim has none: a weights name is an error, not ignored
         body = SlimResNet(cfg.widths, cfg.depths, norm_layer)

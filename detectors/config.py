@@ -62,8 +62,9 @@ class BackboneConfig:
     ``IMAGENET1K_V1``), a path to a ``.pth`` state dict, or null for random init; for the ResNets a caffe2 ``.pkl``
     (detectron2's ``ImageNetPretrained/MSRA/R-50.pkl``, ``detectors.msra_weights``) is converted, and for Swin the
     ``.pth`` may also be an official microsoft/Swin-Transformer checkpoint, whose keys are converted. ``norm`` is
-    ``frozen_bn`` (pretrained, detectron2's choice), ``bn`` or ``gn`` (from scratch) for the ResNets, and must
-    be ``ln`` for Swin, which only has LayerNorm. ``freeze_at`` 0 trains everything (the release's FREEZE_AT -1),
+    ``frozen_bn`` (pretrained, detectron2's choice), ``bn`` or ``gn`` (from scratch; GroupNorm of ``gn_groups``
+    groups, detectron2's 32, which must divide every channel count) for the ResNets, and must be ``ln`` for Swin,
+    which only has LayerNorm. ``freeze_at`` 0 trains everything (the release's FREEZE_AT -1),
     k freezes the stem (1) and the first ``k - 1`` stages, as detectron2's FREEZE_AT; for Swin the stem is the
     patch embedding and a frozen stage takes the patch merging after it along. ``stride_in_1x1`` puts each
     stage's stride 2 in the first block's 1x1 conv instead of its 3x3 conv (resnet50/101/152 only): the original
@@ -75,6 +76,7 @@ class BackboneConfig:
                   "swin_b"] = "resnet50"
     weights: str | None = "IMAGENET1K_V1"
     norm: Literal["frozen_bn", "bn", "gn", "ln"] = "frozen_bn"
+    gn_groups: int = 32  # GroupNorm's groups where norm is gn (detectron2's and mmdetection's 32)
     freeze_at: int = 0  # the release's FREEZE_AT -1 (extra/config.py), not detectron2's generic 2
     stride_in_1x1: bool = False
     widths: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
@@ -467,6 +469,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "num_threads": _AT_LEAST_0,
     "model.num_classes": (lambda v: v is None or v >= 1, ">= 1, or null for the training set's count"),
     "model.backbone.freeze_at": (lambda v: 0 <= v <= 5, "in [0, 5]"),
+    "model.backbone.gn_groups": _POSITIVE,
     "model.backbone.widths": _PER_STAGE,
     "model.backbone.depths": _PER_STAGE,
     "model.fpn_channels": _AT_LEAST_1,
@@ -526,7 +529,8 @@ _ORDERED = (
 
 def check_backbone(cfg: BackboneConfig) -> None:
     """Raises ConfigError where the backbone's settings do not go together: Swin has only LayerNorm and the
-    ResNets none, and only a bottleneck has the 1x1 conv that ``stride_in_1x1`` moves the stride into."""
+    ResNets none, only a bottleneck has the 1x1 conv that ``stride_in_1x1`` moves the stride into, and GroupNorm's
+    groups must divide every channel count."""
     swin = cfg.name in SWIN_NAMES
     if swin != (cfg.norm == "ln"):
         expected = "ln, Swin's only norm," if swin else "frozen_bn, bn or gn (ln is Swin's)"
@@ -534,6 +538,12 @@ def check_backbone(cfg: BackboneConfig) -> None:
     if cfg.stride_in_1x1 and cfg.name not in ("resnet50", "resnet101", "resnet152"):
         raise ConfigError("model.backbone.stride_in_1x1: applies to the bottleneck ResNets (resnet50/101/152), "
                           f"not {cfg.name}")
+    # slim's channel counts are its widths; torchvision's ResNets have a 64-channel stem and multiples of it after
+    slim = cfg.name == "slim"
+    if cfg.norm == "gn" and any(c % cfg.gn_groups for c in (cfg.widths if slim else [64])):
+        counts = f"the widths {cfg.widths}" if slim else "64 and its multiples"
+        raise ConfigError(f"model.backbone.gn_groups: expected a divisor of {cfg.name}'s channel counts ({counts}), "
+                          f"got {cfg.gn_groups}")
 
 
 def _check_ranges(cfg: Config) -> None:

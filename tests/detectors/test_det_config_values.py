@@ -32,8 +32,9 @@ def test_a_mapping_override_changes_only_the_keys_it_names(tmp_path):
     backbone = load_config(path, ["model.backbone={name: resnet18, freeze_at: 1}"]).model.backbone
     assert (backbone.name, backbone.freeze_at, backbone.weights, backbone.norm) == ("resnet18", 1, None, "bn")
     assert backbone.widths == [8, 16, 16, 32]
-    model = load_config(path, ["model={backbone: {norm: gn}, dyhead_blocks: 2}"]).model
+    model = load_config(path, ["model={backbone: {norm: gn, gn_groups: 8}, dyhead_blocks: 2}"]).model
     assert (model.backbone.name, model.backbone.norm, model.fpn_channels, model.dyhead_blocks) == ("slim", "gn", 64, 2)
+    assert model.backbone.gn_groups == 8
     with pytest.raises(ConfigError, match="unknown config key.*model.backbone.nme; valid keys at 'model.backbone'"):
         load_config(path, ["model.backbone={nme: resnet18}"])
     with pytest.raises(ConfigError, match="model.backbone: expected a mapping, got 'resnet18'"):
@@ -86,6 +87,7 @@ def test_malformed_yaml_is_a_config_error_naming_the_override_or_file(tmp_path, 
     ("model.backbone.widths=[16, 32, 64]", "four values >= 1, one per stage"),
     ("model.backbone.widths=[0, 32, 64, 128]", "four values >= 1, one per stage"),
     ("model.backbone.depths=[1, 1, 0, 1]", "four values >= 1, one per stage"),
+    ("model.backbone.gn_groups=0", "> 0"),
     ("model.fpn_channels=0", ">= 1"),
     ("model.dyhead_channels=24", r"a positive multiple of 16 \(GroupNorm\(16\) after every conv\)"),
     ("model.dyhead_channels=0", "a positive multiple of 16"),
@@ -198,6 +200,10 @@ def _train_error(tmp_path, capsys, overrides):
                                  "got 'ln'"),
     (["model.backbone.name=resnet34", "model.backbone.stride_in_1x1=true"],
      r"model.backbone.stride_in_1x1: applies to the bottleneck ResNets \(resnet50/101/152\), not resnet34"),
+    (["model.backbone.norm=gn"], r"model.backbone.gn_groups: expected a divisor of slim's channel counts \(the widths "
+                                 r"\[16, 32, 64, 128\]\), got 32"),
+    (["model.backbone={name: resnet18, weights: null, norm: gn, gn_groups: 48}"],
+     r"model.backbone.gn_groups: expected a divisor of resnet18's channel counts \(64 and its multiples\), got 48"),
 ])
 def test_backbone_settings_that_do_not_go_together_fail_when_the_config_is_read(tmp_path, capsys, overrides, message):
     """The CLI ends on one line with exit status 2 before any data is written, where it raised from the backbone's

@@ -156,7 +156,7 @@ def test_detector_maps_boxes_back_to_original_size():
     from detectors.config import BackboneConfig, ModelConfig
 
     torch.manual_seed(0)
-    backbone = BackboneConfig(name="slim", weights=None, norm="gn", freeze_at=0, widths=[8, 8, 16, 16],
+    backbone = BackboneConfig(name="slim", weights=None, norm="gn", gn_groups=8, freeze_at=0, widths=[8, 8, 16, 16],
                               depths=[1, 1, 1, 1])
     cfg = ModelConfig(backbone=backbone, fpn_channels=32, dyhead_channels=32, dyhead_blocks=1,
                       dyhead_backend="torchvision", score_thresh=0.0, detections_per_img=20)
@@ -346,7 +346,7 @@ def test_built_atss_takes_the_configs_settings(monkeypatch):
     from detectors.atss import build_atss_dyhead
     from detectors.config import BackboneConfig, ModelConfig
 
-    backbone = BackboneConfig(name="slim", weights=None, norm="gn", freeze_at=0, widths=[8, 8, 16, 16],
+    backbone = BackboneConfig(name="slim", weights=None, norm="gn", gn_groups=8, freeze_at=0, widths=[8, 8, 16, 16],
                               depths=[1, 1, 1, 1])
     cfg = ModelConfig(backbone=backbone, fpn_channels=32, dyhead_channels=32, dyhead_blocks=1,
                       dyhead_backend="torchvision", dyhead_high_offsets="crop", anchor_scale=6.0, atss_topk=5,

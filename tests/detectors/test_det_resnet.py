@@ -3,6 +3,7 @@ named weights, and what is refused."""
 
 import pytest
 import torch
+from torch import nn
 from torchvision.models import resnet
 from torchvision.models._api import WeightsEnum
 
@@ -97,6 +98,17 @@ def test_a_pth_loads_whole_and_another_depths_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"r34.pth have 48 tensors resnet18 does not, "
                                               r"e.g. \['layer1.2.conv1.weight'.*another depth"):
         build_backbone(BackboneConfig(name="resnet18", weights=str(tmp_path / "r34.pth"), norm="bn"))
+
+
+def test_group_norm_takes_its_groups_from_the_config():
+    """norm: gn builds detectron2's GroupNorm(32) by default, and gn_groups where the config sets it, everywhere."""
+    for cfg, groups in ((BackboneConfig(name="resnet18", weights=None, norm="gn"), 32),
+                        (BackboneConfig(name="slim", weights=None, norm="gn", gn_groups=4, widths=[4, 8, 8, 12]), 4)):
+        norms = [m for m in build_backbone(cfg).body.modules() if isinstance(m, (nn.GroupNorm, nn.BatchNorm2d))]
+        assert norms and all(isinstance(m, nn.GroupNorm) and m.num_groups == groups for m in norms), cfg.name
+    with pytest.raises(ValueError, match=r"gn_groups: expected a divisor of slim's channel counts \(the widths "
+                                         r"\[4, 8, 8, 12\]\), got 8"):
+        build_backbone(BackboneConfig(name="slim", weights=None, norm="gn", gn_groups=8, widths=[4, 8, 8, 12]))
 
 
 def test_refuses_what_it_cannot_build():

@@ -295,7 +295,7 @@ def test_postprocess_clips_after_nms_and_drops_empty_boxes_as_detectron2():
 
 
 def _tiny_model_config(**changes):
-    backbone = BackboneConfig(name="slim", weights=None, norm="gn", freeze_at=0, widths=[8, 8, 16, 16],
+    backbone = BackboneConfig(name="slim", weights=None, norm="gn", gn_groups=8, freeze_at=0, widths=[8, 8, 16, 16],
                               depths=[1, 1, 1, 1])
     return ModelConfig(meta_architecture="retinanet", backbone=backbone, fpn_channels=32, dyhead_channels=32,
                        dyhead_blocks=1, dyhead_backend="torchvision", **changes)
