@@ -55,12 +55,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
     """``write(tmp)`` to a temporary file beside ``path``, then renames it to ``path`` once its bytes are on disk,
     and makes the rename durable too: a crash never leaves a truncated file, and after a power loss the name does
-    not point at a file the disk never got."""
+    not point at a file the disk never got. A write or rename that fails removes the temporary (a checkpoint's
+    can be gigabytes) and raises."""
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     folder = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(folder)

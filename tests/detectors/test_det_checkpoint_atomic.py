@@ -41,6 +41,21 @@ def test_write_atomically_syncs_the_file_before_the_rename_and_the_folder_after(
     assert target.read_text() == "new" and not (tmp_path / "x.json.tmp").exists()
 
 
+def test_a_failed_write_or_rename_leaves_no_temporary(tmp_path):
+    """The temporary beside the target is removed when writing it fails part-way or the rename does (the target
+    is a folder), and the error is the caller's."""
+    def write_then_fail(tmp):
+        tmp.write_text("part")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.write_atomically(tmp_path / "x.pth", write_then_fail)
+    (tmp_path / "folder.pth").mkdir()
+    with pytest.raises(IsADirectoryError):
+        ckpt.write_atomically(tmp_path / "folder.pth", lambda tmp: tmp.write_text("whole"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.pth"]
+
+
 def test_the_checkpoint_is_complete_before_the_pointer_names_it(tmp_path, monkeypatch):
     """A crash between the two writes must leave the pointer at the previous checkpoint, never at a missing one."""
     save_checkpoint(tmp_path, "model_0000001.pth", {"iteration": 1})
