@@ -9,6 +9,7 @@ import json
 import logging
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -154,12 +155,17 @@ def _eval(cfg: Config, args: argparse.Namespace) -> None:
     evaluate(model, test_set, cfg, device, args.output_dir, category_ids)
 
 
-def _check_output_dir(path: Path) -> None:
-    """ConfigError naming --output-dir when it, or the nearest of the folders above it that exists, is a file:
-    creating the folder would end in mkdir's traceback (predict's, after the model was built)."""
-    existing = next(p for p in (path, *path.parents) if p.exists())
+def _check_output_dir(folder: Path, argument: str) -> None:
+    """ConfigError naming ``argument`` (the option and its value) when ``folder``, or the nearest of the folders
+    above it that exists, is a file, or when no file can be created there: making or writing the folder would end
+    in a traceback (predict's after the model was built, convert's after the input was read)."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
     if not existing.is_dir():
-        raise ConfigError(f"--output-dir {path}: {existing} is a file, not a folder")
+        raise ConfigError(f"{argument}: {existing} is a file, not a folder")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()  # a file without a name once closed: nothing is left
+    except OSError as exc:
+        raise ConfigError(f"{argument}: cannot write in {existing} ({exc.strerror})") from None
 
 
 def _predict_inputs(paths: list[Path], output_dir: Path) -> list[Path]:
@@ -256,6 +262,9 @@ def _save_atomic(obj: dict, path: Path) -> None:
 def _convert(args: argparse.Namespace) -> None:
     from dyhead import load_official
 
+    if args.output.is_dir():
+        raise ConfigError(f"output {args.output} is a folder; give the file to write")
+    _check_output_dir(args.output.parent, f"output {args.output}")
     if args.detector:
         _convert_detector(args)
         return
@@ -321,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(str(exc)) from None
             return 0
         cfg = load_config(args.config, args.overrides)
-        _check_output_dir(args.output_dir)
+        _check_output_dir(args.output_dir, f"--output-dir {args.output_dir}")
         if args.command == "train":
             try:
                 train(cfg, args.output_dir, resume=args.resume)

@@ -65,3 +65,18 @@ def test_convert_names_a_missing_file(tmp_path, capsys):
     for extra, kind in (([], "DyHead checkpoint"), (["--detector"], "official checkpoint")):
         assert main(["convert", str(missing), str(tmp_path / "x.pth")] + extra) == 2
         assert capsys.readouterr().err == f"dyhead convert: error: {kind} not found: {missing}\n"
+
+
+def test_convert_names_an_output_that_is_a_folder_or_lies_under_a_file(tmp_path, capsys):
+    """Checked before the input is read: not IsADirectoryError's or mkdir's traceback after converting, with the
+    converted state dict left behind in OUT.tmp."""
+    src = tmp_path / "official.pth"
+    torch.save({"model": {}}, src)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("x")
+    for output, message in ((tmp_path / "folder", f"output {tmp_path / 'folder'} is a folder; give the file to write"),
+                            (tmp_path / "file" / "x.pth", f"output {tmp_path / 'file' / 'x.pth'}: {tmp_path / 'file'} "
+                                                          "is a file, not a folder")):
+        assert main(["convert", str(src), str(output)]) == 2
+        assert capsys.readouterr().err == f"dyhead convert: error: {message}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder", "official.pth"]

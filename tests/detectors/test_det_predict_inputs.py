@@ -1,5 +1,6 @@
 """What ``dyhead predict`` runs on: files and folders of images, checked before the model loads."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,15 @@ def test_cli_names_a_missing_image_before_reading_weights(tmp_path, capsys):
     assert code == 2 and f"dyhead predict: error: image {tmp_path / 'missing.png'}: file not found" in err
 
 
+def _writing_to(output_dir, command, tmp_path, image):
+    """dyhead train, eval or predict of shapes_tiny (its data under tmp_path) into output_dir; image is eval's and
+    predict's weights, and predict's input."""
+    argv = [command, "--config", str(CONFIG), "--set", f"data.shapes.root={tmp_path / 'data'}", "--output-dir",
+            str(output_dir)]
+    inputs = {"train": [], "eval": ["--weights", str(image)], "predict": ["--weights", str(image), str(image)]}
+    return argv + inputs[command]
+
+
 @pytest.mark.parametrize("command", ["train", "eval", "predict"])
 def test_an_output_dir_that_is_a_file_is_named(tmp_path, capsys, command):
     """A file where --output-dir (or a folder above it) would go: one line naming it, before any slow work, not
@@ -63,14 +73,44 @@ def test_an_output_dir_that_is_a_file_is_named(tmp_path, capsys, command):
     (tmp_path / "taken").write_text("a file")
     image = _image(tmp_path / "x.png")
     for output_dir in (tmp_path / "taken", tmp_path / "taken" / "out"):
-        argv = [command, "--config", str(CONFIG), "--set", f"data.shapes.root={tmp_path / 'data'}", "--output-dir",
-                str(output_dir)]
-        argv += {"train": [], "eval": ["--weights", str(image)],
-                 "predict": ["--weights", str(image), str(image)]}[command]
-        code = main(argv)
+        code = main(_writing_to(output_dir, command, tmp_path, image))
         err = capsys.readouterr().err
         assert code == 2 and err == (f"dyhead {command}: error: --output-dir {output_dir}: {tmp_path / 'taken'} is a "
                                      "file, not a folder\n")
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.fixture
+def unwritable_folder(tmp_path):
+    """A folder where no file can be created: read-only by its mode, or for root (who ignores modes) /sys, whose
+    file system refuses new files to everyone."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.access(folder, os.W_OK):
+        folder = Path("/sys")
+        if not folder.is_dir():
+            pytest.skip("running as root without /sys: no folder refuses new files")
+    yield folder
+    (tmp_path / "read-only").chmod(0o755)
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "predict", "convert"])
+def test_an_output_folder_that_cannot_be_written_is_named(tmp_path, capsys, unwritable_folder, command):
+    """An output folder that cannot be made or written in: one line naming it and the folder that refuses, before
+    any data is made or weights read, not a PermissionError (or torch.save's RuntimeError) traceback at the first
+    write; nothing is left behind."""
+    image = _image(tmp_path / "x.png")
+    for output_dir in (unwritable_folder, unwritable_folder / "out"):
+        if command == "convert":
+            argv, argument = ["convert", str(image), str(output_dir / "y.pth")], f"output {output_dir / 'y.pth'}"
+        else:
+            argv, argument = _writing_to(output_dir, command, tmp_path, image), f"--output-dir {output_dir}"
+        code = main(argv)
+        err = capsys.readouterr().err
+        refused = f"dyhead {command}: error: {argument}: cannot write in {unwritable_folder} ("
+        assert code == 2 and err.startswith(refused) and err.endswith(")\n") and "\n" not in err[:-1]
+        assert not (unwritable_folder / "out").exists()
     assert not (tmp_path / "data").exists()
 
 
