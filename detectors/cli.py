@@ -33,6 +33,18 @@ __all__ = ["main", "build_parser"]
 logger = logging.getLogger("detectors.cli")
 
 
+def _score(text: str) -> float:
+    """--score-thresh: a score in [0, 1], as model.score_thresh (else argparse's error): NaN or one past 1 drops
+    every detection without a word, and one below 0 would pass on to the model as its threshold."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a score in [0, 1], got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``dyhead``."""
     parser = argparse.ArgumentParser(
@@ -66,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common(p, "folder for the annotated images and JSON files")
     p.add_argument("--weights", required=True, type=Path, help="checkpoint or state dict")
-    p.add_argument("--score-thresh", type=float, default=0.2,
+    p.add_argument("--score-thresh", type=_score, default=0.2,
                    help="lowest score drawn and written (below model.score_thresh, the model's too)")
     p.add_argument("images", nargs="+", type=Path,
                    help="image files, folders of them, or quoted glob patterns ('photos/*.jpg')")

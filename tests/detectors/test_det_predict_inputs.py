@@ -146,6 +146,19 @@ def test_a_score_thresh_below_the_models_keeps_those_detections(tmp_path):
     assert scores and min(scores) < cfg.model.score_thresh
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "1.5", "-0.1", "high"])
+def test_a_score_thresh_outside_0_to_1_is_an_argparse_error(tmp_path, capsys, value):
+    """NaN or a threshold past 1 would write every image without its detections, one below 0 would become the
+    model's own threshold: refused as model.score_thresh is, before anything is read."""
+    image = _image(tmp_path / "x.png")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--config", str(CONFIG), "--weights", str(tmp_path / "none.pth"), "--output-dir",
+              str(tmp_path / "out"), f"--score-thresh={value}", str(image)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"argument --score-thresh: expected a score in [0, 1], got '{value}'" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_predict_drops_labels_past_the_recorded_categories(tmp_path):
     """A model with more outputs than the weights' categories (model.num_classes above the training set's count):
     its extra labels have no class name or id, and predict leaves them out, as evaluate does."""
