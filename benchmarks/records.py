@@ -101,12 +101,19 @@ def merge(previous: dict | None, meta: dict, records: list[dict]) -> dict:
 
 
 def load(path: str | os.PathLike) -> dict | None:
-    """A results file's content, or None when there is none."""
+    """A results file's content, or None when there is none; ValueError naming the file when it holds no results
+    (a run would fail on it after its first row, or replace the file)."""
     path = Path(path)
     if not path.exists():
         return None
-    with path.open() as f:
-        return json.load(f)
+    try:
+        with path.open() as f:
+            content = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not a results file: {exc}") from None
+    if not isinstance(content, dict) or not {"meta", "records"} <= content.keys():
+        raise ValueError(f'{path} is not a results file: no "meta" and "records"')
+    return content
 
 
 def write(path: str | os.PathLike, content: dict) -> None:

@@ -18,6 +18,7 @@ import math
 import os
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -229,14 +230,21 @@ def _log(text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmarks of `argv` (the command line when None); returns the exit status (0: results written)."""
+    """Run the benchmarks of `argv` (the command line when None); returns the exit status (0: results written; 2:
+    the results folder cannot be written, or today's results file there is not one)."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     runner = Runner(args)
     meta = records.make_meta(args.device, _command(argv), args.cuda_graphs)
     path = records.results_path(args.out, meta, args.device)
-    previous = records.load(path)
+    try:  # before the first row is measured: its results would be lost at the first write
+        previous = records.load(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path.parent).close()
+    except (OSError, ValueError) as exc:
+        _log(f"python -m benchmarks.run: error: --out {args.out}: {exc}")
+        return 2
     rows = [(op, impl, dtype) for dtype in args.dtypes for op in args.ops for impl in args.impls]
     done: list[dict] = []
     for i, (op, impl, dtype) in enumerate(rows, 1):

@@ -384,6 +384,29 @@ def test_bad_options_are_argparse_errors(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("content", ["{not json", "[]", '{"meta": {}}'])
+def test_a_results_file_that_is_not_one_stops_the_run_before_its_first_row(tmp_path, capsys, monkeypatch, content):
+    """Today's file in --out that is not JSON, or not a results file: named in one line (exit status 2) before
+    anything is measured, and left as it was, not a traceback after the first row."""
+    monkeypatch.setattr(run.Runner, "row", lambda *a: pytest.fail("a row ran"))
+    meta = records.make_meta(torch.device("cpu"), "x")
+    path = records.results_path(tmp_path, meta, torch.device("cpu"))
+    path.write_text(content)
+    assert run.main([*FAST, "--out", str(tmp_path), "--ops", "dcn_fwd"]) == 2
+    assert f"error: --out {tmp_path}: {path} is not a results file: " in capsys.readouterr().err
+    assert path.read_text() == content
+
+
+def test_an_out_folder_that_cannot_be_made_stops_the_run_before_its_first_row(tmp_path, capsys, monkeypatch):
+    """--out that is a file or lies under one: one line, not mkdir's traceback after the first row was measured."""
+    monkeypatch.setattr(run.Runner, "row", lambda *a: pytest.fail("a row ran"))
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "results"):
+        assert run.main([*FAST, "--out", str(out), "--ops", "dcn_fwd"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"python -m benchmarks.run: error: --out {out}: ") and err.count("\n") == 1
+
+
 def test_cuda_graph_runs_need_a_gpu_and_get_their_own_file(tmp_path):
     with pytest.raises(SystemExit):
         run.parse_args(["--device", "cpu", "--cuda-graphs"])
