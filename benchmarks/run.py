@@ -56,6 +56,11 @@ def device_arg(text: str) -> torch.device:
         device = None
     if device is None or device.type not in ("cuda", "cpu"):
         raise argparse.ArgumentTypeError(f"{text!r} is not a device, expected cuda, cuda:N or cpu")
+    if device.type == "cuda":
+        # else torch's "no NVIDIA driver" (or invalid device ordinal) traceback when the results file is named
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise argparse.ArgumentTypeError(f"{text!r}, but torch finds {count or 'no'} CUDA device(s)")
     return device
 
 

@@ -384,6 +384,17 @@ def test_bad_options_are_argparse_errors(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("count, device", [(0, "cuda"), (0, "cuda:0"), (2, "cuda:2")])
+def test_a_cuda_device_torch_does_not_find_is_an_argparse_error(monkeypatch, capsys, count, device):
+    """Not torch's "no NVIDIA driver" or "invalid device ordinal" traceback when the results file is named."""
+    _gpus(monkeypatch, count)
+    with pytest.raises(SystemExit):
+        run.parse_args(["--device", device])
+    assert f"argument --device: '{device}', but torch finds {count or 'no'} CUDA device(s)" in capsys.readouterr().err
+    _gpus(monkeypatch, 3)
+    assert run.parse_args(["--device", device]).device == torch.device(device)
+
+
 @pytest.mark.parametrize("content", ["{not json", "[]", '{"meta": {}}'])
 def test_a_results_file_that_is_not_one_stops_the_run_before_its_first_row(tmp_path, capsys, monkeypatch, content):
     """Today's file in --out that is not JSON, or not a results file: named in one line (exit status 2) before
@@ -741,8 +752,15 @@ def test_default_impls_on_cpu_leave_out_triton_without_the_interpreter(monkeypat
     assert run.parse_args(["--device", "cpu", "--impls", "triton"]).impls == ["triton"]
 
 
+def _gpus(monkeypatch, count):
+    """torch finds `count` CUDA devices."""
+    monkeypatch.setattr(run.torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(run.torch.cuda, "device_count", lambda: count)
+
+
 def test_defaults_follow_the_device(monkeypatch):
     monkeypatch.setattr(run.runtime, "INTERPRET", False)
+    _gpus(monkeypatch, 1)
     gpu = run.parse_args(["--device", "cuda"])
     assert (gpu.shapes, gpu.budget, gpu.impls) == (COCO, run.GPU_BUDGET_S, list(ops.IMPLS))
     cpu = run.parse_args(["--device", "cpu"])
