@@ -45,6 +45,8 @@ _NORMS = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.SyncBatchNorm)
 # Solver settings that shape the optimiser's state: a checkpoint only resumes under the same ones.
 _STATE_SHAPING = ("optimizer", "decay_groups")
 
+# What `_resume` reads of a checkpoint (`_checkpoint_state` writes them all)
+_RESUMED = ("model", "optimizer", "scheduler", "iteration", "rng", "data")
 FINAL_CHECKPOINT = "model_final.pth"  # the checkpoint of the last iteration, written before the final evaluation
 
 
@@ -192,6 +194,10 @@ def _resume(output_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer
         logger.warning("--resume: no checkpoint in %s, starting from scratch", output_dir)
         return 0
     state = load_checkpoint(checkpoint)
+    missing = [key for key in _RESUMED if key not in state]
+    if missing:
+        raise CheckpointError(f"{checkpoint} is not a training checkpoint ({', '.join(missing)} missing): weights "
+                              "alone cannot be resumed; train without --resume to start afresh")
     if state["data"] != _data_order(cfg):
         raise CheckpointError(f"{checkpoint} was written with data order {state['data']}; resuming needs the "
                               "same")

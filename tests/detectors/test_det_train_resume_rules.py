@@ -110,6 +110,18 @@ def test_a_checkpoint_of_another_data_order_is_refused(tmp_path):
         engine._resume(tmp_path, *parts, cfg)
 
 
+def test_a_checkpoint_of_weights_alone_is_refused_by_name(tmp_path):
+    """A bare state dict, or converted weights with their metadata, that the folder's last_checkpoint names (copied
+    in by hand): CheckpointError saying what is missing, not the KeyError of the first field read."""
+    cfg = load_config(CONFIG, ["solver.max_iter=8"])
+    parts = _solver_parts(cfg)
+    for weights in (parts[0].state_dict(), {"model": parts[0].state_dict(), "meta": {"num_classes": 2}}):
+        save_checkpoint(tmp_path, "model_final.pth", weights)
+        with pytest.raises(CheckpointError, match=r"model_final.pth is not a training checkpoint \((model, )?"
+                                                  r"optimizer, scheduler, iteration, rng, data missing\)"):
+            engine._resume(tmp_path, *parts, cfg)
+
+
 def _tiny(tmp_path, *extra):
     return load_config(CONFIG, [
         f"data.shapes.root={tmp_path / 'data'}", "data.shapes.num_train=8", "data.shapes.num_val=2",
