@@ -182,8 +182,8 @@ def _check_output_dir(folder: Path, argument: str) -> None:
 
 def _predict_inputs(paths: list[Path], output_dir: Path) -> list[Path]:
     """The image files predict runs on, checked before the model loads: files as given, each folder's image
-    files and each glob pattern's in name order. Two with one name would write the same outputs, and none may be
-    one of its outputs."""
+    files and each glob pattern's in name order, each file once. Two with one name would write the same outputs,
+    and none may be one of its outputs."""
     extensions = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
 
     def images_among(candidates) -> list[Path]:
@@ -207,13 +207,13 @@ def _predict_inputs(paths: list[Path], output_dir: Path) -> list[Path]:
             raise ImageLoadError(f"image {path}: file not found")
     first_of = {}
     for path in files:
-        if path.stem in first_of:
-            raise ConfigError(f"images {first_of[path.stem]} and {path} would both write {path.stem}.png and "
-                              f"{path.stem}.json in {output_dir}; predict them into separate folders")
-        first_of[path.stem] = path
+        earlier = first_of.setdefault(path.stem, path)
+        if earlier.resolve() != path.resolve():  # else one image named twice (a file and its folder...): kept once
+            raise ConfigError(f"images {earlier} and {path} would both write {path.stem}.png and {path.stem}.json "
+                              f"in {output_dir}; predict them into separate folders")
         if (output_dir / f"{path.stem}.png").resolve() == path.resolve():
             raise ConfigError(f"image {path} would be overwritten by its annotated copy; choose another --output-dir")
-    return files
+    return list(first_of.values())
 
 
 @torch.no_grad()

@@ -37,6 +37,14 @@ def test_quoted_glob_patterns_give_their_images_in_name_order(tmp_path):
         _predict_inputs([tmp_path / "in" / "*.gif"], tmp_path / "out")
 
 
+def test_an_image_named_twice_is_predicted_once(tmp_path):
+    """By itself and in its folder, twice as given, or through a path of another spelling: one image, whose
+    outputs collide with nothing, in the place it was first named."""
+    b, a = _image(tmp_path / "in" / "b.jpg"), _image(tmp_path / "in" / "a.png")
+    again = tmp_path / "in" / ".." / "in" / "b.jpg"
+    assert _predict_inputs([b, tmp_path / "in", b, again, tmp_path / "in" / "*.png"], tmp_path / "out") == [b, a]
+
+
 def test_bad_inputs_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ImageLoadError, match=f"folder {tmp_path / 'empty'} holds no image files"):
