@@ -87,9 +87,12 @@ def last_checkpoint(output_dir: Path) -> Path | None:
     pointer = output_dir / _LAST
     if not pointer.is_file():
         return None
-    path = output_dir / pointer.read_text().strip()
+    name = pointer.read_text().strip()
+    if not name:  # else it would name output_dir itself
+        raise FileNotFoundError(f"{pointer} is empty: it names no checkpoint")
+    path = output_dir / name
     if not path.is_file():
-        raise FileNotFoundError(f"{pointer} names {path}, which does not exist")
+        raise FileNotFoundError(f"{pointer} names {path}, which {'is a folder' if path.is_dir() else 'does not exist'}")
     return path
 
 

@@ -82,6 +82,14 @@ def test_a_pointer_to_a_missing_checkpoint_is_an_error(tmp_path):
         last_checkpoint(tmp_path)
     torch.save({"iteration": 5}, tmp_path / "model_0000005.pth")
     assert last_checkpoint(tmp_path) == tmp_path / "model_0000005.pth"  # the newline of a hand-written pointer too
+    # an empty pointer would name the folder itself: said as it is, as is a pointer to a folder
+    (tmp_path / "last_checkpoint").write_text("\n")
+    with pytest.raises(FileNotFoundError, match="last_checkpoint is empty: it names no checkpoint"):
+        last_checkpoint(tmp_path)
+    (tmp_path / "model_0000006.pth").mkdir()
+    (tmp_path / "last_checkpoint").write_text("model_0000006.pth")
+    with pytest.raises(FileNotFoundError, match="names .*model_0000006.pth, which is a folder"):
+        last_checkpoint(tmp_path)
 
 
 def test_a_bare_state_dict_with_a_tensor_named_model_is_returned_whole(tmp_path):
