@@ -23,7 +23,7 @@ from .data.coco_categories import COCO_CATEGORIES
 from .data.transforms import DetectionTransform, pad_batch
 from .engine.checkpoint import (CheckpointError, last_checkpoint, load_matching_state, load_model_weights,
                                 write_atomically)
-from .engine.evaluate import autocast, check_categories, evaluate
+from .engine.evaluate import autocast, check_categories, evaluate, write_json
 from .engine.logger import setup_logging
 from .engine.stop import TrainingInterrupted
 from .engine.train import FINAL_CHECKPOINT, setup_runtime, train
@@ -259,8 +259,9 @@ def _predict(cfg: Config, args: argparse.Namespace) -> None:
         for r in records:
             draw.rectangle(r["box"], outline=(255, 0, 0), width=2)
             draw.text((r["box"][0] + 2, r["box"][1] + 1), f"{r['label']} {r['score']:.2f}", fill=(255, 255, 0))
-        image.save(args.output_dir / f"{path.stem}.png")
-        (args.output_dir / f"{path.stem}.json").write_text(json.dumps({"image": str(path), "detections": records}))
+        # through temporaries: Ctrl-C (or a full disk) mid-write leaves no cut-off PNG or JSON under the name
+        write_atomically(args.output_dir / f"{path.stem}.png", lambda tmp: image.save(tmp, format="PNG"))
+        write_json(args.output_dir / f"{path.stem}.json", {"image": str(path), "detections": records})
         logger.info("%s: %d detections -> %s", path, len(records), args.output_dir / f"{path.stem}.png")
     if skipped:
         logger.warning("predicted %d of %d images; %d could not be read", len(images) - skipped, len(images), skipped)

@@ -219,6 +219,34 @@ def test_an_unreadable_image_stops_predict_unless_skipped(tmp_path, capsys):
     assert "a.png: cannot read" in err and "predicted 1 of 2 images; 1 could not be read" in err
 
 
+def test_predict_stopped_while_writing_leaves_no_cut_off_output(tmp_path, capsys, monkeypatch):
+    """Ctrl-C while an annotated image is being written: exit status 130 with one line, and neither a truncated
+    PNG under the image's name nor a temporary in the output folder."""
+    import torch
+
+    from detectors.build import build_detector
+    from detectors.config import load_config
+
+    cfg = load_config(CONFIG)
+    weights = tmp_path / "w.pth"
+    torch.save({"model": build_detector(cfg.model, 4).state_dict(), "meta": {"num_classes": 4}}, weights)
+    image = _image(tmp_path / "x.jpg")
+    save = Image.Image.save
+
+    def save_half_then_interrupt(image, fp, *args, **kwargs):
+        save(image, fp, *args, **kwargs)
+        with open(fp, "r+b") as f:
+            f.truncate(10)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", save_half_then_interrupt)
+    argv = ["predict", "--config", str(CONFIG), "--weights", str(weights), "--output-dir", str(tmp_path / "out"),
+            str(image)]
+    assert main(argv) == 130
+    assert capsys.readouterr().err.endswith("dyhead predict: interrupted by SIGINT\n")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_predict_writes_boxes_in_the_original_images_pixels(tmp_path, monkeypatch):
     """The model (a stub here) gets the resized image's size and the original's, and answers in the original's
     pixels; predict writes those boxes (rounded to 2 decimals) with scores at or above --score-thresh, the
