@@ -17,6 +17,7 @@ import gc
 import math
 import os
 import shlex
+import signal
 import sys
 import tempfile
 import time
@@ -236,11 +237,11 @@ def _log(text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmarks of `argv` (the command line when None); returns the exit status (0: results written; 2:
-    the results folder cannot be written, or today's results file there is not one)."""
+    the results folder cannot be written, or today's results file there is not one; 130: stopped by SIGINT, with
+    one line naming the file that holds the rows measured before)."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    runner = Runner(args)
     meta = records.make_meta(args.device, _command(argv), args.cuda_graphs)
     path = records.results_path(args.out, meta, args.device)
     try:  # before the first row is measured: its results would be lost at the first write
@@ -250,6 +251,17 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         _log(f"python -m benchmarks.run: error: --out {args.out}: {exc}")
         return 2
+    try:
+        _run(args, meta, path, previous)
+    except KeyboardInterrupt:
+        _log(f"python -m benchmarks.run: interrupted by SIGINT; {path} holds the rows measured before")
+        return 128 + signal.SIGINT
+    return 0
+
+
+def _run(args: argparse.Namespace, meta: dict, path: Path, previous: dict | None) -> None:
+    """Measures the rows, writing `path` after each, then the table, the chart and the profiles."""
+    runner = Runner(args)
     rows = [(op, impl, dtype) for dtype in args.dtypes for op in args.ops for impl in args.impls]
     done: list[dict] = []
     for i, (op, impl, dtype) in enumerate(rows, 1):
@@ -288,7 +300,6 @@ def main(argv: list[str] | None = None) -> int:
         outputs += [Path(f"{stem}-profile.json"), Path(f"{stem}-profile.md")]
 
     print("wrote " + ", ".join(os.fspath(p) for p in outputs))
-    return 0
 
 
 if __name__ == "__main__":
