@@ -329,7 +329,7 @@ def _upright_size(path: Path) -> tuple[int, int] | None:
         with Image.open(path) as img:
             width, height = img.size
             turned = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
-    except (OSError, ValueError):
+    except (OSError, ValueError, Image.DecompressionBombError):
         return None
     return (height, width) if turned else (width, height)
 
@@ -338,9 +338,12 @@ def read_rgb_image(path: Path, width: int | None = None, height: int | None = No
     """The image at path as 8-bit RGB (`_to_rgb`), turned upright by its EXIF orientation (as detectron2 and
     mmdetection read images), checked against an annotation's width and height where given (boxes are in that
     size's pixels). Raises OSError (FileNotFoundError when missing) or ValueError when it cannot be read, has
-    no 8-bit reading or is not that size."""
-    with Image.open(path) as img:
-        image = _to_rgb(ImageOps.exif_transpose(img))
+    no 8-bit reading or is not that size (or more pixels than Pillow's decompression-bomb guard allows)."""
+    try:
+        with Image.open(path) as img:
+            image = _to_rgb(ImageOps.exif_transpose(img))
+    except Image.DecompressionBombError as exc:  # neither an OSError nor a ValueError
+        raise ValueError(str(exc)) from None
     if (width is not None and width != image.width) or (height is not None and height != image.height):
         raise _SizeMismatch(f"its pixels are {image.width}x{image.height}, the annotation file says {width}x{height}")
     return image
