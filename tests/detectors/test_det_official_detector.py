@@ -173,6 +173,17 @@ def test_cli_rejects_another_detector_or_no_detector(tmp_path, capsys):
     assert "--detector only" in capsys.readouterr().err
 
 
+def test_cli_names_the_config_that_fits_for_a_config_of_the_slim_backbone(release_file, tmp_path, capsys):
+    """The shapes configs' slim ResNet is in no release: the R50 ATSS config is named, not 400 tensors that do not
+    fit."""
+    shapes_tiny = CONFIG.parent / "shapes_tiny.yaml"
+    assert main(["convert", "--detector", str(release_file), str(tmp_path / "out.pth"), "--config",
+                 str(shapes_tiny)]) == 2
+    assert capsys.readouterr().err == (
+        f"dyhead convert: error: {release_file} holds the release's atss with a resnet backbone; the config's "
+        "backbone is slim (use configs/atss_r50_dyhead_1x.yaml)\n")
+
+
 def _strides(backbone):
     return {name: m.stride for name, m in backbone.named_modules() if isinstance(m, torch.nn.Conv2d)}
 
