@@ -199,8 +199,8 @@ def _resume(output_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer
         raise CheckpointError(f"{checkpoint} is not a training checkpoint ({', '.join(missing)} missing): weights "
                               "alone cannot be resumed; train without --resume to start afresh")
     if state["data"] != _data_order(cfg):
-        raise CheckpointError(f"{checkpoint} was written with data order {state['data']}; resuming needs the "
-                              "same")
+        raise CheckpointError(f"{checkpoint} was written with data order {state['data']}, this run's is "
+                              f"{_data_order(cfg)} (seed, processes): resuming needs the same")
     if state["iteration"] > cfg.solver.max_iter:
         raise CheckpointError(f"{checkpoint} is at iteration {state['iteration']}, past solver.max_iter="
                               f"{cfg.solver.max_iter}: resume with a max_iter of at least that")
