@@ -183,7 +183,7 @@ def _check_output_dir(folder: Path, argument: str) -> None:
 def _predict_inputs(paths: list[Path], output_dir: Path) -> list[Path]:
     """The image files predict runs on, checked before the model loads: files as given, each folder's image
     files and each glob pattern's in name order, each file once. Two with one name would write the same outputs,
-    and none may be one of its outputs."""
+    none may be one of its outputs, and no output may be a folder."""
     extensions = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
 
     def images_among(candidates) -> list[Path]:
@@ -213,6 +213,9 @@ def _predict_inputs(paths: list[Path], output_dir: Path) -> list[Path]:
                               f"in {output_dir}; predict them into separate folders")
         if (output_dir / f"{path.stem}.png").resolve() == path.resolve():
             raise ConfigError(f"image {path} would be overwritten by its annotated copy; choose another --output-dir")
+        taken = [out for out in (output_dir / f"{path.stem}.png", output_dir / f"{path.stem}.json") if out.is_dir()]
+        if taken:
+            raise ConfigError(f"image {path} would write {taken[0]}, which is a folder; choose another --output-dir")
     return list(first_of.values())
 
 

@@ -56,6 +56,9 @@ def test_bad_inputs_are_named(tmp_path):
         _predict_inputs([one, other], tmp_path / "out")
     with pytest.raises(ConfigError, match=f"image {one} would be overwritten by its annotated copy"):
         _predict_inputs([one], tmp_path / "a")
+    (tmp_path / "out" / "x.json").mkdir(parents=True)  # else the rename onto it is IsADirectoryError's traceback
+    with pytest.raises(ConfigError, match=f"image {one} would write {tmp_path / 'out' / 'x.json'}, which is a folder"):
+        _predict_inputs([one], tmp_path / "out")
 
 
 def test_cli_names_a_missing_image_before_reading_weights(tmp_path, capsys):
