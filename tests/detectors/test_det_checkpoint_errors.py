@@ -110,6 +110,20 @@ def test_cli_eval_names_an_unreadable_weights_file_before_making_data(tmp_path, 
     assert not (tmp_path / "data").exists()
 
 
+def test_cli_eval_names_weights_of_another_model_before_making_data(tmp_path, capsys):
+    """A checkpoint recording its class count is fitted to the config's model before the test set is read or
+    generated (a 2000-image shapes set took 11 s before the same error)."""
+    cfg = load_config(CONFIG)
+    weights = tmp_path / "w.pth"
+    torch.save({"model": build_detector(cfg.model, 4).state_dict(), "meta": {"num_classes": 4}}, weights)
+    code = main(["eval", "--weights", str(weights), "--output-dir", str(tmp_path / "out"), "--set",
+                 "model.dyhead_blocks=3"] + _cli_args(tmp_path))
+    err = capsys.readouterr().err
+    assert code == 2 and f"dyhead eval: error: {weights} does not fit the model this config builds" in err
+    assert "missing (e.g. neck.blocks.2." in err  # the third block's, which the weights lack
+    assert not (tmp_path / "data").exists()
+
+
 def test_cli_predict_names_weights_of_another_model(tmp_path, capsys):
     weights = tmp_path / "other.pth"
     torch.save({"model": _model().state_dict(), "meta": {"num_classes": 4}}, weights)
