@@ -45,8 +45,9 @@ _NORMS = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.SyncBatchNorm)
 # Solver settings that shape the optimiser's state: a checkpoint only resumes under the same ones.
 _STATE_SHAPING = ("optimizer", "decay_groups")
 
-# What `_resume` reads of a checkpoint (`_checkpoint_state` writes them all)
+# What resuming reads of a checkpoint (`_checkpoint_state` writes them all)
 _RESUMED = ("model", "optimizer", "scheduler", "iteration", "rng", "data")
+
 FINAL_CHECKPOINT = "model_final.pth"  # the checkpoint of the last iteration, written before the final evaluation
 
 
@@ -187,12 +188,15 @@ def _check_solver_state(optimizer: torch.optim.Optimizer, scheduler, state: dict
                        "; ".join(dict.fromkeys(ignored)))
 
 
-def _resume(output_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg: Config) -> int:
-    """Restores the last checkpoint of ``output_dir`` in place; returns its iteration (0 when there is none)."""
+def _resume_checkpoint(output_dir: Path, cfg: Config) -> tuple[Path, dict] | None:
+    """The last checkpoint of ``output_dir`` and its state, checked for what the config alone decides: it holds a
+    training state, of the same data order, at an iteration within max_iter. None when the folder has none. Read
+    before the data, which a refused checkpoint would otherwise wait for (COCO's annotations, a shapes set to
+    generate)."""
     checkpoint = last_checkpoint(output_dir)
     if checkpoint is None:
         logger.warning("--resume: no checkpoint in %s, starting from scratch", output_dir)
-        return 0
+        return None
     state = load_checkpoint(checkpoint)
     missing = [key for key in _RESUMED if key not in state]
     if missing:
@@ -204,6 +208,15 @@ def _resume(output_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     if state["iteration"] > cfg.solver.max_iter:
         raise CheckpointError(f"{checkpoint} is at iteration {state['iteration']}, past solver.max_iter="
                               f"{cfg.solver.max_iter}: resume with a max_iter of at least that")
+    return checkpoint, state
+
+
+def _resume(found: tuple[Path, dict] | None, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+            cfg: Config) -> int:
+    """Restores `_resume_checkpoint`'s checkpoint in place; returns its iteration (0 when there is none)."""
+    if found is None:
+        return 0
+    checkpoint, state = found
     load_matching_state(model, state["model"], checkpoint)
     _check_solver_state(optimizer, scheduler, state, cfg, checkpoint)
     optimizer.load_state_dict(state["optimizer"])
@@ -237,6 +250,7 @@ def train(cfg: Config, output_dir: Path, resume: bool = False) -> dict:
         output_dir.mkdir(parents=True, exist_ok=True)
     solver = cfg.solver
     prepare_backbone_weights(cfg.model.backbone)  # a bad weights setting fails now, not after the data is read
+    resumed = _resume_checkpoint(output_dir, cfg) if resume else None
     if not main:
         barrier()  # the main process generates the synthetic set, if needed, before the others read it
     train_set = build_dataset(cfg, train=True)
@@ -254,7 +268,7 @@ def train(cfg: Config, output_dir: Path, resume: bool = False) -> dict:
     if main:
         check_categories(train_set.category_ids, test_set)
 
-    start_iter = _resume(output_dir, model, optimizer, scheduler, cfg) if resume else 0
+    start_iter = _resume(resumed, model, optimizer, scheduler, cfg)
     if is_distributed():
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 

@@ -44,7 +44,7 @@ def test_each_process_resumes_its_own_rng_state(tmp_path, monkeypatch, rank):
     states = _two_process_checkpoint(tmp_path, cfg, parts, engine._data_order(cfg))
     monkeypatch.setattr(engine, "get_rank", lambda: rank)
     torch.manual_seed(99)
-    assert engine._resume(tmp_path, *parts, cfg) == 4
+    assert engine._resume(engine._resume_checkpoint(tmp_path, cfg), *parts, cfg) == 4
     assert torch.equal(torch.get_rng_state(), states[rank]["torch"])
 
 
@@ -58,7 +58,7 @@ def test_resume_continues_the_schedule_where_the_checkpoint_left_it(tmp_path):
         scheduler.step()
     _two_process_checkpoint(tmp_path, cfg, parts, engine._data_order(cfg))
     model, optimizer, scheduler = fresh = _solver_parts(cfg)
-    assert engine._resume(tmp_path, *fresh, cfg) == 4
+    assert engine._resume(engine._resume_checkpoint(tmp_path, cfg), *fresh, cfg) == 4
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.002 * (0.001 * 0.96 + 0.04))
     scheduler.step()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.002 * (0.001 * 0.95 + 0.05))
@@ -96,7 +96,7 @@ def test_a_checkpoint_of_other_parameter_groups_is_refused(tmp_path):
     optimizer = engine.build_optimizer(cfg.solver, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: engine.lr_factor(cfg.solver, it))
     with pytest.raises(CheckpointError, match=r"parameter groups of \[1, 1\] parameters \(config: \[1\]\)"):
-        engine._resume(tmp_path, model, optimizer, scheduler, cfg)
+        engine._resume(engine._resume_checkpoint(tmp_path, cfg), model, optimizer, scheduler, cfg)
 
 
 def test_a_checkpoint_of_another_data_order_is_refused(tmp_path):
@@ -104,11 +104,25 @@ def test_a_checkpoint_of_another_data_order_is_refused(tmp_path):
     parts = _solver_parts(cfg)
     _two_process_checkpoint(tmp_path, cfg, parts, {"seed": cfg.seed, "world_size": 2})
     with pytest.raises(CheckpointError, match=r"written with data order \{'seed': 0, 'world_size': 2\}"):
-        engine._resume(tmp_path, *parts, cfg)
+        engine._resume_checkpoint(tmp_path, cfg)
     _two_process_checkpoint(tmp_path, cfg, parts, {"seed": cfg.seed + 1, "world_size": 1})
     with pytest.raises(CheckpointError, match=r"data order \{'seed': 1, 'world_size': 1\}, this run's is \{'seed': 0, "
                                               r"'world_size': 1\} \(seed, processes\)"):
-        engine._resume(tmp_path, *parts, cfg)
+        engine._resume_checkpoint(tmp_path, cfg)
+
+
+def test_cli_refuses_a_checkpoint_of_another_data_order_before_making_data(tmp_path, capsys):
+    """What the config alone decides is checked before the data is read or generated: nothing but the log is
+    added to the folder."""
+    from detectors.cli import main
+
+    cfg = load_config(CONFIG, ["solver.max_iter=8"])
+    _two_process_checkpoint(tmp_path, cfg, _solver_parts(cfg), {"seed": cfg.seed + 1, "world_size": 1})
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code = main(["train", "--resume", "--config", str(CONFIG), "--output-dir", str(tmp_path), "--set",
+                 f"data.shapes.root={tmp_path / 'data'}", "--set", "solver.max_iter=8"])
+    assert code == 2 and "data order" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before + ["log.txt"])
 
 
 def test_a_checkpoint_of_weights_alone_is_refused_by_name(tmp_path):
@@ -120,7 +134,7 @@ def test_a_checkpoint_of_weights_alone_is_refused_by_name(tmp_path):
         save_checkpoint(tmp_path, "model_final.pth", weights)
         with pytest.raises(CheckpointError, match=r"model_final.pth is not a training checkpoint \((model, )?"
                                                   r"optimizer, scheduler, iteration, rng, data missing\)"):
-            engine._resume(tmp_path, *parts, cfg)
+            engine._resume_checkpoint(tmp_path, cfg)
 
 
 def _tiny(tmp_path, *extra):

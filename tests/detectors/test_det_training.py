@@ -399,7 +399,11 @@ def test_a_run_that_fails_to_start_leaves_the_earlier_run_as_it_was(tmp_path, mo
 
     out = tmp_path / "run"
     out.mkdir()
-    save_checkpoint(out, "model_0000010.pth", {"iteration": 10})
+    cfg = load_config(CONFIG, _tiny_overrides(tmp_path / "data", 20))
+    # what --resume checks before the data: a training state of this data order, within max_iter
+    earlier = {"model": {}, "optimizer": {}, "scheduler": {}, "iteration": 10, "rng": [],
+               "data": {"seed": cfg.seed, "world_size": 1}}
+    save_checkpoint(out, "model_0000010.pth", earlier)
     (out / "config.yaml").write_text("the earlier run's\n")
 
     def crash(cfg, train):
@@ -407,7 +411,7 @@ def test_a_run_that_fails_to_start_leaves_the_earlier_run_as_it_was(tmp_path, mo
 
     monkeypatch.setattr(engine, "build_dataset", crash)
     with pytest.raises(DatasetError):
-        train(load_config(CONFIG, _tiny_overrides(tmp_path / "data", 2)), out, resume=resume)
+        train(cfg, out, resume=resume)
     assert last_checkpoint(out) == out / "model_0000010.pth"
     assert (out / "config.yaml").read_text() == "the earlier run's\n"
 
