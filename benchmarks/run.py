@@ -76,6 +76,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seconds(text: str) -> float:
+    """--budget: seconds, 0 or more (else argparse's type error): NaN compares false with the clock, so it would
+    quietly be no budget at all."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+    return value
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
@@ -92,7 +104,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", default=str(DEFAULT_OUT), help="results folder (default benchmarks/results)")
     p.add_argument("--quick", action="store_true", help="a fifth of the timing effort")
     p.add_argument("--no-profile", action="store_true", help=f"skip the torch.profiler breakdown of {PROFILE_OP}")
-    p.add_argument("--budget", type=float,
+    p.add_argument("--budget", type=seconds,
                    help="seconds after which the remaining rows (and profiles) are recorded as skipped; default "
                         f"{GPU_BUDGET_S:.0f} on cuda, so that a run fits a 10-minute slot, none on cpu")
     p.add_argument("--cuda-graphs", action="store_true",

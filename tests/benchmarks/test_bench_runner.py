@@ -377,7 +377,10 @@ def test_chart_panels_per_dtype_log_scale_and_speedup_labels(tmp_path, monkeypat
                                            (["--device", "gpu"], "'gpu' is not a device"),
                                            (["--device", "meta"], "'meta' is not a device"),
                                            (["--threads", "0"], "'0' is not a positive integer"),
-                                           (["--threads", "-2"], "'-2' is not a positive integer")])
+                                           (["--threads", "-2"], "'-2' is not a positive integer"),
+                                           (["--budget", "nan"], "'nan' is not a number of seconds >= 0"),
+                                           (["--budget", "-5"], "'-5' is not a number of seconds >= 0"),
+                                           (["--budget", "10m"], "'10m' is not a number of seconds >= 0")])
 def test_bad_options_are_argparse_errors(argv, message, capsys):
     with pytest.raises(SystemExit):
         run.parse_args(argv)
