@@ -100,6 +100,35 @@ _REQUIRED = {
 }
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
+
+
+def _is_id(v: Any) -> bool:
+    return isinstance(v, (int, str)) and not isinstance(v, bool)
+
+
+def _is_size(v: Any) -> bool:
+    return v is None or (_is_number(v) and v > 0 and v == int(v))
+
+
+# What a field must hold where an entry gives it; pycocotools and COCOeval take any JSON value and fail late (after
+# training, at the final evaluation) or read it wrongly: "0" as iscrowd is truthy, a NaN area counts in every size
+# range, a string annotation id is stored in COCOeval's float array of matched ids.
+_FIELDS = {
+    "images": {"id": (_is_id, "an integer or a string"),
+               "file_name": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+               "width": (_is_size, "a positive whole number (or null: the file's)"),
+               "height": (_is_size, "a positive whole number (or null: the file's)")},
+    "categories": {"id": (_is_id, "an integer or a string")},
+    "annotations": {"id": (lambda v: _is_id(v) and not isinstance(v, str), "an integer"),
+                    "image_id": (_is_id, "an integer or a string"),
+                    "category_id": (_is_id, "an integer or a string"),
+                    "iscrowd": (lambda v: not isinstance(v, str) and v in (0, 1), "0 or 1"),
+                    "area": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0")},
+}
+
+
 def load_coco_json(ann_file: Path) -> COCO:
     """Reads and checks a COCO annotation file; errors name the file and what is wrong with it."""
     try:
@@ -117,6 +146,13 @@ def load_coco_json(ann_file: Path) -> COCO:
                 raise DatasetError(
                     f"annotation file {ann_file} is not COCO JSON: {section}[{i}] lacks {', '.join(missing)}"
                 )
+    for section, fields in _FIELDS.items():
+        for i, entry in enumerate(data[section]):
+            for key, (valid, expected) in fields.items():
+                if key in entry and not valid(entry[key]):
+                    raise DatasetError(
+                        f"annotation file {ann_file}: {section}[{i}] has {key} {entry[key]!r}, not {expected}"
+                    )
     _check_ids(ann_file, data)
     _fill_eval_fields(ann_file, data["annotations"])
     coco = COCO()
@@ -127,14 +163,21 @@ def load_coco_json(ann_file: Path) -> COCO:
 
 
 def _check_ids(ann_file: Path, data: dict) -> None:
-    """Ids must be unique: pycocotools' index keeps the last entry of a repeated one and drops the others."""
+    """Ids must be unique: pycocotools' index keeps the last entry of a repeated one and drops the others. Image
+    and category ids are all integers or all strings: both are sorted, and Python cannot order the two."""
     for section in ("images", "categories", "annotations"):
-        seen = set()
+        seen, first = set(), None
         for i, entry in enumerate(data[section]):
             if "id" not in entry:
                 continue
             if entry["id"] in seen:
                 raise DatasetError(f"annotation file {ann_file}: {section}[{i}] repeats id {entry['id']!r}")
+            if first is None:
+                first = i
+            elif type(entry["id"]) is not type(data[section][first]["id"]):
+                raise DatasetError(f"annotation file {ann_file}: {section}[{i}] has id {entry['id']!r} and "
+                                   f"{section}[{first}] {data[section][first]['id']!r}: the ids are all integers "
+                                   "or all strings")
             seen.add(entry["id"])
 
 
@@ -159,8 +202,7 @@ def _fill_eval_fields(ann_file: Path, annotations: list[dict]) -> None:
 
 def _is_box(box: Any) -> bool:
     """Whether box is [x, y, width, height] of finite numbers."""
-    return (isinstance(box, (list, tuple)) and len(box) == 4
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in box))
+    return isinstance(box, (list, tuple)) and len(box) == 4 and all(_is_number(v) for v in box)
 
 
 def _box_and_label(ann_file: Path, ann: dict, label_of: dict[Any, int]) -> tuple[list[float], int]:

@@ -495,6 +495,58 @@ def test_repeated_ids_are_an_error(tmp_path, section):
         load_coco_json(ann_file)
 
 
+@pytest.mark.parametrize(
+    "section, key, value, expected",
+    [
+        ("annotations", "area", "80", "a finite number >= 0"),
+        ("annotations", "area", float("nan"), "a finite number >= 0"),
+        ("annotations", "iscrowd", "0", "0 or 1"),
+        ("annotations", "id", "a1", "an integer"),
+        ("annotations", "image_id", [1], "an integer or a string"),
+        ("images", "width", 40.5, "a positive whole number"),
+        ("images", "height", 0, "a positive whole number"),
+        ("images", "file_name", None, "a non-empty string"),
+        ("categories", "id", None, "an integer or a string"),
+    ],
+)
+def test_fields_that_cocoeval_would_misread_name_the_entry(tmp_path, section, key, value, expected):
+    """A field of the wrong type is refused when the file is read: pycocotools takes it, and COCOeval failed on it
+    (a string area or annotation id, after a whole training run) or read it wrongly ("0" as iscrowd is truthy)."""
+    _, ann_file = _write_set(tmp_path)
+    data = json.loads(ann_file.read_text())
+    data[section][1][key] = value
+    ann_file.write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match=re.escape(f"{section}[1] has {key} {value!r}, not {expected}")) as err:
+        load_coco_json(ann_file)
+    assert str(ann_file) in str(err.value)
+
+
+@pytest.mark.parametrize("section", ["images", "categories"])
+def test_ids_of_integers_and_strings_together_are_an_error(tmp_path, section):
+    """The loader sorts image and category ids, and Python cannot order an integer and a string."""
+    _, ann_file = _write_set(tmp_path)
+    data = json.loads(ann_file.read_text())
+    data[section][1]["id"] = "x"
+    ann_file.write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match=rf"{section}\[1\] has id 'x' and {section}\[0\] \d: the ids are all "):
+        load_coco_json(ann_file)
+
+
+def test_string_ids_boolean_crowds_and_whole_float_sizes_are_read(tmp_path):
+    """Unusual but valid: string image ids throughout, iscrowd as a JSON boolean, a size written 40.0 or null."""
+    image_dir, ann_file = _write_set(tmp_path)
+    data = json.loads(ann_file.read_text())
+    for entry in data["images"]:
+        entry["id"] = f"img{entry['id']}"
+    for ann, crowd in zip(data["annotations"], (False, True)):
+        ann["image_id"], ann["iscrowd"] = f"img{ann['image_id']}", crowd
+    data["images"][0]["width"], data["images"][1]["height"] = 40.0, None
+    ann_file.write_text(json.dumps(data))
+    dataset = CocoDetection(image_dir, ann_file, TRANSFORM)
+    assert [(r["image_id"], r["iscrowd"].tolist()) for r in dataset.records] == [("img1", [False]), ("img2", [True])]
+    assert dataset[1][1]["orig_size"] == (20, 40)
+
+
 def test_annotations_without_eval_fields_are_evaluated(tmp_path):
     """Hand-made files often leave out id, area and iscrowd, which COCOeval reads: they are filled in."""
     annotations = [{"image_id": 1, "bbox": [2, 2, 10, 8], "category_id": 7},
