@@ -87,9 +87,11 @@ def resolve_dataset(spec: DatasetConfig, shapes: ShapesConfig) -> tuple[Path, Pa
             )
         image_dir, ann_file = Path(spec.image_dir), Path(spec.ann_file)
     if not image_dir.is_dir():
-        raise DatasetError(f"dataset {spec.name!r}: images folder {image_dir} does not exist{layout}")
+        problem = "is not a folder" if image_dir.exists() else "does not exist"
+        raise DatasetError(f"dataset {spec.name!r}: images folder {image_dir} {problem}{layout}")
     if not ann_file.is_file():
-        raise DatasetError(f"dataset {spec.name!r}: annotation file {ann_file} does not exist{layout}")
+        problem = "is not a file" if ann_file.exists() else "does not exist"
+        raise DatasetError(f"dataset {spec.name!r}: annotation file {ann_file} {problem}{layout}")
     return image_dir, ann_file
 
 

@@ -65,6 +65,15 @@ def test_missing_coco_folder_names_path_and_layout(tmp_path, monkeypatch):
         resolve_dataset(DatasetConfig(name="my_set"), ShapesConfig())
 
 
+def test_a_folder_given_as_the_annotation_file_and_a_file_as_the_images_folder_are_named_so(tmp_path):
+    """Swapped paths exist: "does not exist" sent the user looking for a path that is there."""
+    image_dir, ann_file = _write_set(tmp_path)
+    with pytest.raises(DatasetError, match=f"annotation file {image_dir} is not a file"):
+        resolve_dataset(DatasetConfig(name="mine", image_dir=str(image_dir), ann_file=str(image_dir)), ShapesConfig())
+    with pytest.raises(DatasetError, match=f"images folder {ann_file} is not a folder"):
+        resolve_dataset(DatasetConfig(name="mine", image_dir=str(ann_file), ann_file=str(ann_file)), ShapesConfig())
+
+
 def test_named_datasets_resolve_to_their_own_split(tmp_path, monkeypatch):
     monkeypatch.setenv("DYHEAD_DATASETS", str(tmp_path))
     coco = tmp_path / "coco"
