@@ -251,6 +251,8 @@ class CocoDetection(Dataset):
         self.transform = transform
         self.skip_bad_images = skip_bad_images
         self.coco = load_coco_json(self.ann_file)
+        if not self.coco.imgs:  # a test split of none scored -1 everywhere, as if nothing were wrong
+            raise DatasetError(f"annotation file {self.ann_file} lists no images")
         self.category_ids = sorted(self.coco.getCatIds())
         self.class_names = [self.coco.cats[c]["name"] for c in self.category_ids]
         label_of = {cat: i for i, cat in enumerate(self.category_ids)}

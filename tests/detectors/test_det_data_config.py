@@ -822,6 +822,14 @@ def test_the_bad_image_count_is_of_all_batches(caplog):
     assert caplog.records[-1].getMessage() == "skipping image b.png: cannot decode (2 skipped so far)"
 
 
+def test_a_set_without_images_is_an_error_for_the_test_split_too(tmp_path):
+    """COCOeval scores a test split of no images -1 everywhere, which read as a finished evaluation."""
+    ann_file = tmp_path / "ann.json"
+    ann_file.write_text(json.dumps({"images": [], "annotations": [], "categories": [{"id": 1, "name": "one"}]}))
+    with pytest.raises(DatasetError, match=f"annotation file {ann_file} lists no images"):
+        CocoDetection(tmp_path, ann_file, TRANSFORM)
+
+
 def test_only_the_training_split_drops_images_without_boxes(tmp_path):
     """The test split keeps them: detections on an image without objects are false positives COCOeval must count."""
     from detectors.data.build import build_dataset
