@@ -56,6 +56,7 @@ class SkippedImage:
 
     path: str
     reason: str
+    image_id: Any = None
 
 
 def _datasets_root() -> Path:
@@ -326,7 +327,7 @@ class CocoDetection(Dataset):
             else:
                 reason = f"cannot decode ({exc})"
             if self.skip_bad_images:
-                return SkippedImage(str(path), reason)
+                return SkippedImage(str(path), reason, record["image_id"])
             raise ImageLoadError(f"image {path}: {reason}") from None
         rng = None if seed is None else np.random.default_rng(list(seed))
         orig_size = (image.height, image.width)

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from ..config import Config
 from ..data.build import build_test_loader
-from ..data.coco import CocoDetection
+from ..data.coco import CocoDetection, DatasetError
 from .checkpoint import write_atomically
 from .distributed import all_gather_objects, get_rank, get_world_size, is_main_process
 
@@ -52,11 +52,22 @@ class BadImageLog:
                 self.log.warning("skipping image %s: %s (%d skipped so far)", item.path, item.reason, len(self.seen))
 
 
-def coco_metrics(dataset: CocoDetection, results: list[dict]) -> dict[str, dict[str, float]]:
+def coco_metrics(
+    dataset: CocoDetection, results: list[dict], skipped: set = frozenset()
+) -> dict[str, dict[str, float]]:
     """Runs ``COCOeval`` (bbox) and returns ``{"bbox": {AP, AP50, AP75, APs, APm, APl}}`` in percent.
 
     A metric COCOeval cannot compute (no ground truth of that size) is reported as -1, as COCOeval does.
+    skipped: ids of images that were not read (``data.skip_bad_images``), left out of the score: counted, their
+    objects would be misses of a detector that never saw them.
     """
+    image_ids = [r["image_id"] for r in dataset.records if r["image_id"] not in skipped]
+    if not image_ids:
+        raise DatasetError(f"{dataset.ann_file}: none of its {len(dataset.records)} images could be read, nothing "
+                           "to score (data.skip_bad_images skipped them all)")
+    if skipped:
+        logger.warning("scoring %d of the %d images: %d could not be read", len(image_ids), len(dataset.records),
+                       len(skipped))
     out = io.StringIO()
     with contextlib.redirect_stdout(out):  # pycocotools prints its tables
         if results:
@@ -67,7 +78,7 @@ def coco_metrics(dataset: CocoDetection, results: list[dict]) -> dict[str, dict[
                                "categories": dataset.coco.dataset["categories"], "annotations": []}
             coco_dt.createIndex()
         coco_eval = COCOeval(dataset.coco, coco_dt, "bbox")
-        coco_eval.params.imgIds = [r["image_id"] for r in dataset.records]
+        coco_eval.params.imgIds = image_ids
         coco_eval.evaluate()
         coco_eval.accumulate()
         coco_eval.summarize()
@@ -105,9 +116,10 @@ def evaluate(
     was_training = model.training
     model.eval()
     bad_images = BadImageLog(logger)
-    results = []
+    results, skipped = [], []
     for batch in tqdm(loader, desc="eval", disable=not is_main_process(), dynamic_ncols=True, leave=False):
         bad_images.update(batch["skipped"])
+        skipped += [item.image_id for item in batch["skipped"]]
         if batch["images"] is None:
             continue
         with autocast(device, cfg.solver.amp):
@@ -131,10 +143,11 @@ def evaluate(
                     }
                 )
     model.train(was_training)
-    gathered = [r for part in all_gather_objects(results) for r in part]
+    parts = all_gather_objects((results, skipped))
     if not is_main_process():
         return {}
-    metrics = coco_metrics(dataset, gathered)
+    gathered = [r for part, _ in parts for r in part]
+    metrics = coco_metrics(dataset, gathered, {i for _, ids in parts for i in ids})
     if output_dir is not None:
         write_json(output_dir / "coco_instances_results.json", gathered)
         write_json(output_dir / "metrics.json", metrics)

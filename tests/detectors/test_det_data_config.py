@@ -814,6 +814,21 @@ def test_evaluation_restores_training_mode_and_reports_skipped_images(tmp_path, 
     assert f"skipping image {image_dir / 'b.png'}: file not found (1 skipped so far)" in caplog.text
 
 
+def test_images_that_could_not_be_read_are_left_out_of_the_score(tmp_path, caplog):
+    """b.png (category 3's only box) is missing and skipped: a.png's box detected exactly scores AP50 100 over the
+    images that were read, not 50 with b's box counted as a miss; with no image read there is nothing to score."""
+    image_dir, ann_file = _write_set(tmp_path, images=("a.png",))
+    test_set = CocoDetection(image_dir, ann_file, TRANSFORM, skip_bad_images=True)
+    model = _FixedDetector(test_set, 1, box=[2.0, 2.0, 12.0, 10.0])
+    with caplog.at_level(logging.WARNING):
+        metrics = evaluate(model, test_set, _eval_config(), torch.device("cpu"), None)
+    assert metrics["bbox"]["AP50"] == pytest.approx(100.0)
+    assert "scoring 1 of the 2 images: 1 could not be read" in caplog.text
+    (image_dir / "a.png").unlink()
+    with pytest.raises(DatasetError, match=f"{ann_file}: none of its 2 images could be read"):
+        evaluate(model, test_set, _eval_config(), torch.device("cpu"), None)
+
+
 def test_the_bad_image_count_is_of_all_batches(caplog):
     log = BadImageLog(logging.getLogger("test.bad_images"))
     with caplog.at_level(logging.WARNING):
