@@ -369,13 +369,19 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _quarter_turn(img: Image.Image) -> int | None:
+    """The EXIF orientation of img where it turns the image a quarter (5 to 8: width and height swap upright)."""
+    orientation = img.getexif().get(0x0112, 1)
+    return orientation if orientation in (5, 6, 7, 8) else None
+
+
 def _upright_size(path: Path) -> tuple[int, int] | None:
     """(width, height) of the image at path as `read_rgb_image` reads it (EXIF orientations 5 to 8 turn it a
     quarter), from its header alone; None when it cannot be opened (reading it later reports why)."""
     try:
         with Image.open(path) as img:
             width, height = img.size
-            turned = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+            turned = _quarter_turn(img)
     except (OSError, ValueError, Image.DecompressionBombError):
         return None
     return (height, width) if turned else (width, height)
@@ -388,11 +394,16 @@ def read_rgb_image(path: Path, width: int | None = None, height: int | None = No
     no 8-bit reading or is not that size (or more pixels than Pillow's decompression-bomb guard allows)."""
     try:
         with Image.open(path) as img:
+            turned = _quarter_turn(img)
             image = _to_rgb(ImageOps.exif_transpose(img))
     except Image.DecompressionBombError as exc:  # neither an OSError nor a ValueError
         raise ValueError(str(exc)) from None
     if (width is not None and width != image.width) or (height is not None and height != image.height):
-        raise _SizeMismatch(f"its pixels are {image.width}x{image.height}, the annotation file says {width}x{height}")
+        # An annotation tool that ignored the orientation gives the stored size, which a viewer does not show.
+        upright = (f" (upright by its EXIF orientation {turned}; {image.height}x{image.width} as stored)"
+                   if turned else "")
+        raise _SizeMismatch(f"its pixels are {image.width}x{image.height}{upright}, the annotation file says "
+                            f"{width}x{height}")
     return image
 
 

@@ -592,6 +592,19 @@ def test_exif_orientation_is_applied(tmp_path):
     assert image[0, :, 0].min() > image[2, :, 0].max()  # red on the left
 
 
+def test_a_size_mismatch_of_an_exif_turned_image_says_so(tmp_path):
+    """An annotation tool that ignored EXIF orientation 6 gives the stored 20 x 40, which no viewer shows: the error
+    names the orientation and the stored size beside the upright one."""
+    image_dir, ann_file = _write_set(tmp_path)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (40, 20)).save(image_dir / "a.png", exif=exif)
+    with pytest.raises(ImageLoadError, match=re.escape(
+            "a.png: its pixels are 20x40 (upright by its EXIF orientation 6; 40x20 as stored), the annotation file "
+            "says 40x20")):
+        CocoDetection(image_dir, ann_file, TRANSFORM)[0]
+
+
 def test_image_entries_without_a_size_take_the_files(tmp_path):
     """A hand-made file without width/height: boxes are clipped to the image as read (upright, EXIF turned) and
     the aspect groups are right; before, boxes stayed outside and every image counted as landscape."""
