@@ -67,7 +67,8 @@ def resolve_dataset(spec: DatasetConfig, shapes: ShapesConfig) -> tuple[Path, Pa
     """The images folder and annotation file of a dataset spec, checked to exist.
 
     ``coco_2017_{train,val}`` resolve under ``$DYHEAD_DATASETS``; ``shapes_{train,val}`` are generated on
-    first use; any other name needs ``image_dir`` and ``ann_file``. Explicit paths always win.
+    first use; any other name needs ``image_dir`` and ``ann_file``. Explicit paths always win (the shapes set
+    takes both or neither).
     """
     layout = ""
     if spec.name in ("coco_2017_train", "coco_2017_val"):
@@ -77,6 +78,10 @@ def resolve_dataset(spec: DatasetConfig, shapes: ShapesConfig) -> tuple[Path, Pa
         ann_file = Path(spec.ann_file or root / "annotations" / f"instances_{split}2017.json")
         layout = "\n" + COCO_LAYOUT
     elif spec.name in ("shapes_train", "shapes_val") and not (spec.image_dir and spec.ann_file):
+        if spec.image_dir or spec.ann_file:  # the generated files are each other's: one path alone cannot win
+            given = "ann_file" if spec.ann_file else "image_dir"
+            raise DatasetError(f"dataset {spec.name!r} is given only its {given}; give both image_dir and ann_file, or "
+                               "neither for the generated shapes set")
         folder = ensure_shapes(shapes)
         split = spec.name.split("_")[-1]
         image_dir, ann_file = folder / split, folder / "annotations" / f"instances_{split}.json"

@@ -74,6 +74,15 @@ def test_a_folder_given_as_the_annotation_file_and_a_file_as_the_images_folder_a
         resolve_dataset(DatasetConfig(name="mine", image_dir=str(ann_file), ann_file=str(ann_file)), ShapesConfig())
 
 
+@pytest.mark.parametrize("given", ["image_dir", "ann_file"])
+def test_a_shapes_split_given_one_path_is_an_error_not_ignored(tmp_path, given):
+    """The generated set's images and annotations go together: one explicit path was silently dropped for them."""
+    spec = DatasetConfig(name="shapes_val", **{given: str(tmp_path)})
+    with pytest.raises(DatasetError, match=f"'shapes_val' is given only its {given}; give both"):
+        resolve_dataset(spec, ShapesConfig(root=str(tmp_path / "shapes"), num_train=1, num_val=1))
+    assert not (tmp_path / "shapes").exists()
+
+
 def test_named_datasets_resolve_to_their_own_split(tmp_path, monkeypatch):
     monkeypatch.setenv("DYHEAD_DATASETS", str(tmp_path))
     coco = tmp_path / "coco"
