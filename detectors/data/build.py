@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import signal
 from functools import partial
 
@@ -33,9 +35,25 @@ def _ignore_stop_signals(worker_id: int) -> None:
     """A DataLoader worker leaves SIGINT/SIGTERM to the main process, which stops training with a checkpoint
     (`engine.stop`). Ctrl-C, ``timeout`` and cluster schedulers signal the whole process group: a worker that
     died of it would make the main process fail at its next batch, before it could save. Workers still exit
-    when the main process does."""
+    when the main process does (`_kill_loader_workers`)."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
+
+
+def _kill_loader_workers() -> None:
+    """Kills the daemonic children (loader workers) still alive when the main process exits. multiprocessing's own
+    exit handler ends them with SIGTERM, which they ignore, and then waits for them: forever, where an error left a
+    loader's iterator alive (its traceback's frames hold it), as a bad image in a worker did. torch's SIGCHLD
+    handler, which reports a worker that died of a signal as a failure, is let go first: the process is done."""
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    if workers:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for worker in workers:
+        worker.kill()
+
+
+# Registered after multiprocessing's handler (imported with torch), so run before it: atexit runs the last first.
+atexit.register(_kill_loader_workers)
 
 
 def _loader(cfg: Config, dataset: CocoDetection, batch_sampler) -> DataLoader:

@@ -2,9 +2,13 @@
 
 import json
 import logging
+import os
 import pickle
 import re
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -957,6 +961,34 @@ def test_the_train_loader_leaves_the_global_rng_alone_and_its_workers_ignore_sto
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+_WORKER_ERROR_SCRIPT = """
+from torch.utils.data import DataLoader
+from detectors.data.build import _ignore_stop_signals
+
+class Bad:
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        raise ValueError("bad item")
+
+try:
+    next(iter(DataLoader(Bad(), num_workers=1, worker_init_fn=_ignore_stop_signals)))
+except ValueError:
+    pass
+"""
+
+
+def test_a_process_whose_loader_worker_failed_exits(tmp_path):
+    """An error in a worker leaves the loader's iterator alive in its traceback's frames until the process exits,
+    where multiprocessing's SIGTERM, which the workers ignore, left the exit waiting for them forever."""
+    script = tmp_path / "worker_error.py"
+    script.write_text(_WORKER_ERROR_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}  # this checkout's detectors
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr  # nor torch's worker-killed error
 
 
 def test_the_shapes_cache_folder_is_named_by_the_parameters_and_the_generator_version(tmp_path, monkeypatch):
