@@ -337,6 +337,16 @@ def _interrupted(args: argparse.Namespace) -> str:
     return f"dyhead train: interrupted by SIGINT; --resume continues from {checkpoint}"
 
 
+def _message(exc: Exception) -> str:
+    """exc's message. An error raised in a DataLoader worker comes back to the main process as one of its type whose
+    message is the worker's whole traceback, which ends in the error's own line: that line is the message."""
+    text = str(exc)
+    own_line = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    if text.startswith(f"Caught {type(exc).__name__} in DataLoader worker") and own_line in text:
+        return text.rsplit(own_line, 1)[1].rstrip("\n")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs ``dyhead``; returns the exit status (2 for configuration and data errors, reported in one line;
     128 + the signal's number for a training stopped by SIGINT/SIGTERM, after its checkpoint; 130 for any
@@ -371,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _predict(cfg, args)
     except (ConfigError, CheckpointError, DatasetError, ImageLoadError, FileNotFoundError) as exc:
-        sys.stderr.write(f"dyhead {args.command}: error: {exc}\n")
+        sys.stderr.write(f"dyhead {args.command}: error: {_message(exc)}\n")
         return 2
     except KeyboardInterrupt:
         # Where the training loop's own handler is not installed (eval, predict, convert, train's setup and final

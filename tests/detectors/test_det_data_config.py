@@ -991,6 +991,25 @@ def test_a_process_whose_loader_worker_failed_exits(tmp_path):
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr  # nor torch's worker-killed error
 
 
+def test_an_image_error_from_a_loader_worker_is_one_line_from_the_cli(tmp_path, capsys, monkeypatch):
+    """torch raises a worker's error again in the main process with the worker's traceback as its message; dyhead
+    prints the error's own line, as with data.num_workers=0."""
+    from torch._utils import ExceptionWrapper
+
+    import detectors.cli as cli
+
+    def eval_in_a_worker(cfg, args):
+        try:
+            raise ImageLoadError("image b.png: file not found")
+        except ImageLoadError:
+            ExceptionWrapper(where="in DataLoader worker process 0").reraise()
+
+    monkeypatch.setattr(cli, "_eval", eval_in_a_worker)
+    config = Path(__file__).resolve().parents[2] / "configs" / "shapes_tiny.yaml"
+    code = cli.main(["eval", "--config", str(config), "--weights", "w.pth", "--output-dir", str(tmp_path / "out")])
+    assert (code, capsys.readouterr().err) == (2, "dyhead eval: error: image b.png: file not found\n")
+
+
 def test_the_shapes_cache_folder_is_named_by_the_parameters_and_the_generator_version(tmp_path, monkeypatch):
     """Same parameters, same folder (whatever the root); another parameter or generator version, another folder: a
     set from an older generator must not be reused."""
