@@ -215,18 +215,20 @@ def test_missing_and_corrupt_images(tmp_path):
 
 def test_an_image_past_pillows_pixel_limit_is_a_bad_image(tmp_path, monkeypatch):
     """Pillow refuses an image of more than twice Image.MAX_IMAGE_PIXELS (a decompression bomb) with an error that
-    is neither OSError nor ValueError: named as a bad image (or skipped), also where the entry gives no size, not
-    its traceback. A limit of 10 pixels stands for the real 179 million."""
+    is neither OSError nor ValueError: named as a bad image (or skipped), also where the entry gives no size (then
+    left unknown), not its traceback. A limit of 10 pixels stands for the real 179 million."""
     image_dir, ann_file = _write_set(tmp_path)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
     with pytest.raises(ValueError, match="exceeds limit of 20 pixels"):
         read_rgb_image(image_dir / "a.png")
     with pytest.raises(ImageLoadError, match="a.png: cannot decode .*exceeds limit"):
         CocoDetection(image_dir, ann_file, TRANSFORM)[0]
+    assert isinstance(CocoDetection(image_dir, ann_file, TRANSFORM, skip_bad_images=True)[0], SkippedImage)
     data = json.loads(ann_file.read_text())
     for entry in data["images"]:
         del entry["width"], entry["height"]
     ann_file.write_text(json.dumps(data))
+    assert [r["width"] for r in CocoDetection(image_dir, ann_file, TRANSFORM).records] == [None, None]
     assert isinstance(CocoDetection(image_dir, ann_file, TRANSFORM, skip_bad_images=True)[1], SkippedImage)
 
 
