@@ -10,7 +10,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from dyhead.official import read_checkpoint
+from dyhead.official import official_tower_name, read_checkpoint
 
 __all__ = ["CheckpointError", "rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint", "last_checkpoint",
            "forget_last_checkpoint", "load_model_weights", "load_matching_state", "write_atomically"]
@@ -92,7 +92,8 @@ def last_checkpoint(output_dir: Path) -> Path | None:
         raise FileNotFoundError(f"{pointer} is empty: it names no checkpoint")
     path = output_dir / name
     if not path.is_file():
-        raise FileNotFoundError(f"{pointer} names {path}, which {'is a folder' if path.is_dir() else 'does not exist'}")
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"{pointer} names {path}, which {what}")
     return path
 
 
@@ -154,8 +155,21 @@ def load_matching_state(model: torch.nn.Module, state: dict[str, torch.Tensor], 
 
 
 def load_model_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Model weights and metadata from a training checkpoint, or from a bare state dict (empty metadata)."""
+    """Model weights and metadata from a training checkpoint, or from a bare state dict (empty metadata).
+
+    Raises:
+        CheckpointError: the file is not a detector's weights in this library's names, but a DyHead neck's alone
+            or a release checkpoint not yet converted (the error says how to convert it), or as `load_checkpoint`.
+    """
     state = load_checkpoint(path)
+    meta = {}
     if "model" in state and isinstance(state["model"], dict):
-        return state["model"], state.get("meta", {})
-    return state, {}
+        state, meta = state["model"], state.get("meta", {})
+    # Either would otherwise be reported as hundreds of missing and unexpected tensors.
+    convert = "convert the release's detector checkpoint with `dyhead convert --detector RELEASE OUT --config CONFIG`"
+    if state and all(str(key).startswith("blocks.") for key in state):
+        raise CheckpointError(f"{path} holds a DyHead neck's weights alone (what `dyhead convert` writes without "
+                              f"--detector), not a detector's: {convert}")
+    if any(official_tower_name(str(key)) for key in state):
+        raise CheckpointError(f"{path} is a microsoft/DynamicHead checkpoint in the release's names: {convert}")
+    return state, meta

@@ -16,7 +16,9 @@ from detectors.backbones import build_backbone, prepare_backbone_weights
 from detectors.build import build_detector
 from detectors.cli import _load_model, main
 from detectors.config import BackboneConfig, ConfigError, load_config
-from detectors.engine.checkpoint import CheckpointError, load_checkpoint, load_matching_state, save_checkpoint
+from detectors.engine.checkpoint import (CheckpointError, load_checkpoint, load_matching_state, load_model_weights,
+                                        save_checkpoint)
+from dyhead import DyHead
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "shapes_tiny.yaml"
 
@@ -56,6 +58,24 @@ def test_a_folder_names_its_last_checkpoint(tmp_path):
         load_checkpoint(tmp_path)
     assert str(error.value) == (f"checkpoint {tmp_path} is a folder, not a file; "
                                 f"its last checkpoint is {tmp_path / 'model_0000004.pth'}")
+
+
+def test_weights_to_convert_first_say_how(tmp_path):
+    """A DyHead neck's state dict (what `dyhead convert` writes without --detector) and a release checkpoint in its
+    own names are not a detector's weights: the error says to convert with --detector, where it listed hundreds of
+    missing and unexpected tensors."""
+    neck = tmp_path / "neck.pth"
+    torch.save(DyHead(16, 16, 1).state_dict(), neck)
+    release = tmp_path / "release.pth"
+    torch.save({"model": {"backbone.bottom_up.stem.conv1.weight": torch.zeros(1),
+                          "backbone.dyhead_tower.0.DyConv.1.conv.weight": torch.zeros(1)}}, release)
+    for path, what in ((neck, "holds a DyHead neck's weights alone"),
+                       (release, "is a microsoft/DynamicHead checkpoint")):
+        with pytest.raises(CheckpointError, match=f"^{path} {what}.*`dyhead convert --detector RELEASE OUT --config"):
+            load_model_weights(path)
+    ours = tmp_path / "ours.pth"
+    torch.save({"model": {"neck.blocks.0.spatial.offset.weight": torch.zeros(1)}, "meta": {"num_classes": 3}}, ours)
+    assert load_model_weights(ours)[1] == {"num_classes": 3}
 
 
 def test_a_good_checkpoint_round_trips(tmp_path):
