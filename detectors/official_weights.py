@@ -119,7 +119,8 @@ class ReleaseDetector(NamedTuple):
 def release_kind(keys) -> tuple[str, str]:
     """(architecture, backbone kind) of a release state dict, from its key names.
 
-    Raises ValueError when the keys are not those of a microsoft/DynamicHead detector.
+    Raises ValueError when the keys are not those of a microsoft/DynamicHead detector (a head and its DyHead
+    tower).
     """
     keys = list(keys)
     if any(k.startswith(("proposal_generator.", "roi_heads.")) for k in keys):
@@ -132,6 +133,13 @@ def release_kind(keys) -> tuple[str, str]:
         raise ValueError(
             "not a microsoft/DynamicHead detector: no ATSS (head.centerness), RetinaNet (head.cls_score) or "
             f"Faster R-CNN (proposal_generator, roi_heads) keys among {_listed([repr(k) for k in keys], 5)}"
+        )
+    if not any(official_tower_name(k) for k in keys):  # a head's names alone match this library's own too
+        ours = any(k.startswith("neck.blocks.") for k in keys)
+        raise ValueError(
+            "not a microsoft/DynamicHead detector: no DyHead tower (backbone.dyhead_tower.N) among its keys"
+            + ("; its names are this library's (a `dyhead train` checkpoint?), which eval and predict read as they are"
+               if ours else "")
         )
     backbone = "swin" if any(k.startswith(_BOTTOM_UP + "patch_embed.") for k in keys) else "resnet"
     return architecture, backbone

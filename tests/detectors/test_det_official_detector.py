@@ -160,7 +160,8 @@ def test_cli_round_trip_loads_for_eval(release_file, tmp_path, monkeypatch, capl
 
 def test_cli_rejects_another_detector_or_no_detector(tmp_path, capsys):
     src, out = tmp_path / "retinanet.pth", tmp_path / "out.pth"
-    torch.save({"model": {"head.cls_score.weight": torch.zeros(720, 256, 3, 3)}}, src)
+    torch.save({"model": {"head.cls_score.weight": torch.zeros(720, 256, 3, 3),
+                          "backbone.dyhead_tower.0.offset.weight": torch.zeros(27, 256, 3, 3)}}, src)
     assert main(["convert", "--detector", str(src), str(out)]) == 2
     err = capsys.readouterr().err
     assert "retinanet.pth" in err and "retinanet" in err.split("retinanet.pth")[1]
@@ -171,6 +172,19 @@ def test_cli_rejects_another_detector_or_no_detector(tmp_path, capsys):
     assert "not a microsoft/DynamicHead detector" in capsys.readouterr().err and not out.exists()
     assert main(["convert", str(src), str(out), "--config", str(CONFIG)]) == 2
     assert "--detector only" in capsys.readouterr().err
+
+
+def test_cli_names_a_checkpoint_of_this_library(tmp_path, capsys):
+    """A `dyhead train` checkpoint has an ATSS head's names too: it is named as this library's, which needs no
+    converting, where the converter reported every tensor as an official key without a counterpart."""
+    src = tmp_path / "model_final.pth"
+    model = build_detector(load_config(CONFIG.parent / "shapes_tiny.yaml", ["model.dyhead_blocks=1"]).model, 3)
+    torch.save({"model": model.state_dict(), "iteration": 2}, src)
+    assert main(["convert", "--detector", str(src), str(tmp_path / "out.pth")]) == 2
+    assert capsys.readouterr().err == (
+        f"dyhead convert: error: {src}: not a microsoft/DynamicHead detector: no DyHead tower "
+        "(backbone.dyhead_tower.N) among its keys; its names are this library's (a `dyhead train` checkpoint?), "
+        "which eval and predict read as they are\n")
 
 
 def test_cli_names_the_config_that_fits_for_a_config_of_the_slim_backbone(release_file, tmp_path, capsys):
