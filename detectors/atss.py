@@ -162,7 +162,7 @@ class ATSSHead(nn.Module):
         per_level = [a.shape[0] for a in anchors]
         cls_targets, pos_anchor, pos_box, pos_img, pos_idx = [], [], [], [], []
         for i, target in enumerate(targets):
-            boxes, labels = target["boxes"], target["labels"]
+            boxes, labels = target["boxes"].float(), target["labels"]
             crowd = target.get("iscrowd")
             if crowd is not None:
                 keep = ~crowd.bool()

@@ -56,6 +56,17 @@ def test_losses_on_known_case():
     torch.testing.assert_close(losses["loss_centerness"], torch.tensor(LN2))
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_boxes_of_any_floating_dtype_give_the_float32_losses(dtype):
+    """Half or double boxes (the detectors take any floating dtype, as RetinaNet and Faster R-CNN did) are read as
+    float32, where the assigner's distance failed on a dtype other than the anchors'."""
+    box, labels = torch.tensor([[1.0, 1.0, 9.0, 9.0]]), torch.tensor([1])
+    want = _head().compute_loss(_outputs(), ANCHORS, [{"boxes": box, "labels": labels}])
+    got = _head().compute_loss(_outputs(), ANCHORS, [{"boxes": box.to(dtype), "labels": labels}])
+    for name in want:
+        torch.testing.assert_close(got[name], want[name])
+
 def test_exact_box_prediction_has_zero_box_loss():
     head = _head()
     box = torch.tensor([[1.0, 1.0, 9.0, 9.0]])
