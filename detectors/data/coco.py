@@ -227,7 +227,8 @@ class CocoDetection(Dataset):
     """A COCO-format detection dataset.
 
     Boxes are converted to x1,y1,x2,y2 and clipped to the image; boxes with no area after clipping are
-    dropped and counted (``num_degenerate``). Category ids map to contiguous labels ``0..K-1`` in id order.
+    dropped and counted (``num_degenerate``); one that float32 rounding closes (narrower than about 1e-4 pixel) is
+    dropped from the item. Category ids map to contiguous labels ``0..K-1`` in id order.
 
     Items are addressed by an index or, in training, by ``(index, seed)`` where ``seed`` is a tuple of ints
     seeding the random augmentation, so that results depend on neither worker count nor resumption.
@@ -337,10 +338,14 @@ class CocoDetection(Dataset):
         rng = None if seed is None else np.random.default_rng(list(seed))
         orig_size = (image.height, image.width)
         pixels, boxes = self.transform(image, torch.from_numpy(record["boxes"]), rng)
+        # A box narrower than float32's step at its coordinates (about 1e-4 pixel at 1000), kept in float64, closes
+        # in float32, the resize or the flip, and the detectors refuse boxes without area (detectron2's mapper drops
+        # them after its transforms too).
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         target = {
-            "boxes": boxes,
-            "labels": torch.from_numpy(record["labels"]),
-            "iscrowd": torch.from_numpy(record["iscrowd"]),
+            "boxes": boxes[keep],
+            "labels": torch.from_numpy(record["labels"])[keep],
+            "iscrowd": torch.from_numpy(record["iscrowd"])[keep],
             "image_id": record["image_id"],
             "orig_size": orig_size,
             "size": tuple(pixels.shape[1:]),

@@ -141,6 +141,21 @@ def test_labels_are_contiguous_and_degenerate_boxes_counted(tmp_path):
     assert target["orig_size"] == (20, 40)
 
 
+
+@pytest.mark.parametrize("flip_prob", [0.0, 1.0])
+def test_a_box_that_float32_closes_is_dropped_from_the_item(tmp_path, flip_prob):
+    """A box 1e-7 pixel wide has an area in the annotation check's float64 and none in float32: the item leaves it
+    out, with its label and crowd flag, so that no box without area reaches the detector (which refuses it)."""
+    annotations = [{"id": 1, "image_id": 1, "bbox": [30, 2, 1e-7, 5], "category_id": 3, "iscrowd": 1},
+                   {"id": 2, "image_id": 1, "bbox": [2, 2, 10, 8], "category_id": 7, "iscrowd": 0}]
+    image_dir, ann_file = _write_set(tmp_path, annotations)
+    transform = DetectionTransform([32], 64, flip_prob, "RGB", [0.0, 0.0, 0.0], [1.0, 1.0, 1.0])
+    dataset = CocoDetection(image_dir, ann_file, transform)
+    assert dataset.num_degenerate == 0 and len(dataset.records[0]["boxes"]) == 2
+    _, target = dataset[(0, (1,))]
+    assert target["labels"].tolist() == [1] and target["iscrowd"].tolist() == [False]
+    assert len(target["boxes"]) == 1 and bool((target["boxes"][:, 2:] > target["boxes"][:, :2]).all())
+
 def test_boxes_are_clipped_at_the_top_and_left_too(tmp_path):
     image_dir, ann_file = _write_set(tmp_path, [{"id": 1, "image_id": 1, "bbox": [-5, -3, 15, 10], "category_id": 7}])
     dataset = CocoDetection(image_dir, ann_file, TRANSFORM)
