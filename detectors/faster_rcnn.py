@@ -36,6 +36,7 @@ from dyhead import TaskAttention
 
 from .config import ConfigError, ModelConfig
 from .detections import rescale_detections
+from .inputs import check_detector_inputs
 from .pyramid import PYRAMID_STRIDES, build_fpn_dyhead
 
 __all__ = [
@@ -277,10 +278,10 @@ class FasterRCNN(nn.Module):
         stride), each level then exactly half the previous one; other sizes make each level ceil(previous / 2),
         which the neck accepts and the anchors and pooler, on fixed strides, stay aligned with. ``image_sizes``
         each image's ``(h, w)`` before padding; ``targets`` (training only) as ``torchvision_targets`` takes them;
-        ``original_sizes`` (eval only) the ``(h, w)`` to rescale the boxes to.
+        ``original_sizes`` (eval only) the ``(h, w)`` to rescale the boxes to. A bad argument is a TypeError or
+        ValueError from ``check_detector_inputs``, named with the image at fault.
         """
-        if self.training and targets is None:
-            raise ValueError("targets are required in training mode")
+        check_detector_inputs(images, image_sizes, targets, original_sizes, self.num_classes, self.training)
         features = self.neck(self.fpn(self.backbone(images)))
         batch = ImageList(images, [(int(h), int(w)) for h, w in image_sizes])
         shifted = torchvision_targets(targets) if self.training else None

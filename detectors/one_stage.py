@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from .detections import rescale_detections
+from .inputs import check_detector_inputs
 
 __all__ = ["OneStageDetector"]
 
@@ -66,9 +67,11 @@ class OneStageDetector(nn.Module):
             image_sizes: ``(h, w)`` of each image's content before padding.
             targets: training only; see the head's ``compute_loss``.
             original_sizes: eval only; ``(h, w)`` to rescale the boxes to.
+
+        Raises:
+            TypeError, ValueError: an argument ``check_detector_inputs`` refuses, named with the image at fault.
         """
-        if self.training and targets is None:
-            raise ValueError("targets are required in training mode")
+        check_detector_inputs(images, image_sizes, targets, original_sizes, self.num_classes, self.training)
         features = list(self.neck(self.fpn(self.backbone(images))).values())
         outputs = self.head(features)
         anchors = self.make_anchors([tuple(f.shape[-2:]) for f in features], images.device)
