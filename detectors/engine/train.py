@@ -138,16 +138,37 @@ def _data_order(cfg: Config) -> dict[str, int]:
     return {"seed": cfg.seed, "world_size": get_world_size()}
 
 
+class _LogWindow:
+    """The loss sums and iterations since the last metrics record, and their seconds of training."""
+
+    def __init__(self, sums: dict[str, torch.Tensor] | None = None, iterations: int = 0, seconds: float = 0.0):
+        self.sums, self.iterations = sums or {}, iterations
+        self.start = time.perf_counter() - seconds
+
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
+        for name, value in losses.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value.detach()  # no host sync until the next record
+        self.iterations += 1
+
+    def state(self) -> dict:
+        return {"sums": {k: v.cpu() for k, v in self.sums.items()}, "iterations": self.iterations,
+                "seconds": time.perf_counter() - self.start}
+
+
 def _checkpoint_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, iteration: int, cfg: Config, meta: dict
+    model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, iteration: int, cfg: Config, meta: dict,
+    window: _LogWindow,
 ) -> dict:
-    """Everything a bit-identical resume needs; the RNG states of all processes are gathered (collective)."""
+    """Everything a bit-identical resume needs; the RNG states and log windows of all processes are gathered
+    (collective). With the window, a run stopped between two metrics records still gives the next one the mean
+    over all of its iterations."""
     return {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "iteration": iteration,
         "rng": all_gather_objects(rng_state()),
+        "log_window": all_gather_objects(window.state()),
         "data": _data_order(cfg),
         "solver": {k: getattr(cfg.solver, k) for k in _STATE_SHAPING},
         "meta": meta,
@@ -155,9 +176,9 @@ def _checkpoint_state(
 
 
 def _save(output_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, done: int, cfg: Config,
-          meta: dict) -> Path:
+          meta: dict, window: _LogWindow) -> Path:
     """Writes the checkpoint of iteration ``done`` from the main process (every process takes part); its path."""
-    state = _checkpoint_state(_unwrap(model), optimizer, scheduler, done, cfg, meta)
+    state = _checkpoint_state(_unwrap(model), optimizer, scheduler, done, cfg, meta, window)
     name = FINAL_CHECKPOINT if done == cfg.solver.max_iter else f"model_{done:07d}.pth"
     if is_main_process():
         save_checkpoint(output_dir, name, state)
@@ -224,6 +245,16 @@ def _resume(found: tuple[Path, dict] | None, model: nn.Module, optimizer: torch.
     set_rng_state(state["rng"][get_rank()])
     logger.info("resumed from %s at iteration %d", checkpoint, state["iteration"])
     return state["iteration"]
+
+
+def _resumed_window(found: tuple[Path, dict] | None, device: torch.device) -> _LogWindow:
+    """This process's log window in `_resume_checkpoint`'s checkpoint; an empty one when there is none, or for a
+    checkpoint written before windows were kept."""
+    windows = found[1].get("log_window") if found is not None else None
+    if windows is None:
+        return _LogWindow()
+    window = windows[get_rank()]
+    return _LogWindow({k: v.to(device) for k, v in window["sums"].items()}, window["iterations"], window["seconds"])
 
 
 def train(cfg: Config, output_dir: Path, resume: bool = False) -> dict:
@@ -293,8 +324,7 @@ def train(cfg: Config, output_dir: Path, resume: bool = False) -> dict:
     progress = tqdm(
         total=solver.max_iter, initial=start_iter, disable=not main, dynamic_ncols=True, desc="train"
     )
-    running: dict[str, torch.Tensor] = {}
-    window_start, window_iters = time.perf_counter(), 0
+    window = _resumed_window(resumed, device)
     batches = iter(loader)
     with StopSignals() as stop:
         for iteration in range(start_iter, solver.max_iter):
@@ -315,17 +345,16 @@ def train(cfg: Config, output_dir: Path, resume: bool = False) -> dict:
             lr = optimizer.param_groups[0]["lr"]  # the one this iteration trained with, logged (as detectron2 does)
             scheduler.step()
 
-            for name, value in losses.items():
-                running[name] = running.get(name, 0.0) + value.detach()  # no host sync until the next log line
-            window_iters += 1
+            window.add(losses)
             done = iteration + 1
             progress.update(1)
             if done % solver.log_period == 0 or done == solver.max_iter:
-                stats = torch.stack([running[k] / window_iters for k in sorted(running)])
+                names = sorted(window.sums)
+                stats = torch.stack([window.sums[k] / window.iterations for k in names])
                 stats = (sum_across_processes(stats) / get_world_size()).tolist()
-                record = dict(zip(sorted(running), stats))
+                record = dict(zip(names, stats))
                 record["loss"] = sum(stats)
-                seconds = (time.perf_counter() - window_start) / window_iters
+                seconds = (time.perf_counter() - window.start) / window.iterations
                 record.update(iter=done, lr=lr, time=seconds)
                 progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2g}")
                 if main:
@@ -334,20 +363,20 @@ def train(cfg: Config, output_dir: Path, resume: bool = False) -> dict:
                     logger.info(
                         "iter %d/%d  loss %.4f (%s)  lr %.3g  %.3fs/it  eta %s",
                         done, solver.max_iter, record["loss"],
-                        ", ".join(f"{k} {record[k]:.3f}" for k in sorted(running)),
+                        ", ".join(f"{k} {record[k]:.3f}" for k in names),
                         record["lr"], seconds, time.strftime("%H:%M:%S", time.gmtime(eta)),
                     )
-                running, window_start, window_iters = {}, time.perf_counter(), 0
+                window = _LogWindow()
             saved = None
             if done % solver.checkpoint_period == 0 or done == solver.max_iter:
-                saved = _save(output_dir, model, optimizer, scheduler, done, cfg, meta)
+                saved = _save(output_dir, model, optimizer, scheduler, done, cfg, meta, window)
             if solver.eval_period > 0 and done % solver.eval_period == 0 and done < solver.max_iter:
                 metrics = evaluate(_evaluation_model(model), test_set, cfg, device, None, train_set.category_ids)
                 if main:
                     metrics_log.write({"iter": done, **metrics})
             signum = stop.requested(device)
             if signum is not None:
-                saved = saved or _save(output_dir, model, optimizer, scheduler, done, cfg, meta)
+                saved = saved or _save(output_dir, model, optimizer, scheduler, done, cfg, meta, window)
                 progress.close()
                 logger.warning("stopped after iteration %d/%d; %s holds it: continue with --resume", done,
                                solver.max_iter, saved)

@@ -181,13 +181,19 @@ def test_cli_reports_config_errors(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_sigterm_stops_after_the_iteration_with_a_checkpoint_and_resume_is_bit_identical(tmp_path, monkeypatch):
+    """Stopped after iteration 3 of 6, between the metrics records of iterations 2 and 4: the resumed run ends with
+    the same weights and the same records, the one of iteration 4 still the mean over iterations 3 and 4."""
     data = tmp_path / "data"
-    train(load_config(CONFIG, _tiny_overrides(data, 6)), tmp_path / "straight")
+
+    def cfg():
+        return load_config(CONFIG, _tiny_overrides(data, 6) + ["solver.log_period=2"])
+
+    train(cfg(), tmp_path / "straight")
     before = signal.getsignal(signal.SIGTERM)
     with monkeypatch.context() as patch:
         patch.setattr(engine, "build_detector", signalling_builder(3))
         with pytest.raises(TrainingInterrupted) as stopped:
-            train(load_config(CONFIG, _tiny_overrides(data, 6)), tmp_path / "resumed")
+            train(cfg(), tmp_path / "resumed")
     assert (stopped.value.iteration, stopped.value.signum) == (3, signal.SIGTERM)
     assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
     out = tmp_path / "resumed"
@@ -196,11 +202,18 @@ def test_sigterm_stops_after_the_iteration_with_a_checkpoint_and_resume_is_bit_i
     assert load_checkpoint(out / "model_0000003.pth")["iteration"] == 3
     assert not (out / "metrics.json").exists()  # no final evaluation
 
-    train(load_config(CONFIG, _tiny_overrides(data, 6)), out, resume=True)
+    train(cfg(), out, resume=True)
     a = load_checkpoint(tmp_path / "straight" / "model_final.pth")["model"]
     b = load_checkpoint(out / "model_final.pth")["model"]
     for name, tensor in a.items():
         assert torch.equal(tensor, b[name]), name
+
+    def records(run):  # without the seconds per iteration
+        return [{k: v for k, v in json.loads(line).items() if k != "time"}
+                for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    assert [r["iter"] for r in records("straight")] == [2, 4, 6, 6]
+    assert records("resumed") == records("straight")
 
 
 @pytest.fixture
