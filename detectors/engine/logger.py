@@ -62,6 +62,7 @@ class MetricsWriter:
 
     def __init__(self, path: Path, resume_from: int | None = None, redo_evaluation: bool = False):
         self.path = path
+        self.evaluated: set[int] = set()  # the iterations of the evaluation records kept
         if resume_from is not None and path.is_file():
             kept, broken = [], 0
             for line in path.read_text().splitlines():
@@ -75,6 +76,8 @@ class MetricsWriter:
                 at = record.get("iter", 0)
                 if at < resume_from or (at == resume_from and not (redo_evaluation and "bbox" in record)):
                     kept.append(line)
+                    if "bbox" in record:
+                        self.evaluated.add(at)
             if broken:
                 logging.getLogger("detectors.train").warning(
                     "%s: dropped %d line(s) that are not JSON records (a write cut short)", path, broken)

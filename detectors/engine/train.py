@@ -247,6 +247,11 @@ def _resume(found: tuple[Path, dict] | None, model: nn.Module, optimizer: torch.
     return state["iteration"]
 
 
+def _evaluates_periodically(solver: SolverConfig, done: int) -> bool:
+    """Whether the periodic evaluation follows iteration ``done`` (the last one's is the final evaluation)."""
+    return solver.eval_period > 0 and done % solver.eval_period == 0 and done < solver.max_iter
+
+
 def _resumed_window(found: tuple[Path, dict] | None, device: torch.device) -> _LogWindow:
     """This process's log window in `_resume_checkpoint`'s checkpoint; an empty one when there is none, or for a
     checkpoint written before windows were kept."""
@@ -324,6 +329,17 @@ def train(cfg: Config, output_dir: Path, resume: bool = False) -> dict:
     progress = tqdm(
         total=solver.max_iter, initial=start_iter, disable=not main, dynamic_ncols=True, desc="train"
     )
+
+    def evaluate_periodically(done: int) -> None:
+        metrics = evaluate(_evaluation_model(model), test_set, cfg, device, None, train_set.category_ids)
+        if main:
+            metrics_log.write({"iter": done, **metrics})
+
+    # The periodic evaluation comes after its iteration's checkpoint: a kill during it lost its record. The main
+    # process's metrics tell whether it did, for all processes (the evaluation is collective).
+    if resumed is not None and _evaluates_periodically(solver, start_iter) and all_gather_objects(
+            main and start_iter not in metrics_log.evaluated)[0]:
+        evaluate_periodically(start_iter)
     window = _resumed_window(resumed, device)
     batches = iter(loader)
     with StopSignals() as stop:
@@ -370,10 +386,8 @@ def train(cfg: Config, output_dir: Path, resume: bool = False) -> dict:
             saved = None
             if done % solver.checkpoint_period == 0 or done == solver.max_iter:
                 saved = _save(output_dir, model, optimizer, scheduler, done, cfg, meta, window)
-            if solver.eval_period > 0 and done % solver.eval_period == 0 and done < solver.max_iter:
-                metrics = evaluate(_evaluation_model(model), test_set, cfg, device, None, train_set.category_ids)
-                if main:
-                    metrics_log.write({"iter": done, **metrics})
+            if _evaluates_periodically(solver, done):
+                evaluate_periodically(done)
             signum = stop.requested(device)
             if signum is not None:
                 saved = saved or _save(output_dir, model, optimizer, scheduler, done, cfg, meta, window)

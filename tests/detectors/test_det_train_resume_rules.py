@@ -299,3 +299,37 @@ def test_a_batch_whose_images_all_failed_to_load_stops_training_with_its_iterati
     monkeypatch.setattr(engine, "build_train_loader", lambda *args, **kwargs: [empty])
     with pytest.raises(DatasetError, match="every image of the batch at iteration 0 failed to load"):
         engine.train(_tiny(tmp_path), tmp_path / "out")
+
+
+def test_a_resume_records_the_periodic_evaluation_that_a_kill_cut_short_once(tmp_path, monkeypatch):
+    """The periodic evaluation of iteration 2 follows its checkpoint: a run killed during it (here the stub raises)
+    resumes at that checkpoint and must evaluate iteration 2 again, else its record is lost; a resume there whose
+    record was written does not evaluate it twice."""
+    class Killed(Exception):
+        pass
+
+    evaluations = []
+
+    def evaluate(model, test_set, cfg, device, output_dir, category_ids):
+        evaluations.append(output_dir)
+        if len(evaluations) == 1:
+            raise Killed
+        return {"bbox": {"AP": float(len(evaluations))}}
+
+    monkeypatch.setattr(engine, "evaluate", evaluate)
+    out = tmp_path / "out"
+    settings = ("solver.max_iter=4", "solver.log_period=2", "solver.checkpoint_period=2", "solver.eval_period=2")
+    with pytest.raises(Killed):
+        engine.train(_tiny(tmp_path, *settings), out)
+    assert (out / "last_checkpoint").read_text() == "model_0000002.pth"
+
+    def evaluation_records():
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [(r["iter"], r["bbox"]["AP"] if "bbox" in r else None) for r in records]
+
+    engine.train(_tiny(tmp_path, *settings), out, resume=True)
+    assert evaluation_records() == [(2, None), (2, 2.0), (4, None), (4, 3.0)]
+    (out / "last_checkpoint").write_text("model_0000002.pth")
+    engine.train(_tiny(tmp_path, *settings), out, resume=True)
+    assert evaluation_records() == [(2, None), (2, 2.0), (4, None), (4, 4.0)]
+    assert evaluations == [None, None, out, out]
