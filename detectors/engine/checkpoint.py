@@ -13,9 +13,11 @@ import torch
 from dyhead.official import official_tower_name, read_checkpoint
 
 __all__ = ["CheckpointError", "rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint", "last_checkpoint",
-           "forget_last_checkpoint", "load_model_weights", "load_matching_state", "write_atomically"]
+           "forget_last_checkpoint", "load_model_weights", "load_matching_state", "write_atomically",
+           "remove_partial_writes"]
 
 _LAST = "last_checkpoint"
+_PARTIAL = ".tmp"  # `write_atomically`'s temporary: the file's name and this
 
 
 class CheckpointError(ValueError):
@@ -57,7 +59,7 @@ def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
     and makes the rename durable too: a crash never leaves a truncated file, and after a power loss the name does
     not point at a file the disk never got. A write or rename that fails removes the temporary (a checkpoint's
     can be gigabytes) and raises."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(path.name + _PARTIAL)
     try:
         write(tmp)
         with open(tmp, "rb") as f:
@@ -71,6 +73,16 @@ def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
         os.fsync(folder)
     finally:
         os.close(folder)
+
+
+def remove_partial_writes(folder: Path, pattern: str) -> list[str]:
+    """Removes the temporaries of `write_atomically` for the files of ``folder`` that match the glob ``pattern``:
+    writes that a kill cut short (SIGKILL, a second signal), which no exception handler could remove. Returns
+    their names."""
+    partial = sorted(folder.glob(pattern + _PARTIAL))
+    for path in partial:
+        path.unlink(missing_ok=True)
+    return [path.name for path in partial]
 
 
 def save_checkpoint(output_dir: Path, name: str, state: dict[str, Any]) -> Path:

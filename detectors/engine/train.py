@@ -21,7 +21,7 @@ from ..config import Config, ConfigError, SolverConfig, config_to_dict
 from ..data.build import build_dataset, build_train_loader
 from ..data.coco import DatasetError
 from .checkpoint import (CheckpointError, forget_last_checkpoint, last_checkpoint, load_checkpoint,
-                         load_matching_state, rng_state, save_checkpoint, set_rng_state)
+                         load_matching_state, remove_partial_writes, rng_state, save_checkpoint, set_rng_state)
 from .distributed import (
     all_gather_objects,
     barrier,
@@ -318,6 +318,10 @@ def train(cfg: Config, output_dir: Path, resume: bool = False) -> dict:
         if earlier is not None:
             logger.warning("%s holds an earlier run (last checkpoint %s): starting from scratch, its files are "
                            "replaced as this run writes its own (--resume continues it instead)", output_dir, earlier)
+        # A checkpoint of an iteration this run may not write again (a stop's) would keep its temporary for good
+        partial = remove_partial_writes(output_dir, "model_*.pth")
+        if partial:
+            logger.info("removed %s: checkpoint writes that a kill cut short", ", ".join(partial))
         metrics_log = MetricsWriter(output_dir / "metrics.jsonl", resume_from=start_iter if resume else None,
                                     redo_evaluation=start_iter == solver.max_iter)
     logger.info(

@@ -405,6 +405,19 @@ def test_resuming_a_finished_run_evaluates_it_again_and_logs_one_run(tmp_path, m
     assert "keeps its solver settings over the config's: base learning rates [0.002" in log
 
 
+def test_a_resume_removes_the_checkpoint_temporaries_that_a_kill_left(tmp_path, finished_run):
+    """SIGKILL during a checkpoint's write (a scheduler's, after a grace period shorter than the write) leaves its
+    temporary, and one of an iteration the resumed run does not write again (a stop's) stayed for good; other
+    files stay."""
+    data, copy = finished_run
+    out = copy(tmp_path / "out")
+    (out / "model_0000001.pth.tmp").write_bytes(b"cut short")
+    (out / "notes.tmp").write_text("the user's")
+    train(load_config(CONFIG, _tiny_overrides(data, 2)), out, resume=True)
+    assert sorted(p.name for p in out.glob("*.tmp")) == ["notes.tmp"]
+    assert "removed model_0000001.pth.tmp: checkpoint writes that a kill cut short" in (out / "log.txt").read_text()
+
+
 @pytest.mark.parametrize("resume", [False, True])
 def test_a_run_that_fails_to_start_leaves_the_earlier_run_as_it_was(tmp_path, monkeypatch, resume):
     """A typo that fails the data setup must not cost the folder's earlier run its resume pointer or config."""
